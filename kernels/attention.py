@@ -1,0 +1,110 @@
+"""Attention backends that also return the log-sum-exp (what Ring attention merges with).
+
+A backend is registered with a capability check (device, dtype, mask); :func:`attention_with_lse`
+takes the first capable one in priority order, like diffusers' attention dispatcher. The
+``math`` backend works everywhere and is the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AttentionBackend", "attention_with_lse", "register_backend", "merge_partial", "backends"]
+
+LseFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionBackend:
+    name: str
+    fn: LseFn
+    supports: Callable[[torch.Tensor, torch.Tensor | None], bool]
+    priority: int
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def backends() -> list[str]:
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def _math(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
+    """Reference: scores in fp32, softmax via the log-sum-exp."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    bias = _additive(mask, torch.float32)
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
+
+
+def _cpu_flash(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
+    if mask is not None and mask.dtype == torch.bool:
+        mask = _additive(mask, q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+    )
+    return out, lse.float()
+
+
+register_backend(AttentionBackend("math", _math, lambda q, m: True, priority=0))
+register_backend(
+    AttentionBackend(
+        "cpu_flash",
+        _cpu_flash,
+        lambda q, m: q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16),
+        priority=10,
+    )
+)
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q`` over ``k, v``; returns (out, lse) with lse in fp32 [..., Sq]."""
+    if backend is not None:
+        return _BACKENDS[backend].fn(q, k, v, mask, scale)
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if b.supports(q, mask):
+            return b.fn(q, k, v, mask, scale)
+    raise RuntimeError("no attention backend supports these inputs")  # pragma: no cover
+
+
+def merge_partial(
+    out: torch.Tensor | None, lse: torch.Tensor | None, blk_out: torch.Tensor, blk_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two softmax-attention partials over disjoint key sets, exactly, in fp32.
+
+    With ``lse = log(sum exp(scores))`` per block, the full softmax is the lse-weighted mix:
+    ``out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse)`` where ``lse = logaddexp(lse1, lse2)``.
+    """
+    blk_out = torch.nan_to_num(blk_out.float())  # a fully masked block yields NaN rows
+    if out is None or lse is None:
+        return blk_out, blk_lse
+    new_lse = torch.logaddexp(lse, blk_lse)
+    # Rows masked out in both blocks have lse = -inf; keep them at zero instead of NaN.
+    w1 = torch.nan_to_num(torch.exp(lse - new_lse)).unsqueeze(-1)
+    w2 = torch.nan_to_num(torch.exp(blk_lse - new_lse)).unsqueeze(-1)
+    return out * w1 + blk_out * w2, new_lse

@@ -1,0 +1,62 @@
+"""rewrite_attention_pass: replace sequence-sharded SDPA with exact parallel attention.
+
+For every ``aten.scaled_dot_product_attention`` whose placements the sharding rule marked
+``usp`` (Q, K, V sharded on the sequence dim), the node becomes ``xdit::usp_attention``:
+Ulysses all-to-all over the ``ulysses`` axis, Ring K/V passing with log-sum-exp merging over
+the ``ring`` axis, or both. Attention the rule marked ``local`` (replicated K/V, or a shard on
+a batch-like dim) is left as plain SDPA: every rank has all the keys its queries need.
+
+Before::   %o = scaled_dot_product_attention(%q, %k, %v)          # S(2/4)
+After::    %o = xdit.usp_attention(%q, %k, %v, None, None, 'mesh0_r2u2', [16, 16, 16, 16])
+
+The op computes softmax(QK^T)V over the whole global sequence, so the meaning is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from xdit_compile.driver import CollectiveSite, PassContext, PassResult
+from xdit_compile.runtime import attention as _rt_attention  # noqa: F401  (registers xdit ops)
+from xdit_compile.runtime.attention import usp_comm_bytes
+
+__all__ = ["rewrite_attention_pass"]
+
+aten = torch.ops.aten
+
+
+def _arg(node: fx.Node, i: int, name: str, default: object) -> object:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        if node.meta.get("xdit_attention") != "usp":
+            continue
+        q, k, v = node.args[:3]
+        mask = _arg(node, 3, "attn_mask", None)
+        if _arg(node, 4, "dropout_p", 0.0):
+            raise ValueError(f"{node.name}: attention dropout > 0 is not supported (inference only)")
+        scale = _arg(node, 6, "scale", None)
+        split = list(node.meta["xdit_split"])
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                torch.ops.xdit.usp_attention.default, (q, k, v, mask, scale, ctx.mesh.key, split)
+            )
+        new.meta.update(node.meta)
+        new.meta["xdit_pass"] = "rewrite_attention"
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        qv, vv = q.meta["val"], v.meta["val"]  # type: ignore[union-attr]
+        local_q = list(qv.shape)
+        local_q[-2] = split[ctx.mesh.sp_rank]
+        for (op, axis), (calls, nbytes) in usp_comm_bytes(
+            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split
+        ).items():
+            ctx.collectives.append(CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention"))
+        changed = True
+    return PassResult(gm, changed)

@@ -1,0 +1,101 @@
+"""lower_collectives_pass: turn placement changes into collectives and local slices.
+
+- ``redistribute(x, S, R)`` -> ``gather_shard``: all-gather over the sequence-parallel group
+  (functional collective, uneven pieces padded for the transfer and cut back after);
+- ``redistribute(x, R, S)`` -> ``slice_shard``: this rank's piece, no communication;
+- ``redistribute(x, S, S')`` -> gather then slice;
+- a stride-1 "same" convolution on the sharded dim gets ``xdit::halo_pad`` in front and its
+  padding on that dim set to 0 (the halo rows are exactly the padding one device would read).
+
+Every collective is recorded with its bytes for this rank (``ctx.collectives``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from xdit_compile.driver import CollectiveSite, PassContext, PassResult
+from xdit_compile.passes.sharding.engine import redistribute
+from xdit_compile.passes.sharding.placement import Replicate, Shard
+from xdit_compile.runtime.reshard import gather_bytes, gather_shard, halo_bytes, halo_pad, slice_shard
+
+__all__ = ["lower_collectives_pass"]
+
+
+def _new(gm: fx.GraphModule, before: fx.Node, fn: object, args: tuple, like: fx.Node, placement: object) -> fx.Node:
+    with gm.graph.inserting_before(before):
+        n = gm.graph.call_function(fn, args)  # type: ignore[arg-type]
+    n.meta.update({k: v for k, v in like.meta.items() if k in ("val", "stack_trace", "nn_module_stack", "xdit_block")})
+    n.meta["xdit_pass"] = "lower_collectives"
+    n.meta["xdit_placement"] = placement
+    return n
+
+
+def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: PassContext) -> fx.Node:
+    new = _new(gm, node, gather_shard, (x, src.dim, src.outer, src.inner, list(src.split), ctx.group_names.get("sp", "sp")),
+               node, Replicate())
+    val = node.meta["val"]
+    local = val.numel() // src.total * src.local_size(ctx.mesh.sp_rank)
+    nbytes = gather_bytes(local, val.element_size(), list(src.split), ctx.mesh.sp_rank)
+    what = "output" if node.meta.get("xdit_output_gather") else "sharding break"
+    ctx.collectives.append(CollectiveSite(new.name, "all_gather", "sp", 1, nbytes, what))
+    return new
+
+
+def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
+    x = node.args[0]
+    assert isinstance(x, fx.Node)
+    src, dst = node.meta["xdit_src"], node.meta["xdit_dst"]
+    cur = x
+    if isinstance(src, Shard):
+        cur = _gather(gm, node, cur, src, ctx)
+    if isinstance(dst, Shard):
+        r = ctx.mesh.sp_rank
+        cur = _new(gm, node, slice_shard, (cur, dst.dim, dst.outer, dst.inner, dst.offset(r), dst.split[r]),
+                   node, dst)
+    node.replace_all_uses_with(cur)
+    gm.graph.erase_node(node)
+
+
+def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
+    dim, pad = conv.meta.pop("xdit_halo")
+    x = conv.args[0]
+    assert isinstance(x, fx.Node)
+    new = _new(gm, conv, torch.ops.xdit.halo_pad.default, (x, dim, pad, ctx.mesh.key), x,
+               conv.meta["xdit_placement"])
+    args = list(conv.args)
+    nsp = len(x.meta["val"].shape) - 2
+    pos = 4
+    while len(args) <= pos:
+        args.append([1] * nsp if len(args) == 3 else [0] * nsp)
+    padding = args[pos]
+    padding = [padding] * nsp if isinstance(padding, int) else list(padding)
+    padding = padding * nsp if len(padding) == 1 else padding
+    padding[dim - 2] = 0
+    args[pos] = padding
+    args[0] = new
+    conv.args = tuple(args)
+    sh = conv.meta["xdit_placement"]
+    val = x.meta["val"]
+    rows = sh.local_size(ctx.mesh.sp_rank)
+    local = val.numel() // val.shape[dim] * rows
+    ctx.collectives.append(
+        CollectiveSite(new.name, "send_recv", "sp", 2, halo_bytes(local, rows, pad, val.element_size()), "conv halo")
+    )
+
+
+def lower_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is redistribute:
+            _lower_one(gm, node, ctx)
+            changed = True
+        elif "xdit_halo" in node.meta:
+            if str(node.target) == "aten.convolution.default":
+                raise NotImplementedError("halo exchange for aten.convolution")
+            _lower_halo(gm, node, ctx)
+            changed = True
+    return PassResult(gm, changed)

@@ -1,0 +1,91 @@
+"""seed_inputs_pass: choose what sequence parallelism splits.
+
+The main latent input (the first floating-point input with >= 3 dims: ``hidden_states`` of a
+diffusers DiT) is split along its outermost token-grid dimension: ``H`` of ``[B,C,H,W]``,
+``F`` of ``[B,C,F,H,W]`` when there are at least as many frames (in patches) as ranks, else
+``H``, and ``S`` of packed ``[B,S,C]``. Pieces are whole multiples of the patch size, read off
+the stride of the first convolution that consumes the input, so patch embedding keeps the
+shard. Uneven sizes are split as evenly as whole patches allow. Nothing else is seeded:
+position tables and masks are computed replicated and sliced where they meet sharded data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from xdit_compile.driver import PassContext, PassResult
+from xdit_compile.passes.sharding.placement import Shard, even_split
+
+__all__ = ["seed_inputs_pass", "patch_stride"]
+
+_CONVS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
+          "aten.convolution.default", "aten.conv2d.padding", "aten.conv3d.padding"}
+
+
+def _latent_input(gm: fx.GraphModule) -> fx.Node | None:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() >= 3:
+            return node
+    return None
+
+
+def patch_stride(node: fx.Node, dim_from_end: int, depth: int = 12) -> int:
+    """Stride along ``dim_from_end`` of the first convolution fed (transitively) by ``node``."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if str(u.target) in _CONVS and u.args[0] is n:
+                    stride = u.args[3] if len(u.args) > 3 else 1
+                    w = u.args[1]
+                    nsp = len(w.meta["val"].shape) - 2  # type: ignore[union-attr]
+                    strides = [stride] * nsp if isinstance(stride, int) else list(stride)  # type: ignore[arg-type]
+                    strides = strides * nsp if len(strides) == 1 else strides
+                    return int(strides[-dim_from_end]) if dim_from_end <= nsp else 1
+                nxt.append(u)
+        frontier = nxt
+    return 1
+
+
+def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int) -> tuple[int, int]:
+    nd = len(shape)
+    if nd == 3:
+        return 1, 1
+    candidates = [2] if nd == 4 else [2, 3] if nd == 5 else [nd - 2]
+    for dim in candidates:
+        g = patch_stride(node, nd - dim)
+        g = g if shape[dim] % g == 0 else 1
+        if shape[dim] // g >= degree or dim == candidates[-1]:
+            return dim, g
+    raise AssertionError("unreachable")
+
+
+def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    degree = ctx.mesh.sp_degree
+    if degree == 1:
+        return PassResult(gm, False)
+    node = _latent_input(gm)
+    if node is None:
+        raise ValueError(
+            "no latent input found: sequence parallelism splits the first floating-point input "
+            "with >= 3 dims (hidden_states); pass it as a tensor"
+        )
+    shape = tuple(int(s) for s in node.meta["val"].shape)
+    dim, g = _choose_dim(shape, node, degree)
+    units = shape[dim] // g
+    if units < degree:
+        raise ValueError(
+            f"input {node.name} has {units} token rows along dim {dim} (size {shape[dim]}, patch "
+            f"{g}); sequence parallel degree {degree} needs at least {degree}: use a larger "
+            f"resolution or a smaller ulysses x ring"
+        )
+    split = even_split(units, degree, g)
+    node.meta["xdit_seed"] = Shard(dim, split)
+    ctx.seed = {"input": node.name, "dim": dim, "patch": g, "split": split, "shape": shape}
+    return PassResult(gm, True)

@@ -1,0 +1,90 @@
+"""Placements: how a tensor of the global graph is laid out over the sequence-parallel ranks.
+
+``Replicate()``: every rank holds the whole tensor.
+``Shard(dim, split, outer, inner)``: dimension ``dim`` is viewed as ``[outer, N, inner]`` and the
+middle factor ``N = sum(split)`` is cut into contiguous pieces, rank ``i`` holding ``split[i]`` of
+it. ``outer``/``inner`` let a shard survive reshapes that merge it with other dims, e.g.
+``[B, S, F, C] -> [B*S, F, C]`` keeps S sharded inside the merged dim (``outer=B``). Uneven
+``split`` values are exact shards, never padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = ["Placement", "Replicate", "Shard", "even_split", "fmt", "local_shape"]
+
+
+@dataclass(frozen=True, slots=True)
+class Replicate:
+    def __str__(self) -> str:
+        return "R"
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    dim: int
+    split: tuple[int, ...]
+    outer: int = 1
+    inner: int = 1
+
+    def __post_init__(self) -> None:
+        # With nothing outside it, an inner factor is just finer units of one contiguous
+        # range: fold it in, so equal layouts compare equal.
+        if self.outer == 1 and self.inner != 1:
+            object.__setattr__(self, "split", tuple(s * self.inner for s in self.split))
+            object.__setattr__(self, "inner", 1)
+
+    @property
+    def total(self) -> int:
+        """Global size of the sharded dimension."""
+        return self.outer * sum(self.split) * self.inner
+
+    def local_size(self, rank: int) -> int:
+        return self.outer * self.split[rank] * self.inner
+
+    def offset(self, rank: int) -> int:
+        """Start of ``rank``'s piece inside the sharded factor N."""
+        return sum(self.split[:rank])
+
+    def with_dim(self, dim: int) -> Shard:
+        return replace(self, dim=dim)
+
+    def scaled(self, factor: int) -> Shard:
+        """The same cut measured in units ``factor`` times larger (``split`` divided)."""
+        return replace(self, split=tuple(s // factor for s in self.split))
+
+    def divisible(self, factor: int) -> bool:
+        return all(s % factor == 0 for s in self.split)
+
+    def __str__(self) -> str:
+        even = len(set(self.split)) == 1
+        cut = f"/{len(self.split)}" if even else f"{list(self.split)}"
+        extra = "".join(
+            [f",outer={self.outer}" if self.outer != 1 else "", f",inner={self.inner}" if self.inner != 1 else ""]
+        )
+        return f"S({self.dim}{cut}{extra})"
+
+
+Placement = Replicate | Shard
+
+
+def even_split(n: int, parts: int, unit: int = 1) -> tuple[int, ...]:
+    """Cut ``n`` units of size ``unit`` into ``parts`` contiguous pieces, sizes differing by at most one unit
+    (``torch.tensor_split`` order: the first pieces get the extra unit)."""
+    rows, rem = divmod(n, parts)
+    return tuple((rows + (1 if i < rem else 0)) * unit for i in range(parts))
+
+
+def fmt(p: object) -> str:
+    if isinstance(p, tuple | list):
+        return "(" + ", ".join(fmt(x) for x in p) + ")"
+    return str(p) if p is not None else "-"
+
+
+def local_shape(shape: tuple[int, ...] | list[int], p: Placement, rank: int) -> list[int]:
+    out = list(shape)
+    if isinstance(p, Shard):
+        out[p.dim] = p.local_size(rank)
+    return out
+

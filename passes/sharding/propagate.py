@@ -1,0 +1,171 @@
+"""propagate_sharding_pass: give every node a placement, starting from the seeded inputs.
+
+Walks the graph in topological order. Nodes whose tensor inputs are all replicated stay
+replicated (no rule needed: timestep MLPs, RoPE tables, text projections). For nodes touching
+a shard, the op's rule decides; inputs are moved with ``redistribute`` markers where the rule
+asks, concrete sizes in the op's arguments become this rank's local sizes, and ops without a
+rule (or whose rule raises ``Break``) get their inputs gathered and are recorded as sharding
+breaks. Graph outputs are gathered, so the module returns full tensors on every rank.
+
+Before::
+
+    %proj = conv2d(%hidden_states, %w, %b, [2, 2])            # [1, 32, 8, 8]
+    %flat = view(%proj, [1, 32, 64])
+
+After (rank 0 of 2)::
+
+    %proj = conv2d(%hidden_states, %w, %b, [2, 2])            # S(2/2)
+    %flat = reshape(%proj, [1, 32, 32])                       # S(2/2,inner=8)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from xdit_compile.driver import PassContext, PassResult, ShardingBreak
+from xdit_compile.passes.sharding import rules_nn, rules_shape  # noqa: F401  (registers rules)
+from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, lookup_rule, redistribute, tensor_args
+from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
+
+__all__ = ["propagate_sharding_pass", "source_line"]
+
+logger = logging.getLogger(__name__)
+R = Replicate()
+
+
+def source_line(node: fx.Node) -> str:
+    """The user-code line that produced ``node`` (last frame of its stack trace)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    if not frames:
+        return "<unknown>"
+    path, line, fn, code = frames[-1]
+    short = path.split("site-packages/")[-1]
+    return f"{short}:{line} in {fn}: {code.strip()}"
+
+
+class _Propagator:
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self.gm, self.ctx = gm, ctx
+        self.placements: dict[fx.Node, Any] = {}
+        self.rc = RuleCtx(
+            self.placements,
+            ctx.mesh.sp_degree,
+            ctx.mesh.sp_rank,
+            {"disabled": ctx.plan.disable_passes, "ulysses": ctx.mesh.ulysses},
+        )
+        self._moved: dict[tuple[fx.Node, Placement], fx.Node] = {}
+
+    def set(self, node: fx.Node, p: Any) -> None:
+        self.placements[node] = p
+        node.meta["xdit_placement"] = p
+
+    def move(self, arg: fx.Node, dst: Placement, before: fx.Node) -> fx.Node:
+        """A node holding ``arg`` in placement ``dst`` (a cached redistribute marker)."""
+        src = self.rc.spec(arg)
+        if src == dst:
+            return arg
+        key = (arg, dst)
+        if key not in self._moved:
+            with self.gm.graph.inserting_before(before):
+                new = self.gm.graph.call_function(redistribute, (arg, str(src), str(dst)))
+            new.meta.update(
+                val=arg.meta.get("val"), xdit_pass="propagate_sharding", xdit_src=src, xdit_dst=dst
+            )
+            for k in ("stack_trace", "nn_module_stack", "xdit_block"):
+                if k in arg.meta:
+                    new.meta[k] = arg.meta[k]
+            self.set(new, dst)
+            self._moved[key] = new
+        return self._moved[key]
+
+    def visit(self, node: fx.Node) -> None:
+        if node.op == "call_function":
+            self._call(node)
+        elif node.op == "output":
+            self._output(node)
+        elif node.op == "placeholder" and "xdit_seed" in node.meta:
+            self._seed(node, node.meta["xdit_seed"])
+        else:
+            self.set(node, R)
+
+    def _seed(self, node: fx.Node, shard: Shard) -> None:
+        """Inputs arrive whole on every rank; the seeded one is cut to this rank's piece."""
+        self.set(node, R)
+        users = [n for n in self.gm.graph.nodes if n in node.users]
+        if not users:
+            return
+        local = self.move(node, shard, users[0])
+        for u in users:
+            u.replace_input_with(node, local)
+
+    def _call(self, node: fx.Node) -> None:
+        if node.target is redistribute:
+            return
+        ins = tensor_args(node)
+        if all(isinstance(self.rc.spec(a), Replicate) for a in ins) and not any(
+            isinstance(self.placements.get(a), tuple) for a in node.all_input_nodes
+        ):
+            self.set(node, R)
+            return
+        rule = lookup_rule(node.target)
+        try:
+            if rule is None:
+                raise Break("no sharding rule for this op")
+            decision = rule(node, self.rc)
+        except Break as b:
+            self._break(node, ins, str(b))
+            return
+        self._apply(node, decision)
+
+    def _apply(self, node: fx.Node, d: Decision) -> None:
+        if d.target is not None:
+            node.target = d.target
+        if d.args is not None:
+            node.args = d.args
+        if d.kwargs is not None:
+            node.kwargs = d.kwargs
+        for arg, want in d.inputs.items():
+            node.replace_input_with(arg, self.move(arg, want, node))
+        node.meta.update(d.meta)
+        self.set(node, d.out)
+
+    def _break(self, node: fx.Node, ins: list[fx.Node], reason: str) -> None:
+        for a in ins:
+            if isinstance(self.rc.spec(a), Shard):
+                node.replace_input_with(a, self.move(a, R, node))
+        self.set(node, R)
+        op = str(node.target)
+        self.ctx.breaks.append(ShardingBreak(node.name, op, reason, source_line(node)))
+        logger.info("sharding break at %s (%s): %s", node.name, op, reason)
+
+    def _output(self, node: fx.Node) -> None:
+        def gather(a: Any) -> Any:
+            if isinstance(a, fx.Node) and isinstance(self.rc.spec(a), Shard):
+                moved = self.move(a, R, node)
+                moved.meta["xdit_output_gather"] = True
+                return moved
+            return a
+
+        node.args = tuple(fx.node.map_aggregate(node.args, gather))
+        self.set(node, R)
+
+
+def propagate_sharding_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Assign placements to all nodes; insert redistribute markers; record sharding breaks."""
+    if ctx.mesh.sp_degree == 1:
+        for n in gm.graph.nodes:
+            n.meta["xdit_placement"] = R
+        return PassResult(gm, False)
+    prop = _Propagator(gm, ctx)
+    for node in list(gm.graph.nodes):
+        prop.visit(node)
+    return PassResult(gm, True)
+
+
+_ = torch

@@ -1,0 +1,188 @@
+"""Op rules for linear/matmul, normalization, convolution and attention.
+
+- linear / matmul keep a shard on any non-contracted dim of the sharded operand.
+- norms keep a shard on any dim they do not normalize over.
+- convolution: a patch embedding (kernel == stride, no padding) divides the shard by the
+  stride; a "same" stride-1 convolution keeps it through a halo exchange of the neighbouring
+  rows (``xdit::halo_pad``), so no gather is needed.
+- scaled_dot_product_attention: Q/K/V sharded on the sequence -> exact parallel attention
+  (replaced by the ``rewrite_attention`` pass); K/V replicated (cross-attention) or a shard
+  on a batch dim (e.g. Latte's temporal attention) -> plain local attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, norm_dim, ops, register_rule
+from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
+from xdit_compile.passes.sharding.rules_shape import align_inputs
+
+aten = torch.ops.aten
+R = Replicate()
+
+__all__: list[str] = []
+
+
+def _shard_of(rc: RuleCtx, a: object) -> Placement:
+    return rc.spec(a)
+
+
+@register_rule(*ops("linear"))
+def _linear(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, w = node.args[0], node.args[1]
+    sh = rc.spec(x)
+    if not isinstance(sh, Shard) or not isinstance(rc.spec(w), Replicate):
+        raise Break("weight is sharded")
+    if sh.dim == len(rc.shape(x)) - 1:  # type: ignore[arg-type]
+        raise Break("linear contracts the sharded dim")
+    if len(node.args) > 2 and not isinstance(rc.spec(node.args[2]), Replicate):
+        raise Break("bias is sharded")
+    return Decision(out=sh)
+
+
+@register_rule(*ops("matmul", "bmm", "mm", "baddbmm", "addmm"))
+def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
+    packet = node.target.overloadpacket  # type: ignore[union-attr]
+    off = 1 if packet in (aten.baddbmm, aten.addmm) else 0
+    a, b = node.args[off], node.args[off + 1]
+    pa, pb = rc.spec(a), rc.spec(b)
+    na, nb = len(rc.shape(a)), len(rc.shape(b))  # type: ignore[arg-type]
+    out_nd = len(rc.shape(node))
+    if off and not isinstance(rc.spec(node.args[0]), Replicate):
+        raise Break("matmul bias is sharded")
+    if isinstance(pa, Shard) and isinstance(pb, Replicate):
+        if pa.dim == na - 1 or (na == 1):
+            raise Break("matmul contracts the sharded dim")
+        if pa.dim < na - 2 and nb > 2:
+            raise Break("batch dim sharded on one operand only")
+        return Decision(out=pa.with_dim(pa.dim + out_nd - na))
+    if isinstance(pb, Shard) and isinstance(pa, Replicate):
+        if pb.dim == nb - 1 and nb >= 2:
+            return Decision(out=pb.with_dim(out_nd - 1))
+        raise Break("matmul shards the contracted or batch dim of the right operand")
+    if isinstance(pa, Shard) and isinstance(pb, Shard):
+        if pa.dim < na - 2 and na == nb and pa == pb:
+            return Decision(out=pa)
+        raise Break("both matmul operands sharded (would need a partial sum)")
+    raise Break("unsupported matmul sharding")
+
+
+@register_rule(*ops("layer_norm", "rms_norm", "native_layer_norm", "_fused_rms_norm"))
+def _norm(node: fx.Node, rc: RuleCtx) -> Decision:
+    x = node.args[0]
+    sh = rc.spec(x)
+    assert isinstance(sh, Shard) and isinstance(x, fx.Node)
+    nd = len(rc.shape(x))
+    normalized = node.args[1]
+    assert isinstance(normalized, list | tuple)
+    if sh.dim >= nd - len(normalized):
+        raise Break("normalization over the sharded dim")
+    for a in node.args[2:]:
+        if isinstance(a, fx.Node) and not isinstance(rc.spec(a), Replicate):
+            raise Break("norm weight is sharded")
+    val = node.meta.get("val")
+    return Decision(out=tuple(sh for _ in val) if isinstance(val, tuple | list) else sh)
+
+
+@register_rule(*ops("group_norm", "native_group_norm"))
+def _group_norm(node: fx.Node, rc: RuleCtx) -> Decision:
+    sh = rc.spec(node.args[0])
+    if not isinstance(sh, Shard) or sh.dim != 0:
+        raise Break("group_norm normalizes over the sharded dim")
+    val = node.meta.get("val")
+    return Decision(out=tuple(sh for _ in val) if isinstance(val, tuple | list) else sh)
+
+
+def _conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
+    """(stride, padding, dilation, groups) of conv{1,2,3}d / convolution, as lists per spatial dim."""
+    args = list(node.args)
+    w = node.args[1]
+    assert isinstance(w, fx.Node)
+    nsp = len(w.meta["val"].shape) - 2
+
+    def lst(v: object, default: int) -> list[int]:
+        if v is None:
+            return [default] * nsp
+        if isinstance(v, int):
+            return [v] * nsp
+        vals = list(v)  # type: ignore[call-overload]
+        return vals * nsp if len(vals) == 1 else vals
+
+    if node.target.overloadpacket is aten.convolution:  # type: ignore[union-attr]
+        if args[6]:
+            raise Break("transposed convolution on the sharded dim")
+        return lst(args[3], 1), lst(args[4], 0), lst(args[5], 1), int(args[8])  # type: ignore[arg-type]
+    kw = node.kwargs
+    get = lambda i, k, d: args[i] if len(args) > i else kw.get(k, d)  # noqa: E731
+    padding = get(4, "padding", 0)
+    if isinstance(padding, str):
+        raise Break("string padding")
+    return lst(get(3, "stride", 1), 1), lst(padding, 0), lst(get(5, "dilation", 1), 1), int(get(6, "groups", 1))
+
+
+@register_rule(*ops("conv1d", "conv2d", "conv3d", "convolution"))
+def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, w = node.args[0], node.args[1]
+    sh = rc.spec(x)
+    assert isinstance(sh, Shard) and isinstance(w, fx.Node)
+    if not isinstance(rc.spec(w), Replicate):
+        raise Break("conv weight is sharded")
+    if sh.dim == 0:
+        return Decision(out=sh)
+    if sh.dim == 1:
+        raise Break("conv contracts the sharded channel dim")
+    if sh.outer != 1 or sh.inner != 1:
+        raise Break("conv on a merged sharded dim")
+    stride, padding, dilation, _ = _conv_params(node)
+    i = sh.dim - 2
+    k = int(w.meta["val"].shape[sh.dim])
+    if k == stride[i] and padding[i] == 0 and sh.divisible(stride[i]):
+        return Decision(out=sh.scaled(stride[i]))
+    if stride[i] == 1 and dilation[i] == 1 and k % 2 == 1 and padding[i] == k // 2:
+        if min(sh.split) < padding[i]:
+            raise Break("shard thinner than the conv halo")
+        return Decision(out=sh, meta={"xdit_halo": (sh.dim, padding[i])})
+    raise Break(f"conv kernel {k} stride {stride[i]} padding {padding[i]} on the sharded dim")
+
+
+@register_rule(*ops("scaled_dot_product_attention"))
+def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    pq, pk, pv = rc.spec(q), rc.spec(k), rc.spec(v)
+    nd = len(rc.shape(q))  # type: ignore[arg-type]
+    is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    wants: dict[fx.Node, Placement] = {}
+    if isinstance(mask, fx.Node) and not isinstance(rc.spec(mask), Replicate):
+        wants[mask] = R
+    if isinstance(pq, Shard) and pq.dim < nd - 2:
+        # A batch-like dim: every (batch, head) row attends within the rank. Q/K/V must agree.
+        d = align_inputs(node, rc, rc.shape(node))
+        return Decision(out=d.out, inputs={**d.inputs, **wants}, meta={"xdit_attention": "local"})
+    if not isinstance(pq, Shard) or pq.dim != nd - 2 or pq.outer != 1 or pq.inner != 1:
+        raise Break("attention with a sharded head or feature dim")
+    if isinstance(pk, Replicate) and isinstance(pv, Replicate):
+        if isinstance(mask, fx.Node) and rc.shape(mask)[-2] > 1:
+            wants[mask] = pq.with_dim(len(rc.shape(mask)) - 2)
+        return Decision(out=pq, inputs=wants, meta={"xdit_attention": "local"})
+    if is_causal:
+        raise Break("causal sequence-parallel attention is not supported")
+    if "rewrite_attention" in rc.options.get("disabled", ()):
+        raise Break("rewrite_attention is disabled")
+    heads = rc.shape(q)[-3] if nd >= 3 else 1  # type: ignore[arg-type]
+    u = rc.options.get("ulysses", 1)
+    if heads % u:
+        raise ValueError(
+            f"attention {node.name} has {heads} heads, not divisible by ulysses={u}; use a "
+            f"ulysses degree that divides {heads}, or ring=... for the rest of the degree"
+        )
+    kv = [a for a in (k, v) if isinstance(a, fx.Node)]
+    for a in kv:
+        if rc.spec(a) != pq:
+            wants[a] = pq.with_dim(len(rc.shape(a)) - 2)
+    return Decision(out=pq, inputs=wants, meta={"xdit_attention": "usp", "xdit_split": pq.split})
+
+
+_ = norm_dim

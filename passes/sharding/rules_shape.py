@@ -1,0 +1,403 @@
+"""Op rules for elementwise, view/reshape, permute, cat/stack, slice/select/split and reductions.
+
+Each rule keeps the shard when the op treats the sharded dimension's entries independently,
+and says how the dimension moves. Reshapes are handled by one general rule: the sharded factor
+is followed through the flattened index space (see :func:`reshape_shard`).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from xdit_compile.passes.sharding.engine import (
+    Break,
+    Decision,
+    RuleCtx,
+    norm_dim,
+    ops,
+    prod,
+    register_rule,
+    tensor_args,
+)
+from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
+
+aten = torch.ops.aten
+R = Replicate()
+
+__all__ = ["reshape_shard", "align_inputs"]
+
+_POINTWISE = ops(
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "rsub",
+    "pow",
+    "neg",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "sigmoid",
+    "tanh",
+    "silu",
+    "gelu",
+    "relu",
+    "leaky_relu",
+    "erf",
+    "sin",
+    "cos",
+    "abs",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "maximum",
+    "minimum",
+    "where",
+    "masked_fill",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "logical_and",
+    "logical_or",
+    "logical_not",
+    "bitwise_not",
+    "_to_copy",
+    "to",
+    "clone",
+    "contiguous",
+    "alias",
+    "detach",
+    "dropout",
+    "type_as",
+    "lerp",
+    "addcmul",
+    "addcdiv",
+    "square",
+    "floor",
+    "ceil",
+    "round",
+    "sign",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "softplus",
+    "elu",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "fill",
+    "nan_to_num",
+    "fmod",
+    "remainder",
+    "isnan",
+    "logaddexp",
+    "exp2",
+    "log1p",
+    "expm1",
+    "bitwise_and",
+    "bitwise_or",
+    "float_power",
+    "gelu_",
+    "silu_",
+    "native_dropout",
+    "sgn",
+    "trunc",
+    "frac",
+    "atan2",
+    "log2",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "relu6",
+    "hardtanh",
+    "selu",
+    "celu",
+    "prelu",
+)
+
+
+def align_inputs(node: fx.Node, rc: RuleCtx, out_shape: tuple[int, ...]) -> Decision:
+    """Broadcasting elementwise semantics: all sharded inputs must agree (right-aligned dims);
+    replicated inputs that are full-size on the sharded dim get sliced to this rank's piece."""
+    target: Shard | None = None
+    args = tensor_args(node)
+    for a in args:
+        p = rc.spec(a)
+        if isinstance(p, Shard):
+            shp = rc.shape(a)
+            od = p.dim + len(out_shape) - len(shp)
+            if od < 0 or out_shape[od] != shp[p.dim]:
+                raise Break(f"sharded input {a.name} is broadcast along its sharded dim")
+            cand = p.with_dim(od)
+            if target is not None and cand != target:
+                raise Break(f"inputs sharded differently ({target} vs {cand})")
+            target = cand
+    assert target is not None
+    wants: dict[fx.Node, Placement] = {}
+    for a in args:
+        if isinstance(rc.spec(a), Replicate):
+            shp = rc.shape(a)
+            ad = target.dim - (len(out_shape) - len(shp))
+            if ad >= 0 and shp[ad] == out_shape[target.dim] and shp[ad] > 1:
+                wants[a] = target.with_dim(ad)
+    return Decision(out=target, inputs=wants)
+
+
+@register_rule(*_POINTWISE)
+def _pointwise(node: fx.Node, rc: RuleCtx) -> Decision:
+    val = node.meta.get("val")
+    if isinstance(val, tuple | list):  # native_dropout: (out, mask)
+        d = align_inputs(node, rc, tuple(val[0].shape))
+        d.out = (d.out, d.out)
+        return d
+    return align_inputs(node, rc, rc.shape(node))
+
+
+def reshape_shard(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ...]) -> Shard | None:
+    """Where the sharded factor of ``sh`` lands after reshaping ``in_shape`` to ``out_shape``.
+
+    The factor N (with its cut ``split``) occupies a contiguous stride range of the flattened
+    tensor. If one output dim holds that range, the shard moves there (with new outer/inner).
+    If the range straddles output dims, its low part must consist of whole units of every
+    rank's piece (e.g. token rows of width W): the shard keeps the high part. Otherwise None.
+    """
+    s = sh.inner * prod(in_shape[sh.dim + 1:])
+    n, split = sum(sh.split), sh.split
+    strides = [prod(out_shape[e + 1:]) for e in range(len(out_shape))]
+    while True:
+        e = next(
+            (e for e, size in enumerate(out_shape) if size > 1 and strides[e] <= s < strides[e] * size),
+            None,
+        )
+        if e is None or s % strides[e] or out_shape[e] % (s // strides[e]):
+            return None
+        inner = s // strides[e]
+        cap = out_shape[e] // inner
+        if n <= cap:
+            return Shard(e, split, outer=cap // n, inner=inner) if cap % n == 0 else None
+        if n % cap or any(x % cap for x in split):
+            return None
+        split, n, s = tuple(x // cap for x in split), n // cap, s * cap
+
+
+_VIEWS = ops("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy", "_reshape_alias")
+_SIZED_VIEWS = tuple(ops("view", "_unsafe_view", "reshape", "unflatten", "view_copy", "_reshape_alias"))
+
+
+@register_rule(*_VIEWS)
+def _view(node: fx.Node, rc: RuleCtx) -> Decision:
+    x = node.args[0]
+    assert isinstance(x, fx.Node)
+    sh = rc.spec(x)
+    assert isinstance(sh, Shard)
+    out_shape = rc.shape(node)
+    new = reshape_shard(rc.shape(x), sh, out_shape)
+    if new is None:
+        raise Break(f"reshape {list(rc.shape(x))} -> {list(out_shape)} splits the sharded dim {sh}")
+    if node.target.overloadpacket in _SIZED_VIEWS:  # type: ignore[union-attr]
+        return Decision(out=new, target=aten.reshape.default, args=(x, rc.local(out_shape, new)), kwargs={})
+    return Decision(out=new)
+
+
+@register_rule(*ops("expand"))
+def _expand(node: fx.Node, rc: RuleCtx) -> Decision:
+    x = node.args[0]
+    assert isinstance(x, fx.Node)
+    sh = rc.spec(x)
+    assert isinstance(sh, Shard)
+    out_shape = rc.shape(node)
+    od = sh.dim + len(out_shape) - len(rc.shape(x))
+    new = sh.with_dim(od)
+    return Decision(out=new, args=(x, rc.local(out_shape, new)), kwargs={})
+
+
+@register_rule(*ops("permute"))
+def _permute(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, dims = node.args[0], node.args[1]
+    sh = rc.spec(x)
+    assert isinstance(sh, Shard) and isinstance(dims, list | tuple)
+    nd = len(dims)
+    return Decision(out=sh.with_dim([norm_dim(int(d), nd) for d in dims].index(sh.dim)))
+
+
+@register_rule(*ops("transpose", "t", "swapaxes", "movedim"))
+def _transpose(node: fx.Node, rc: RuleCtx) -> Decision:
+    x = node.args[0]
+    sh = rc.spec(x)
+    assert isinstance(sh, Shard) and isinstance(x, fx.Node)
+    nd = len(rc.shape(x))
+    if node.target.overloadpacket is aten.t:  # type: ignore[union-attr]
+        a, b = 0, nd - 1
+    else:
+        a, b = (norm_dim(int(d), nd) for d in node.args[1:3])  # type: ignore[arg-type]
+    if node.target.overloadpacket is aten.movedim:  # type: ignore[union-attr]
+        order = [d for d in range(nd) if d != a]
+        order.insert(b, a)
+        return Decision(out=sh.with_dim(order.index(sh.dim)))
+    dim = b if sh.dim == a else a if sh.dim == b else sh.dim
+    return Decision(out=sh.with_dim(dim))
+
+
+def _cat_like(node: fx.Node, rc: RuleCtx, stack: bool) -> Decision:
+    tensors = node.args[0]
+    assert isinstance(tensors, list | tuple)
+    out_shape = rc.shape(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = norm_dim(int(dim), len(out_shape))  # type: ignore[arg-type]
+    d = align_inputs(node, rc, out_shape) if not stack else None
+    if stack:
+        in_nd = len(out_shape) - 1
+        shards = {rc.spec(t) for t in tensors if isinstance(rc.spec(t), Shard)}
+        if len(shards) != 1:
+            raise Break("stacked inputs sharded differently")
+        sh = next(iter(shards))
+        assert isinstance(sh, Shard)
+        out = sh.with_dim(sh.dim if sh.dim < dim else sh.dim + 1)
+        wants: dict[fx.Node, Placement] = {
+            t: sh for t in tensors if isinstance(t, fx.Node) and isinstance(rc.spec(t), Replicate)
+        }
+        _ = in_nd
+        return Decision(out=out, inputs=wants)
+    assert d is not None and isinstance(d.out, Shard)
+    if d.out.dim == dim:
+        raise Break("concatenation along the sharded dim")
+    # Replicated inputs of the cat are full-size along the shard dim: align_inputs slices them.
+    return d
+
+
+@register_rule(*ops("cat", "concat", "concatenate"))
+def _cat(node: fx.Node, rc: RuleCtx) -> Decision:
+    return _cat_like(node, rc, stack=False)
+
+
+@register_rule(*ops("stack"))
+def _stack(node: fx.Node, rc: RuleCtx) -> Decision:
+    return _cat_like(node, rc, stack=True)
+
+
+def _only_input(node: fx.Node, rc: RuleCtx) -> tuple[fx.Node, Shard, int]:
+    x = node.args[0]
+    assert isinstance(x, fx.Node)
+    sh = rc.spec(x)
+    assert isinstance(sh, Shard)
+    return x, sh, len(rc.shape(x))
+
+
+@register_rule(*ops("slice"))
+def _slice(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, sh, nd = _only_input(node, rc)
+    args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+    dim, start, end, step = norm_dim(int(args[1]), nd), args[2], args[3], args[4]
+    if dim != sh.dim:
+        return Decision(out=sh)
+    size = rc.shape(x)[dim]
+    full = (start in (None, 0)) and (end is None or end >= size) and step in (None, 1)
+    if not full:
+        raise Break("slice of the sharded dim")
+    local = sh.local_size(rc.rank)
+    return Decision(out=sh, args=(x, dim, 0, local, 1), kwargs={})
+
+
+@register_rule(*ops("select"))
+def _select(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, sh, nd = _only_input(node, rc)
+    dim = norm_dim(int(node.args[1]), nd)  # type: ignore[arg-type]
+    if dim == sh.dim:
+        raise Break("select on the sharded dim")
+    return Decision(out=sh.with_dim(sh.dim - (1 if dim < sh.dim else 0)))
+
+
+@register_rule(*ops("split", "split_with_sizes", "chunk", "unbind", "tensor_split"))
+def _split(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, sh, nd = _only_input(node, rc)
+    packet = node.target.overloadpacket  # type: ignore[union-attr]
+    if packet is aten.unbind:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    else:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = norm_dim(int(dim), nd)  # type: ignore[arg-type]
+    if dim == sh.dim:
+        raise Break("split along the sharded dim")
+    n_out = len(node.meta["val"])
+    out = sh.with_dim(sh.dim - (1 if dim < sh.dim else 0)) if packet is aten.unbind else sh
+    return Decision(out=tuple(out for _ in range(n_out)))
+
+
+@register_rule(operator.getitem)
+def _getitem(node: fx.Node, rc: RuleCtx) -> Decision:
+    parent, idx = node.args
+    p = rc.placements.get(parent)  # type: ignore[arg-type]
+    out = p[idx] if isinstance(p, tuple | list) else p  # type: ignore[index]
+    return Decision(out=out if out is not None else R)
+
+
+def _reduced(node: fx.Node, rc: RuleCtx, dims: Any, keepdim: bool) -> Decision:
+    x, sh, nd = _only_input(node, rc)
+    if dims is None or (isinstance(dims, list | tuple) and len(dims) == 0):
+        raise Break("reduction over all dims")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [norm_dim(int(d), nd) for d in dims]
+    if sh.dim in dims:
+        raise Break("reduction over the sharded dim")
+    out = sh if keepdim else sh.with_dim(sh.dim - sum(1 for d in dims if d < sh.dim))
+    val = node.meta.get("val")
+    return Decision(out=(out, out) if isinstance(val, tuple | list) else out)
+
+
+@register_rule(*ops("sum", "mean", "amax", "amin", "var", "std", "max", "min", "argmax", "argmin", "prod", "logsumexp", "norm", "var_mean", "std_mean", "all", "any", "linalg_vector_norm"))
+def _reduction(node: fx.Node, rc: RuleCtx) -> Decision:
+    args = list(node.args)
+    packet = node.target.overloadpacket  # type: ignore[union-attr]
+    dim_pos = 2 if packet in (aten.norm, aten.linalg_vector_norm) else 1
+    dims = args[dim_pos] if len(args) > dim_pos else node.kwargs.get("dim")
+    if packet in (aten.sum, aten.mean, aten.prod) and len(args) > 1 and not isinstance(args[1], int | list | tuple):
+        dims = None
+    keep = args[dim_pos + 1] if len(args) > dim_pos + 1 else node.kwargs.get("keepdim", False)
+    return _reduced(node, rc, dims, bool(keep))
+
+
+@register_rule(*ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "_safe_softmax"))
+def _along_dim(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, sh, nd = _only_input(node, rc)
+    if norm_dim(int(node.args[1]), nd) == sh.dim:  # type: ignore[arg-type]
+        raise Break("normalization along the sharded dim")
+    return Decision(out=sh)
+
+
+@register_rule(*ops("constant_pad_nd", "pad"))
+def _pad(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, sh, nd = _only_input(node, rc)
+    pad = list(node.args[1])  # type: ignore[arg-type]
+    for i in range(0, len(pad), 2):
+        if nd - 1 - i // 2 == sh.dim and (pad[i] or pad[i + 1]):
+            raise Break("padding of the sharded dim")
+    return Decision(out=sh)
+
+
+@register_rule(*ops("repeat"))
+def _repeat(node: fx.Node, rc: RuleCtx) -> Decision:
+    x, sh, nd = _only_input(node, rc)
+    reps = list(node.args[1])  # type: ignore[arg-type]
+    od = sh.dim + len(reps) - nd
+    if reps[od] != 1:
+        raise Break("repeat along the sharded dim")
+    return Decision(out=sh.with_dim(od))
+
+
+@register_rule(*ops("new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided", "new_tensor", "scalar_tensor", "zeros", "ones", "full", "arange", "empty"))
+def _creation(node: fx.Node, rc: RuleCtx) -> Decision:
+    """The input only gives dtype/device: the (global-size) result is replicated."""
+    return Decision(out=R)

@@ -1,0 +1,174 @@
+"""Exact sequence-parallel attention ops: Ulysses, Ring and USP (both), as ``torch.library`` ops.
+
+Layout: q, k, v are ``[..., H, S_local, D]`` holding this rank's contiguous slice of the
+sequence; ``split`` lists every sequence-parallel rank's slice length (ring-major,
+ulysses-minor, so a Ulysses group holds one contiguous block). Uneven splits are exact.
+
+- Ulysses: an all-to-all over the ``ulysses`` axis trades the sequence split for a head split,
+  so each rank attends over its Ulysses group's whole block for H/U heads; a second all-to-all
+  returns the output to the sequence split. Same arithmetic as one device.
+- Ring: each rank keeps its queries and passes its K/V block around the ``ring`` axis; each
+  step's partial result is merged with the log-sum-exp in fp32 (exact up to fp32 rounding).
+- USP: Ulysses inside, Ring across Ulysses groups.
+
+The ops have fake implementations, so export and inductor treat them as opaque calls.
+An optional replicated mask (broadcastable to ``[B, H, S, S]`` global) is sliced per block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from xdit_compile.kernels.attention import attention_with_lse, merge_partial
+from xdit_compile.runtime.collectives import all_to_all, send_recv
+from xdit_compile.runtime.mesh import MeshInfo, get_mesh
+
+__all__ = ["usp_attention", "usp_comm_bytes"]
+
+
+def _offsets(split: list[int]) -> list[int]:
+    out = [0]
+    for s in split:
+        out.append(out[-1] + s)
+    return out
+
+
+def _ulysses_in(x: torch.Tensor, group_split: list[int], me: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """[..., H, s_me, D] sequence shard -> [..., H/U, sum(group_split), D] head shard."""
+    u = len(group_split)
+    *lead, h, s, d = x.shape
+    chunks = x.reshape(*lead, u, h // u, s, d).movedim(-4, 0).contiguous()  # [U, ..., H/U, s, D]
+    per_seq = chunks[0].numel() // s
+    flat = all_to_all(chunks.reshape(-1), [per_seq * n for n in group_split], [per_seq * s] * u,
+                      group, "ulysses")
+    parts = flat.split([per_seq * n for n in group_split])
+    return torch.cat([p.reshape(*lead, h // u, n, d) for p, n in zip(parts, group_split, strict=True)], dim=-2)
+
+
+def _ulysses_out(x: torch.Tensor, group_split: list[int], me: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """[..., H/U, sum(group_split), D] head shard -> [..., H, s_me, D] sequence shard."""
+    u = len(group_split)
+    *lead, hu, _, d = x.shape
+    parts = [p.contiguous().reshape(-1) for p in x.split(group_split, dim=-2)]
+    per_seq = parts[0].numel() // group_split[0]
+    s_me = group_split[me]
+    flat = all_to_all(torch.cat(parts), [per_seq * s_me] * u, [per_seq * n for n in group_split],
+                      group, "ulysses")
+    heads = flat.reshape(u, *lead, hu, s_me, d).movedim(0, -4)
+    return heads.reshape(*lead, u * hu, s_me, d)
+
+
+def _slice_mask(mask: torch.Tensor | None, q_rng: tuple[int, int], k_rng: tuple[int, int],
+                h_rng: tuple[int, int]) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dim() >= 3 and mask.shape[-3] > 1:
+        mask = mask[..., h_rng[0]:h_rng[1], :, :]
+    if mask.shape[-2] > 1:
+        mask = mask[..., q_rng[0]:q_rng[1], :]
+    if mask.shape[-1] > 1:
+        mask = mask[..., k_rng[0]:k_rng[1]]
+    return mask
+
+
+def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_rng, h_rng, group):  # type: ignore[no-untyped-def]
+    """Attention of the local q block over all ring blocks of K/V, merged by log-sum-exp."""
+    r, me = info.ring, info.ring_rank
+    offs = _offsets(blocks)
+    out = lse = None
+    cur_k, cur_v = k, v
+    for step in range(r):
+        src = (me - step) % r
+        pending = None
+        if step < r - 1:
+            nxt = (me - step - 1) % r
+            shape = (*k.shape[:-2], blocks[nxt], k.shape[-1])
+            vshape = (*v.shape[:-2], blocks[nxt], v.shape[-1])
+            pending = send_recv([cur_k, cur_v], [torch.Size(shape), torch.Size(vshape)],
+                                (me + 1) % r, (me - 1) % r, group, "ring")
+        m = _slice_mask(mask, q_rng, (offs[src], offs[src + 1]), h_rng)
+        blk_out, blk_lse = attention_with_lse(q, cur_k, cur_v, m, scale)
+        out, lse = merge_partial(out, lse, blk_out, blk_lse)
+        if pending is not None:
+            for w in pending[0]:  # type: ignore[union-attr]
+                w.wait()
+            cur_k, cur_v = pending[1]  # type: ignore[misc]
+    assert out is not None
+    return out.to(q.dtype)
+
+
+def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         scale: float | None, mesh_key: str, split: list[int]) -> torch.Tensor:
+    pm = get_mesh(mesh_key)
+    info = pm.info
+    u = info.ulysses
+    h = q.shape[-3]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # Per ring block: the Ulysses group's slice lengths and the block's global range.
+    groups = [split[i * u:(i + 1) * u] for i in range(info.ring)]
+    blocks = [sum(g) for g in groups]
+    offs = _offsets(blocks)
+    my_group = groups[info.ring_rank]
+    q_rng = (offs[info.ring_rank], offs[info.ring_rank + 1])
+    h_rng = (0, h)
+    if u > 1:
+        ug = pm.group("ulysses")
+        q, k, v = (_ulysses_in(t, my_group, info.ulysses_rank, ug) for t in (q, k, v))
+        h_rng = (info.ulysses_rank * (h // u), (info.ulysses_rank + 1) * (h // u))
+    if info.ring > 1:
+        out = _ring(q, k, v, mask, scale, info, blocks, q_rng, h_rng, pm.group("ring"))
+    else:
+        m = _slice_mask(mask, q_rng, (0, offs[-1]), h_rng)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+    if u > 1:
+        out = _ulysses_out(out, my_group, info.ulysses_rank, pm.group("ulysses"))
+    return out
+
+
+@torch.library.custom_op("xdit::usp_attention", mutates_args=())
+def usp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    mesh_key: str,
+    split: list[int],
+) -> torch.Tensor:
+    """Exact attention over the whole (sharded) sequence; returns this rank's output rows."""
+    return _usp(q, k, v, attn_mask, scale, mesh_key, split)
+
+
+@usp_attention.register_fake
+def _(q, k, v, attn_mask, scale, mesh_key, split):  # type: ignore[no-untyped-def]
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def usp_comm_bytes(
+    q_shape: tuple[int, ...], v_dim: int, itemsize: int, info: MeshInfo, split: list[int]
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """Static (calls, bytes sent by ``info.rank``) per (op, axis) of one ``usp_attention`` call.
+
+    Mirrors the algorithm above; tests check it against the runtime counter.
+    """
+    *lead, h, _, d = q_shape
+    lead_n = 1
+    for n in lead:
+        lead_n *= n
+    u, r = info.ulysses, info.ring
+    groups = [split[i * u:(i + 1) * u] for i in range(r)]
+    mine = groups[info.ring_rank]
+    s_me = mine[info.ulysses_rank]
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    if u > 1:
+        per_tok = lead_n * (h // u) * itemsize
+        send_in = per_tok * s_me * (u - 1) * (2 * d + v_dim)
+        send_out = per_tok * v_dim * (sum(mine) - s_me)
+        out[("all_to_all", "ulysses")] = (4, send_in + send_out)
+    if r > 1:
+        blocks = [sum(g) for g in groups]
+        per_tok = lead_n * (h // u) * itemsize * (d + v_dim)
+        sent = sum(blocks[(info.ring_rank - s) % r] for s in range(r - 1)) * per_tok
+        out[("send_recv", "ring")] = (r - 1, sent)
+    return out

@@ -1,0 +1,191 @@
+"""Public entry points: ``init_distributed``, ``parallelize`` and the module it returns.
+
+``parallelize(model, plan)`` checks the plan against the process group, builds the named
+mesh, checks once that every rank holds the same parameters, and returns a
+:class:`ParallelModule`. That module captures and compiles lazily: the first call with a new
+input signature (shapes, dtypes, non-tensor values) runs capture and the pass list built from
+the plan, then executes the rewritten graph; later calls with the same signature reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from xdit_compile.capture import capture
+from xdit_compile.driver import PassContext, PassFn, run_passes
+from xdit_compile.plan import Plan
+from xdit_compile.runtime.collectives import count
+from xdit_compile.runtime.mesh import ParallelMesh, build_mesh
+
+__all__ = ["CompiledGraph", "ParallelModule", "build_passes", "init_distributed", "parallelize"]
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Initialize the default process group from torchrun's environment (convenience only).
+
+    Uses nccl when CUDA is available, gloo otherwise. Returns ``(rank, world_size)``; a
+    single process without torchrun variables gets a one-rank group.
+    """
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29511")
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_passes(plan: Plan) -> list[tuple[str, PassFn]]:
+    """The ordered pass list for ``plan`` (``plan.disable_passes`` removes optional ones)."""
+    from xdit_compile.passes.annotate import annotate_graph_pass
+    from xdit_compile.passes.attention import rewrite_attention_pass
+    from xdit_compile.passes.canonicalize import canonicalize_graph_pass
+    from xdit_compile.passes.lower import lower_collectives_pass
+    from xdit_compile.passes.seed import seed_inputs_pass
+    from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
+
+    passes: list[tuple[str, PassFn]] = [
+        ("canonicalize", canonicalize_graph_pass),
+        ("annotate", annotate_graph_pass),
+        ("seed", seed_inputs_pass),
+        ("propagate_sharding", propagate_sharding_pass),
+        ("rewrite_attention", rewrite_attention_pass),
+        ("lower_collectives", lower_collectives_pass),
+    ]
+    return [(n, p) for n, p in passes if n not in plan.disable_passes]
+
+
+def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    sig: list[Any] = [str(spec)]
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            sig.append(("T", tuple(x.shape), x.dtype, x.device.type))
+        else:
+            sig.append(("V", repr(x)))
+    return tuple(sig)
+
+
+@dataclass
+class CompiledGraph:
+    """One input signature's rewritten graph, what the passes recorded, and its runner."""
+
+    gm: fx.GraphModule
+    ctx: PassContext
+    runner: Any
+    static_comm: list[tuple[str, str, int, int]] = field(default_factory=list)
+
+
+class ParallelModule(torch.nn.Module):
+    """A model parallelized by xdit_compile: same call signature and outputs as the model."""
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, mesh: ParallelMesh) -> None:
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.mesh = mesh
+        self._cache: dict[tuple[Any, ...], CompiledGraph] = {}
+        self._last: CompiledGraph | None = None
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def prepare(self, *args: Any, **kwargs: Any) -> CompiledGraph:
+        """Capture and rewrite for this input signature without running (cached)."""
+        key = _signature(args, kwargs)
+        if key not in self._cache:
+            self._cache[key] = self._compile(args, kwargs)
+        self._last = self._cache[key]
+        return self._last
+
+    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CompiledGraph:
+        gm = capture(self.model, args, kwargs)
+        groups = {"sp": self.mesh.group_name("sp")} if self.mesh.info.sp_degree > 1 else {}
+        ctx = PassContext(plan=self.plan, mesh=self.mesh.info, group_names=groups)
+        gm = run_passes(gm, build_passes(self.plan), ctx)
+        runner: Any = gm
+        if self.plan.compile == "inductor":
+            runner = torch.compile(gm, backend="inductor", dynamic=False)
+        static = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in ctx.collectives if c.op == "all_gather"]
+        logger.info("compiled %s for a new input signature (%d sharding breaks)",
+                    type(self.model).__name__, len(ctx.breaks))
+        return CompiledGraph(gm, ctx, runner, static)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        entry = self.prepare(*args, **kwargs)
+        with torch.no_grad():
+            out = entry.runner(*args, **kwargs)
+        for op, axis, calls, nbytes in entry.static_comm:
+            count(op, axis, nbytes, calls)
+        return out
+
+    @property
+    def graphs(self) -> dict[str, str]:
+        """Printed graph after each pass, for the last compiled input signature."""
+        return dict(self._last.ctx.graphs) if self._last else {}
+
+    @property
+    def compiled(self) -> list[CompiledGraph]:
+        return list(self._cache.values())
+
+    @property
+    def last(self) -> CompiledGraph | None:
+        return self._last
+
+
+def _check_same_parameters(model: torch.nn.Module) -> None:
+    """One all-gather of per-parameter (sum, sum of squares) in fp64; names differing ones."""
+    if dist.get_world_size() == 1:
+        return
+    names, sums = [], []
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        t = p.detach().double()
+        names.append(name)
+        sums.append(torch.stack([t.sum(), (t * t).sum()]))
+    local = torch.stack(sums).cpu() if sums else torch.zeros(0, 2, dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    gathered = [torch.empty_like(local, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local.to(device))
+    bad = set()
+    for other in gathered[1:]:
+        diff = ~torch.isclose(other.cpu(), gathered[0].cpu(), rtol=1e-12, atol=0).all(dim=1)
+        bad.update(names[i] for i in diff.nonzero().flatten().tolist())
+    if bad:
+        shown = ", ".join(sorted(bad)[:10])
+        raise ValueError(
+            f"parameters differ between ranks ({len(bad)}): {shown}. Build or load the model "
+            f"identically on every rank (e.g. torch.manual_seed before construction)"
+        )
+
+
+def parallelize(model: torch.nn.Module, plan: Plan) -> ParallelModule:
+    """Parallelize ``model`` with ``plan`` inside the initialized default process group.
+
+    Returns a module with the model's call signature and outputs; outputs are gathered and
+    identical on every rank. Capture and compilation happen on the first call.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an xdit_compile.Plan, got {type(plan).__name__}")
+    if isinstance(model, ParallelModule):
+        raise TypeError("model is already parallelized")
+    mesh = build_mesh(plan)
+    _check_same_parameters(model)
+    return ParallelModule(model, plan, mesh)

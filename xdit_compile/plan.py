@@ -1,0 +1,105 @@
+"""The parallel plan: which degree of each parallel method a model runs with.
+
+A ``Plan`` is pure data. It is validated when created (degrees, backend, pass names) and again
+against the world size and the model before anything runs (:func:`Plan.check_world_size`,
+the ``heads`` check of the attention rule), so a bad plan fails fast with the fix in the message.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["MeshAxis", "Plan", "BUILT_AXES"]
+
+
+class MeshAxis(enum.StrEnum):
+    """Named mesh axes, slowest to fastest (the fastest gets neighbouring ranks)."""
+
+    DP = "dp"
+    CFG = "cfg"
+    PIPEFUSION = "pipefusion"
+    RING = "ring"
+    ULYSSES = "ulysses"
+
+
+#: Axes whose parallel method is implemented; a degree > 1 on any other axis is rejected.
+BUILT_AXES: tuple[MeshAxis, ...] = (MeshAxis.RING, MeshAxis.ULYSSES)
+
+_BACKENDS = (None, "eager", "inductor")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """How to parallelize one model. The product of all degrees must equal the world size."""
+
+    ulysses: int = 1
+    """Ulysses degree: all-to-all turns sequence shards into head shards inside attention."""
+    ring: int = 1
+    """Ring degree: K/V blocks travel around the ring, partial results merged by log-sum-exp."""
+    cfg: int = 1
+    """CFG parallel degree (conditional/unconditional branch per rank). Not built yet."""
+    pipefusion: int = 1
+    """PipeFusion stages (patch-level pipeline with displaced K/V). Not built yet."""
+    dp: int = 1
+    """Data parallel degree (different requests per rank group). Not built yet."""
+    compile: str | None = None
+    """Backend for the rewritten graph: None/"eager" (GraphModule) or "inductor" (torch.compile)."""
+    disable_passes: tuple[str, ...] = field(default_factory=tuple)
+    """Names of optional passes to skip, e.g. ("rewrite_attention",) to keep gathers + plain SDPA."""
+
+    def __post_init__(self) -> None:
+        for axis in MeshAxis:
+            degree = getattr(self, axis.value)
+            if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
+                raise ValueError(f"Plan.{axis.value} must be an integer >= 1, got {degree!r}")
+            if degree > 1 and axis not in BUILT_AXES:
+                built = ", ".join(a.value for a in BUILT_AXES)
+                raise ValueError(
+                    f"Plan.{axis.value}={degree}: {axis.value} parallelism is not built yet; "
+                    f"use {built} (set {axis.value}=1)"
+                )
+        if self.compile not in _BACKENDS:
+            raise ValueError(
+                f"Plan.compile={self.compile!r} is unknown; choose one of None, 'eager', 'inductor'"
+            )
+        if isinstance(self.disable_passes, str | list):
+            names = (self.disable_passes,) if isinstance(self.disable_passes, str) else self.disable_passes
+            object.__setattr__(self, "disable_passes", tuple(names))
+        from xdit_compile.driver import OPTIONAL_PASSES
+
+        unknown = [p for p in self.disable_passes if p not in OPTIONAL_PASSES]
+        if unknown:
+            raise ValueError(
+                f"Plan.disable_passes: {unknown} cannot be disabled; optional passes are "
+                f"{list(OPTIONAL_PASSES)}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes this plan needs: the product of all degrees."""
+        return math.prod(getattr(self, a.value) for a in MeshAxis)
+
+    @property
+    def sp_degree(self) -> int:
+        """Sequence-parallel degree: ring x ulysses."""
+        return self.ring * self.ulysses
+
+    def degrees(self) -> dict[str, int]:
+        """Axis name -> degree, slowest axis first."""
+        return {a.value: getattr(self, a.value) for a in MeshAxis}
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ``ValueError`` if the plan does not fit ``world_size`` processes."""
+        if self.world_size != world_size:
+            parts = " x ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1) or "1"
+            raise ValueError(
+                f"Plan needs {self.world_size} processes ({parts}) but the world size is "
+                f"{world_size}; choose degrees whose product is {world_size}, e.g. "
+                f"Plan(ulysses={world_size}) or Plan(ring={world_size})"
+            )
+
+    def __str__(self) -> str:
+        degrees = ", ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1) or "serial"
+        return f"Plan({degrees}, compile={self.compile})"
