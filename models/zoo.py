@@ -82,6 +82,9 @@ class ZooEntry:
     sizes: dict[str, LatentSize]
     video: bool = False
     check_config: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
+    uneven_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per size, config overrides that ``build_model(..., uneven=True)`` applies (for models
+    whose uneven input needs another config, e.g. Latte's frame count is its video_length)."""
 
     def config(self, size: str = "tiny") -> dict[str, Any]:
         """A fresh copy of the constructor kwargs of ``size`` (``"tiny"`` or ``"full"``)."""
@@ -363,6 +366,9 @@ _ENTRIES: tuple[ZooEntry, ...] = (
             ),
         },
         video=True,
+        # Sequence parallelism splits the frames first: an uneven input needs an odd frame
+        # count, and Latte's frame count is fixed by its temporal position table.
+        uneven_config={"tiny": {"video_length": 5}, "full": {"video_length": 15}},
     ),
 )
 
@@ -390,6 +396,7 @@ def build_model(
     *,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    uneven: bool = False,
     **config_overrides: Any,
 ) -> torch.nn.Module:
     """Construct zoo model ``name`` at ``size`` with random weights, in eval mode.
@@ -397,9 +404,12 @@ def build_model(
     The weights are initialised in float32 under ``torch.manual_seed(seed)`` (the caller's CPU RNG
     state is restored afterwards) and then cast to ``dtype``, so every process gets identical
     parameters. ``config_overrides`` replace constructor kwargs, e.g. ``num_layers=2``.
+    ``uneven=True`` applies the entry's ``uneven_config`` (pair it with ``example_inputs(...,
+    uneven=True)``).
     """
     entry = get_entry(name)
-    config = {**entry.config(size), **config_overrides}
+    extra = entry.uneven_config.get(size, {}) if uneven else {}
+    config = {**entry.config(size), **extra, **config_overrides}
     if entry.check_config is not None:
         entry.check_config(config)
 

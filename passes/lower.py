@@ -2,6 +2,7 @@
 
 - ``redistribute(x, S, R)`` -> ``gather_shard``: all-gather over the sequence-parallel group
   (functional collective, uneven pieces padded for the transfer and cut back after);
+- ``redistribute(x, P, R)`` -> all-reduce (sum) of partial results;
 - ``redistribute(x, R, S)`` -> ``slice_shard``: this rank's piece, no communication;
 - ``redistribute(x, S, S')`` -> gather then slice;
 - a stride-1 "same" convolution on the sharded dim gets ``xdit::halo_pad`` in front and its
@@ -17,8 +18,16 @@ import torch.fx as fx
 
 from xdit_compile.driver import CollectiveSite, PassContext, PassResult
 from xdit_compile.passes.sharding.engine import redistribute
-from xdit_compile.passes.sharding.placement import Replicate, Shard
-from xdit_compile.runtime.reshard import gather_bytes, gather_shard, halo_bytes, halo_pad, slice_shard
+from xdit_compile.passes.sharding.placement import Partial, Replicate, Shard
+from xdit_compile.runtime.reshard import (
+    all_reduce_bytes,
+    all_reduce_sum,
+    gather_bytes,
+    gather_shard,
+    halo_bytes,
+    halo_pad,
+    slice_shard,
+)
 
 __all__ = ["lower_collectives_pass"]
 
@@ -48,6 +57,11 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     assert isinstance(x, fx.Node)
     src, dst = node.meta["xdit_src"], node.meta["xdit_dst"]
     cur = x
+    if isinstance(src, Partial):
+        cur = _new(gm, node, all_reduce_sum, (cur, ctx.group_names.get("sp", "sp")), node, Replicate())
+        val = node.meta["val"]
+        nbytes = all_reduce_bytes(val.numel() * val.element_size(), ctx.mesh.sp_degree)
+        ctx.collectives.append(CollectiveSite(cur.name, "all_reduce", "sp", 1, nbytes, "partial sum"))
     if isinstance(src, Shard):
         cur = _gather(gm, node, cur, src, ctx)
     if isinstance(dst, Shard):

@@ -15,7 +15,7 @@ import torch.distributed._functional_collectives as fc
 from xdit_compile.runtime.collectives import count, send_recv
 from xdit_compile.runtime.mesh import get_mesh
 
-__all__ = ["gather_shard", "slice_shard", "halo_pad", "gather_bytes"]
+__all__ = ["all_reduce_sum", "all_reduce_bytes", "gather_shard", "slice_shard", "halo_pad", "gather_bytes"]
 
 
 def _factor_view(x: torch.Tensor, dim: int, outer: int, inner: int) -> torch.Tensor:
@@ -42,6 +42,16 @@ def gather_shard(
         g = torch.cat([p[:s] for p, s in zip(g.split(m), split, strict=True)])
     g = g.movedim(0, dim + 1)
     return g.reshape(*x.shape[:dim], outer * sum(split) * inner, *x.shape[dim + 1:])
+
+
+def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Sum of every rank's partial ``x`` (functional all-reduce)."""
+    return fc.wait_tensor(torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", group_name))
+
+
+def all_reduce_bytes(nbytes: int, n: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``nbytes``: 2 (n - 1) / n of it."""
+    return 2 * (n - 1) * nbytes // n
 
 
 def gather_bytes(local_numel: int, itemsize: int, split: list[int], sp_rank: int) -> int:

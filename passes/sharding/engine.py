@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
+from xdit_compile.passes.sharding.placement import Partial, Placement, Replicate, Shard
 
 __all__ = [
     "Break",
@@ -64,7 +64,7 @@ class RuleCtx:
 
     def spec(self, a: Any) -> Placement:
         p = self.placements.get(a, R) if isinstance(a, fx.Node) else R
-        return p if isinstance(p, Replicate | Shard) else R
+        return p if isinstance(p, Replicate | Shard | Partial) else R
 
     @staticmethod
     def shape(a: fx.Node) -> tuple[int, ...]:

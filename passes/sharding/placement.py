@@ -1,6 +1,7 @@
 """Placements: how a tensor of the global graph is laid out over the sequence-parallel ranks.
 
 ``Replicate()``: every rank holds the whole tensor.
+``Partial()``: pending sum over ranks (all-reduced where a consumer needs the value).
 ``Shard(dim, split, outer, inner)``: dimension ``dim`` is viewed as ``[outer, N, inner]`` and the
 middle factor ``N = sum(split)`` is cut into contiguous pieces, rank ``i`` holding ``split[i]`` of
 it. ``outer``/``inner`` let a shard survive reshapes that merge it with other dims, e.g.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Placement", "Replicate", "Shard", "even_split", "fmt", "local_shape"]
+__all__ = ["Partial", "Placement", "Replicate", "Shard", "even_split", "fmt", "local_shape"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,16 @@ class Shard:
         return f"S({self.dim}{cut}{extra})"
 
 
-Placement = Replicate | Shard
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """Every rank holds a partial sum; the full value is their sum (e.g. a matmul that
+    contracts the sharded sequence, as in linear attention)."""
+
+    def __str__(self) -> str:
+        return "P(sum)"
+
+
+Placement = Replicate | Shard | Partial
 
 
 def even_split(n: int, parts: int, unit: int = 1) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ import torch.fx as fx
 from xdit_compile.driver import PassContext, PassResult, ShardingBreak
 from xdit_compile.passes.sharding import rules_nn, rules_shape  # noqa: F401  (registers rules)
 from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, lookup_rule, redistribute, tensor_args
-from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
+from xdit_compile.passes.sharding.placement import Partial, Placement, Replicate, Shard
 
 __all__ = ["propagate_sharding_pass", "source_line"]
 
@@ -108,6 +108,10 @@ class _Propagator:
         if node.target is redistribute:
             return
         ins = tensor_args(node)
+        for a in ins:
+            if isinstance(self.rc.spec(a), Partial):  # consumers see the summed value
+                node.replace_input_with(a, self.move(a, R, node))
+        ins = tensor_args(node)
         if all(isinstance(self.rc.spec(a), Replicate) for a in ins) and not any(
             isinstance(self.placements.get(a), tuple) for a in node.all_input_nodes
         ):
@@ -146,7 +150,7 @@ class _Propagator:
 
     def _output(self, node: fx.Node) -> None:
         def gather(a: Any) -> Any:
-            if isinstance(a, fx.Node) and isinstance(self.rc.spec(a), Shard):
+            if isinstance(a, fx.Node) and isinstance(self.rc.spec(a), Shard | Partial):
                 moved = self.move(a, R, node)
                 moved.meta["xdit_output_gather"] = True
                 return moved

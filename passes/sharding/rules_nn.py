@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, norm_dim, ops, register_rule
-from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
+from xdit_compile.passes.sharding.placement import Partial, Placement, Replicate, Shard
 from xdit_compile.passes.sharding.rules_shape import align_inputs
 
 aten = torch.ops.aten
@@ -65,7 +65,9 @@ def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
     if isinstance(pa, Shard) and isinstance(pb, Shard):
         if pa.dim < na - 2 and na == nb and pa == pb:
             return Decision(out=pa)
-        raise Break("both matmul operands sharded (would need a partial sum)")
+        if pa.dim == na - 1 and nb >= 2 and pb.dim == nb - 2 and pa.with_dim(0) == pb.with_dim(0):
+            return Decision(out=Partial())  # contracts the sharded dim: partial sums
+        raise Break("both matmul operands sharded on different dims")
     raise Break("unsupported matmul sharding")
 
 

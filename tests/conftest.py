@@ -1,0 +1,25 @@
+"""Shared fixtures: persistent gloo worker pools (2 and 4 ranks) reused by all distributed tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from xdit_compile.testing import WorkerPool
+
+os.environ.setdefault("XDIT_DEBUG", "1")  # verify local shapes after every pass in tests
+
+
+@pytest.fixture(scope="session")
+def pools():
+    made: dict[int, WorkerPool] = {}
+
+    def get(n: int) -> WorkerPool:
+        if n not in made:
+            made[n] = WorkerPool(n)
+        return made[n]
+
+    yield get
+    for p in made.values():
+        p.close()

@@ -1,0 +1,105 @@
+"""Worker-side jobs shared by the CLI, tests and benchmarks: run a zoo model serially and in
+parallel in the same process group and report the difference, latency and communication.
+
+The serial reference is the plain diffusers module run on one process with the same weights
+and inputs; every rank computes it locally (no collectives), so it equals a one-process run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xdit_compile.api import parallelize
+from xdit_compile.plan import Plan
+from xdit_compile.runtime.collectives import comm_stats
+
+__all__ = ["CompareResult", "compare_zoo_model", "rel_error"]
+
+
+@dataclass
+class CompareResult:
+    model: str
+    plan: str
+    rank: int
+    rel_error: float
+    serial_ms: float
+    parallel_ms: float
+    bytes_per_forward: int
+    comm: dict[str, dict[str, int]] = field(default_factory=dict)
+    breaks: list[str] = field(default_factory=list)
+    seed: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rel_error(out: Any, ref: Any) -> float:
+    """max |out - ref| / max |ref| over all tensors of two matching output structures."""
+    outs = out if isinstance(out, tuple | list) else (out,)
+    refs = ref if isinstance(ref, tuple | list) else (ref,)
+    err = 0.0
+    for o, r in zip(outs, refs, strict=True):
+        if isinstance(r, torch.Tensor):
+            scale = r.detach().abs().max().clamp_min(1e-30)
+            err = max(err, float(((o.detach().float() - r.detach().float()).abs().max() / scale)))
+    return err
+
+
+def _timed(fn: Any, iters: int, barrier: bool) -> tuple[Any, float]:
+    times, out = [], None
+    for _ in range(iters):
+        if barrier:
+            dist.barrier()
+        t0 = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return out, statistics.median(times)
+
+
+def compare_zoo_model(
+    name: str,
+    plan: Plan,
+    *,
+    size: str = "tiny",
+    uneven: bool = False,
+    iters: int = 1,
+    warmup: int = 0,
+    config: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> CompareResult:
+    """Build zoo model ``name``, run it serially and with ``plan``; called on every rank."""
+    from xdit_compile.models import build_model, example_inputs
+
+    model = build_model(name, size, dtype=dtype, uneven=uneven, **(config or {}))
+    kwargs = example_inputs(name, model, size=size, uneven=uneven, **(inputs or {}))
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(**kwargs)
+        ref, serial_ms = _timed(lambda: model(**kwargs), iters, barrier=False)
+    pm = parallelize(model, plan)
+    entry = pm.prepare(**kwargs)
+    for _ in range(warmup):
+        pm(**kwargs)
+    stats = comm_stats()
+    stats.reset()
+    out, parallel_ms = _timed(lambda: pm(**kwargs), iters, barrier=True)
+    per_fwd = stats.total_bytes // iters
+    return CompareResult(
+        model=name,
+        plan=str(plan),
+        rank=dist.get_rank(),
+        rel_error=rel_error(out, ref),
+        serial_ms=serial_ms,
+        parallel_ms=parallel_ms,
+        bytes_per_forward=per_fwd,
+        comm=stats.as_dict(),
+        breaks=[f"{b.op} at {b.source}: {b.reason}" for b in entry.ctx.breaks],
+        seed={k: v for k, v in entry.ctx.seed.items() if k != "shape"},
+    )
