@@ -2,13 +2,16 @@
 
 from xdit_compile.api import ParallelModule, init_distributed, parallelize
 from xdit_compile.plan import MeshAxis, Plan
+from xdit_compile.report import Report, build_report
 
-__all__ = ["MeshAxis", "ParallelModule", "Plan", "explain", "init_distributed", "parallelize"]
+__all__ = ["MeshAxis", "ParallelModule", "Plan", "Report", "explain", "init_distributed", "parallelize"]
 __version__ = "0.1.0"
 
 
-def explain(pm: ParallelModule, *, rank_view: bool = True) -> "Report":  # noqa: F821
-    """Structured report of what was rewritten for ``pm``'s last input signature."""
-    from xdit_compile.report import build_report
+def explain(pm: ParallelModule) -> Report:
+    """Structured report of what was rewritten for ``pm``'s last input signature.
 
+    ``print(explain(pm))`` shows it readably; the fields (``collectives``, ``breaks``, ...)
+    are data for tools and tests.
+    """
     return build_report(pm)

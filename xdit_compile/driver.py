@@ -142,7 +142,10 @@ def run_passes(
                 _verify(gm, ctx, name)
         except Exception as e:
             ran = ", ".join(done) or "none"
-            raise RuntimeError(f"xdit_compile pass '{name}' failed (passes run before it: {ran}): {e}") from e
+            msg = f"xdit_compile pass '{name}' failed (passes run before it: {ran}): {e}"
+            if isinstance(e, ValueError):  # a plan/input the model cannot take: keep the type
+                raise ValueError(msg) from e
+            raise RuntimeError(msg) from e
         dt = time.perf_counter() - t0
         ctx.stats.append(
             PassStat(name, res.modified, before_n, len(gm.graph.nodes), before_ops, op_histogram(gm), dt)

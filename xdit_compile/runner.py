@@ -99,7 +99,8 @@ def compare_zoo_model(
         serial_ms=serial_ms,
         parallel_ms=parallel_ms,
         bytes_per_forward=per_fwd,
-        comm=stats.as_dict(),
+        comm={k: {"calls": v["calls"] // iters, "bytes": v["bytes"] // iters}
+              for k, v in stats.as_dict().items()},
         breaks=[f"{b.op} at {b.source}: {b.reason}" for b in entry.ctx.breaks],
         seed={k: v for k, v in entry.ctx.seed.items() if k != "shape"},
     )

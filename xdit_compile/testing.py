@@ -33,6 +33,9 @@ def free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, path: list[str], inbox: Any, outbox: Any) -> None:
     sys.path[:] = path
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch pytree deprecation noise
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch

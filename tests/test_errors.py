@@ -1,0 +1,90 @@
+"""Bad plans and inputs fail fast with a clear message, and no worker is left hanging."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from xdit_compile import Plan
+from xdit_compile.runner import compare_zoo_model
+from xdit_compile.testing import WorkerError
+
+
+def test_unknown_degree_is_rejected():
+    with pytest.raises(TypeError, match="tensor"):
+        Plan(tensor=2)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("axis", ["cfg", "pipefusion", "dp"])
+def test_unbuilt_degree_is_rejected(axis):
+    with pytest.raises(ValueError, match="not built yet"):
+        Plan(**{axis: 2})
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_degree_must_be_positive_int(bad):
+    with pytest.raises(ValueError, match="integer >= 1"):
+        Plan(ulysses=bad)
+
+
+def test_world_size_mismatch_message():
+    with pytest.raises(ValueError, match="needs 4 processes .* world size is 2"):
+        Plan(ulysses=2, ring=2).check_world_size(2)
+
+
+def _fail_with_world_mismatch():
+    import xdit_compile as xc
+    from xdit_compile.models import build_model
+
+    xc.parallelize(build_model("dit-xl-2"), Plan(ulysses=4))
+
+
+@pytest.mark.dist
+def test_world_size_mismatch_in_workers(pools):
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match="needs 4 processes"):
+        pools(2).run(_fail_with_world_mismatch, timeout=120)
+    assert time.monotonic() - t0 < 120
+    # The pool restarts cleanly after a failure.
+    assert pools(2).run(int, 3) == [3, 3]
+
+
+@pytest.mark.dist
+def test_heads_not_divisible_by_ulysses(pools):
+    with pytest.raises(WorkerError, match="3 heads, not divisible by ulysses=2.*ring"):
+        pools(2).run(compare_zoo_model, "pixart-sigma", Plan(ulysses=2),
+                     config={"num_attention_heads": 3, "cross_attention_dim": 24}, timeout=120)
+
+
+@pytest.mark.dist
+def test_ring_handles_heads_ulysses_cannot(pools):
+    (r0, r1) = pools(2).run(compare_zoo_model, "pixart-sigma", Plan(ring=2),
+                            config={"num_attention_heads": 3, "cross_attention_dim": 24})
+    assert r0.rel_error < 1e-4 and r1.rel_error < 1e-4
+
+
+@pytest.mark.dist
+def test_too_few_rows(pools):
+    with pytest.raises(WorkerError, match="token rows .* needs at least 4"):
+        pools(4).run(compare_zoo_model, "dit-xl-2", Plan(ulysses=2, ring=2),
+                     inputs={"height": 6, "width": 6}, timeout=120)
+
+
+def _die_on_rank_1():
+    import os
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os._exit(3)
+    dist.barrier()  # rank 0 would wait here forever without the pool's timeout
+
+
+@pytest.mark.dist
+def test_dead_worker_does_not_hang(pools):
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError):
+        pools(2).run(_die_on_rank_1, timeout=20)
+    assert time.monotonic() - t0 < 60
+    assert pools(2).run(int, 1) == [1, 1]

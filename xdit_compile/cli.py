@@ -1,0 +1,171 @@
+"""Command line: ``xdit-compile explain`` and ``xdit-compile run``.
+
+``explain`` rewrites a zoo model for a plan in one process, with a fake process group of the
+plan's world size (no workers, no GPUs), and prints the report and rewritten graph.
+``run`` launches its own gloo/nccl workers on this node (or runs inside torchrun), runs the model
+serially and in parallel on the zoo's inputs, and prints latency, bytes per rank and the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="zoo model name (see --list)")
+    p.add_argument("--ulysses", type=int, default=1)
+    p.add_argument("--ring", type=int, default=1)
+    p.add_argument("--cfg", type=int, default=1)
+    p.add_argument("--pipefusion", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--compile", choices=["eager", "inductor"], default=None)
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--layers", type=int, default=None, help="override num_layers (full-size runs)")
+    p.add_argument("--uneven", action="store_true", help="use the zoo's uneven-rows input")
+
+
+def _plan(a: argparse.Namespace) -> Any:
+    from xdit_compile.plan import Plan
+
+    return Plan(ulysses=a.ulysses, ring=a.ring, cfg=a.cfg, pipefusion=a.pipefusion, dp=a.dp, compile=a.compile)
+
+
+def _config(a: argparse.Namespace) -> dict[str, Any]:
+    return {"num_layers": a.layers} if a.layers else {}
+
+
+def _cmd_explain(a: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import xdit_compile as xc
+    from xdit_compile.models import build_model, example_inputs
+
+    plan = _plan(a)
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=a.rank, world_size=plan.world_size)
+    model = build_model(a.model, a.size, uneven=a.uneven, **_config(a))
+    kwargs = example_inputs(a.model, model, size=a.size, uneven=a.uneven)
+    pm = xc.parallelize(model, plan)
+    pm.prepare(**kwargs)
+    report = xc.explain(pm)
+    print(str(report) if a.graph else report.summary())
+    if a.graph_after:
+        print(pm.graphs[a.graph_after])
+    return 0
+
+
+def _worker_run(a: dict[str, Any]) -> Any:
+    from xdit_compile.plan import Plan
+    from xdit_compile.runner import compare_zoo_model
+
+    return compare_zoo_model(
+        a["model"], Plan(**a["plan"]), size=a["size"], uneven=a["uneven"], iters=a["iters"],
+        warmup=a["warmup"], config=a["config"],
+    )
+
+
+def _print_run(results: list[Any], plan: Any, nproc: int) -> None:
+    r0 = results[0]
+    print(f"model {r0.model} (zoo inputs), {plan}, {nproc} processes")
+    print(f"  seed: dim {r0.seed.get('dim')} split {list(r0.seed.get('split', ()))}")
+    print(f"  serial latency   (1 process) : {r0.serial_ms:10.2f} ms")
+    par = max(r.parallel_ms for r in results)
+    print(f"  parallel latency ({nproc} procs) : {par:10.2f} ms   ratio {par / r0.serial_ms:.3f}")
+    for r in results:
+        comm = ", ".join(f"{k}: {v['calls']} calls {v['bytes']:,} B" for k, v in r.comm.items())
+        print(f"  rank {r.rank}: {r.bytes_per_forward:,} bytes sent per forward ({comm})")
+    err = max(r.rel_error for r in results)
+    print(f"  max relative difference vs serial: {err:.3e}")
+    print(f"  sharding breaks: {len(r0.breaks)}")
+    for b in r0.breaks:
+        print(f"    {b}")
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from xdit_compile.testing import WorkerError, WorkerPool
+
+    plan = _plan(a)
+    job = {"model": a.model, "plan": {k: v for k, v in plan.degrees().items()} | {"compile": plan.compile},
+           "size": a.size, "uneven": a.uneven, "iters": a.iters, "warmup": a.warmup, "config": _config(a)}
+    from xdit_compile.models import get_entry
+
+    get_entry(a.model)  # unknown names fail here, before any worker starts
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # inside torchrun
+        from xdit_compile.api import init_distributed
+
+        init_distributed()
+        plan.check_world_size(int(os.environ["WORLD_SIZE"]))
+        results = [_worker_run(job)]
+    else:
+        nproc = a.nproc or plan.world_size
+        plan.check_world_size(nproc)
+        os.environ.setdefault("XDIT_WORKER_THREADS", str(a.threads))
+        pool = WorkerPool(nproc)
+        try:
+            results = pool.run(_worker_run, job, timeout=a.timeout)
+        except WorkerError as e:
+            first = [ln for ln in str(e).splitlines() if ln.startswith(("rank", "_worker_run"))]
+            print("xdit-compile: workers stopped: " + " | ".join(first[:2]), file=sys.stderr)
+            return 1
+        finally:
+            pool.close()
+    _print_run(results, plan, len(results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([r.as_dict() for r in results], f, indent=2)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xdit-compile", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("explain", help="print what a plan rewrites (no workers needed)")
+    _plan_args(e)
+    e.add_argument("--rank", type=int, default=0, help="which rank's view to print")
+    e.add_argument("--no-graph", dest="graph", action="store_false", help="summary only")
+    e.add_argument("--graph-after", default=None, help="also print the graph after this pass")
+    r = sub.add_parser("run", help="serial vs parallel: latency, bytes, difference")
+    _plan_args(r)
+    r.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    r.add_argument("--iters", type=int, default=3)
+    r.add_argument("--warmup", type=int, default=1)
+    r.add_argument("--timeout", type=float, default=1800.0, help="seconds before workers are stopped")
+    r.add_argument("--json", default=None, help="write per-rank results to this file")
+    sub.add_parser("models", help="list zoo models")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch pytree deprecation noise
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        if args.cmd == "models":
+            from xdit_compile.models import get_entry, list_models
+
+            for n in list_models():
+                print(f"{n:<14} {get_entry(n).description}")
+            return 0
+        return {"explain": _cmd_explain, "run": _cmd_run}[args.cmd](args)
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"xdit-compile: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"xdit-compile: failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""``explain``: what xdit_compile did to a model, as data and as readable text.
+
+The report covers the plan and mesh, the seed, the passes (node and op counts before/after),
+every collective (axis, op, calls and bytes per rank per forward), sharding breaks with their
+source lines, parameter bytes and estimated FLOPs per rank, and the rewritten graph with a
+placement per node.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from xdit_compile.driver import CollectiveSite, PassStat, ShardingBreak
+from xdit_compile.passes.sharding.placement import Shard
+
+__all__ = ["Report", "build_report", "estimate_flops"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Report:
+    model: str
+    plan: str
+    mesh: dict[str, int]
+    rank: int
+    seed: dict[str, Any]
+    passes: list[PassStat]
+    collectives: list[CollectiveSite]
+    breaks: list[ShardingBreak]
+    param_bytes: int
+    flops: int
+    serial_flops: int
+    graph: str = field(repr=False)
+    graphs: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def bytes_per_forward(self) -> int:
+        return sum(c.bytes_per_forward for c in self.collectives)
+
+    def comm_totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(op, axis) -> (calls, bytes) per forward for this rank."""
+        tot: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+        for c in self.collectives:
+            tot[(c.op, c.axis)][0] += c.calls
+            tot[(c.op, c.axis)][1] += c.bytes_per_forward
+        return {k: (v[0], v[1]) for k, v in sorted(tot.items())}
+
+    def summary(self) -> str:
+        out = [f"xdit_compile explain: {self.model}", f"  plan: {self.plan}"]
+        mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
+        out.append(f"  mesh: {mesh} (this report: rank {self.rank})")
+        if self.seed:
+            out.append(
+                f"  seed: input '{self.seed['input']}' {list(self.seed['shape'])} split on dim "
+                f"{self.seed['dim']} in multiples of {self.seed['patch']}: {list(self.seed['split'])}"
+            )
+        out.append("  passes:")
+        for p in self.passes:
+            delta = _op_delta(p.ops_before, p.ops_after)
+            out.append(
+                f"    {p.name:<20} {'changed' if p.modified else 'no-op  '} nodes {p.nodes_before} -> "
+                f"{p.nodes_after}  {delta}".rstrip()
+            )
+        out.append(f"  collectives per forward (rank {self.rank}): {self.bytes_per_forward:,} bytes sent")
+        for (op, axis), (calls, nbytes) in self.comm_totals().items():
+            out.append(f"    {op:<12} over {axis:<8} {calls:>4} calls  {nbytes:>14,} bytes")
+        for c in self.collectives:
+            out.append(
+                f"      {c.node:<36} {c.op:<11} {c.axis:<8} x{c.calls:<3} {c.bytes_per_forward:>12,} B  ({c.what})"
+            )
+        out.append(f"  sharding breaks: {len(self.breaks)}")
+        for b in self.breaks:
+            out.append(f"    {b.node} ({b.op}): {b.reason}\n      at {b.source}")
+        out.append(f"  parameters per rank: {self.param_bytes:,} bytes (replicated)")
+        ratio = self.flops / self.serial_flops if self.serial_flops else 1.0
+        out.append(f"  estimated FLOPs per rank: {self.flops:,} ({ratio:.2f} of serial)")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.summary() + "\n  rewritten graph (placement per node, <pass that created it>):\n" + self.graph
+
+
+def _op_delta(before: dict[str, int], after: dict[str, int]) -> str:
+    keys = sorted(set(before) | set(after))
+    parts = []
+    for k in keys:
+        d = after.get(k, 0) - before.get(k, 0)
+        if d:
+            parts.append(f"{k.split('.')[-1] if k.startswith('aten.') else k}{d:+d}")
+    return ", ".join(parts[:8]) + (" ..." if len(parts) > 8 else "")
+
+
+def _local_fraction(node: fx.Node, rank: int) -> float:
+    p = node.meta.get("xdit_placement")
+    if isinstance(p, Shard):
+        return p.local_size(rank) / p.total
+    return 1.0
+
+
+def _node_flops(node: fx.Node) -> int:
+    """Global FLOPs of one node (multiply-add = 2) for the ops that dominate DiTs."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return 0
+    packet = getattr(node.target, "overloadpacket", None)
+    name = str(node.target)
+    if packet is aten.linear:
+        return 2 * val.numel() * int(node.args[1].meta["val"].shape[-1])  # type: ignore[union-attr]
+    if packet in (aten.matmul, aten.bmm, aten.mm):
+        return 2 * val.numel() * int(node.args[0].meta["val"].shape[-1])  # type: ignore[union-attr]
+    if packet in (aten.conv2d, aten.conv3d, aten.conv1d):
+        w = node.args[1].meta["val"]  # type: ignore[union-attr]
+        return 2 * val.numel() * int(w[0].numel())
+    if packet is aten.scaled_dot_product_attention or "usp_attention" in name:
+        q, k = node.args[0].meta["val"], node.args[1].meta["val"]  # type: ignore[union-attr]
+        return 4 * int(q.numel()) * int(k.shape[-2])
+    return 0
+
+
+def estimate_flops(gm: fx.GraphModule, rank: int) -> tuple[int, int]:
+    """(FLOPs on ``rank``, serial FLOPs) estimated from global shapes and placements."""
+    local = serial = 0
+    for node in gm.graph.nodes:
+        f = _node_flops(node)
+        serial += f
+        local += int(f * _local_fraction(node, rank))
+    return local, serial
+
+
+def build_report(pm: Any) -> Report:
+    """Report for ``pm`` (a ParallelModule) on its last compiled input signature."""
+    entry = pm.last
+    if entry is None:
+        raise RuntimeError("nothing compiled yet: call the module (or pm.prepare(**inputs)) first")
+    ctx = entry.ctx
+    flops, serial = estimate_flops(entry.gm, ctx.mesh.sp_rank)
+    params = sum(p.numel() * p.element_size() for p in pm.model.parameters())
+    return Report(
+        model=type(pm.model).__name__,
+        plan=str(pm.plan),
+        mesh=pm.plan.degrees(),
+        rank=ctx.mesh.rank,
+        seed=dict(ctx.seed),
+        passes=list(ctx.stats),
+        collectives=list(ctx.collectives),
+        breaks=list(ctx.breaks),
+        param_bytes=params,
+        flops=flops,
+        serial_flops=serial,
+        graph=ctx.graphs.get(list(ctx.graphs)[-1], ""),
+        graphs=dict(ctx.graphs),
+    )
