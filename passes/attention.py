@@ -45,7 +45,8 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         split = list(node.meta["xdit_split"])
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
-                torch.ops.xdit.usp_attention.default, (q, k, v, mask, scale, ctx.mesh.key, split)
+                torch.ops.xdit.usp_attention.default,
+                (q, k, v, mask, scale, ctx.mesh.key, split),  # type: ignore[arg-type]
             )
         new.meta.update(node.meta)
         new.meta["xdit_pass"] = "rewrite_attention"

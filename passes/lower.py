@@ -25,7 +25,6 @@ from xdit_compile.runtime.reshard import (
     gather_bytes,
     gather_shard,
     halo_bytes,
-    halo_pad,
     slice_shard,
 )
 
@@ -84,7 +83,7 @@ def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
     while len(args) <= pos:
         args.append([1] * nsp if len(args) == 3 else [0] * nsp)
     padding = args[pos]
-    padding = [padding] * nsp if isinstance(padding, int) else list(padding)
+    padding = [padding] * nsp if isinstance(padding, int) else list(padding)  # type: ignore[arg-type]
     padding = padding * nsp if len(padding) == 1 else padding
     padding[dim - 2] = 0
     args[pos] = padding

@@ -91,9 +91,9 @@ def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_rng, h_rng,
         blk_out, blk_lse = attention_with_lse(q, cur_k, cur_v, m, scale)
         out, lse = merge_partial(out, lse, blk_out, blk_lse)
         if pending is not None:
-            for w in pending[0]:  # type: ignore[union-attr]
+            for w in pending[0]:
                 w.wait()
-            cur_k, cur_v = pending[1]  # type: ignore[misc]
+            cur_k, cur_v = pending[1]
     assert out is not None
     return out.to(q.dtype)
 

@@ -121,10 +121,10 @@ def send_recv(
     src: int,
     group: dist.ProcessGroup,
     axis: str,
-) -> list[dist.Work | list[torch.Tensor]]:
+) -> tuple[list[dist.Work], list[torch.Tensor]]:
     """Start sending ``sends`` to ``dst`` and receiving tensors of ``recv_shapes`` from ``src``.
 
-    ``dst``/``src`` are ranks inside ``group``. Returns ``[works, received]``; wait on every work
+    ``dst``/``src`` are ranks inside ``group``. Returns ``(works, received)``; wait on every work
     before reading ``received``.
     """
     recvs = [torch.empty(s, dtype=t.dtype, device=t.device) for s, t in zip(recv_shapes, sends, strict=True)]
@@ -132,4 +132,4 @@ def send_recv(
     ops += [dist.P2POp(dist.irecv, r, group=group, group_peer=src) for r in recvs]
     count("send_recv", axis, sum(_nbytes(t) for t in sends))
     works = dist.batch_isend_irecv(ops)
-    return [works, recvs]
+    return works, recvs

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from xdit_compile.runtime.collectives import count, send_recv
+from xdit_compile.runtime.collectives import send_recv
 from xdit_compile.runtime.mesh import get_mesh
 
 __all__ = ["all_reduce_sum", "all_reduce_bytes", "gather_shard", "slice_shard", "halo_pad", "gather_bytes"]
@@ -84,15 +84,15 @@ def halo_pad(x: torch.Tensor, dim: int, pad: int, mesh_key: str) -> torch.Tensor
     from_prev, from_next = zeros, zeros
     # Two shifts: bottom rows go down the ring, top rows go up; edges send nothing useful.
     works, recv = send_recv([bottom], [bottom.shape], (me + 1) % n, (me - 1) % n, group, "sp")
-    for w in works:  # type: ignore[union-attr]
+    for w in works:
         w.wait()
     if me > 0:
-        from_prev = recv[0]  # type: ignore[index]
+        from_prev = recv[0]
     works, recv = send_recv([top], [top.shape], (me - 1) % n, (me + 1) % n, group, "sp")
-    for w in works:  # type: ignore[union-attr]
+    for w in works:
         w.wait()
     if me < n - 1:
-        from_next = recv[0]  # type: ignore[index]
+        from_next = recv[0]
     return torch.cat([from_prev, x, from_next], dim=dim)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from xdit_compile.models import (
     build_model,
     example_inputs,

@@ -164,7 +164,7 @@ def _check_same_parameters(model: torch.nn.Module) -> None:
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     gathered = [torch.empty_like(local, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local.to(device))
-    bad = set()
+    bad: set[str] = set()
     for other in gathered[1:]:
         diff = ~torch.isclose(other.cpu(), gathered[0].cpu(), rtol=1e-12, atol=0).all(dim=1)
         bad.update(names[i] for i in diff.nonzero().flatten().tolist())

@@ -47,7 +47,7 @@ def rel_error(out: Any, ref: Any) -> float:
     for o, r in zip(outs, refs, strict=True):
         if isinstance(r, torch.Tensor):
             scale = r.detach().abs().max().clamp_min(1e-30)
-            err = max(err, float(((o.detach().float() - r.detach().float()).abs().max() / scale)))
+            err = max(err, float((o.detach().float() - r.detach().float()).abs().max() / scale))
     return err
 
 

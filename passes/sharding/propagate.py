@@ -29,7 +29,14 @@ import torch.fx as fx
 
 from xdit_compile.driver import PassContext, PassResult, ShardingBreak
 from xdit_compile.passes.sharding import rules_nn, rules_shape  # noqa: F401  (registers rules)
-from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, lookup_rule, redistribute, tensor_args
+from xdit_compile.passes.sharding.engine import (
+    Break,
+    Decision,
+    RuleCtx,
+    lookup_rule,
+    redistribute,
+    tensor_args,
+)
 from xdit_compile.passes.sharding.placement import Partial, Placement, Replicate, Shard
 
 __all__ = ["propagate_sharding_pass", "source_line"]
@@ -46,7 +53,13 @@ def source_line(node: fx.Node) -> str:
         return "<unknown>"
     path, line, fn, code = frames[-1]
     short = path.split("site-packages/")[-1]
-    return f"{short}:{line} in {fn}: {code.strip()}"
+    where = f"{short}:{line} in {fn}: {code.strip()}"
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        fqn, cls = list(stack.values())[-1]
+        name = getattr(cls, "__name__", str(cls).split(".")[-1].rstrip("'>"))
+        where = f"{fqn} ({name}), {where}"
+    return where
 
 
 class _Propagator:

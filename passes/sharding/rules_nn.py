@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, norm_dim, ops, register_rule
+from xdit_compile.passes.sharding.engine import (
+    Break,
+    Decision,
+    RuleCtx,
+    norm_dim,
+    ops,
+    register_rule,
+)
 from xdit_compile.passes.sharding.placement import Partial, Placement, Replicate, Shard
 from xdit_compile.passes.sharding.rules_shape import align_inputs
 
@@ -121,7 +128,7 @@ def _conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
     padding = get(4, "padding", 0)
     if isinstance(padding, str):
         raise Break("string padding")
-    return lst(get(3, "stride", 1), 1), lst(padding, 0), lst(get(5, "dilation", 1), 1), int(get(6, "groups", 1))
+    return lst(get(3, "stride", 1), 1), lst(padding, 0), lst(get(5, "dilation", 1), 1), int(get(6, "groups", 1))  # type: ignore[arg-type]
 
 
 @register_rule(*ops("conv1d", "conv2d", "conv3d", "convolution"))

@@ -230,7 +230,7 @@ def _permute(node: fx.Node, rc: RuleCtx) -> Decision:
     sh = rc.spec(x)
     assert isinstance(sh, Shard) and isinstance(dims, list | tuple)
     nd = len(dims)
-    return Decision(out=sh.with_dim([norm_dim(int(d), nd) for d in dims].index(sh.dim)))
+    return Decision(out=sh.with_dim([norm_dim(int(d), nd) for d in dims].index(sh.dim)))  # type: ignore[arg-type]
 
 
 @register_rule(*ops("transpose", "t", "swapaxes", "movedim"))
@@ -300,7 +300,7 @@ def _only_input(node: fx.Node, rc: RuleCtx) -> tuple[fx.Node, Shard, int]:
 def _slice(node: fx.Node, rc: RuleCtx) -> Decision:
     x, sh, nd = _only_input(node, rc)
     args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
-    dim, start, end, step = norm_dim(int(args[1]), nd), args[2], args[3], args[4]
+    dim, start, end, step = norm_dim(int(args[1]), nd), args[2], args[3], args[4]  # type: ignore[arg-type]
     if dim != sh.dim:
         return Decision(out=sh)
     size = rc.shape(x)[dim]

@@ -1,0 +1,73 @@
+"""parallelize(): lazy capture cached per input signature, model outputs kept, parameter check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xdit_compile as xc
+from xdit_compile.models import build_model, example_inputs
+
+
+def _signatures_and_outputs():
+    import torch.distributed as dist
+
+    model = build_model("pixart-sigma")
+    pm = xc.parallelize(model, xc.Plan(ulysses=2))
+    a = example_inputs("pixart-sigma", model)
+    b = example_inputs("pixart-sigma", model, seed=1)  # same signature, other values
+    c = example_inputs("pixart-sigma", model, height=24, width=24)  # new resolution
+    outs = [pm(**x)[0] for x in (a, b, c)]
+    refs = [model(**x)[0] for x in (a, b, c)]
+    d = dict(a, return_dict=True)  # the model's output dataclass comes back as such
+    obj, ref_obj = pm(**d), model(**d)
+    err = max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, refs, strict=True))
+    return {
+        "compiled": len(pm.compiled),
+        "err": err,
+        "types": (type(obj).__name__, type(ref_obj).__name__),
+        "dc_err": float((obj.sample - ref_obj.sample).abs().max()),
+        "rank": dist.get_rank(),
+        "graphs": sorted(pm.graphs),
+    }
+
+
+@pytest.mark.dist
+def test_lazy_capture_is_cached_per_signature(pools):
+    for r in pools(2).run(_signatures_and_outputs):
+        assert r["compiled"] == 3  # a and b share one graph; c and the return_dict call add two
+        assert r["err"] < 1e-4
+        assert r["types"] == ("Transformer2DModelOutput", "Transformer2DModelOutput")
+        assert r["dc_err"] < 1e-4
+        assert r["graphs"] == sorted(
+            ["capture", "canonicalize", "annotate", "seed", "propagate_sharding",
+             "rewrite_attention", "lower_collectives"]
+        )
+
+
+def _different_weights():
+    import torch.distributed as dist
+
+    model = build_model("dit-xl-2", seed=dist.get_rank())  # rank-dependent: must be refused
+    xc.parallelize(model, xc.Plan(ring=2))
+
+
+@pytest.mark.dist
+def test_parameters_must_match_across_ranks(pools):
+    from xdit_compile.testing import WorkerError
+
+    with pytest.raises(WorkerError, match="parameters differ between ranks .*pos_embed|weight"):
+        pools(2).run(_different_weights, timeout=120)
+
+
+def test_parallelize_needs_a_process_group():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # fixtures that make a fake group destroy it after use
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        xc.parallelize(torch.nn.Linear(2, 2), xc.Plan())
+
+
+def test_parallelize_rejects_non_plan():
+    with pytest.raises(TypeError, match="Plan"):
+        xc.parallelize(torch.nn.Linear(2, 2), {"ulysses": 2})  # type: ignore[arg-type]
