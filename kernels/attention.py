@@ -64,7 +64,33 @@ def _cpu_flash(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
     return out, lse.float()
 
 
+def _cuda_flash(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    return out, lse.float()
+
+
+def _cuda_efficient(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
+    bias = _additive(mask, q.dtype)
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]].float()  # lse may be padded to a multiple of 32 rows
+
+
 register_backend(AttentionBackend("math", _math, lambda q, m: True, priority=0))
+register_backend(
+    AttentionBackend(
+        "cuda_flash",
+        _cuda_flash,
+        lambda q, m: q.device.type == "cuda" and m is None and q.dtype in (torch.float16, torch.bfloat16),
+        priority=30,
+    )
+)
+register_backend(
+    AttentionBackend(
+        "cuda_efficient", _cuda_efficient, lambda q, m: q.device.type == "cuda", priority=20
+    )
+)
 register_backend(
     AttentionBackend(
         "cpu_flash",

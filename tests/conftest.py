@@ -23,3 +23,15 @@ def pools():
     yield get
     for p in made.values():
         p.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: they are skipped (and reported) on CPU-only machines."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (GPU-only path)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
