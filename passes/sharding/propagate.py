@@ -24,7 +24,6 @@ import logging
 import re
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from xdit_compile.driver import PassContext, PassResult, ShardingBreak
@@ -184,5 +183,3 @@ def propagate_sharding_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         prop.visit(node)
     return PassResult(gm, True)
 
-
-_ = torch

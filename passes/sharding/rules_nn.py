@@ -19,7 +19,6 @@ from xdit_compile.passes.sharding.engine import (
     Break,
     Decision,
     RuleCtx,
-    norm_dim,
     ops,
     register_rule,
 )
@@ -30,10 +29,6 @@ aten = torch.ops.aten
 R = Replicate()
 
 __all__: list[str] = []
-
-
-def _shard_of(rc: RuleCtx, a: object) -> Placement:
-    return rc.spec(a)
 
 
 @register_rule(*ops("linear"))
@@ -193,5 +188,3 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
             wants[a] = pq.with_dim(len(rc.shape(a)) - 2)
     return Decision(out=pq, inputs=wants, meta={"xdit_attention": "usp", "xdit_split": pq.split})
 
-
-_ = norm_dim

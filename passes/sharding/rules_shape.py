@@ -251,41 +251,36 @@ def _transpose(node: fx.Node, rc: RuleCtx) -> Decision:
     return Decision(out=sh.with_dim(dim))
 
 
-def _cat_like(node: fx.Node, rc: RuleCtx, stack: bool) -> Decision:
-    tensors = node.args[0]
-    assert isinstance(tensors, list | tuple)
-    out_shape = rc.shape(node)
+def _cat_dim(node: fx.Node, ndim: int) -> int:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    dim = norm_dim(int(dim), len(out_shape))  # type: ignore[arg-type]
-    d = align_inputs(node, rc, out_shape) if not stack else None
-    if stack:
-        in_nd = len(out_shape) - 1
-        shards = {rc.spec(t) for t in tensors if isinstance(rc.spec(t), Shard)}
-        if len(shards) != 1:
-            raise Break("stacked inputs sharded differently")
-        sh = next(iter(shards))
-        assert isinstance(sh, Shard)
-        out = sh.with_dim(sh.dim if sh.dim < dim else sh.dim + 1)
-        wants: dict[fx.Node, Placement] = {
-            t: sh for t in tensors if isinstance(t, fx.Node) and isinstance(rc.spec(t), Replicate)
-        }
-        _ = in_nd
-        return Decision(out=out, inputs=wants)
-    assert d is not None and isinstance(d.out, Shard)
-    if d.out.dim == dim:
-        raise Break("concatenation along the sharded dim")
-    # Replicated inputs of the cat are full-size along the shard dim: align_inputs slices them.
-    return d
+    return norm_dim(int(dim), ndim)  # type: ignore[arg-type]
 
 
 @register_rule(*ops("cat", "concat", "concatenate"))
 def _cat(node: fx.Node, rc: RuleCtx) -> Decision:
-    return _cat_like(node, rc, stack=False)
+    """Concatenation along another dim keeps the shard; replicated inputs get sliced."""
+    out_shape = rc.shape(node)
+    d = align_inputs(node, rc, out_shape)
+    assert isinstance(d.out, Shard)
+    if d.out.dim == _cat_dim(node, len(out_shape)):
+        raise Break("concatenation along the sharded dim")
+    return d
 
 
 @register_rule(*ops("stack"))
 def _stack(node: fx.Node, rc: RuleCtx) -> Decision:
-    return _cat_like(node, rc, stack=True)
+    tensors = node.args[0]
+    assert isinstance(tensors, list | tuple)
+    dim = _cat_dim(node, len(rc.shape(node)))
+    shards = {rc.spec(t) for t in tensors if isinstance(rc.spec(t), Shard)}
+    if len(shards) != 1:
+        raise Break("stacked inputs sharded differently")
+    sh = next(iter(shards))
+    assert isinstance(sh, Shard)
+    wants: dict[fx.Node, Placement] = {
+        t: sh for t in tensors if isinstance(t, fx.Node) and isinstance(rc.spec(t), Replicate)
+    }
+    return Decision(out=sh.with_dim(sh.dim if sh.dim < dim else sh.dim + 1), inputs=wants)
 
 
 def _only_input(node: fx.Node, rc: RuleCtx) -> tuple[fx.Node, Shard, int]:
