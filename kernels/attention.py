@@ -23,7 +23,8 @@ LseFn = Callable[
 class AttentionBackend:
     name: str
     fn: LseFn
-    supports: Callable[[torch.Tensor, torch.Tensor | None], bool]
+    supports: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], bool]
+    """(q, k, v, mask) -> whether this backend can run them."""
     priority: int
 
 
@@ -55,13 +56,21 @@ def _math(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
     return out.to(q.dtype), lse
 
 
+def _fix_empty_rows(out, lse, bias):  # type: ignore[no-untyped-def]
+    """Fused kernels report lse = 0 for query rows whose keys are all masked; the merge needs
+    -inf there (the block contributes nothing)."""
+    if bias is None:
+        return out, lse
+    empty = torch.isneginf(bias).all(dim=-1).expand(lse.shape)
+    return out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
+
+
 def _cpu_flash(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
-    if mask is not None and mask.dtype == torch.bool:
-        mask = _additive(mask, q.dtype)
+    bias = _additive(mask, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale
     )
-    return out, lse.float()
+    return _fix_empty_rows(out, lse.float(), bias)
 
 
 def _cuda_flash(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
@@ -74,28 +83,38 @@ def _cuda_efficient(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
     if bias is not None:
         bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
-    return out, lse[..., : q.shape[2]].float()  # lse may be padded to a multiple of 32 rows
+    # lse may be padded to a multiple of 32 rows
+    return _fix_empty_rows(out, lse[..., : q.shape[2]].float(), bias)
 
 
-register_backend(AttentionBackend("math", _math, lambda q, m: True, priority=0))
+def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return q.shape[-1] == k.shape[-1] == v.shape[-1]
+
+
+register_backend(AttentionBackend("math", _math, lambda q, k, v, m: True, priority=0))
 register_backend(
     AttentionBackend(
         "cuda_flash",
         _cuda_flash,
-        lambda q, m: q.device.type == "cuda" and m is None and q.dtype in (torch.float16, torch.bfloat16),
+        lambda q, k, v, m: q.device.type == "cuda" and m is None and _same_head_dim(q, k, v)
+        and q.dtype in (torch.float16, torch.bfloat16),
         priority=30,
     )
 )
 register_backend(
     AttentionBackend(
-        "cuda_efficient", _cuda_efficient, lambda q, m: q.device.type == "cuda", priority=20
+        "cuda_efficient",
+        _cuda_efficient,
+        lambda q, k, v, m: q.device.type == "cuda" and _same_head_dim(q, k, v),
+        priority=20,
     )
 )
 register_backend(
     AttentionBackend(
         "cpu_flash",
         _cpu_flash,
-        lambda q, m: q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16),
+        lambda q, k, v, m: q.device.type == "cpu" and _same_head_dim(q, k, v)
+        and q.dtype in (torch.float32, torch.bfloat16),
         priority=10,
     )
 )
@@ -113,7 +132,7 @@ def attention_with_lse(
     if backend is not None:
         return _BACKENDS[backend].fn(q, k, v, mask, scale)
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        if b.supports(q, mask):
+        if b.supports(q, k, v, mask):
             return b.fn(q, k, v, mask, scale)
     raise RuntimeError("no attention backend supports these inputs")  # pragma: no cover
 

@@ -1,8 +1,9 @@
 """annotate_graph_pass: record each node's global shape and owning block.
 
 ``meta["xdit_shape"]`` is the global (unsharded) shape, kept for reports after later passes
-make the graph rank-local. ``meta["xdit_block"]`` is the innermost numbered module that
-produced the node (``transformer_blocks.7``), the unit pipeline stages cut on. Metadata only:
+make the graph rank-local. ``meta["xdit_block"]`` is the outermost numbered module that
+produced the node (``transformer_blocks.7`` for ``transformer_blocks.7.attn1.to_q``), the unit
+pipeline stages cut on. Metadata only:
 the graph's meaning is unchanged.
 """
 
@@ -17,11 +18,9 @@ from xdit_compile.driver import PassContext, PassResult
 
 __all__ = ["annotate_graph_pass", "block_of"]
 
-_NUMBERED = re.compile(r"^(.*\.\d+)(\.|$)")
-
 
 def block_of(node: fx.Node) -> str | None:
-    """Fully qualified name of the innermost ``<list>.<index>`` module of ``node``, if any."""
+    """Fully qualified name of the outermost ``<list>.<index>`` module of ``node``, if any."""
     stack = node.meta.get("nn_module_stack") or {}
     best = None
     for fqn, _ in stack.values():

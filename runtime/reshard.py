@@ -41,7 +41,8 @@ def gather_shard(
     if len(set(split)) > 1:
         g = torch.cat([p[:s] for p, s in zip(g.split(m), split, strict=True)])
     g = g.movedim(0, dim + 1)
-    return g.reshape(*x.shape[:dim], outer * sum(split) * inner, *x.shape[dim + 1:])
+    # Contiguous like the tensor the original graph computed, so its view ops stay valid.
+    return g.reshape(*x.shape[:dim], outer * sum(split) * inner, *x.shape[dim + 1:]).contiguous()
 
 
 def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:

@@ -2,14 +2,16 @@
 
 No process group: graphs are compiled for rank 0 and rank 1 of a 2-rank mesh given as data
 (``MeshInfo``) and, where numerics are checked, each rank's rewritten graph is executed in this
-process with the collectives answered from the original graph's global values (every other node
-runs on local tensors and is compared with this rank's slice of its global value).
+process: ``gather_shard`` runs for real with its all-gather fed from the other rank's piece of the
+global value, Ulysses attention is answered from the original graph's global values, and every
+other node runs on local tensors and is compared with this rank's slice of its global value.
 """
 
 from __future__ import annotations
 
 import copy
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -38,6 +40,7 @@ from xdit_compile.passes.sharding.placement import Partial, Replicate, Shard
 from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
 from xdit_compile.passes.verify import verify_local_shapes
 from xdit_compile.plan import Plan
+from xdit_compile.runtime import reshard
 from xdit_compile.runtime.mesh import MeshInfo
 from xdit_compile.runtime.reshard import all_reduce_sum, gather_bytes, gather_shard, slice_shard
 
@@ -85,6 +88,34 @@ def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
     return t
 
 
+def simulated_gather(
+    x: torch.Tensor,
+    glob: torch.Tensor,
+    dim: int,
+    outer: int,
+    inner: int,
+    split: list[int],
+    group: str,
+) -> torch.Tensor:
+    """The real ``gather_shard`` of local ``x``, its all-gather simulated: every rank's send
+    buffer comes from running ``gather_shard`` on that rank's piece of the global value."""
+    sh = Shard(dim, tuple(split), outer, inner)
+    sent: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor, n: int, group: str) -> torch.Tensor:
+        sent.append(t)
+        return torch.cat([t] * n)
+
+    ns = torch.ops._c10d_functional
+    with mock.patch.object(reshard.fc, "wait_tensor", lambda t: t):
+        with mock.patch.object(ns, "all_gather_into_tensor", record):
+            for r in range(len(split)):
+                gather_shard(piece(glob, sh, r), dim, outer, inner, split, group)
+        buffers = torch.cat(sent)
+        with mock.patch.object(ns, "all_gather_into_tensor", lambda t, n, group: buffers):
+            return gather_shard(x, dim, outer, inner, split, group)
+
+
 def reference(gm: fx.GraphModule, kwargs: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Every node's value in the captured (global) graph, by node name."""
     values: dict[str, Any] = {}
@@ -103,7 +134,7 @@ def _placeholder_values(gm: fx.GraphModule, kwargs: dict[str, torch.Tensor]) -> 
 
 
 class RankRun(fx.Interpreter):
-    """One rank's rewritten graph on local tensors; collectives answered from the reference."""
+    """One rank's rewritten graph on local tensors, every node checked against its placement."""
 
     def __init__(self, gm: fx.GraphModule, ref: dict[str, Any], rank: int) -> None:
         super().__init__(gm)
@@ -120,7 +151,9 @@ class RankRun(fx.Interpreter):
         else:
             g = self.ref.get(n.name)
         self.glob[n.name] = g
-        if t in (gather_shard, all_reduce_sum):
+        if t is gather_shard:
+            return simulated_gather(self.env[n.args[0]], g, *n.args[1:])
+        if t is all_reduce_sum:
             return g
         out = piece(g, p, self.rank) if t is USP else super().run_node(n)
         if (

@@ -59,7 +59,8 @@ def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
             raise Break("matmul contracts the sharded dim")
         if pa.dim < na - 2 and nb > 2:
             raise Break("batch dim sharded on one operand only")
-        return Decision(out=pa.with_dim(pa.dim + out_nd - na))
+        # [..., n, k] @ [k] drops the last dim; otherwise batch dims broadcast from the left.
+        return Decision(out=pa.with_dim(pa.dim if nb == 1 else pa.dim + out_nd - na))
     if isinstance(pb, Shard) and isinstance(pa, Replicate):
         if pb.dim == nb - 1 and nb >= 2:
             return Decision(out=pb.with_dim(out_nd - 1))
@@ -67,6 +68,8 @@ def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
     if isinstance(pa, Shard) and isinstance(pb, Shard):
         if pa.dim < na - 2 and na == nb and pa == pb:
             return Decision(out=pa)
+        if off:
+            raise Break("contracting the sharded dim under a bias (addmm/baddbmm)")
         if pa.dim == na - 1 and nb >= 2 and pb.dim == nb - 2 and pa.with_dim(0) == pb.with_dim(0):
             return Decision(out=Partial())  # contracts the sharded dim: partial sums
         raise Break("both matmul operands sharded on different dims")
@@ -144,7 +147,8 @@ def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
     k = int(w.meta["val"].shape[sh.dim])
     if k == stride[i] and padding[i] == 0 and sh.divisible(stride[i]):
         return Decision(out=sh.scaled(stride[i]))
-    if stride[i] == 1 and dilation[i] == 1 and k % 2 == 1 and padding[i] == k // 2:
+    same = stride[i] == 1 and dilation[i] == 1 and k % 2 == 1 and padding[i] == k // 2
+    if same and node.target.overloadpacket is not aten.convolution:  # type: ignore[union-attr]
         if min(sh.split) < padding[i]:
             raise Break("shard thinner than the conv halo")
         return Decision(out=sh, meta={"xdit_halo": (sh.dim, padding[i])})
@@ -158,13 +162,14 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     pq, pk, pv = rc.spec(q), rc.spec(k), rc.spec(v)
     nd = len(rc.shape(q))  # type: ignore[arg-type]
     is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    if isinstance(pq, Shard) and pq.dim < nd - 2:
+        # A batch-like dim: every (batch, head) row attends within the rank. Q/K/V (and a
+        # mask with that dim) must agree, elementwise-style.
+        d = align_inputs(node, rc, rc.shape(node))
+        return Decision(out=d.out, inputs=d.inputs, meta={"xdit_attention": "local"})
     wants: dict[fx.Node, Placement] = {}
     if isinstance(mask, fx.Node) and not isinstance(rc.spec(mask), Replicate):
         wants[mask] = R
-    if isinstance(pq, Shard) and pq.dim < nd - 2:
-        # A batch-like dim: every (batch, head) row attends within the rank. Q/K/V must agree.
-        d = align_inputs(node, rc, rc.shape(node))
-        return Decision(out=d.out, inputs={**d.inputs, **wants}, meta={"xdit_attention": "local"})
     if not isinstance(pq, Shard) or pq.dim != nd - 2 or pq.outer != 1 or pq.inner != 1:
         raise Break("attention with a sharded head or feature dim")
     if isinstance(pk, Replicate) and isinstance(pv, Replicate):

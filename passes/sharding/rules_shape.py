@@ -28,7 +28,7 @@ from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
 aten = torch.ops.aten
 R = Replicate()
 
-__all__ = ["reshape_shard", "align_inputs"]
+__all__ = ["align_inputs", "reshape_shard", "schema_arg"]
 
 _POINTWISE = ops(
     "add",
@@ -260,11 +260,10 @@ def _cat_dim(node: fx.Node, ndim: int) -> int:
 def _cat(node: fx.Node, rc: RuleCtx) -> Decision:
     """Concatenation along another dim keeps the shard; replicated inputs get sliced."""
     out_shape = rc.shape(node)
-    d = align_inputs(node, rc, out_shape)
-    assert isinstance(d.out, Shard)
-    if d.out.dim == _cat_dim(node, len(out_shape)):
+    dim = _cat_dim(node, len(out_shape))
+    if any(isinstance(p := rc.spec(t), Shard) and p.dim == dim for t in tensor_args(node)):
         raise Break("concatenation along the sharded dim")
-    return d
+    return align_inputs(node, rc, out_shape)
 
 
 @register_rule(*ops("stack"))
@@ -352,16 +351,25 @@ def _reduced(node: fx.Node, rc: RuleCtx, dims: Any, keepdim: bool) -> Decision:
     return Decision(out=(out, out) if isinstance(val, tuple | list) else out)
 
 
-@register_rule(*ops("sum", "mean", "amax", "amin", "var", "std", "max", "min", "argmax", "argmin", "prod", "logsumexp", "norm", "var_mean", "std_mean", "all", "any", "linalg_vector_norm"))
+def schema_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of an ATen call, positional or keyword, by the overload's schema."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    if name in names and names.index(name) < len(node.args):
+        return node.args[names.index(name)]
+    return default
+
+
+@register_rule(*ops("sum", "mean", "amax", "amin", "var", "std", "max", "min", "argmax", "argmin",
+                    "prod", "logsumexp", "norm", "var_mean", "std_mean", "all", "any",
+                    "linalg_vector_norm"))
 def _reduction(node: fx.Node, rc: RuleCtx) -> Decision:
-    args = list(node.args)
-    packet = node.target.overloadpacket  # type: ignore[union-attr]
-    dim_pos = 2 if packet in (aten.norm, aten.linalg_vector_norm) else 1
-    dims = args[dim_pos] if len(args) > dim_pos else node.kwargs.get("dim")
-    if packet in (aten.sum, aten.mean, aten.prod) and len(args) > 1 and not isinstance(args[1], int | list | tuple):
-        dims = None
-    keep = args[dim_pos + 1] if len(args) > dim_pos + 1 else node.kwargs.get("keepdim", False)
-    return _reduced(node, rc, dims, bool(keep))
+    if isinstance(schema_arg(node, "other"), fx.Node):  # max.other / min.other: elementwise
+        return align_inputs(node, rc, rc.shape(node))
+    dims = schema_arg(node, "dim")
+    return _reduced(node, rc, dims, bool(schema_arg(node, "keepdim", False)))
 
 
 @register_rule(*ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "_safe_softmax"))
