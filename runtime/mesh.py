@@ -44,12 +44,11 @@ class MeshInfo:
     def sp_rank(self) -> int:
         return self.ring_rank * self.ulysses + self.ulysses_rank
 
-    def for_rank(self, rank: int) -> MeshInfo:
-        """The same mesh seen from another rank (used by explain and static checks)."""
-        return MeshInfo(
-            self.key, rank, self.world_size, self.ulysses, self.ring,
-            rank % self.ulysses, (rank // self.ulysses) % self.ring,
-        )
+    @classmethod
+    def of(cls, plan: Plan, rank: int, key: str = "static") -> MeshInfo:
+        """``rank``'s view of ``plan``'s mesh (ulysses is the fastest axis)."""
+        return cls(key, rank, plan.world_size, plan.ulysses, plan.ring, rank % plan.ulysses,
+                   (rank // plan.ulysses) % plan.ring)
 
 
 class ParallelMesh:
@@ -102,8 +101,7 @@ def build_mesh(plan: Plan) -> ParallelMesh:
     names = (MeshAxis.RING.value, MeshAxis.ULYSSES.value)
     mesh = init_device_mesh(device, (plan.ring, plan.ulysses), mesh_dim_names=names)
     key = f"mesh{len(_MESHES)}_r{plan.ring}u{plan.ulysses}"
-    info = MeshInfo(key, rank, world, plan.ulysses, plan.ring, rank % plan.ulysses,
-                    rank // plan.ulysses)
+    info = MeshInfo.of(plan, rank, key)
     pm = ParallelMesh(info, mesh)
     register_mesh(pm)
     logger.info("built mesh %s: ring=%d ulysses=%d", key, plan.ring, plan.ulysses)
