@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import copy
 from typing import Any
-from unittest import mock
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from graph_harness import (
+    ALL,
+    FRONT,
+    REWRITE,
+    USP,
+    RankRun,
+    calls,
+    compile_for,
+    count,
+    placeholder_values,
+    reference,
+)
 
 from xdit_compile.api import build_passes
 from xdit_compile.capture import capture
@@ -33,152 +44,17 @@ from xdit_compile.driver import (
 from xdit_compile.passes.annotate import annotate_graph_pass, block_of
 from xdit_compile.passes.attention import rewrite_attention_pass
 from xdit_compile.passes.canonicalize import _einsum_permutation, canonicalize_graph_pass
-from xdit_compile.passes.lower import lower_collectives_pass
 from xdit_compile.passes.seed import seed_inputs_pass
 from xdit_compile.passes.sharding.engine import redistribute
-from xdit_compile.passes.sharding.placement import Partial, Replicate, Shard
-from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
+from xdit_compile.passes.sharding.placement import Replicate, Shard
 from xdit_compile.passes.verify import verify_local_shapes
 from xdit_compile.plan import Plan
-from xdit_compile.runtime import reshard
 from xdit_compile.runtime.mesh import MeshInfo
-from xdit_compile.runtime.reshard import all_reduce_sum, gather_bytes, gather_shard, slice_shard
+from xdit_compile.runtime.reshard import gather_bytes, gather_shard, slice_shard
 
 aten = torch.ops.aten
-USP = torch.ops.xdit.usp_attention.default
 SDPA = aten.scaled_dot_product_attention.default
 R = Replicate()
-
-FRONT: list[tuple[str, PassFn]] = [
-    ("canonicalize", canonicalize_graph_pass),
-    ("annotate", annotate_graph_pass),
-    ("seed", seed_inputs_pass),
-    ("propagate_sharding", propagate_sharding_pass),
-]
-REWRITE = [*FRONT, ("rewrite_attention", rewrite_attention_pass)]
-ALL = [*REWRITE, ("lower_collectives", lower_collectives_pass)]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def mesh(rank: int, plan: Plan) -> MeshInfo:
-    return MeshInfo(
-        "k",
-        rank,
-        plan.world_size,
-        plan.ulysses,
-        plan.ring,
-        rank % plan.ulysses,
-        rank // plan.ulysses,
-    )
-
-
-def calls(gm: fx.GraphModule, target: Any) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
-
-
-def count(gm: fx.GraphModule, target: Any) -> int:
-    return len(calls(gm, target))
-
-
-def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
-    if isinstance(p, Shard):
-        return slice_shard(t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank])
-    return t
-
-
-def simulated_gather(
-    x: torch.Tensor,
-    glob: torch.Tensor,
-    dim: int,
-    outer: int,
-    inner: int,
-    split: list[int],
-    group: str,
-) -> torch.Tensor:
-    """The real ``gather_shard`` of local ``x``, its all-gather simulated: every rank's send
-    buffer comes from running ``gather_shard`` on that rank's piece of the global value."""
-    sh = Shard(dim, tuple(split), outer, inner)
-    sent: list[torch.Tensor] = []
-
-    def record(t: torch.Tensor, n: int, group: str) -> torch.Tensor:
-        sent.append(t)
-        return torch.cat([t] * n)
-
-    ns = torch.ops._c10d_functional
-    with mock.patch.object(reshard.fc, "wait_tensor", lambda t: t):
-        with mock.patch.object(ns, "all_gather_into_tensor", record):
-            for r in range(len(split)):
-                gather_shard(piece(glob, sh, r), dim, outer, inner, split, group)
-        buffers = torch.cat(sent)
-        with mock.patch.object(ns, "all_gather_into_tensor", lambda t, n, group: buffers):
-            return gather_shard(x, dim, outer, inner, split, group)
-
-
-def reference(gm: fx.GraphModule, kwargs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Every node's value in the captured (global) graph, by node name."""
-    values: dict[str, Any] = {}
-
-    class Record(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            values[n.name] = super().run_node(n)
-            return values[n.name]
-
-    Record(gm).run(*_placeholder_values(gm, kwargs), enable_io_processing=False)
-    return values
-
-
-def _placeholder_values(gm: fx.GraphModule, kwargs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    return [kwargs[str(p.target)] for p in gm.graph.find_nodes(op="placeholder")]
-
-
-class RankRun(fx.Interpreter):
-    """One rank's rewritten graph on local tensors, every node checked against its placement."""
-
-    def __init__(self, gm: fx.GraphModule, ref: dict[str, Any], rank: int) -> None:
-        super().__init__(gm)
-        self.ref, self.rank, self.glob, self.checked = ref, rank, {}, 0
-
-    def run_node(self, n: fx.Node) -> Any:
-        t, p = n.target, n.meta.get("xdit_placement")
-        arg = n.args[0] if n.args else None
-        if t in (slice_shard, gather_shard, all_reduce_sum):
-            g = self.glob[arg.name]
-        elif t is USP:
-            q, k, v = (self.glob[a.name] for a in n.args[:3])
-            g = F.scaled_dot_product_attention(q, k, v, scale=n.args[4])
-        else:
-            g = self.ref.get(n.name)
-        self.glob[n.name] = g
-        if t is gather_shard:
-            return simulated_gather(self.env[n.args[0]], g, *n.args[1:])
-        if t is all_reduce_sum:
-            return g
-        out = piece(g, p, self.rank) if t is USP else super().run_node(n)
-        if (
-            isinstance(out, torch.Tensor)
-            and isinstance(g, torch.Tensor)
-            and not isinstance(p, Partial)
-        ):
-            want = piece(g, p, self.rank)
-            assert out.shape == want.shape, n.format_node()
-            torch.testing.assert_close(out, want, msg=f"rank {self.rank}: {n.format_node()}")
-            self.checked += 1
-        return out
-
-
-def compile_for(
-    gm0: fx.GraphModule,
-    rank: int,
-    passes: list[tuple[str, PassFn]],
-    plan: Plan | None = None,
-    **ctx_kw: Any,
-) -> tuple[fx.GraphModule, PassContext]:
-    plan = plan or Plan(ulysses=2)
-    gm = fx.GraphModule(gm0, copy.deepcopy(gm0.graph))
-    ctx = PassContext(plan=plan, mesh=mesh(rank, plan), **ctx_kw)
-    return run_passes(gm, passes, ctx), ctx
 
 
 class TinyDiT(nn.Module):
@@ -226,7 +102,7 @@ def tiny() -> tuple[fx.GraphModule, dict[str, torch.Tensor], dict[str, Any]]:
         "timestep": torch.tensor([3.0]),
     }
     gm = capture(TinyDiT().eval(), (), kwargs)
-    return gm, kwargs, reference(gm, kwargs)
+    return gm, kwargs, reference(gm, **kwargs)
 
 
 # --------------------------------------------------------------------------- canonicalize
@@ -246,7 +122,7 @@ def test_canonicalize_removes_checks_and_turns_permuting_einsum_into_permute() -
     assert count(gm, aten._assert_tensor_metadata.default) == 1
     assert len(gm.graph.find_nodes(op="call_module", target="_guards_fn")) == 1
     assert count(gm, aten.einsum.default) == 2
-    ctx = PassContext(plan=Plan(), mesh=mesh(0, Plan()))
+    ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
     res = canonicalize_graph_pass(gm, ctx)
     assert res.modified and res.graph_module is gm
     gm.graph.lint()
@@ -312,7 +188,7 @@ class _Stack(nn.Module):
 def test_annotate_records_global_shapes_and_blocks() -> None:
     gm = capture(_Stack(), (), {"x": torch.randn(1, 3, 4)})
     code = gm.code
-    ctx = PassContext(plan=Plan(), mesh=mesh(0, Plan()))
+    ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
     assert not annotate_graph_pass(gm, ctx).modified
     assert gm.code == code
     for n in gm.graph.nodes:
@@ -370,7 +246,7 @@ def _seed(
 ) -> tuple[fx.GraphModule, PassContext]:
     gm = capture(module, (), {"timestep": torch.tensor(1.0), "hidden_states": torch.randn(shape)})
     plan = Plan(ulysses=degree)
-    ctx = PassContext(plan=plan, mesh=mesh(0, plan))
+    ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="k"))
     res = seed_inputs_pass(gm, ctx)
     assert res.modified
     return gm, ctx
@@ -417,10 +293,10 @@ def test_seed_single_rank_and_missing_latent() -> None:
     gm = capture(
         _Embed(2), (), {"timestep": torch.tensor(1.0), "hidden_states": torch.randn(1, 4, 8, 8)}
     )
-    ctx = PassContext(plan=Plan(), mesh=mesh(0, Plan()))
+    ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
     assert not seed_inputs_pass(gm, ctx).modified and ctx.seed == {}
     gm = capture(_Embed(1), (), {"timestep": torch.tensor(1.0), "hidden_states": torch.randn(4, 8)})
-    ctx = PassContext(plan=Plan(ulysses=2), mesh=mesh(0, Plan(ulysses=2)))
+    ctx = PassContext(plan=Plan(ulysses=2), mesh=MeshInfo.of(Plan(ulysses=2), 0, key="k"))
     with pytest.raises(ValueError, match="no latent input found"):
         seed_inputs_pass(gm, ctx)
 
@@ -551,7 +427,7 @@ def test_lower_tiny_dit(tiny: Any, rank: int) -> None:
     ]
     assert {c.op for c in ctx.collectives} == {"all_gather", "all_to_all"}
     run = RankRun(gm, ref, rank)
-    (out,) = run.run(*_placeholder_values(gm, kwargs), enable_io_processing=False)
+    (out,) = run.run(*placeholder_values(gm, kwargs), enable_io_processing=False)
     assert run.checked > 30
     torch.testing.assert_close(out, ref[out_proj.name])
     torch.testing.assert_close(out, ref["output"][0])
@@ -577,9 +453,9 @@ def test_lower_shard_to_other_shard_is_gather_then_slice(rank: int) -> None:
     assert moved.target is slice_shard and moved.args[1:] == (2, 1, 1, 4 * rank, 4)
     assert moved.args[0].target is gather_shard and moved.args[0].args[1] == 1
     assert [c.what for c in ctx.collectives if c.op == "all_gather"] == ["sharding break", "output"]
-    ref = reference(gm0, kw)
+    ref = reference(gm0, **kw)
     run = RankRun(gm, ref, rank)
-    (out,) = run.run(*_placeholder_values(gm, kw), enable_io_processing=False)
+    (out,) = run.run(*placeholder_values(gm, kw), enable_io_processing=False)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(kw["q"], kw["k"], kw["v"]))
 
 
@@ -655,7 +531,7 @@ def lin_gm() -> fx.GraphModule:
 def test_run_passes_records_stats_and_graphs(lin_gm: fx.GraphModule) -> None:
     x = torch.randn(2, 4)
     want = torch.relu(lin_gm(x=x))
-    ctx = PassContext(plan=Plan(), mesh=mesh(0, Plan()))
+    ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
     gm = run_passes(lin_gm, [("noop", _noop), ("add_relu", _add_relu)], ctx)
     torch.testing.assert_close(gm(x=x), want)  # recompiled after the pass
     assert [s.name for s in ctx.stats] == ["noop", "add_relu"]
@@ -681,7 +557,7 @@ def test_run_passes_records_stats_and_graphs(lin_gm: fx.GraphModule) -> None:
 def test_run_passes_names_the_failing_pass(
     lin_gm: fx.GraphModule, exc: Exception, raised: type
 ) -> None:
-    ctx = PassContext(plan=Plan(), mesh=mesh(0, Plan()))
+    ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
     passes = [("noop", _noop), ("add_relu", _add_relu), ("boom", _boom(exc)), ("never", _noop)]
     with pytest.raises(raised) as info:
         run_passes(lin_gm, passes, ctx)
@@ -694,7 +570,7 @@ def test_run_passes_names_the_failing_pass(
 
 
 def test_run_passes_first_pass_failure_and_bad_return(lin_gm: fx.GraphModule) -> None:
-    ctx = PassContext(plan=Plan(), mesh=mesh(0, Plan()))
+    ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
     with pytest.raises(RuntimeError, match=r"pass 'first' failed \(passes run before it: none\)"):
         run_passes(lin_gm, [("first", _boom(KeyError("k")))], ctx)
 
@@ -715,12 +591,18 @@ def test_run_passes_verifies_under_debug(
 
     plan = Plan(ulysses=2)
     monkeypatch.setenv("XDIT_DEBUG", "0")
-    run_passes(lin_gm, [("mislabel", mislabel)], PassContext(plan=plan, mesh=mesh(0, plan)))
+    run_passes(
+        lin_gm, [("mislabel", mislabel)], PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="k"))
+    )
     monkeypatch.setenv("XDIT_DEBUG", "1")
     with pytest.raises(
         RuntimeError, match="pass 'mislabel' failed.*local shapes wrong after mislabel"
     ):
-        run_passes(lin_gm, [("mislabel", mislabel)], PassContext(plan=plan, mesh=mesh(1, plan)))
+        run_passes(
+            lin_gm,
+            [("mislabel", mislabel)],
+            PassContext(plan=plan, mesh=MeshInfo.of(plan, 1, key="k")),
+        )
 
 
 # --------------------------------------------------------------------------- plan / pass list

@@ -16,31 +16,36 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
-from unittest import mock
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from graph_harness import (
+    ALL_NO_SEED,
+    FRONT_NO_SEED,
+    HALO,
+    USP,
+    RankRun,
+    calls,
+    compile_for,
+    one,
+    piece,
+    reference,
+)
 
 from xdit_compile.capture import capture
 from xdit_compile.driver import PassContext, PassFn, run_passes
 from xdit_compile.kernels.attention import attention_with_lse, backends, merge_partial
-from xdit_compile.passes.annotate import annotate_graph_pass
-from xdit_compile.passes.attention import rewrite_attention_pass
-from xdit_compile.passes.canonicalize import canonicalize_graph_pass
-from xdit_compile.passes.lower import lower_collectives_pass
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.passes.sharding.placement import (
     Partial,
     Replicate,
     Shard,
     even_split,
-    fmt,
     local_shape,
 )
-from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
 from xdit_compile.passes.sharding.rules_shape import reshape_shard
 from xdit_compile.plan import Plan
 from xdit_compile.runtime import reshard
@@ -48,20 +53,7 @@ from xdit_compile.runtime.mesh import MeshInfo
 from xdit_compile.runtime.reshard import all_reduce_sum, gather_shard, slice_shard
 
 aten = torch.ops.aten
-USP = torch.ops.xdit.usp_attention.default
-HALO = torch.ops.xdit.halo_pad.default
 R = Replicate()
-
-UP_TO_PROPAGATE: list[tuple[str, PassFn]] = [
-    ("canonicalize", canonicalize_graph_pass),
-    ("annotate", annotate_graph_pass),
-    ("propagate_sharding", propagate_sharding_pass),
-]
-ALL_PASSES = UP_TO_PROPAGATE + [
-    ("rewrite_attention", rewrite_attention_pass),
-    ("lower_collectives", lower_collectives_pass),
-]
-
 
 # --------------------------------------------------------------------------- harness
 
@@ -75,117 +67,13 @@ class Fn(nn.Module):
         return self.fn(*xs)
 
 
-def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s part of the global tensor ``t`` under placement ``p``."""
-    if isinstance(p, Shard):
-        return slice_shard(t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank])
-    return t
-
-
-def simulated_gather(
-    x: torch.Tensor,
-    glob: torch.Tensor,
-    dim: int,
-    outer: int,
-    inner: int,
-    split: list[int],
-    group: str,
-) -> torch.Tensor:
-    """The real ``gather_shard`` of local ``x``, its all-gather simulated: every rank's send
-    buffer comes from running ``gather_shard`` on that rank's piece of the global value."""
-    sh = Shard(dim, tuple(split), outer, inner)
-    sent: list[torch.Tensor] = []
-
-    def record(t: torch.Tensor, n: int, group: str) -> torch.Tensor:
-        sent.append(t)
-        return torch.cat([t] * n)
-
-    ns = torch.ops._c10d_functional
-    with mock.patch.object(reshard.fc, "wait_tensor", lambda t: t):
-        with mock.patch.object(ns, "all_gather_into_tensor", record):
-            for r in range(len(split)):
-                gather_shard(piece(glob, sh, r), dim, outer, inner, split, group)
-        buffers = torch.cat(sent)
-        with mock.patch.object(ns, "all_gather_into_tensor", lambda t, n, group: buffers):
-            return gather_shard(x, dim, outer, inner, split, group)
-
-
-def mesh(rank: int, plan: Plan) -> MeshInfo:
-    return MeshInfo(
-        "k",
-        rank,
-        plan.world_size,
-        plan.ulysses,
-        plan.ring,
-        rank % plan.ulysses,
-        rank // plan.ulysses,
-    )
-
-
-class _Record(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        self.values[n.name] = out
-        return out
-
-
-class RankRun(fx.Interpreter):
-    """One rank's rewritten graph on local tensors, every node checked against its placement."""
-
-    def __init__(self, gm: fx.GraphModule, ref: dict[str, Any], rank: int) -> None:
-        super().__init__(gm)
-        self.ref, self.rank = ref, rank
-        self.glob: dict[str, Any] = {}
-        self.partials: dict[str, torch.Tensor] = {}
-        self.checked = 0
-
-    def _g(self, a: Any) -> Any:
-        return self.glob[a.name] if isinstance(a, fx.Node) else a
-
-    def run_node(self, n: fx.Node) -> Any:
-        t, p = n.target, n.meta.get("xdit_placement")
-        if t in (slice_shard, gather_shard, all_reduce_sum, HALO):
-            g = self._g(n.args[0])
-        elif t is USP:
-            q, k, v, mask, scale = (self._g(a) for a in n.args[:5])
-            g = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        else:
-            g = self.ref.get(n.name)
-        self.glob[n.name] = g
-        if t is gather_shard:
-            return simulated_gather(self.env[n.args[0]], g, *n.args[1:])
-        if t is all_reduce_sum:
-            return g
-        if t is HALO:
-            _, dim, pad, _ = n.args
-            full = F.pad(g.movedim(dim, -1), (pad, pad)).movedim(-1, dim)
-            return full.narrow(dim, p.offset(self.rank), p.split[self.rank] + 2 * pad)
-        out = piece(g, p, self.rank) if t is USP else super().run_node(n)
-        if isinstance(out, torch.Tensor) and isinstance(g, torch.Tensor):
-            if isinstance(p, Partial):
-                self.partials[n.name] = out
-            else:
-                want = piece(g, p, self.rank)
-                where = f"rank {self.rank}: {n.format_node()} ({fmt(p)})"
-                assert out.shape == want.shape, where
-                torch.testing.assert_close(out, want, msg=where)
-                self.checked += 1
-        return out
-
-
 class Case:
     """A captured function, its reference values, and compilation for each rank."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         self.args = args
         self.gm = capture(Fn(fn).eval(), args, {})
-        rec = _Record(self.gm)
-        rec.run(*args)
-        self.ref = rec.values
+        self.ref = reference(self.gm, *args)
 
     def compile(
         self,
@@ -194,14 +82,8 @@ class Case:
         plan: Plan | None = None,
         passes: list[tuple[str, PassFn]] | None = None,
     ) -> tuple[fx.GraphModule, PassContext]:
-        plan = plan or Plan(ulysses=2)
-        gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
-        placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        for i, sh in seeds.items():
-            placeholders[i].meta["xdit_seed"] = sh
-        ctx = PassContext(plan=plan, mesh=mesh(rank, plan))
-        gm = run_passes(gm, ALL_PASSES if passes is None else passes, ctx)
-        return gm, ctx
+        passes = ALL_NO_SEED if passes is None else passes
+        return compile_for(self.gm, rank, passes, plan, seeds=seeds)
 
     def check(self, seeds: dict[int, Shard], plan: Plan | None = None) -> list[Any]:
         """Compile and run every rank; returns [(gm, ctx)] per rank."""
@@ -221,16 +103,6 @@ class Case:
             total = sum(p[name] for p in partials)
             torch.testing.assert_close(total, self.ref[name], msg=f"partial sums of {name}")
         return done
-
-
-def calls(gm: fx.GraphModule, target: Any) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
-
-
-def one(gm: fx.GraphModule, target: Any) -> fx.Node:
-    found = calls(gm, target)
-    assert len(found) == 1, f"{len(found)} nodes of {target}"
-    return found[0]
 
 
 def slices_of(gm: fx.GraphModule, name: str) -> list[fx.Node]:
@@ -454,7 +326,7 @@ def test_view_rule_rewrites_sizes_to_local_and_keeps_shard() -> None:
 def test_view_that_splits_a_piece_breaks() -> None:
     case = Case(lambda x: x.reshape(4, 6, 8) * 2, X)
     for rank in (0, 1):
-        gm, ctx = case.compile({0: Shard(1, (5, 3))}, rank, passes=UP_TO_PROPAGATE)
+        gm, ctx = case.compile({0: Shard(1, (5, 3))}, rank, passes=FRONT_NO_SEED)
         (brk,) = ctx.breaks
         assert brk.op == "aten.view.default" and "splits the sharded dim" in brk.reason
         view = one(gm, aten.view.default)
@@ -550,7 +422,7 @@ def test_matmul_contracting_one_sharded_operand_breaks() -> None:
 
 def test_matmul_with_vector_keeps_rows() -> None:
     case = Case(lambda a, v: a @ v, X, torch.randn(6))
-    gm, ctx = case.compile({0: S1}, passes=UP_TO_PROPAGATE)
+    gm, ctx = case.compile({0: S1}, passes=FRONT_NO_SEED)
     assert one(gm, aten.matmul.default).meta["xdit_placement"] == S1  # [4, 8] keeps dim 1
     case.check({0: S1})
 
@@ -613,7 +485,7 @@ def test_conv_patch_embed_with_split_not_divisible_by_stride_breaks() -> None:
 @pytest.mark.parametrize(("split", "pad"), [((4, 4), 1), ((5, 3), 1)])
 def test_same_conv_keeps_shard_with_a_halo(split: tuple[int, int], pad: int) -> None:
     case = Case(lambda x, w: F.conv2d(x, w, padding=pad), IMG, torch.randn(5, 3, 3, 3))
-    gm, _ = case.compile({0: Shard(2, split)}, passes=UP_TO_PROPAGATE)
+    gm, _ = case.compile({0: Shard(2, split)}, passes=FRONT_NO_SEED)
     conv = one(gm, aten.conv2d.default)
     assert conv.meta["xdit_halo"] == (2, 1)
     assert conv.meta["xdit_placement"] == Shard(2, split)
@@ -679,7 +551,7 @@ def test_cat_along_the_sharded_dim_breaks() -> None:
 
 def test_cat_along_the_sharded_dim_break_reason() -> None:
     case = Case(lambda x, y: torch.cat([x, y], 1), X, torch.randn(4, 3, 6))
-    _, ctx = case.compile({0: S1}, passes=UP_TO_PROPAGATE)
+    _, ctx = case.compile({0: S1}, passes=FRONT_NO_SEED)
     assert reasons(ctx) == ["concatenation along the sharded dim"]
 
 
@@ -786,7 +658,7 @@ def test_reduction_over_the_sharded_dim_breaks(fn: Callable[..., Any], reason: s
 
 def test_var_with_unbiased_and_keepdim() -> None:
     case = Case(lambda x: x.var(0, unbiased=False, keepdim=True), X)
-    gm, _ = case.compile({0: S1}, passes=UP_TO_PROPAGATE)
+    gm, _ = case.compile({0: S1}, passes=FRONT_NO_SEED)
     assert one(gm, aten.var.dim).meta["xdit_placement"] == S1
     case.check({0: S1})
 
@@ -833,7 +705,7 @@ SDPA = aten.scaled_dot_product_attention.default
 def test_sdpa_sequence_sharded_qkv_is_usp() -> None:
     case = Case(_sdpa, Q, Q + 1, Q - 1)
     seeds = {0: SEQ, 1: SEQ, 2: SEQ}
-    gm, ctx = case.compile(seeds, passes=UP_TO_PROPAGATE)
+    gm, ctx = case.compile(seeds, passes=FRONT_NO_SEED)
     node = one(gm, SDPA)
     assert node.meta["xdit_attention"] == "usp" and node.meta["xdit_split"] == (4, 4)
     for gm, ctx in case.check(seeds):
@@ -890,10 +762,10 @@ def test_sdpa_heads_not_divisible_by_ulysses_is_a_value_error() -> None:
     q = torch.randn(1, 3, 8, 4)
     case = Case(_sdpa, q, q, q)
     with pytest.raises(ValueError, match="3 heads, not divisible by ulysses=2") as info:
-        case.compile({0: SEQ, 1: SEQ, 2: SEQ}, passes=UP_TO_PROPAGATE)
+        case.compile({0: SEQ, 1: SEQ, 2: SEQ}, passes=FRONT_NO_SEED)
     assert "propagate_sharding" in str(info.value)
     # ring attention has no head constraint
-    gm, ctx = case.compile({0: SEQ, 1: SEQ, 2: SEQ}, plan=Plan(ring=2), passes=UP_TO_PROPAGATE)
+    gm, ctx = case.compile({0: SEQ, 1: SEQ, 2: SEQ}, plan=Plan(ring=2), passes=FRONT_NO_SEED)
     assert one(gm, SDPA).meta["xdit_attention"] == "usp"
 
 
@@ -924,8 +796,8 @@ def test_unknown_op_breaks_with_its_source_line() -> None:
     for rank in (0, 1):
         gm = fx.GraphModule(gm0, copy.deepcopy(gm0.graph))
         next(iter(gm.graph.find_nodes(op="placeholder"))).meta["xdit_seed"] = S1
-        ctx = PassContext(plan=Plan(ulysses=2), mesh=mesh(rank, Plan(ulysses=2)))
-        gm = run_passes(gm, ALL_PASSES, ctx)
+        ctx = PassContext(plan=Plan(ulysses=2), mesh=MeshInfo.of(Plan(ulysses=2), rank, key="k"))
+        gm = run_passes(gm, ALL_NO_SEED, ctx)
         (brk,) = ctx.breaks
         assert (brk.node, brk.op, brk.reason) == (
             "flip",
@@ -940,14 +812,8 @@ def test_unknown_op_breaks_with_its_source_line() -> None:
         assert flip.meta["xdit_placement"] == R and flip.args[0].target is gather_shard
         assert one(gm, aten.mul.Tensor).meta["xdit_placement"] == S1
         assert [c.what for c in ctx.collectives] == ["sharding break"]
-        got = RankRun(gm, _reference(gm0, X), rank).run(X, enable_io_processing=False)[0]
+        got = RankRun(gm, reference(gm0, X), rank).run(X, enable_io_processing=False)[0]
         torch.testing.assert_close(got, _Flip()(X))
-
-
-def _reference(gm: fx.GraphModule, *args: Any) -> dict[str, Any]:
-    rec = _Record(gm)
-    rec.run(*args)
-    return rec.values
 
 
 # --------------------------------------------------------------------------- attention kernels

@@ -1,0 +1,215 @@
+"""Graph harness shared by ``test_rules.py`` and ``test_passes.py``: compile and run without ranks.
+
+No process group is needed. A captured graph is compiled for one rank of a mesh given as data
+(``MeshInfo.of``) with the real pass pipeline, and the rewritten graph of each rank is executed in
+this process by ``RankRun``: ``gather_shard`` runs for real with its all-gather fed from the other
+ranks' pieces of the global value (``simulated_gather``); all-reduce, Ulysses attention and conv
+halos are answered from the global reference values of the original graph (``reference``); every
+other node runs on local tensors and is compared with this rank's ``piece`` of its global value.
+Partial results are kept per node for the caller to sum over the ranks.
+
+Also here: the pass lists the tests compile with and small queries on a graph's call nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from xdit_compile.driver import PassContext, PassFn, run_passes
+from xdit_compile.passes.annotate import annotate_graph_pass
+from xdit_compile.passes.attention import rewrite_attention_pass
+from xdit_compile.passes.canonicalize import canonicalize_graph_pass
+from xdit_compile.passes.lower import lower_collectives_pass
+from xdit_compile.passes.seed import seed_inputs_pass
+from xdit_compile.passes.sharding.placement import Partial, Shard, fmt
+from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
+from xdit_compile.plan import Plan
+from xdit_compile.runtime import reshard
+from xdit_compile.runtime.mesh import MeshInfo
+from xdit_compile.runtime.reshard import all_reduce_sum, gather_shard, slice_shard
+
+USP = torch.ops.xdit.usp_attention.default
+HALO = torch.ops.xdit.halo_pad.default
+
+# --------------------------------------------------------------------------- pass lists
+
+FRONT: list[tuple[str, PassFn]] = [
+    ("canonicalize", canonicalize_graph_pass),
+    ("annotate", annotate_graph_pass),
+    ("seed", seed_inputs_pass),
+    ("propagate_sharding", propagate_sharding_pass),
+]
+REWRITE = [*FRONT, ("rewrite_attention", rewrite_attention_pass)]
+ALL = [*REWRITE, ("lower_collectives", lower_collectives_pass)]
+# for graphs whose inputs the test seeds by hand (``xdit_seed`` on placeholders): no seed pass
+FRONT_NO_SEED = [p for p in FRONT if p[0] != "seed"]
+ALL_NO_SEED = [p for p in ALL if p[0] != "seed"]
+
+
+# --------------------------------------------------------------------------- graph queries
+
+
+def calls(gm: fx.GraphModule, target: Any) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def count(gm: fx.GraphModule, target: Any) -> int:
+    return len(calls(gm, target))
+
+
+def one(gm: fx.GraphModule, target: Any) -> fx.Node:
+    found = calls(gm, target)
+    assert len(found) == 1, f"{len(found)} nodes of {target}"
+    return found[0]
+
+
+# --------------------------------------------------------------------------- compilation
+
+
+def compile_for(
+    gm0: fx.GraphModule,
+    rank: int,
+    passes: list[tuple[str, PassFn]],
+    plan: Plan | None = None,
+    seeds: dict[int, Shard] | None = None,
+    **ctx_kw: Any,
+) -> tuple[fx.GraphModule, PassContext]:
+    """Run ``passes`` on a copy of ``gm0`` for ``rank`` of ``plan`` (default ``ulysses=2``).
+
+    ``seeds`` places the copy's placeholders by position (``xdit_seed``), for pass lists
+    without the seed pass; ``ctx_kw`` goes to the ``PassContext``.
+    """
+    plan = plan or Plan(ulysses=2)
+    gm = fx.GraphModule(gm0, copy.deepcopy(gm0.graph))
+    if seeds:
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        for i, sh in seeds.items():
+            placeholders[i].meta["xdit_seed"] = sh
+    ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, rank, key="k"), **ctx_kw)
+    return run_passes(gm, passes, ctx), ctx
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s part of the global tensor ``t`` under placement ``p``."""
+    if isinstance(p, Shard):
+        return slice_shard(t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank])
+    return t
+
+
+def simulated_gather(
+    x: torch.Tensor,
+    glob: torch.Tensor,
+    dim: int,
+    outer: int,
+    inner: int,
+    split: list[int],
+    group: str,
+) -> torch.Tensor:
+    """The real ``gather_shard`` of local ``x``, its all-gather simulated: every rank's send
+    buffer comes from running ``gather_shard`` on that rank's piece of the global value."""
+    sh = Shard(dim, tuple(split), outer, inner)
+    sent: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor, n: int, group: str) -> torch.Tensor:
+        sent.append(t)
+        return torch.cat([t] * n)
+
+    ns = torch.ops._c10d_functional
+    with mock.patch.object(reshard.fc, "wait_tensor", lambda t: t):
+        with mock.patch.object(ns, "all_gather_into_tensor", record):
+            for r in range(len(split)):
+                gather_shard(piece(glob, sh, r), dim, outer, inner, split, group)
+        buffers = torch.cat(sent)
+        with mock.patch.object(ns, "all_gather_into_tensor", lambda t, n, group: buffers):
+            return gather_shard(x, dim, outer, inner, split, group)
+
+
+class Record(fx.Interpreter):
+    """Runs a graph and keeps every node's value in ``values``, by node name."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n.name] = out
+        return out
+
+
+def placeholder_values(gm: fx.GraphModule, kwargs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """``kwargs`` in the order of ``gm``'s placeholders (keyed by placeholder target)."""
+    return [kwargs[str(p.target)] for p in gm.graph.find_nodes(op="placeholder")]
+
+
+def reference(gm: fx.GraphModule, /, *args: Any, **kwargs: torch.Tensor) -> dict[str, Any]:
+    """Every node's value in the captured (global) graph, by node name.
+
+    Inputs come either positionally (run through the graph's input processing) or by
+    placeholder name (fed to the placeholders directly, without it).
+    """
+    assert not (args and kwargs), "pass the inputs positionally or by name, not both"
+    rec = Record(gm)
+    if kwargs:
+        rec.run(*placeholder_values(gm, kwargs), enable_io_processing=False)
+    else:
+        rec.run(*args)
+    return rec.values
+
+
+class RankRun(fx.Interpreter):
+    """One rank's rewritten graph on local tensors, every node checked against its placement.
+
+    ``ref`` holds the global value of every node of the original graph (``reference``). Nodes
+    with a ``Partial`` placement are not checked but kept in ``partials``, for the caller to sum
+    over the ranks; ``checked`` counts the nodes that were compared.
+    """
+
+    def __init__(self, gm: fx.GraphModule, ref: dict[str, Any], rank: int) -> None:
+        super().__init__(gm)
+        self.ref, self.rank = ref, rank
+        self.glob: dict[str, Any] = {}
+        self.partials: dict[str, torch.Tensor] = {}
+        self.checked = 0
+
+    def _g(self, a: Any) -> Any:
+        return self.glob[a.name] if isinstance(a, fx.Node) else a
+
+    def run_node(self, n: fx.Node) -> Any:
+        t, p = n.target, n.meta.get("xdit_placement")
+        if t in (slice_shard, gather_shard, all_reduce_sum, HALO):
+            g = self._g(n.args[0])
+        elif t is USP:
+            q, k, v, mask, scale = (self._g(a) for a in n.args[:5])
+            g = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        else:
+            g = self.ref.get(n.name)
+        self.glob[n.name] = g
+        if t is gather_shard:
+            return simulated_gather(self.env[n.args[0]], g, *n.args[1:])
+        if t is all_reduce_sum:
+            return g
+        if t is HALO:
+            _, dim, pad, _ = n.args
+            full = F.pad(g.movedim(dim, -1), (pad, pad)).movedim(-1, dim)
+            return full.narrow(dim, p.offset(self.rank), p.split[self.rank] + 2 * pad)
+        out = piece(g, p, self.rank) if t is USP else super().run_node(n)
+        if isinstance(out, torch.Tensor) and isinstance(g, torch.Tensor):
+            if isinstance(p, Partial):
+                self.partials[n.name] = out
+            else:
+                want = piece(g, p, self.rank)
+                where = f"rank {self.rank}: {n.format_node()} ({fmt(p)})"
+                assert out.shape == want.shape, where
+                torch.testing.assert_close(out, want, msg=where)
+                self.checked += 1
+        return out
