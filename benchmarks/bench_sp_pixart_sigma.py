@@ -1,6 +1,7 @@
 """Sequence parallelism on PixArt-Sigma full-size shapes: 2 blocks, 1024px (4096 tokens).
 
-Compares 2 processes x 1 thread (ulysses=2, ring=2) with 1 process x 1 thread on the same
+Compares 2 processes x 1 thread (ulysses=2, ring=2, and ulysses=2 through inductor) with 1
+process x 1 thread (eager diffusers) on the same
 weights and inputs, and records latency (median of --iters after --warmup), bytes sent per
 rank per forward, the relative error and the sharding breaks. Writes
 ``benchmarks/results/sp_pixart_sigma.json`` and ``.md``.
@@ -31,12 +32,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--no-inductor", action="store_true", help="skip the torch.compile row")
     args = ap.parse_args()
     os.environ["XDIT_WORKER_THREADS"] = "1"
     rows = []
     pool = WorkerPool(2)
     try:
-        for plan in (Plan(ulysses=2), Plan(ring=2)):
+        plans = [Plan(ulysses=2), Plan(ring=2)]
+        if not args.no_inductor:
+            plans.append(Plan(ulysses=2, compile="inductor"))
+        for plan in plans:
             t0 = time.time()
             res = pool.run(compare_zoo_model, "pixart-sigma", plan, size="full", iters=args.iters,
                            warmup=args.warmup, config={"num_layers": args.layers}, timeout=3600)

@@ -3,6 +3,7 @@ parallel in the same process group and report the difference, latency and commun
 
 The serial reference is the plain diffusers module run on one process with the same weights
 and inputs; every rank computes it locally (no collectives), so it equals a one-process run.
+Rank 0 times it while the other ranks wait, so the serial latency is that of a lone process.
 """
 
 from __future__ import annotations
@@ -79,10 +80,19 @@ def compare_zoo_model(
 
     model = build_model(name, size, dtype=dtype, uneven=uneven, **(config or {}))
     kwargs = example_inputs(name, model, size=size, uneven=uneven, **(inputs or {}))
+    # Rank 0 times the serial run alone (the others wait), so it has the machine to itself
+    # like a real one-process run; the other ranks compute their reference afterwards.
+    rank = dist.get_rank()
     with torch.no_grad():
-        for _ in range(warmup):
-            model(**kwargs)
-        ref, serial_ms = _timed(lambda: model(**kwargs), iters, barrier=False)
+        serial_ms = float("nan")
+        if rank == 0:
+            for _ in range(warmup):
+                model(**kwargs)
+            ref, serial_ms = _timed(lambda: model(**kwargs), iters, barrier=False)
+        dist.barrier()
+        if rank != 0:
+            ref = model(**kwargs)
+        dist.barrier()
     pm = parallelize(model, plan)
     entry = pm.prepare(**kwargs)
     for _ in range(warmup):
@@ -94,7 +104,7 @@ def compare_zoo_model(
     return CompareResult(
         model=name,
         plan=str(plan),
-        rank=dist.get_rank(),
+        rank=rank,
         rel_error=rel_error(out, ref),
         serial_ms=serial_ms,
         parallel_ms=parallel_ms,
