@@ -7,7 +7,10 @@ the ``ring`` axis, or both. Attention the rule marked ``local`` (replicated K/V,
 a batch-like dim) is left as plain SDPA: every rank has all the keys its queries need.
 
 Before::   %o = scaled_dot_product_attention(%q, %k, %v)          # S(2/4)
-After::    %o = xdit.usp_attention(%q, %k, %v, None, None, 'mesh0_r2u2', [16, 16, 16, 16])
+After::    %o = xdit.usp_attention(%q, %k, %v, None, None, 'mesh0_r2u2', [16, 16, 16, 16], 0, 0)
+
+Joint sequences (``Shard(head=a, tail=b)``: replicated text rows joined to sharded image rows)
+keep their text K/V local: Ulysses slices their heads on each rank, Ring attends to them once.
 
 The op computes softmax(QK^T)V over the whole global sequence, so the meaning is unchanged.
 """
@@ -43,10 +46,11 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             raise ValueError(f"{node.name}: attention dropout > 0 is not supported (inference only)")
         scale = _arg(node, 6, "scale", None)
         split = list(node.meta["xdit_split"])
+        head, tail = node.meta.get("xdit_joint", (0, 0))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.xdit.usp_attention.default,
-                (q, k, v, mask, scale, ctx.mesh.key, split),  # type: ignore[arg-type]
+                (q, k, v, mask, scale, ctx.mesh.key, split, head, tail),  # type: ignore[arg-type]
             )
         new.meta.update(node.meta)
         new.meta["xdit_pass"] = "rewrite_attention"
@@ -56,7 +60,7 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         local_q = list(qv.shape)
         local_q[-2] = split[ctx.mesh.sp_rank]
         for (op, axis), (calls, nbytes) in usp_comm_bytes(
-            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split
+            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, head + tail
         ).items():
             ctx.collectives.append(CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention"))
         changed = True

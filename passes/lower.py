@@ -41,13 +41,15 @@ def _new(gm: fx.GraphModule, before: fx.Node, fn: object, args: tuple, like: fx.
 
 
 def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: PassContext) -> fx.Node:
-    new = _new(gm, node, gather_shard, (x, src.dim, src.outer, src.inner, list(src.split), ctx.group_names.get("sp", "sp")),
+    new = _new(gm, node, gather_shard, (x, src.dim, src.outer, src.inner, list(src.split), ctx.group_names.get("sp", "sp"),
+                src.head, src.tail),
                node, Replicate())
     val = node.meta["val"]
-    local = val.numel() // src.total * src.local_size(ctx.mesh.sp_rank)
+    body = src.body()  # replicated head/tail rows are not sent
+    local = val.numel() // src.total * body.local_size(ctx.mesh.sp_rank)
     nbytes = gather_bytes(local, val.element_size(), list(src.split), ctx.mesh.sp_rank)
     what = "output" if node.meta.get("xdit_output_gather") else "sharding break"
-    ctx.collectives.append(CollectiveSite(new.name, "all_gather", "sp", 1, nbytes, what))
+    ctx.collectives.append(CollectiveSite(new.name, "all_gather", "sp", 1, nbytes, what, graph_level=True))
     return new
 
 
@@ -60,13 +62,13 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         cur = _new(gm, node, all_reduce_sum, (cur, ctx.group_names.get("sp", "sp")), node, Replicate())
         val = node.meta["val"]
         nbytes = all_reduce_bytes(val.numel() * val.element_size(), ctx.mesh.sp_degree)
-        ctx.collectives.append(CollectiveSite(cur.name, "all_reduce", "sp", 1, nbytes, "partial sum"))
+        ctx.collectives.append(CollectiveSite(cur.name, "all_reduce", "sp", 1, nbytes, "partial sum", graph_level=True))
     if isinstance(src, Shard):
         cur = _gather(gm, node, cur, src, ctx)
     if isinstance(dst, Shard):
         r = ctx.mesh.sp_rank
-        cur = _new(gm, node, slice_shard, (cur, dst.dim, dst.outer, dst.inner, dst.offset(r), dst.split[r]),
-                   node, dst)
+        args = (cur, dst.dim, dst.outer, dst.inner, dst.offset(r), dst.split[r], dst.head, dst.tail)
+        cur = _new(gm, node, slice_shard, args, node, dst)
     node.replace_all_uses_with(cur)
     gm.graph.erase_node(node)
 

@@ -1,7 +1,7 @@
 """Exact sequence-parallel attention ops: Ulysses, Ring and USP (both), as ``torch.library`` ops.
 
-Layout: q, k, v are ``[..., H, S_local, D]`` holding this rank's contiguous slice of the
-sequence; ``split`` lists every sequence-parallel rank's slice length (ring-major,
+Layout: q, k, v are ``[..., H, head + S_local + tail, D]``: optional replicated rows (text)
+and this rank's contiguous slice of the sharded sequence; ``split`` lists every sequence-parallel rank's slice length (ring-major,
 ulysses-minor, so a Ulysses group holds one contiguous block). Uneven splits are exact.
 
 - Ulysses: an all-to-all over the ``ulysses`` axis trades the sequence split for a head split,
@@ -10,6 +10,9 @@ ulysses-minor, so a Ulysses group holds one contiguous block). Uneven splits are
 - Ring: each rank keeps its queries and passes its K/V block around the ``ring`` axis; each
   step's partial result is merged with the log-sum-exp in fp32 (exact up to fp32 rounding).
 - USP: Ulysses inside, Ring across Ulysses groups.
+
+- Joint sequences: text K/V are on every rank and are never sent. Ulysses slices their heads
+  locally and gathers only the text *outputs* over heads; Ring attends to them once.
 
 The ops have fake implementations, so export and inductor treat them as opaque calls.
 An optional replicated mask (broadcastable to ``[B, H, S, S]`` global) is sliced per block.
@@ -21,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from xdit_compile.kernels.attention import attention_with_lse, merge_partial
-from xdit_compile.runtime.collectives import all_to_all, send_recv
+from xdit_compile.runtime.collectives import all_gather, all_to_all, send_recv
 from xdit_compile.runtime.mesh import MeshInfo, get_mesh
 
 __all__ = ["usp_attention", "usp_comm_bytes"]
@@ -59,24 +62,30 @@ def _ulysses_out(x: torch.Tensor, group_split: list[int], me: int, group: dist.P
     return heads.reshape(*lead, u * hu, s_me, d)
 
 
-def _slice_mask(mask: torch.Tensor | None, q_rng: tuple[int, int], k_rng: tuple[int, int],
-                h_rng: tuple[int, int]) -> torch.Tensor | None:
+def _positions(*ranges: tuple[int, int], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+
+
+def _mask_for(mask: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tensor,
+              h_rng: tuple[int, int]) -> torch.Tensor | None:
+    """The rows/columns/heads of a global (replicated) mask that these q/k rows see."""
     if mask is None:
         return None
     if mask.dim() >= 3 and mask.shape[-3] > 1:
         mask = mask[..., h_rng[0]:h_rng[1], :, :]
     if mask.shape[-2] > 1:
-        mask = mask[..., q_rng[0]:q_rng[1], :]
+        mask = mask.index_select(-2, q_pos.to(mask.device))
     if mask.shape[-1] > 1:
-        mask = mask[..., k_rng[0]:k_rng[1]]
+        mask = mask.index_select(-1, k_pos.to(mask.device))
     return mask
 
 
-def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_rng, h_rng, group):  # type: ignore[no-untyped-def]
-    """Attention of the local q block over all ring blocks of K/V, merged by log-sum-exp."""
+def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_pos, key_base: int,  # type: ignore[no-untyped-def]
+          h_rng, group, out=None, lse=None):
+    """Attention of the local queries over every ring block of body K/V, merged by the
+    log-sum-exp into ``(out, lse)`` (which may already hold the text keys' part)."""
     r, me = info.ring, info.ring_rank
     offs = _offsets(blocks)
-    out = lse = None
     cur_k, cur_v = k, v
     for step in range(r):
         src = (me - step) % r
@@ -87,8 +96,8 @@ def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_rng, h_rng,
             vshape = (*v.shape[:-2], blocks[nxt], v.shape[-1])
             pending = send_recv([cur_k, cur_v], [torch.Size(shape), torch.Size(vshape)],
                                 (me + 1) % r, (me - 1) % r, group, "ring")
-        m = _slice_mask(mask, q_rng, (offs[src], offs[src + 1]), h_rng)
-        blk_out, blk_lse = attention_with_lse(q, cur_k, cur_v, m, scale)
+        k_pos = _positions((key_base + offs[src], key_base + offs[src + 1]), device=q.device)
+        blk_out, blk_lse = attention_with_lse(q, cur_k, cur_v, _mask_for(mask, q_pos, k_pos, h_rng), scale)
         out, lse = merge_partial(out, lse, blk_out, blk_lse)
         if pending is not None:
             for w in pending[0]:
@@ -98,32 +107,53 @@ def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_rng, h_rng,
     return out.to(q.dtype)
 
 
+def _split3(t: torch.Tensor, head: int, body: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return t[..., :head, :], t[..., head:head + body, :], t[..., head + body:, :]
+
+
 def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-         scale: float | None, mesh_key: str, split: list[int]) -> torch.Tensor:
+         scale: float | None, mesh_key: str, split: list[int], head: int, tail: int) -> torch.Tensor:
     pm = get_mesh(mesh_key)
     info = pm.info
-    u = info.ulysses
-    h = q.shape[-3]
+    u, h = info.ulysses, q.shape[-3]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # Per ring block: the Ulysses group's slice lengths and the block's global range.
+    # Per ring block: the Ulysses group's slice lengths and the block's range in the body.
     groups = [split[i * u:(i + 1) * u] for i in range(info.ring)]
     blocks = [sum(g) for g in groups]
-    offs = _offsets(blocks)
-    my_group = groups[info.ring_rank]
-    q_rng = (offs[info.ring_rank], offs[info.ring_rank + 1])
+    offs, body_total = _offsets(blocks), sum(split)
+    me = info.ring_rank
+    s_me = split[info.sp_rank]
+    (qh, qb, qt), (kh, kb, kt), (vh, vb, vt) = (_split3(t, head, s_me) for t in (q, k, v))
     h_rng = (0, h)
     if u > 1:
         ug = pm.group("ulysses")
-        q, k, v = (_ulysses_in(t, my_group, info.ulysses_rank, ug) for t in (q, k, v))
+        qb, kb, vb = (_ulysses_in(t, groups[me], info.ulysses_rank, ug) for t in (qb, kb, vb))
         h_rng = (info.ulysses_rank * (h // u), (info.ulysses_rank + 1) * (h // u))
+        # Text rows are on every rank: each takes its heads' slice, nothing is sent.
+        qh, qt, kh, kt, vh, vt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (qh, qt, kh, kt, vh, vt))
+    q_all = torch.cat([qh, qb, qt], dim=-2)
+    text = ((0, head), (head + body_total, head + body_total + tail))
+    q_pos = _positions(text[0], (head + offs[me], head + offs[me + 1]), text[1], device=q.device)
     if info.ring > 1:
-        out = _ring(q, k, v, mask, scale, info, blocks, q_rng, h_rng, pm.group("ring"))
+        out = lse = None
+        if head or tail:  # text K/V: attended once, locally
+            t_pos = _positions(*text, device=q.device)
+            t_out, t_lse = attention_with_lse(q_all, torch.cat([kh, kt], -2), torch.cat([vh, vt], -2),
+                                              _mask_for(mask, q_pos, t_pos, h_rng), scale)
+            out, lse = merge_partial(None, None, t_out, t_lse)
+        res = _ring(q_all, kb, vb, mask, scale, info, blocks, q_pos, head, h_rng, pm.group("ring"), out, lse)
     else:
-        m = _slice_mask(mask, q_rng, (0, offs[-1]), h_rng)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+        k_pos = torch.arange(head + body_total + tail, device=q.device)
+        res = torch.nn.functional.scaled_dot_product_attention(
+            q_all, torch.cat([kh, kb, kt], -2), torch.cat([vh, vb, vt], -2),
+            attn_mask=_mask_for(mask, q_pos, k_pos, h_rng), scale=scale)
+    oh, ob, ot = _split3(res, head, blocks[me])
     if u > 1:
-        out = _ulysses_out(out, my_group, info.ulysses_rank, pm.group("ulysses"))
-    return out
+        ob = _ulysses_out(ob, groups[me], info.ulysses_rank, pm.group("ulysses"))
+        if head or tail:  # text outputs: every rank needs all heads
+            txt = all_gather(torch.cat([oh, ot], -2), -3, pm.group("ulysses"), "ulysses")
+            oh, ot = txt[..., :head, :], txt[..., head:, :]
+    return torch.cat([oh, ob, ot], dim=-2)
 
 
 @torch.library.custom_op("xdit::usp_attention", mutates_args=())
@@ -135,18 +165,24 @@ def usp_attention(
     scale: float | None,
     mesh_key: str,
     split: list[int],
+    head: int = 0,
+    tail: int = 0,
 ) -> torch.Tensor:
-    """Exact attention over the whole (sharded) sequence; returns this rank's output rows."""
-    return _usp(q, k, v, attn_mask, scale, mesh_key, split)
+    """Exact attention over the whole (sharded) sequence; returns this rank's output rows.
+
+    ``head``/``tail``: replicated rows (text) joined before/after the sharded body.
+    """
+    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail)
 
 
 @usp_attention.register_fake
-def _(q, k, v, attn_mask, scale, mesh_key, split):  # type: ignore[no-untyped-def]
+def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0):  # type: ignore[no-untyped-def]
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def usp_comm_bytes(
-    q_shape: tuple[int, ...], v_dim: int, itemsize: int, info: MeshInfo, split: list[int]
+    q_shape: tuple[int, ...], v_dim: int, itemsize: int, info: MeshInfo, split: list[int],
+    text: int = 0,
 ) -> dict[tuple[str, str], tuple[int, int]]:
     """Static (calls, bytes sent by ``info.rank``) per (op, axis) of one ``usp_attention`` call.
 
@@ -166,6 +202,8 @@ def usp_comm_bytes(
         send_in = per_tok * s_me * (u - 1) * (2 * d + v_dim)
         send_out = per_tok * v_dim * (sum(mine) - s_me)
         out[("all_to_all", "ulysses")] = (4, send_in + send_out)
+        if text:  # text outputs gathered over heads; text K/V are never sent
+            out[("all_gather", "ulysses")] = (1, per_tok * v_dim * text * (u - 1))
     if r > 1:
         blocks = [sum(g) for g in groups]
         per_tok = lead_n * (h // u) * itemsize * (d + v_dim)

@@ -22,6 +22,7 @@ import torch.distributed._functional_collectives as fc
 __all__ = [
     "CommRecord",
     "CommStats",
+    "all_gather",
     "all_to_all",
     "comm_stats",
     "count",
@@ -112,6 +113,14 @@ def all_to_all(
     count("all_to_all", axis, sent * row)
     out = fc.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), group)
     return fc.wait_tensor(out)
+
+
+def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup, axis: str) -> torch.Tensor:
+    """All-gather equal pieces along ``dim`` (functional collective), counted."""
+    n = dist.get_world_size(group)
+    count("all_gather", axis, _nbytes(x) * (n - 1))
+    dim = dim % x.dim()
+    return fc.wait_tensor(fc.all_gather_tensor(x.contiguous(), dim, group))
 
 
 def send_recv(

@@ -24,13 +24,25 @@ def _factor_view(x: torch.Tensor, dim: int, outer: int, inner: int) -> torch.Ten
 
 
 def gather_shard(
-    x: torch.Tensor, dim: int, outer: int, inner: int, split: list[int], group_name: str
+    x: torch.Tensor,
+    dim: int,
+    outer: int,
+    inner: int,
+    split: list[int],
+    group_name: str,
+    head: int = 0,
+    tail: int = 0,
 ) -> torch.Tensor:
     """All-gather the sharded factor of ``dim`` over the sequence-parallel group (uneven ok).
 
     Pieces are padded to the largest one for the collective and cut back after it, so the
-    result is exactly the global tensor.
+    result is exactly the global tensor. Replicated ``head``/``tail`` rows are not sent.
     """
+    if head or tail:
+        body = x.narrow(dim, head, x.shape[dim] - head - tail)
+        full = gather_shard(body, dim, outer, inner, split, group_name)
+        parts = [x.narrow(dim, 0, head), full, x.narrow(dim, x.shape[dim] - tail, tail)]
+        return torch.cat(parts, dim=dim)
     n, m = len(split), max(split)
     v = _factor_view(x, dim, outer, inner).movedim(dim + 1, 0)  # [s_r, ..., outer, inner, ...]
     if v.shape[0] < m:
@@ -61,8 +73,23 @@ def gather_bytes(local_numel: int, itemsize: int, split: list[int], sp_rank: int
     return padded * itemsize * (len(split) - 1)
 
 
-def slice_shard(x: torch.Tensor, dim: int, outer: int, inner: int, start: int, length: int) -> torch.Tensor:
-    """This rank's piece of a replicated tensor (no communication)."""
+def slice_shard(
+    x: torch.Tensor,
+    dim: int,
+    outer: int,
+    inner: int,
+    start: int,
+    length: int,
+    head: int = 0,
+    tail: int = 0,
+) -> torch.Tensor:
+    """This rank's piece of a replicated tensor (no communication): its body rows, with the
+    replicated ``head``/``tail`` rows kept in front and behind."""
+    if head or tail:
+        body = x.narrow(dim, head, x.shape[dim] - head - tail)
+        parts = [x.narrow(dim, 0, head), slice_shard(body, dim, outer, inner, start, length),
+                 x.narrow(dim, x.shape[dim] - tail, tail)]
+        return torch.cat(parts, dim=dim)
     if outer == 1 and inner == 1:
         return x.narrow(dim, start, length)
     v = _factor_view(x, dim, outer, inner).narrow(dim + 1, start, length)

@@ -101,7 +101,8 @@ def compile_for(
 def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
     """Rank ``rank``'s part of the global tensor ``t`` under placement ``p``."""
     if isinstance(p, Shard):
-        return slice_shard(t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank])
+        return slice_shard(t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank], p.head,
+                           p.tail)
     return t
 
 
@@ -113,10 +114,12 @@ def simulated_gather(
     inner: int,
     split: list[int],
     group: str,
+    head: int = 0,
+    tail: int = 0,
 ) -> torch.Tensor:
     """The real ``gather_shard`` of local ``x``, its all-gather simulated: every rank's send
     buffer comes from running ``gather_shard`` on that rank's piece of the global value."""
-    sh = Shard(dim, tuple(split), outer, inner)
+    sh = Shard(dim, tuple(split), outer, inner, head, tail)
     sent: list[torch.Tensor] = []
 
     def record(t: torch.Tensor, n: int, group: str) -> torch.Tensor:
@@ -127,10 +130,10 @@ def simulated_gather(
     with mock.patch.object(reshard.fc, "wait_tensor", lambda t: t):
         with mock.patch.object(ns, "all_gather_into_tensor", record):
             for r in range(len(split)):
-                gather_shard(piece(glob, sh, r), dim, outer, inner, split, group)
+                gather_shard(piece(glob, sh, r), dim, outer, inner, split, group, head, tail)
         buffers = torch.cat(sent)
         with mock.patch.object(ns, "all_gather_into_tensor", lambda t, n, group: buffers):
-            return gather_shard(x, dim, outer, inner, split, group)
+            return gather_shard(x, dim, outer, inner, split, group, head, tail)
 
 
 class Record(fx.Interpreter):

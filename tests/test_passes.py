@@ -414,10 +414,10 @@ def test_lower_tiny_dit(tiny: Any, rank: int) -> None:
     gm, ctx = compile_for(gm0, rank, ALL, group_names={"sp": "grp0"})
     assert count(gm, redistribute) == 0
     (sl,) = calls(gm, slice_shard)
-    assert sl.args[0].name == "hidden_states" and sl.args[1:] == (2, 1, 1, 4 * rank, 4)
+    assert sl.args[0].name == "hidden_states" and sl.args[1:] == (2, 1, 1, 4 * rank, 4, 0, 0)
     (ga,) = calls(gm, gather_shard)
     out_proj = next(n for n in calls(gm, aten.linear.default) if n.args[1].target == "out.weight")
-    assert ga.args[0] is out_proj and ga.args[1:] == (1, 1, 1, [8, 8], "grp0")
+    assert ga.args[0] is out_proj and ga.args[1:] == (1, 1, 1, [8, 8], "grp0", 0, 0)
     assert gm.graph.find_nodes(op="output")[0].args[0] == (ga,)
     gathers = [c for c in ctx.collectives if c.op == "all_gather"]
     assert gathers == [
@@ -450,7 +450,7 @@ def test_lower_shard_to_other_shard_is_gather_then_slice(rank: int) -> None:
     gm, ctx = compile_for(gm0, rank, passes)
     usp = calls(gm, USP)[0]
     moved = usp.args[1]
-    assert moved.target is slice_shard and moved.args[1:] == (2, 1, 1, 4 * rank, 4)
+    assert moved.target is slice_shard and moved.args[1:] == (2, 1, 1, 4 * rank, 4, 0, 0)
     assert moved.args[0].target is gather_shard and moved.args[0].args[1] == 1
     assert [c.what for c in ctx.collectives if c.op == "all_gather"] == ["sharding break", "output"]
     ref = reference(gm0, **kw)

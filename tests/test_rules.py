@@ -41,6 +41,7 @@ from xdit_compile.kernels.attention import attention_with_lse, backends, merge_p
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.passes.sharding.placement import (
     Partial,
+    Placement,
     Replicate,
     Shard,
     even_split,
@@ -473,7 +474,7 @@ def test_conv_patch_embed_divides_the_split_by_the_stride() -> None:
         conv = one(gm, aten.conv2d.default)
         assert conv.meta["xdit_placement"] == Shard(2, (2, 2))
         assert "xdit_halo" not in conv.meta and calls(gm, HALO) == []
-        assert one(gm, slice_shard).args[1:] == (2, 1, 1, 4 * rank, 4)  # rank's rows
+        assert one(gm, slice_shard).args[1:] == (2, 1, 1, 4 * rank, 4, 0, 0)  # rank's rows
 
 
 def test_conv_patch_embed_with_split_not_divisible_by_stride_breaks() -> None:
@@ -542,20 +543,86 @@ def test_cat_along_an_unsharded_dim_slices_the_replicated_input() -> None:
         assert one(gm, aten.cat.default).meta["xdit_placement"] == S1
 
 
-def test_cat_along_the_sharded_dim_breaks() -> None:
-    case = Case(lambda x, y: torch.cat([x, y], 1), X, torch.randn(4, 3, 6))
+def test_cat_along_the_sharded_dim_makes_a_joint_shard() -> None:
+    # Replicated rows (text) joined after sharded rows (image): every rank holds all text rows.
+    case = Case(lambda x, y: torch.cat([x, y], 1) * 2, X, torch.randn(4, 3, 6))
     for gm, ctx in case.check({0: S1}):
-        assert len(ctx.breaks) == 1 and ctx.breaks[0].node == "cat"
+        assert ctx.breaks == []
+        assert one(gm, aten.cat.default).meta["xdit_placement"] == Shard(1, (4, 4), tail=3)
+
+
+def test_cat_of_two_sharded_pieces_along_the_sharded_dim_breaks() -> None:
+    case = Case(lambda x: torch.cat([x, x * 2], 1), X)
+    for gm, ctx in case.check({0: S1}):
+        assert reasons(ctx) == ["concatenation of several sharded pieces along the sharded dim"]
         assert one(gm, aten.cat.default).meta["xdit_placement"] == R
 
 
-def test_cat_along_the_sharded_dim_break_reason() -> None:
-    case = Case(lambda x, y: torch.cat([x, y], 1), X, torch.randn(4, 3, 6))
-    _, ctx = case.compile({0: S1}, passes=FRONT_NO_SEED)
-    assert reasons(ctx) == ["concatenation along the sharded dim"]
+TXT = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(5))
+TABLE = torch.randn(11, 6, generator=torch.Generator().manual_seed(6))  # e.g. RoPE rows
 
 
-@pytest.mark.parametrize(("dim", "want"), [(1, Shard(2, (4, 4))), (-1, S1), (0, Shard(2, (4, 4)))])
+def _joint_then(fn: Callable[..., Any]) -> Case:
+    """Text rows joined before the sharded image rows, then ``fn`` of the joint tensor."""
+    return Case(lambda t, x, tab: fn(torch.cat([t, x], 1), tab), TXT, X, TABLE)
+
+
+@pytest.mark.parametrize(
+    "fn,want",
+    [
+        (lambda j, tab: j * tab, Shard(1, (4, 4), head=3)),  # table sliced: head rows + body piece
+        (lambda j, tab: torch.nn.functional.layer_norm(j, (6,)), Shard(1, (4, 4), head=3)),
+        (lambda j, tab: j.reshape(4, 11, 2, 3).transpose(1, 2), Shard(2, (4, 4), head=3)),
+        (lambda j, tab: j[:, :3] + 1, R),  # the text rows alone are replicated
+        (lambda j, tab: j[:, 3:] + 1, Shard(1, (4, 4))),  # the image rows alone are the body
+        (lambda j, tab: j[:, -8:] + 1, Shard(1, (4, 4))),
+    ],
+)
+def test_joint_shard_through_ops(fn: Callable[..., Any], want: Placement) -> None:
+    case = _joint_then(fn)
+    for gm, ctx in case.check({1: S1}):
+        assert ctx.breaks == []
+        out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0]
+        src = out.args[0] if out.target is gather_shard else out
+        assert src.meta["xdit_placement"] == want
+
+
+def test_joint_split_into_text_and_image() -> None:
+    case = _joint_then(lambda j, tab: tuple(t * 2 for t in j.split([3, 8], dim=1)))
+    for gm, ctx in case.check({1: S1}):
+        assert ctx.breaks == []
+        split = one(gm, aten.split_with_sizes.default)
+        assert split.meta["xdit_placement"] == (R, Shard(1, (4, 4)))
+        assert split.args[1] == [3, 4]  # local sizes
+
+
+def test_joint_slice_through_the_body_breaks() -> None:
+    case = _joint_then(lambda j, tab: j[:, 2:5] + 1)
+    for _, ctx in case.check({1: S1}):
+        assert reasons(ctx) == ["slice cuts through the sharded part of the dim"]
+
+
+def test_joint_reshape_merging_the_dim_breaks() -> None:
+    case = _joint_then(lambda j, tab: j.reshape(4, 66) + 1)
+    for _, ctx in case.check({1: S1}):
+        assert len(ctx.breaks) == 1 and "reshape" in ctx.breaks[0].reason
+
+
+def test_joint_self_attention_is_usp_with_head() -> None:
+    def attn(j: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        q = j.reshape(4, 11, 2, 3).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q * 2, q + 1)
+
+    case = _joint_then(attn)
+    for gm, ctx in case.check({1: S1}):
+        assert ctx.breaks == []
+        (usp,) = calls(gm, USP)
+        assert usp.args[6:] == ([4, 4], 3, 0)  # split, head, tail
+        sites = [c for c in ctx.collectives if c.what == "usp_attention"]
+        ops = {c.op for c in sites}
+        assert ops == {"all_to_all", "all_gather"}  # body all-to-all; text outputs over heads
+
+
 def test_stack_shifts_the_shard(dim: int, want: Shard) -> None:
     case = Case(lambda x, y: torch.stack([x, y], dim), X, X * 2)
     for gm, ctx in case.check({0: S1}):

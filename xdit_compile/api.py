@@ -124,7 +124,7 @@ class ParallelModule(torch.nn.Module):
         runner: Any = gm
         if self.plan.compile == "inductor":
             runner = torch.compile(gm, backend="inductor", dynamic=False)
-        static = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in ctx.collectives if c.op in ("all_gather", "all_reduce")]
+        static = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in ctx.collectives if c.graph_level]
         logger.info("compiled %s for a new input signature (%d sharding breaks)",
                     type(self.model).__name__, len(ctx.breaks))
         return CompiledGraph(gm, ctx, runner, static)

@@ -65,6 +65,9 @@ class CollectiveSite:
     calls: int
     bytes_per_forward: int
     what: str
+    graph_level: bool = False
+    """A collective the graph itself runs (counted per forward by the module), as opposed to
+    one inside an op that counts itself when it runs (attention, halo exchange)."""
 
 
 @dataclass(frozen=True, slots=True)

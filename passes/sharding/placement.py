@@ -7,6 +7,9 @@ middle factor ``N = sum(split)`` is cut into contiguous pieces, rank ``i`` holdi
 it. ``outer``/``inner`` let a shard survive reshapes that merge it with other dims, e.g.
 ``[B, S, F, C] -> [B*S, F, C]`` keeps S sharded inside the merged dim (``outer=B``). Uneven
 ``split`` values are exact shards, never padding.
+``Shard(..., head=a, tail=b)``: the dim is a concatenation ``[a replicated rows, sharded body,
+b replicated rows]``, e.g. text tokens joined to image tokens: every rank holds all ``a + b`` text
+rows and its piece of the body, in that order.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ class Shard:
     split: tuple[int, ...]
     outer: int = 1
     inner: int = 1
+    head: int = 0
+    """Replicated rows before the sharded body (only with ``outer == 1``)."""
+    tail: int = 0
+    """Replicated rows after the sharded body (only with ``outer == 1``)."""
 
     def __post_init__(self) -> None:
         # With nothing outside it, an inner factor is just finer units of one contiguous
@@ -39,10 +46,19 @@ class Shard:
     @property
     def total(self) -> int:
         """Global size of the sharded dimension."""
-        return self.outer * sum(self.split) * self.inner
+        return self.head + self.outer * sum(self.split) * self.inner + self.tail
+
+    @property
+    def joint(self) -> bool:
+        """Whether replicated rows are joined to the body (``head`` or ``tail``)."""
+        return bool(self.head or self.tail)
+
+    def body(self) -> Shard:
+        """The same shard without its replicated head and tail rows."""
+        return replace(self, head=0, tail=0)
 
     def local_size(self, rank: int) -> int:
-        return self.outer * self.split[rank] * self.inner
+        return self.head + self.outer * self.split[rank] * self.inner + self.tail
 
     def offset(self, rank: int) -> int:
         """Start of ``rank``'s piece inside the sharded factor N."""
@@ -62,7 +78,12 @@ class Shard:
         even = len(set(self.split)) == 1
         cut = f"/{len(self.split)}" if even else f"{list(self.split)}"
         extra = "".join(
-            [f",outer={self.outer}" if self.outer != 1 else "", f",inner={self.inner}" if self.inner != 1 else ""]
+            [
+                f",outer={self.outer}" if self.outer != 1 else "",
+                f",inner={self.inner}" if self.inner != 1 else "",
+                f",head={self.head}" if self.head else "",
+                f",tail={self.tail}" if self.tail else "",
+            ]
         )
         return f"S({self.dim}{cut}{extra})"
 

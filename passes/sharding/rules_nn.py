@@ -70,6 +70,8 @@ def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
             return Decision(out=pa)
         if off:
             raise Break("contracting the sharded dim under a bias (addmm/baddbmm)")
+        if pa.joint:
+            raise Break("contracting a joint dim (replicated rows would be summed per rank)")
         if pa.dim == na - 1 and nb >= 2 and pb.dim == nb - 2 and pa.with_dim(0) == pb.with_dim(0):
             return Decision(out=Partial())  # contracts the sharded dim: partial sums
         raise Break("both matmul operands sharded on different dims")
@@ -140,8 +142,8 @@ def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
         return Decision(out=sh)
     if sh.dim == 1:
         raise Break("conv contracts the sharded channel dim")
-    if sh.outer != 1 or sh.inner != 1:
-        raise Break("conv on a merged sharded dim")
+    if sh.outer != 1 or sh.inner != 1 or sh.joint:
+        raise Break("conv on a merged or joint sharded dim")
     stride, padding, dilation, _ = _conv_params(node)
     i = sh.dim - 2
     k = int(w.meta["val"].shape[sh.dim])
@@ -191,5 +193,6 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     for a in kv:
         if rc.spec(a) != pq:
             wants[a] = pq.with_dim(len(rc.shape(a)) - 2)
-    return Decision(out=pq, inputs=wants, meta={"xdit_attention": "usp", "xdit_split": pq.split})
+    meta = {"xdit_attention": "usp", "xdit_split": pq.split, "xdit_joint": (pq.head, pq.tail)}
+    return Decision(out=pq, inputs=wants, meta=meta)
 

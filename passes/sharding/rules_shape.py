@@ -28,7 +28,7 @@ from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
 aten = torch.ops.aten
 R = Replicate()
 
-__all__ = ["align_inputs", "reshape_shard", "schema_arg"]
+__all__ = ["align_inputs", "joint_range", "reshape_shard", "schema_arg"]
 
 _POINTWISE = ops(
     "add",
@@ -174,6 +174,8 @@ def reshape_shard(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ..
     If the range straddles output dims, its low part must consist of whole units of every
     rank's piece (e.g. token rows of width W): the shard keeps the high part. Otherwise None.
     """
+    if sh.joint:
+        return _reshape_keeping_dim(in_shape, sh, out_shape)
     s = sh.inner * prod(in_shape[sh.dim + 1:])
     n, split = sum(sh.split), sh.split
     strides = [prod(out_shape[e + 1:]) for e in range(len(out_shape))]
@@ -191,6 +193,38 @@ def reshape_shard(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ..
         if n % cap or any(x % cap for x in split):
             return None
         split, n, s = tuple(x // cap for x in split), n // cap, s * cap
+
+
+def _reshape_keeping_dim(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ...]) -> Shard | None:
+    """A joint shard (replicated head/tail rows) survives only reshapes that leave its dim
+    whole: same extent, same number of elements before it."""
+    before = prod(in_shape[: sh.dim])
+    for e, size in enumerate(out_shape):
+        if size == in_shape[sh.dim] and prod(out_shape[:e]) == before:
+            return sh.with_dim(e)
+    return None
+
+
+def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, int, int] | None:
+    """Placement and local [start, end) of the global slice [start, end) of a shard's dim.
+
+    The dim is [head rows | body (sharded) | tail rows]. A slice inside the head or the tail is
+    replicated; one from a boundary to a boundary keeps the body sharded; others cut the body.
+    """
+    if sh.outer != 1:
+        return (sh, 0, sh.local_size(rank)) if (start, end) == (0, sh.total) else None
+    body, mine = sum(sh.split), sh.split[rank]
+    head_end, tail_start = sh.head, sh.head + body
+    if end <= head_end:
+        return R, start, end
+    if start >= tail_start:
+        return R, start - body + mine, end - body + mine
+    if start in (0, head_end) and end in (tail_start, sh.total):
+        head = sh.head if start == 0 else 0
+        tail = sh.tail if end == sh.total else 0
+        local_end = sh.head + mine + (sh.tail if end == sh.total else 0)
+        return Shard(sh.dim, sh.split, head=head, tail=tail), start, local_end
+    return None
 
 
 _VIEWS = ops("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy", "_reshape_alias")
@@ -262,8 +296,26 @@ def _cat(node: fx.Node, rc: RuleCtx) -> Decision:
     out_shape = rc.shape(node)
     dim = _cat_dim(node, len(out_shape))
     if any(isinstance(p := rc.spec(t), Shard) and p.dim == dim for t in tensor_args(node)):
-        raise Break("concatenation along the sharded dim")
+        return _cat_sharded_dim(node, rc, dim)
     return align_inputs(node, rc, out_shape)
+
+
+def _cat_sharded_dim(node: fx.Node, rc: RuleCtx, dim: int) -> Decision:
+    """Replicated pieces joined to one sharded piece (text + image tokens) become the
+    replicated head/tail of a joint shard: each rank concatenates what it holds."""
+    tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]  # type: ignore[union-attr]
+    specs = [rc.spec(t) for t in tensors]
+    sharded = [i for i, p in enumerate(specs) if isinstance(p, Shard)]
+    if len(sharded) != 1 or any(not isinstance(p, Shard | Replicate) for p in specs):
+        raise Break("concatenation of several sharded pieces along the sharded dim")
+    i = sharded[0]
+    sh = specs[i]
+    assert isinstance(sh, Shard)
+    if sh.outer != 1:
+        raise Break("concatenation along a merged sharded dim")
+    before = sum(rc.shape(t)[dim] for t in tensors[:i])
+    after = sum(rc.shape(t)[dim] for t in tensors[i + 1:])
+    return Decision(out=Shard(dim, sh.split, head=sh.head + before, tail=sh.tail + after))
 
 
 @register_rule(*ops("stack"))
@@ -298,11 +350,21 @@ def _slice(node: fx.Node, rc: RuleCtx) -> Decision:
     if dim != sh.dim:
         return Decision(out=sh)
     size = rc.shape(x)[dim]
-    full = (start in (None, 0)) and (end is None or end >= size) and step in (None, 1)
-    if not full:
-        raise Break("slice of the sharded dim")
-    local = sh.local_size(rc.rank)
-    return Decision(out=sh, args=(x, dim, 0, local, 1), kwargs={})
+    if step not in (None, 1):
+        raise Break("strided slice of the sharded dim")
+    lo, hi = _bounds(start, end, size)
+    got = joint_range(sh, lo, hi, rc.rank)
+    if got is None:
+        raise Break("slice cuts through the sharded part of the dim")
+    out, lo_local, hi_local = got
+    return Decision(out=out, args=(x, dim, lo_local, hi_local, 1), kwargs={})
+
+
+def _bounds(start: Any, end: Any, size: int) -> tuple[int, int]:
+    lo = 0 if start is None else int(start)
+    hi = size if end is None else int(end)
+    lo, hi = (lo + size if lo < 0 else lo), (hi + size if hi < 0 else hi)
+    return max(0, min(lo, size)), max(0, min(hi, size))
 
 
 @register_rule(*ops("select"))
@@ -324,10 +386,27 @@ def _split(node: fx.Node, rc: RuleCtx) -> Decision:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim = norm_dim(int(dim), nd)  # type: ignore[arg-type]
     if dim == sh.dim:
-        raise Break("split along the sharded dim")
+        return _split_sharded_dim(node, rc, x, sh, dim)
     n_out = len(node.meta["val"])
     out = sh.with_dim(sh.dim - (1 if dim < sh.dim else 0)) if packet is aten.unbind else sh
     return Decision(out=tuple(out for _ in range(n_out)))
+
+
+def _split_sharded_dim(node: fx.Node, rc: RuleCtx, x: fx.Node, sh: Shard, dim: int) -> Decision:
+    """Splitting a joint dim at its head/body/tail boundaries: e.g. text and image tokens."""
+    if node.target.overloadpacket in (aten.unbind, aten.tensor_split):  # type: ignore[union-attr]
+        raise Break("unbind/tensor_split along the sharded dim")
+    sizes = [int(v.shape[dim]) for v in node.meta["val"]]
+    outs, local_sizes, start = [], [], 0
+    for size in sizes:
+        got = joint_range(sh, start, start + size, rc.rank)
+        if got is None:
+            raise Break("split cuts through the sharded part of the dim")
+        outs.append(got[0])
+        local_sizes.append(got[2] - got[1])
+        start += size
+    return Decision(out=tuple(outs), target=aten.split_with_sizes.default, args=(x, local_sizes, dim),
+                    kwargs={})
 
 
 @register_rule(operator.getitem)
