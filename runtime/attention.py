@@ -147,12 +147,14 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         res = torch.nn.functional.scaled_dot_product_attention(
             q_all, torch.cat([kh, kb, kt], -2), torch.cat([vh, vb, vt], -2),
             attn_mask=_mask_for(mask, q_pos, k_pos, h_rng), scale=scale)
+    if not (head or tail):
+        return _ulysses_out(res, groups[me], info.ulysses_rank, pm.group("ulysses")) if u > 1 else res
     oh, ob, ot = _split3(res, head, blocks[me])
     if u > 1:
         ob = _ulysses_out(ob, groups[me], info.ulysses_rank, pm.group("ulysses"))
-        if head or tail:  # text outputs: every rank needs all heads
-            txt = all_gather(torch.cat([oh, ot], -2), -3, pm.group("ulysses"), "ulysses")
-            oh, ot = txt[..., :head, :], txt[..., head:, :]
+        # Text outputs: every rank needs all heads of them.
+        txt = all_gather(torch.cat([oh, ot], -2), -3, pm.group("ulysses"), "ulysses")
+        oh, ot = txt[..., :head, :], txt[..., head:, :]
     return torch.cat([oh, ob, ot], dim=-2)
 
 
