@@ -355,7 +355,7 @@ def test_rewrite_attention_ulysses(tiny: Any) -> None:
     (usp,) = calls(gm, USP)
     q, k, v = usp.args[:3]
     assert [a.name for a in (q, k, v)] == ["transpose_1", "transpose_2", "transpose_3"]
-    assert usp.args[3:] == (None, None, "k", [8, 8])
+    assert usp.args[3:] == (None, None, "k", [8, 8], 0, 0)
     assert usp.meta["xdit_pass"] == "rewrite_attention" and usp.meta["xdit_placement"] == Shard(
         2, (8, 8)
     )
