@@ -375,7 +375,7 @@ def test_rewrite_attention_ring(tiny: Any, rank: int) -> None:
     gm0, _, _ = tiny
     gm, ctx = compile_for(gm0, rank, REWRITE, plan=Plan(ring=2))
     (usp,) = calls(gm, USP)
-    assert usp.args[5:] == ("k", [8, 8])
+    assert usp.args[5:] == ("k", [8, 8], 0, 0)
     # one K/V block of 8 tokens x 4 heads x (8 + 8) floats goes to the next rank
     assert ctx.collectives == [
         CollectiveSite(usp.name, "send_recv", "ring", 1, 8 * 4 * 16 * 4, "usp_attention")
@@ -422,7 +422,8 @@ def test_lower_tiny_dit(tiny: Any, rank: int) -> None:
     gathers = [c for c in ctx.collectives if c.op == "all_gather"]
     assert gathers == [
         CollectiveSite(
-            ga.name, "all_gather", "sp", 1, gather_bytes(8 * 8, 4, [8, 8], rank), "output"
+            ga.name, "all_gather", "sp", 1, gather_bytes(8 * 8, 4, [8, 8], rank), "output",
+            graph_level=True,
         )
     ]
     assert {c.op for c in ctx.collectives} == {"all_gather", "all_to_all"}

@@ -623,6 +623,7 @@ def test_joint_self_attention_is_usp_with_head() -> None:
         assert ops == {"all_to_all", "all_gather"}  # body all-to-all; text outputs over heads
 
 
+@pytest.mark.parametrize(("dim", "want"), [(1, Shard(2, (4, 4))), (-1, S1), (0, Shard(2, (4, 4)))])
 def test_stack_shifts_the_shard(dim: int, want: Shard) -> None:
     case = Case(lambda x, y: torch.stack([x, y], dim), X, X * 2)
     for gm, ctx in case.check({0: S1}):
@@ -645,7 +646,7 @@ def test_full_range_slice_of_the_sharded_dim_becomes_local() -> None:
 def test_partial_slice_of_the_sharded_dim_breaks() -> None:
     case = Case(lambda x: x[:, 2:6] * 2, X)
     for gm, ctx in case.check({0: S1}):
-        assert reasons(ctx) == ["slice of the sharded dim"]
+        assert reasons(ctx) == ["slice cuts through the sharded part of the dim"]
         assert one(gm, aten.slice.Tensor).meta["xdit_placement"] == R
 
 
@@ -684,7 +685,7 @@ def test_split_and_chunk_keep_shard(
 
 def test_split_along_the_sharded_dim_breaks() -> None:
     for gm, ctx in Case(lambda x: x.split([3, 5], 1)[1] * 2, X).check({0: S1}):
-        assert reasons(ctx) == ["split along the sharded dim"]
+        assert reasons(ctx) == ["split cuts through the sharded part of the dim"]
         assert one(gm, aten.mul.Tensor).meta["xdit_placement"] == R
 
 
