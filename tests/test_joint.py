@@ -1,0 +1,75 @@
+"""Joint text+image attention: text K/V are never sent by any collective.
+
+Byte accounting per tensor: with the image fixed, the bytes every K/V-moving collective
+(Ulysses all-to-all, Ring send/recv) sends must not change when the text gets longer; only the
+gather of the text rows' attention *outputs* over heads (Ulysses) may grow, by exactly the
+text rows' share. A design that sent text K/V (or padded them in) fails this.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xdit_compile as xc
+from xdit_compile.runner import rel_error
+
+
+def _flux(text_len: int) -> tuple[torch.nn.Module, dict]:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=False, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    h, w = 5, 7  # 35 image tokens: uneven over 2 and 4 ranks
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    inputs = dict(
+        hidden_states=torch.randn(1, h * w, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, text_len, 32, generator=g),
+        pooled_projections=torch.randn(1, 16, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=ids.reshape(h * w, 3),
+        txt_ids=torch.zeros(text_len, 3),
+        return_dict=False,
+    )
+    return model, inputs
+
+
+def _bytes_by_op(plan: xc.Plan, text_len: int) -> dict:
+    from xdit_compile.runtime.collectives import comm_stats
+
+    model, inputs = _flux(text_len)
+    with torch.no_grad():
+        ref = model(**inputs)
+    pm = xc.parallelize(model, plan)
+    pm.prepare(**inputs)
+    comm_stats().reset()
+    out = pm(**inputs)
+    return {"err": rel_error(out, ref), "comm": comm_stats().as_dict(),
+            "breaks": len(pm.last.ctx.breaks)}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("plan,world", [(dict(ulysses=2), 2), (dict(ring=2), 2),
+                                        (dict(ulysses=2, ring=2), 4)])
+def test_text_kv_never_sent(pools, plan, world):
+    short = pools(world).run(_bytes_by_op, xc.Plan(**plan), 6)
+    long = pools(world).run(_bytes_by_op, xc.Plan(**plan), 22)
+    for a, b in zip(short, long, strict=True):
+        assert a["err"] < 1e-4 and b["err"] < 1e-4  # exact vs serial (fp32, see test_models_dist)
+        assert a["breaks"] == b["breaks"] == 0
+        for key in ("all_to_all@ulysses", "send_recv@ring"):
+            assert a["comm"].get(key) == b["comm"].get(key), key  # K/V traffic: image only
+        if plan.get("ulysses", 1) > 1:
+            # 2 joint attention layers gather text outputs over heads: [1, 2 heads, T, 8] fp32
+            # sent to the one peer of the Ulysses group.
+            grow = b["comm"]["all_gather@ulysses"]["bytes"] - a["comm"]["all_gather@ulysses"]["bytes"]
+            assert grow == 2 * (22 - 6) * 2 * 8 * 4
+        else:
+            assert "all_gather@ulysses" not in b["comm"]
