@@ -4,15 +4,14 @@
 ``example_inputs(name, model)`` gives the kwargs of its forward call. No weights are downloaded.
 """
 
+from .entry import SIZES, LatentSize, ZooEntry
 from .inputs import InputSpec
 from .zoo import (
-    SIZES,
-    LatentSize,
-    ZooEntry,
     build_model,
     example_inputs,
     get_entry,
     list_models,
+    token_frames,
     token_rows,
 )
 
@@ -25,5 +24,6 @@ __all__ = [
     "example_inputs",
     "get_entry",
     "list_models",
+    "token_frames",
     "token_rows",
 ]

@@ -9,19 +9,21 @@ bit-identical parameters. :func:`example_inputs` returns the keyword arguments o
 ``model(**inputs)`` the way the matching diffusers pipeline calls the transformer.
 
 Token rows of the default inputs (latent H / patch size) are divisible by 4; ``uneven=True``
-gives an input whose token rows are divisible by neither 2 nor 4 (and are at least 4).
+gives an input whose token rows are divisible by neither 2 nor 4 (and are at least 4). Video
+models' uneven inputs also have an odd number of latent frames. The full-size video defaults
+are the published video shapes (their rows need not divide by 4). The entries themselves are
+in this file (cross-attention DiTs) and in ``zoo_joint.py`` (joint-attention DiTs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
 
+from .entry import SIZES, LatentSize, ZooEntry
 from .inputs import (
-    InputBuilder,
     InputSpec,
     dit_inputs,
     hunyuan_dit_inputs,
@@ -29,6 +31,7 @@ from .inputs import (
     pixart_inputs,
     sana_inputs,
 )
+from .zoo_joint import JOINT_ENTRIES
 
 __all__ = [
     "SIZES",
@@ -38,67 +41,9 @@ __all__ = [
     "example_inputs",
     "get_entry",
     "list_models",
+    "token_frames",
     "token_rows",
 ]
-
-#: The two config sizes every entry provides.
-SIZES: tuple[str, ...] = ("tiny", "full")
-
-
-@dataclass(frozen=True, kw_only=True)
-class LatentSize:
-    """Default example-input geometry of one config size, in latent pixels.
-
-    ``height``/``width`` give token rows divisible by 4; ``uneven_height``/``uneven_width`` give
-    token rows divisible by neither 2 nor 4. ``frames`` is the video length (``None`` for images;
-    for Latte the model config's ``video_length`` is used instead). ``text_len`` is the main text
-    sequence length (``None`` where the model has no text or fixes it in its config).
-    """
-
-    height: int
-    width: int
-    uneven_height: int
-    uneven_width: int
-    frames: int | None = None
-    text_len: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class ZooEntry:
-    """One model of the zoo.
-
-    ``tiny`` and ``full`` are constructor kwargs of the diffusers class ``cls_name``.
-    ``input_builder`` makes ``example_inputs``; ``sizes`` holds the default input geometry per
-    size; ``video`` marks ``[B, C, F, H, W]`` inputs; ``check_config`` (optional) rejects configs
-    the class accepts but cannot run (raises ``ValueError``).
-    """
-
-    name: str
-    cls_name: str
-    tiny: dict[str, Any]
-    full: dict[str, Any]
-    description: str
-    input_builder: InputBuilder
-    sizes: dict[str, LatentSize]
-    video: bool = False
-    check_config: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
-    uneven_config: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per size, config overrides that ``build_model(..., uneven=True)`` applies (for models
-    whose uneven input needs another config, e.g. Latte's frame count is its video_length)."""
-
-    def config(self, size: str = "tiny") -> dict[str, Any]:
-        """A fresh copy of the constructor kwargs of ``size`` (``"tiny"`` or ``"full"``)."""
-        if size == "tiny":
-            return dict(self.tiny)
-        if size == "full":
-            return dict(self.full)
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-
-    def latent_size(self, size: str = "tiny") -> LatentSize:
-        """Default input geometry of ``size``."""
-        if size not in self.sizes:
-            raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-        return self.sizes[size]
 
 
 def _check_hunyuan(config: dict[str, Any]) -> None:
@@ -366,13 +311,15 @@ _ENTRIES: tuple[ZooEntry, ...] = (
             ),
         },
         video=True,
+        layout="BCFHW",
         # Sequence parallelism splits the frames first: an uneven input needs an odd frame
         # count, and Latte's frame count is fixed by its temporal position table.
         uneven_config={"tiny": {"video_length": 5}, "full": {"video_length": 15}},
     ),
 )
 
-_REGISTRY: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
+# Cross-attention DiTs first, then the joint text+image/video attention DiTs of zoo_joint.py.
+_REGISTRY: dict[str, ZooEntry] = {entry.name: entry for entry in (*_ENTRIES, *JOINT_ENTRIES)}
 
 
 def list_models() -> list[str]:
@@ -423,6 +370,13 @@ def build_model(
     return model.eval()
 
 
+def _keeps_fp32(model: torch.nn.Module, name: str) -> bool:
+    """Whether diffusers keeps parameter/buffer ``name`` in float32 (``_keep_in_fp32_modules``,
+    matched on name components as ``from_pretrained`` does)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    return any(k in name.split(".") for k in keep)
+
+
 def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast ``model`` to ``dtype`` in place, keeping its ``_keep_in_fp32_modules`` in float32.
 
@@ -431,17 +385,21 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
     if dtype == torch.float32:
         return
     torch.nn.Module.to(model, dtype=dtype)
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    if keep:
-        for mod_name, sub in model.named_modules():
-            if any(k in mod_name.split(".") for k in keep):
-                sub.float()
+    for tensors in (model.named_parameters(), model.named_buffers()):
+        for t_name, t in tensors:
+            if t.is_floating_point() and _keeps_fp32(model, t_name):
+                t.data = t.data.float()
 
 
 def _param_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
-    for p in model.parameters():
-        if p.is_floating_point():
+    """The model's compute dtype and device: those of its first floating-point parameter that
+    is not kept in float32."""
+    params = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    for p_name, p in params:
+        if not _keeps_fp32(model, p_name):
             return p.dtype, p.device
+    if params:
+        return params[0][1].dtype, params[0][1].device
     return torch.float32, torch.device("cpu")
 
 
@@ -462,10 +420,13 @@ def example_inputs(
 
     ``height``/``width`` are latent pixels (the transformer's sample H/W); by default they come
     from the entry's ``size`` geometry, the uneven variant when ``uneven=True`` (explicit values
-    always win). ``frames`` is for video models only and defaults to the model's ``video_length``.
+    always win). ``frames`` is for video models only (latent frames as the model sees them) and
+    defaults to the model's ``video_length`` (Latte) or the entry's (uneven) frame count.
     ``text_len`` overrides the default text length (ignored by HunyuanDiT, whose text lengths are
     part of its config). Tensors are created on the model's device, in its dtype (masks, labels
-    and integer timesteps in int64; HunyuanDiT's rotary tables in float32); ``return_dict=False``.
+    and integer timesteps in int64; HunyuanDiT's rotary tables in float32; the joint-attention
+    models' masks, timesteps and guidance in the dtypes their pipelines pass, see
+    ``inputs_joint.py``); ``return_dict=False``.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -475,7 +436,8 @@ def example_inputs(
     w = width if width is not None else (geo.uneven_width if uneven else geo.width)
     if entry.video:
         if frames is None:
-            frames = int(getattr(model, "config", {}).get("video_length", geo.frames or 1))
+            default = geo.uneven_frames if uneven and geo.uneven_frames else geo.frames
+            frames = int(getattr(model, "config", {}).get("video_length", default or 1))
     elif frames is not None:
         raise ValueError(f"{name} is an image model; frames must be None, got {frames}")
     dtype, device = _param_dtype_device(model)
@@ -496,5 +458,22 @@ def token_rows(name: str, size: str = "tiny", *, uneven: bool = False) -> int:
     """Token rows (latent H // patch size) of the default input of ``name`` at ``size``."""
     entry = get_entry(name)
     geo = entry.latent_size(size)
-    patch = int(entry.config(size)["patch_size"])
-    return (geo.uneven_height if uneven else geo.height) // patch
+    patch = entry.row_patch or entry.config(size)["patch_size"]
+    if isinstance(patch, (tuple, list)):  # (p_t, p_h, p_w), e.g. Wan
+        patch = patch[1]
+    return (geo.uneven_height if uneven else geo.height) // int(patch)
+
+
+def token_frames(name: str, size: str = "tiny", *, uneven: bool = False) -> int:
+    """Latent frames (as the transformer sees them) of the default input of video model ``name``.
+
+    Pair ``uneven=True`` with ``build_model(..., uneven=True)`` (Latte's frames are its config's
+    ``video_length``, which the uneven config changes).
+    """
+    entry = get_entry(name)
+    if not entry.video:
+        raise ValueError(f"{name} is an image model; it has no frames")
+    geo = entry.latent_size(size)
+    config = {**entry.config(size), **(entry.uneven_config.get(size, {}) if uneven else {})}
+    default = geo.uneven_frames if uneven and geo.uneven_frames else geo.frames
+    return int(config.get("video_length", default or 1))
