@@ -2,8 +2,9 @@
 
 The main latent input (the first floating-point input with >= 3 dims: ``hidden_states`` of a
 diffusers DiT) is split along its outermost token-grid dimension: ``H`` of ``[B,C,H,W]``,
-``F`` of ``[B,C,F,H,W]`` when there are at least as many frames (in patches) as ranks, else
-``H``, and ``S`` of packed ``[B,S,C]``. Pieces are whole multiples of the patch size, read off
+``F`` of ``[B,C,F,H,W]`` (or ``[B,F,C,H,W]``, told apart by the config's ``in_channels``) when
+there are at least as many frames (in patches) as ranks, else ``H``, and ``S`` of packed
+``[B,S,C]``. Pieces are whole multiples of the patch size, read off
 the stride of the first convolution that consumes the input, so patch embedding keeps the
 shard. Uneven sizes are split as evenly as whole patches allow. Nothing else is seeded:
 position tables and masks are computed replicated and sliced where they meet sharded data.
@@ -53,11 +54,13 @@ def patch_stride(node: fx.Node, dim_from_end: int, depth: int = 12) -> int:
     return 1
 
 
-def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int) -> tuple[int, int]:
+def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: int | None) -> tuple[int, int]:
     nd = len(shape)
     if nd == 3:
         return 1, 1
     candidates = [2] if nd == 4 else [2, 3] if nd == 5 else [nd - 2]
+    if nd == 5 and channels is not None and shape[1] != channels and shape[2] == channels:
+        candidates = [1, 3]  # frames first: [B, F, C, H, W]
     for dim in candidates:
         g = patch_stride(node, nd - dim)
         g = g if shape[dim] % g == 0 else 1
@@ -77,7 +80,7 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "with >= 3 dims (hidden_states); pass it as a tensor"
         )
     shape = tuple(int(s) for s in node.meta["val"].shape)
-    dim, g = _choose_dim(shape, node, degree)
+    dim, g = _choose_dim(shape, node, degree, ctx.hints.get("channels"))
     units = shape[dim] // g
     if units < degree:
         raise ValueError(

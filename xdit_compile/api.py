@@ -119,7 +119,9 @@ class ParallelModule(torch.nn.Module):
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CompiledGraph:
         gm = capture(self.model, args, kwargs)
         groups = {"sp": self.mesh.group_name("sp")} if self.mesh.info.sp_degree > 1 else {}
-        ctx = PassContext(plan=self.plan, mesh=self.mesh.info, group_names=groups)
+        channels = getattr(getattr(self.model, "config", None), "in_channels", None)
+        ctx = PassContext(plan=self.plan, mesh=self.mesh.info, group_names=groups,
+                          hints={"channels": channels})
         gm = run_passes(gm, build_passes(self.plan), ctx)
         runner: Any = gm
         if self.plan.compile == "inductor":

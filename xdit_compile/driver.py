@@ -91,6 +91,9 @@ class PassContext:
     """Flat input name -> example value, in placeholder order."""
     group_names: dict[str, str] = field(default_factory=dict)
     """Mesh axis -> process group name (what functional collectives in the graph refer to)."""
+    hints: dict[str, Any] = field(default_factory=dict)
+    """Generic facts about the model the graph cannot show, e.g. ``channels`` (the config's
+    ``in_channels``, which tells ``[B,C,F,H,W]`` from ``[B,F,C,H,W]``)."""
     seed: dict[str, Any] = field(default_factory=dict)
     """What the seed pass chose: input name, dim, granularity, split."""
     breaks: list[ShardingBreak] = field(default_factory=list)

@@ -77,7 +77,6 @@ _POINTWISE = ops(
     "alias",
     "detach",
     "dropout",
-    "type_as",
     "lerp",
     "addcmul",
     "addcdiv",
@@ -467,6 +466,56 @@ def _pad(node: fx.Node, rc: RuleCtx) -> Decision:
         if nd - 1 - i // 2 == sh.dim and (pad[i] or pad[i + 1]):
             raise Break("padding of the sharded dim")
     return Decision(out=sh)
+
+
+@register_rule(*ops("type_as"))
+def _type_as(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``x.type_as(other)``: ``other`` only gives the dtype."""
+    return Decision(out=rc.spec(node.args[0]))
+
+
+@register_rule(*ops("view_as_complex", "view_as_real"))
+def _complex_view(node: fx.Node, rc: RuleCtx) -> Decision:
+    """Complex RoPE: the last dim pairs up into complex numbers (or back); others unchanged."""
+    x, sh, nd = _only_input(node, rc)
+    if node.target.overloadpacket is aten.view_as_complex and sh.dim == nd - 1:  # type: ignore[union-attr]
+        raise Break("view_as_complex of the sharded dim")
+    return Decision(out=sh)
+
+
+@register_rule(*ops("slice_scatter", "copy"))
+def _scatter_into(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``out = self`` with ``src`` written into a slice (functionalized ``x[..., a:b] = y``):
+    elementwise in every dim but the sliced one, which must not be the sharded dim."""
+    out_shape = rc.shape(node)
+    if node.target.overloadpacket is aten.slice_scatter:  # type: ignore[union-attr]
+        dim = norm_dim(int(schema_arg(node, "dim", 0)), len(out_shape))
+        base = rc.spec(node.args[0])
+        if isinstance(base, Shard) and base.dim == dim:
+            return _scatter_joint(node, rc, base, dim)
+        for t in tensor_args(node):
+            if isinstance(p := rc.spec(t), Shard) and p.dim + len(out_shape) - len(rc.shape(t)) == dim:
+                raise Break("slice_scatter along the sharded dim")
+    # src is narrower only along the scattered dim, which alignment does not look at.
+    return align_inputs(node, rc, out_shape)
+
+
+def _scatter_joint(node: fx.Node, rc: RuleCtx, base: Shard, dim: int) -> Decision:
+    """Writing the text or the image part of a joint dim (``q[:, :, T:] = rope(q[:, :, T:])``):
+    the written range is a head/body/tail range, so each rank writes its local rows of it."""
+    size = rc.shape(node)[dim]
+    if schema_arg(node, "step", 1) != 1:
+        raise Break("strided slice_scatter along the sharded dim")
+    lo, hi = _bounds(schema_arg(node, "start"), schema_arg(node, "end"), size)
+    got = joint_range(base, lo, hi, rc.rank)
+    if got is None:
+        raise Break("slice_scatter cuts through the sharded part of the dim")
+    want, lo_local, hi_local = got
+    src = node.args[1]
+    assert isinstance(src, fx.Node)
+    args = (node.args[0], src, dim, lo_local, hi_local, 1)
+    return Decision(out=base, inputs={src: want.with_dim(dim) if isinstance(want, Shard) else want},
+                    target=aten.slice_scatter.default, args=args, kwargs={})
 
 
 @register_rule(*ops("repeat"))
