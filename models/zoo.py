@@ -40,6 +40,7 @@ __all__ = [
     "build_model",
     "example_inputs",
     "get_entry",
+    "layer_overrides",
     "list_models",
     "token_frames",
     "token_rows",
@@ -335,6 +336,14 @@ def get_entry(name: str) -> ZooEntry:
         raise KeyError(
             f"unknown model {name!r}; known models: {', '.join(list_models())}"
         ) from None
+
+
+def layer_overrides(name: str, size: str, layers: int) -> dict[str, int]:
+    """Config overrides that cut every stack of blocks of ``name`` to ``layers`` (e.g. Flux's
+    ``num_layers`` and ``num_single_layers``), for full-size shapes at a fraction of the cost."""
+    config = get_entry(name).config(size)
+    return {k: min(layers, int(v)) for k, v in config.items()
+            if k.startswith("num_") and k.endswith("layers") and isinstance(v, int)}
 
 
 def build_model(

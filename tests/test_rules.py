@@ -969,3 +969,61 @@ def test_attention_with_lse_value_dim_differs() -> None:
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 4)
     out, _ = attention_with_lse(q, k, v, None, 0.5)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.5))
+
+
+# --------------------------------------------------------------------------- joint writes, dtype, complex
+
+
+def _rope_on_image_part(j: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+    out = j.clone()
+    out[:, 3:] = j[:, 3:] * tab[3:]  # functionalized into slice_scatter on the joint dim
+    return out
+
+
+def test_slice_scatter_into_the_body_of_a_joint_dim() -> None:
+    case = _joint_then(_rope_on_image_part)
+    for gm, ctx in case.check({1: S1}):
+        assert ctx.breaks == []
+        sc = one(gm, aten.slice_scatter.default)
+        assert sc.meta["xdit_placement"] == Shard(1, (4, 4), head=3)
+        assert sc.args[2:] == (1, 3, 7, 1)  # local rows of the body
+
+
+def test_slice_scatter_through_the_body_breaks() -> None:
+    def write(j: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        out = j.clone()
+        out[:, 2:6] = 0.0
+        return out
+
+    for _, ctx in _joint_then(write).check({1: S1}):
+        # the write's slice view breaks too; the scatter itself is what we test
+        assert "slice_scatter cuts through the sharded part of the dim" in reasons(ctx)
+
+
+def test_slice_scatter_along_another_dim_is_elementwise() -> None:
+    def write(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[..., 0::2] = x[..., 1::2] * 2  # interleaved real RoPE
+        return out
+
+    for gm, ctx in Case(write, X).check({0: S1}):
+        assert ctx.breaks == []
+        assert one(gm, aten.slice_scatter.default).meta["xdit_placement"] == S1
+
+
+def test_type_as_takes_only_the_dtype_of_other() -> None:
+    case = Case(lambda x, y: y.type_as(x) + 1, X, torch.randn(5, 6))
+    for gm, ctx in case.check({0: S1}):
+        assert ctx.breaks == []
+        assert one(gm, aten.type_as.default).meta["xdit_placement"] == R
+
+
+def test_complex_rope_keeps_the_shard() -> None:
+    def rope(x: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        xc = torch.view_as_complex(x.reshape(4, 8, 3, 2))
+        fc = torch.polar(torch.ones_like(tab[:8, :3]), tab[:8, :3])
+        return torch.view_as_real(xc * fc).flatten(2)
+
+    for gm, ctx in Case(rope, X, TABLE).check({0: S1}):
+        assert ctx.breaks == []
+        assert one(gm, aten.view_as_complex.default).meta["xdit_placement"] == S1

@@ -27,7 +27,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--compile", choices=["eager", "inductor"], default=None)
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    p.add_argument("--layers", type=int, default=None, help="override num_layers (full-size runs)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="cut every block stack to this many layers (full-size shapes, less time)")
     p.add_argument("--uneven", action="store_true", help="use the zoo's uneven-rows input")
 
 
@@ -38,7 +39,9 @@ def _plan(a: argparse.Namespace) -> Any:
 
 
 def _config(a: argparse.Namespace) -> dict[str, Any]:
-    return {"num_layers": a.layers} if a.layers else {}
+    from xdit_compile.models import layer_overrides
+
+    return layer_overrides(a.model, a.size, a.layers) if a.layers else {}
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
