@@ -31,10 +31,22 @@ def block_of(node: fx.Node) -> str | None:
     return best
 
 
+def _data_dependent(node: fx.Node) -> ValueError:
+    from xdit_compile.passes.sharding.propagate import source_line
+
+    return ValueError(
+        f"{node.name} ({node.target}) has a data-dependent shape {list(node.meta['val'].shape)}, "
+        f"at {source_line(node)}; xdit_compile needs static shapes (e.g. mask tokens instead of "
+        f"selecting them with nonzero)"
+    )
+
+
 def annotate_graph_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
+            if not all(isinstance(s, int) for s in val.shape):
+                raise _data_dependent(node)
             node.meta["xdit_shape"] = tuple(int(s) for s in val.shape)
         blk = block_of(node)
         if blk is not None:

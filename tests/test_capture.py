@@ -41,3 +41,23 @@ def test_capture_is_functional_and_exact():
     assert "aten.linear.default" in targets
     assert not any(t.endswith("_.Tensor") or t.endswith("_.Scalar") for t in targets)
     torch.testing.assert_close(gm(x, scale=3.0), m(x, scale=3.0), rtol=0, atol=0)
+
+
+class _SelectsTokens(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = torch.nonzero(mask).flatten()  # how many tokens survive depends on the data
+        return x[:, keep].sum(1)
+
+
+def test_data_dependent_shapes_are_named_with_their_line():
+    from xdit_compile.api import build_passes
+    from xdit_compile.driver import PassContext, run_passes
+    from xdit_compile.plan import Plan
+    from xdit_compile.runtime.mesh import MeshInfo
+
+    x, mask = torch.randn(1, 6, 4, 4), torch.tensor([1, 0, 1, 1, 0, 1])
+    gm = capture(_SelectsTokens(), (x, mask), {})
+    plan = Plan(ulysses=2)
+    ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0))
+    with pytest.raises(ValueError, match=r"data-dependent shape.*test_capture.py.*nonzero"):
+        run_passes(gm, build_passes(plan), ctx)
