@@ -107,6 +107,13 @@ def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_pos, key_ba
     return out.to(q.dtype)
 
 
+def _join(*parts: torch.Tensor) -> torch.Tensor:
+    """Concatenate along the sequence, without a copy when only one part is non-empty (the
+    common case: no text rows)."""
+    nonempty = [p for p in parts if p.shape[-2]]
+    return nonempty[0] if len(nonempty) == 1 else torch.cat(parts, dim=-2)
+
+
 def _split3(t: torch.Tensor, head: int, body: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return t[..., :head, :], t[..., head:head + body, :], t[..., head + body:, :]
 
@@ -131,21 +138,21 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         h_rng = (info.ulysses_rank * (h // u), (info.ulysses_rank + 1) * (h // u))
         # Text rows are on every rank: each takes its heads' slice, nothing is sent.
         qh, qt, kh, kt, vh, vt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (qh, qt, kh, kt, vh, vt))
-    q_all = torch.cat([qh, qb, qt], dim=-2)
+    q_all = _join(qh, qb, qt)
     text = ((0, head), (head + body_total, head + body_total + tail))
     q_pos = _positions(text[0], (head + offs[me], head + offs[me + 1]), text[1], device=q.device)
     if info.ring > 1:
         out = lse = None
         if head or tail:  # text K/V: attended once, locally
             t_pos = _positions(*text, device=q.device)
-            t_out, t_lse = attention_with_lse(q_all, torch.cat([kh, kt], -2), torch.cat([vh, vt], -2),
+            t_out, t_lse = attention_with_lse(q_all, _join(kh, kt), _join(vh, vt),
                                               _mask_for(mask, q_pos, t_pos, h_rng), scale)
             out, lse = merge_partial(None, None, t_out, t_lse)
         res = _ring(q_all, kb, vb, mask, scale, info, blocks, q_pos, head, h_rng, pm.group("ring"), out, lse)
     else:
         k_pos = torch.arange(head + body_total + tail, device=q.device)
         res = torch.nn.functional.scaled_dot_product_attention(
-            q_all, torch.cat([kh, kb, kt], -2), torch.cat([vh, vb, vt], -2),
+            q_all, _join(kh, kb, kt), _join(vh, vb, vt),
             attn_mask=_mask_for(mask, q_pos, k_pos, h_rng), scale=scale)
     if not (head or tail):
         return _ulysses_out(res, groups[me], info.ulysses_rank, pm.group("ulysses")) if u > 1 else res
