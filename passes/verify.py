@@ -14,7 +14,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xdit_compile.driver import PassContext
-from xdit_compile.passes.sharding.placement import Shard
+from xdit_compile.passes.sharding.engine import redistribute
+from xdit_compile.passes.sharding.placement import local_shape
 
 __all__ = ["verify_local_shapes"]
 
@@ -30,9 +31,7 @@ class _Checker(fx.Interpreter):
         p = n.meta.get("xdit_placement")
         glob = n.meta.get("xdit_shape")
         if isinstance(out, torch.Tensor) and glob is not None and not isinstance(p, tuple):
-            want = list(glob)
-            if isinstance(p, Shard):
-                want[p.dim] = p.local_size(self.rank)
+            want = local_shape(glob, p, self.rank)
             if list(out.shape) != want:
                 self.errors.append(f"{n.format_node()}: local shape {list(out.shape)}, expected {want} ({p})")
         return out
@@ -42,8 +41,7 @@ def verify_local_shapes(gm: fx.GraphModule, ctx: PassContext, after: str = "") -
     """Raise ``AssertionError`` listing nodes whose local shape disagrees with their placement."""
     if not any("xdit_placement" in n.meta for n in gm.graph.nodes):
         return
-    if any(n.target.__class__.__name__ == "function" and n.target.__name__ == "redistribute"
-           for n in gm.graph.nodes if n.op == "call_function"):
+    if gm.graph.find_nodes(op="call_function", target=redistribute):
         return  # markers are not executable before lowering
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = []

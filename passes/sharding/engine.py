@@ -19,7 +19,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.passes.sharding.placement import Partial, Placement, Replicate, Shard
+from xdit_compile.passes.sharding.placement import (
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    local_shape,
+)
 
 __all__ = [
     "Break",
@@ -74,10 +80,7 @@ class RuleCtx:
         return tuple(int(s) for s in val.shape)
 
     def local(self, shape: Iterable[int], p: Placement) -> list[int]:
-        out = list(shape)
-        if isinstance(p, Shard):
-            out[p.dim] = p.local_size(self.rank)
-        return out
+        return local_shape(tuple(shape), p, self.rank)
 
 
 Rule = Callable[[fx.Node, RuleCtx], Decision]
