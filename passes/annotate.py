@@ -36,8 +36,9 @@ def _data_dependent(node: fx.Node) -> ValueError:
 
     return ValueError(
         f"{node.name} ({node.target}) has a data-dependent shape {list(node.meta['val'].shape)}, "
-        f"at {source_line(node)}; xdit_compile needs static shapes (e.g. mask tokens instead of "
-        f"selecting them with nonzero)"
+        f"at {source_line(node)}; the sharding passes need static shapes: run them through "
+        f"ParallelModule, which specializes such sizes to the inputs' values "
+        f"(xdit_compile.specialize)"
     )
 
 

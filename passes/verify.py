@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 
 from xdit_compile.driver import PassContext
 from xdit_compile.passes.sharding.engine import redistribute
@@ -27,7 +31,12 @@ class _Checker(fx.Interpreter):
         self.errors: list[str] = []
 
     def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except (DynamicOutputShapeException, DataDependentOutputException):
+            # A data-dependent op (nonzero): its specialized static shape is in its metadata.
+            val = n.meta["val"]
+            out = torch.empty(val.shape, dtype=val.dtype, device=val.device)
         p = n.meta.get("xdit_placement")
         glob = n.meta.get("xdit_shape")
         if isinstance(out, torch.Tensor) and glob is not None and not isinstance(p, tuple):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from xdit_compile.capture import capture
@@ -24,6 +25,7 @@ from xdit_compile.driver import PassContext, PassFn, run_passes
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.collectives import count
 from xdit_compile.runtime.mesh import ParallelMesh, build_mesh
+from xdit_compile.specialize import Probe, find_data_dependence, specialize_graph
 
 __all__ = ["CompiledGraph", "ParallelModule", "build_passes", "init_distributed", "parallelize"]
 
@@ -98,6 +100,7 @@ class ParallelModule(torch.nn.Module):
         self.plan = plan
         self.mesh = mesh
         self._cache: dict[tuple[Any, ...], CompiledGraph] = {}
+        self._probes: dict[tuple[Any, ...], Probe | None] = {}
         self._last: CompiledGraph | None = None
 
     @property
@@ -109,15 +112,30 @@ class ParallelModule(torch.nn.Module):
         return next(self.model.parameters()).dtype
 
     def prepare(self, *args: Any, **kwargs: Any) -> CompiledGraph:
-        """Capture and rewrite for this input signature without running (cached)."""
-        key = _signature(args, kwargs)
+        """Capture and rewrite for this input signature without running (cached).
+
+        The signature is the inputs' shapes, dtypes and non-tensor values, plus the values of
+        any data-dependent sizes (e.g. Mochi's number of valid text tokens), see
+        :mod:`xdit_compile.specialize`.
+        """
+        sig = _signature(args, kwargs)
+        probe = self._probes.get(sig)
+        key = sig + probe(args, kwargs) if probe is not None else sig
         if key not in self._cache:
-            self._cache[key] = self._compile(args, kwargs)
+            gm = capture(self.model, args, kwargs)
+            if sig not in self._probes:
+                self._probes[sig] = probe = find_data_dependence(gm)
+            if probe is not None:
+                values = probe(args, kwargs)
+                flat = tuple(fx_pytree.tree_flatten_spec((args, kwargs), probe.in_spec))
+                specialize_graph(gm, probe, values, flat)
+                key = sig + values
+                logger.info("specialized %s to data-dependent sizes %s", type(self.model).__name__, values)
+            self._cache[key] = self._compile(gm)
         self._last = self._cache[key]
         return self._last
 
-    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CompiledGraph:
-        gm = capture(self.model, args, kwargs)
+    def _compile(self, gm: fx.GraphModule) -> CompiledGraph:
         groups = {"sp": self.mesh.group_name("sp")} if self.mesh.info.sp_degree > 1 else {}
         channels = getattr(getattr(self.model, "config", None), "in_channels", None)
         ctx = PassContext(plan=self.plan, mesh=self.mesh.info, group_names=groups,

@@ -8,6 +8,7 @@ is followed through the flattened index space (see :func:`reshape_shard`).
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -460,11 +461,18 @@ def _along_dim(node: fx.Node, rc: RuleCtx) -> Decision:
 
 @register_rule(*ops("constant_pad_nd", "pad"))
 def _pad(node: fx.Node, rc: RuleCtx) -> Decision:
+    """Constant padding of the sharded dim adds replicated rows before (head) or after (tail)
+    it: each rank pads its local piece the same way (Mochi pads attention outputs back to the
+    full text length)."""
     x, sh, nd = _only_input(node, rc)
     pad = list(node.args[1])  # type: ignore[arg-type]
+    mode = schema_arg(node, "mode", "constant")
     for i in range(0, len(pad), 2):
-        if nd - 1 - i // 2 == sh.dim and (pad[i] or pad[i + 1]):
-            raise Break("padding of the sharded dim")
+        before, after = pad[i], pad[i + 1]
+        if nd - 1 - i // 2 == sh.dim and (before or after):
+            if mode != "constant" or sh.outer != 1 or sh.head + before < 0 or sh.tail + after < 0:
+                raise Break("padding of the sharded dim")
+            sh = replace(sh, head=sh.head + before, tail=sh.tail + after)
     return Decision(out=sh)
 
 

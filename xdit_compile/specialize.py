@@ -1,0 +1,179 @@
+"""Data-dependent sizes: specialize them to the values of the actual inputs.
+
+Some DiTs size tensors from data: Mochi keeps only the valid text tokens of each prompt with
+``torch.nonzero(mask)``, so its attention length depends on the mask's values. ``torch.export``
+represents such sizes as unbacked symbols (``u0``), which no sharding rule can reason about.
+
+Sizes like these come from small replicated inputs (masks, lengths), so xdit_compile treats
+them like shapes: :func:`find_data_dependence` cuts, from the captured graph, the small
+subgraph that computes them (the *probe*, e.g. ``select -> view -> nonzero`` on the mask);
+the probe's results join the input signature, so a prompt with another number of valid
+tokens compiles again (and is cached) just like another resolution would.
+:func:`specialize_graph` then rewrites the graph for the probed values: every symbolic size
+becomes a constant, fake tensors get static shapes, and each op that produced a
+data-dependent size is followed by an ``xdit::specialized`` check that fails loudly if the
+values ever differ from the ones compiled for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+__all__ = ["Probe", "SpecializationMismatch", "find_data_dependence", "specialize_graph"]
+
+
+class SpecializationMismatch(RuntimeError):
+    """A data-dependent size differs from the value the graph was specialized for."""
+
+
+@torch.library.custom_op("xdit::specialized", mutates_args=())
+def specialized(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """``x`` (a copy), after checking that its data-dependent shape is ``shape``."""
+    if list(x.shape) != list(shape):
+        raise SpecializationMismatch(
+            f"data-dependent shape {list(x.shape)} differs from the {list(shape)} this graph was "
+            f"compiled for"
+        )
+    return x.clone()
+
+
+@specialized.register_fake
+def _(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    return x.new_empty(shape)
+
+
+def _symbol(s: Any) -> sympy.Symbol | None:
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        return expr if isinstance(expr, sympy.Symbol) else None
+    return None
+
+
+@dataclass
+class Probe:
+    """The subgraph computing a graph's data-dependent sizes, runnable on real inputs."""
+
+    gm: fx.GraphModule
+    in_spec: Any
+    binders: list[str]
+    """Names of the nodes that introduce unbacked sizes (``nonzero``, ``item``...)."""
+    symbols: list[list[sympy.Symbol | None]]
+    """Per binder: the symbol of each output dim (or of the scalar), None where static."""
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+        """``((symbol, value), ...)`` for these inputs, sorted by symbol name."""
+        flat = fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec)
+        with torch.no_grad():
+            outs = self.gm(*flat)
+        values: dict[str, int] = {}
+        for out, syms in zip(outs, self.symbols, strict=True):
+            sizes = list(out.shape) if isinstance(out, torch.Tensor) else [out]
+            for s, v in zip(syms, sizes, strict=True):
+                if s is not None:
+                    values[str(s)] = int(v)
+        return tuple(sorted(values.items()))
+
+
+def find_data_dependence(gm: fx.GraphModule) -> Probe | None:
+    """The probe for ``gm``'s unbacked sizes, or None if every shape is static."""
+    binders = [n for n in gm.graph.nodes if n.meta.get("unbacked_bindings")]
+    if not binders:
+        return None
+    needed: set[fx.Node] = set()
+    stack = list(binders)
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or n in needed:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[b] for b in binders))
+    symbols = []
+    for b in binders:
+        val = b.meta["val"]
+        dims = list(val.shape) if isinstance(val, torch.Tensor) else [val]
+        symbols.append([_symbol(d) for d in dims])
+    probe_gm = fx.GraphModule(gm, graph)
+    return Probe(probe_gm, gm._in_spec, [b.name for b in binders], symbols)
+
+
+def _concrete(val: Any, subs: dict[sympy.Symbol, int]) -> Any:
+    if isinstance(val, torch.SymInt | torch.SymBool | torch.SymFloat):
+        expr = val.node.expr.xreplace({k: sympy.Integer(v) for k, v in subs.items()})
+        if expr.free_symbols:
+            raise ValueError(f"size {val.node.expr} still symbolic after specialization ({expr})")
+        return bool(expr) if isinstance(val, torch.SymBool) else (
+            float(expr) if isinstance(val, torch.SymFloat) else int(expr)
+        )
+    return val
+
+
+def specialize_graph(
+    gm: fx.GraphModule, probe: Probe, values: tuple[tuple[str, int], ...], example: tuple[Any, ...]
+) -> None:
+    """Rewrite ``gm`` in place for the probed ``values``; ``example`` is the real flat inputs
+    (for static fake tensors)."""
+    by_name = dict(values)
+    subs: dict[sympy.Symbol, int] = {}
+    for syms in probe.symbols:
+        for s in syms:
+            if s is not None:
+                subs[s] = by_name[str(s)]
+    graph = gm.graph
+    static: dict[fx.Node, list[int]] = {}
+    for n in list(graph.nodes):
+        val = n.meta.get("val")
+        if n.name in probe.binders:
+            shape = [int(_concrete(d, subs)) for d in (val.shape if isinstance(val, torch.Tensor) else [])]
+            if isinstance(val, torch.Tensor):
+                with graph.inserting_after(n):
+                    check = graph.call_function(torch.ops.xdit.specialized.default, (n, shape))
+                n.replace_all_uses_with(check, delete_user_cb=lambda u, c=check: u is not c)
+                check.meta.update({k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")})
+                static[n] = shape
+        elif isinstance(val, torch.SymInt | torch.SymBool | torch.SymFloat):
+            n.replace_all_uses_with(_concrete(val, subs))  # type: ignore[arg-type]
+            graph.erase_node(n)
+        elif n.op == "call_function" and n.target is torch.ops.aten._assert_scalar.default:
+            if n.args[0] is False:
+                raise ValueError(f"runtime assertion fails for the probed sizes {values}: {n.args[1]}")
+            graph.erase_node(n)
+    _propagate_static(gm, static, example)
+    gm.recompile()
+
+
+class _StaticProp(fx.Interpreter):
+    """Fake-tensor propagation that replaces every ``meta["val"]`` with static shapes; the
+    data-dependent producers get their probed shapes."""
+
+    def __init__(self, gm: fx.GraphModule, static: dict[fx.Node, list[int]]) -> None:
+        super().__init__(gm)
+        self.static = static
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n in self.static:
+            val = n.meta["val"]
+            out: Any = torch.empty(self.static[n], dtype=val.dtype, device=val.device)
+        else:
+            out = super().run_node(n)
+        if n.op != "output":
+            n.meta["val"] = out
+        return out
+
+
+def _propagate_static(gm: fx.GraphModule, static: dict[fx.Node, list[int]], example: tuple[Any, ...]) -> None:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example]
+        _StaticProp(gm, static).run(*fakes)
