@@ -47,10 +47,12 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         scale = _arg(node, 6, "scale", None)
         split = list(node.meta["xdit_split"])
         head, tail = node.meta.get("xdit_joint", (0, 0))
+        shard_text = bool(node.meta.get("xdit_shard_text", False))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.xdit.usp_attention.default,
-                (q, k, v, mask, scale, ctx.mesh.key, split, head, tail),  # type: ignore[arg-type]
+                (q, k, v, mask, scale, ctx.mesh.key, split, head, tail)  # type: ignore[arg-type]
+                + ((ctx.mesh.sp_rank,) if shard_text else ()),
             )
         new.meta.update(node.meta)
         new.meta["xdit_pass"] = "rewrite_attention"
@@ -60,7 +62,7 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         local_q = list(qv.shape)
         local_q[-2] = split[ctx.mesh.sp_rank]
         for (op, axis), (calls, nbytes) in usp_comm_bytes(
-            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, head + tail
+            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, (head, tail), shard_text
         ).items():
             ctx.collectives.append(CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention"))
         changed = True

@@ -13,19 +13,23 @@ Every collective is recorded with its bytes for this rank (``ctx.collectives``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx as fx
 
 from xdit_compile.driver import CollectiveSite, PassContext, PassResult
 from xdit_compile.passes.sharding.engine import redistribute
-from xdit_compile.passes.sharding.placement import Partial, Replicate, Shard
+from xdit_compile.passes.sharding.placement import Partial, Replicate, Shard, even_split
 from xdit_compile.runtime.reshard import (
     all_reduce_bytes,
     all_reduce_sum,
     gather_bytes,
     gather_shard,
+    gather_text,
     halo_bytes,
     slice_shard,
+    slice_text,
 )
 
 __all__ = ["lower_collectives_pass"]
@@ -41,15 +45,35 @@ def _new(gm: fx.GraphModule, before: fx.Node, fn: object, args: tuple, like: fx.
 
 
 def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: PassContext) -> fx.Node:
-    new = _new(gm, node, gather_shard, (x, src.dim, src.outer, src.inner, list(src.split), ctx.group_names.get("sp", "sp"),
-                src.head, src.tail),
-               node, Replicate())
+    r = ctx.mesh.sp_rank
+    args = (x, src.dim, src.outer, src.inner, list(src.split), ctx.group_names.get("sp", "sp"), src.head, src.tail)
+    new = _new(gm, node, gather_shard, args + ((r,) if src.text else ()), node, Replicate())
     val = node.meta["val"]
-    body = src.body()  # replicated head/tail rows are not sent
-    local = val.numel() // src.total * body.local_size(ctx.mesh.sp_rank)
-    nbytes = gather_bytes(local, val.element_size(), list(src.split), ctx.mesh.sp_rank)
+    row = val.numel() // src.total
+    nbytes = gather_bytes(row * src.body().local_size(r), val.element_size(), list(src.split), r)
+    if src.text and src.joint:
+        nbytes += _text_bytes(src, row, val.element_size(), r)
     what = "output" if node.meta.get("xdit_output_gather") else "sharding break"
     ctx.collectives.append(CollectiveSite(new.name, "all_gather", "sp", 1, nbytes, what, graph_level=True))
+    return new
+
+
+def _text_bytes(sh: Shard, row: int, itemsize: int, rank: int) -> int:
+    n = len(sh.split)
+    rows = [a + b for a, b in zip(even_split(sh.head, n), even_split(sh.tail, n), strict=True)]
+    return row * max(rows) * itemsize * (n - 1)  # pieces padded to the largest (some may be empty)
+
+
+def _text_move(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, dst: Shard, ctx: PassContext) -> fx.Node:
+    """Joint rows with cut text <-> whole text: gather or cut only the text rows."""
+    r, n = ctx.mesh.sp_rank, ctx.mesh.sp_degree
+    if dst.text:
+        return _new(gm, node, slice_text, (x, src.dim, src.head, src.tail, n, r), node, dst)
+    new = _new(gm, node, gather_text, (x, src.dim, src.head, src.tail, n, ctx.group_names.get("sp", "sp"), r),
+               node, dst)
+    val = node.meta["val"]
+    nbytes = _text_bytes(src, val.numel() // src.total, val.element_size(), r)
+    ctx.collectives.append(CollectiveSite(new.name, "all_gather", "sp", 1, nbytes, "text rows", graph_level=True))
     return new
 
 
@@ -58,6 +82,12 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     assert isinstance(x, fx.Node)
     src, dst = node.meta["xdit_src"], node.meta["xdit_dst"]
     cur = x
+    if isinstance(src, Shard) and isinstance(dst, Shard) and replace(src, text=dst.text) == dst:
+        if src.joint:  # only the text rows change
+            cur = _text_move(gm, node, x, src, dst, ctx)
+        node.replace_all_uses_with(cur)  # rows of text only: the same layout
+        gm.graph.erase_node(node)
+        return
     if isinstance(src, Partial):
         cur = _new(gm, node, all_reduce_sum, (cur, ctx.group_names.get("sp", "sp")), node, Replicate())
         val = node.meta["val"]
@@ -68,7 +98,8 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     if isinstance(dst, Shard):
         r = ctx.mesh.sp_rank
         args = (cur, dst.dim, dst.outer, dst.inner, dst.offset(r), dst.split[r], dst.head, dst.tail)
-        cur = _new(gm, node, slice_shard, args, node, dst)
+        text = ((r, ctx.mesh.sp_degree),) if dst.text else ()
+        cur = _new(gm, node, slice_shard, args + text, node, dst)
     node.replace_all_uses_with(cur)
     gm.graph.erase_node(node)
 

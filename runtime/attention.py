@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from xdit_compile.kernels.attention import attention_with_lse, merge_partial
+from xdit_compile.passes.sharding.placement import even_split
 from xdit_compile.runtime.collectives import all_gather, all_to_all, send_recv
-from xdit_compile.runtime.mesh import MeshInfo, get_mesh
+from xdit_compile.runtime.mesh import MeshInfo, ParallelMesh, get_mesh
 
 __all__ = ["usp_attention", "usp_comm_bytes"]
 
@@ -119,7 +120,8 @@ def _split3(t: torch.Tensor, head: int, body: int) -> tuple[torch.Tensor, torch.
 
 
 def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-         scale: float | None, mesh_key: str, split: list[int], head: int, tail: int) -> torch.Tensor:
+         scale: float | None, mesh_key: str, split: list[int], head: int, tail: int,
+         shard_text: bool = False) -> torch.Tensor:
     pm = get_mesh(mesh_key)
     info = pm.info
     u, h = info.ulysses, q.shape[-3]
@@ -156,13 +158,38 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             attn_mask=_mask_for(mask, q_pos, k_pos, h_rng), scale=scale)
     if not (head or tail):
         return _ulysses_out(res, groups[me], info.ulysses_rank, pm.group("ulysses")) if u > 1 else res
-    oh, ob, ot = _split3(res, head, blocks[me])
+    oh, ob, ot = _split3(res, head, blocks[me] if u > 1 else s_me)
+    if shard_text:
+        return _text_rows_out(oh, ob, ot, groups[me], info, pm, len(split))
     if u > 1:
         ob = _ulysses_out(ob, groups[me], info.ulysses_rank, pm.group("ulysses"))
         # Text outputs: every rank needs all heads of them.
         txt = all_gather(torch.cat([oh, ot], -2), -3, pm.group("ulysses"), "ulysses")
         oh, ot = txt[..., :head, :], txt[..., head:, :]
     return torch.cat([oh, ob, ot], dim=-2)
+
+
+def _text_rows_out(oh: torch.Tensor, ob: torch.Tensor, ot: torch.Tensor, group: list[int], info: MeshInfo,
+                   pm: ParallelMesh, n: int) -> torch.Tensor:
+    """Output rows ``[head piece, body, tail piece]``: the text rows cut evenly over all ranks.
+
+    Ring only: every rank computed all text rows, it keeps its piece. With Ulysses, each rank
+    holds all rows for its heads: one all-to-all sends every peer of the Ulysses group its
+    body rows and its text pieces together.
+    """
+    hs, ts = even_split(oh.shape[-2], n), even_split(ot.shape[-2], n)
+    ho, to = _offsets(hs), _offsets(ts)
+    first = info.ring_rank * info.ulysses
+    if info.ulysses == 1:
+        j = info.sp_rank
+        return torch.cat([oh[..., ho[j]:ho[j + 1], :], ob, ot[..., to[j]:to[j + 1], :]], dim=-2)
+    bo = _offsets(group)
+    pieces, sizes = [], []
+    for k in range(info.ulysses):
+        j = first + k
+        pieces += [oh[..., ho[j]:ho[j + 1], :], ob[..., bo[k]:bo[k + 1], :], ot[..., to[j]:to[j + 1], :]]
+        sizes.append(hs[j] + group[k] + ts[j])
+    return _ulysses_out(torch.cat(pieces, dim=-2), sizes, info.ulysses_rank, pm.group("ulysses"))
 
 
 @torch.library.custom_op("xdit::usp_attention", mutates_args=())
@@ -176,22 +203,29 @@ def usp_attention(
     split: list[int],
     head: int = 0,
     tail: int = 0,
+    text_rank: int = -1,
 ) -> torch.Tensor:
     """Exact attention over the whole (sharded) sequence; returns this rank's output rows.
 
-    ``head``/``tail``: replicated rows (text) joined before/after the sharded body.
+    ``head``/``tail``: replicated rows (text) joined before/after the sharded body. With
+    ``text_rank`` (this rank's sequence-parallel index) the output holds only this rank's
+    even piece of them.
     """
-    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail)
+    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail, text_rank >= 0)
 
 
 @usp_attention.register_fake
-def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0):  # type: ignore[no-untyped-def]
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1):  # type: ignore[no-untyped-def]
+    rows = q.shape[-2]
+    if text_rank >= 0:
+        n = len(split)
+        rows = even_split(head, n)[text_rank] + split[text_rank] + even_split(tail, n)[text_rank]
+    return q.new_empty((*q.shape[:-2], rows, v.shape[-1]))
 
 
 def usp_comm_bytes(
     q_shape: tuple[int, ...], v_dim: int, itemsize: int, info: MeshInfo, split: list[int],
-    text: int = 0,
+    text: tuple[int, int] = (0, 0), shard_text: bool = False,
 ) -> dict[tuple[str, str], tuple[int, int]]:
     """Static (calls, bytes sent by ``info.rank``) per (op, axis) of one ``usp_attention`` call.
 
@@ -210,9 +244,14 @@ def usp_comm_bytes(
         per_tok = lead_n * (h // u) * itemsize
         send_in = per_tok * s_me * (u - 1) * (2 * d + v_dim)
         send_out = per_tok * v_dim * (sum(mine) - s_me)
+        if shard_text:  # peers' text pieces travel with their body rows
+            n, first = len(split), info.ring_rank * u
+            hs, ts = even_split(text[0], n), even_split(text[1], n)
+            send_out += per_tok * v_dim * sum(hs[first + k] + ts[first + k]
+                                              for k in range(u) if k != info.ulysses_rank)
         out[("all_to_all", "ulysses")] = (4, send_in + send_out)
-        if text:  # text outputs gathered over heads; text K/V are never sent
-            out[("all_gather", "ulysses")] = (1, per_tok * v_dim * text * (u - 1))
+        if sum(text) and not shard_text:  # text outputs gathered over heads; text K/V never sent
+            out[("all_gather", "ulysses")] = (1, per_tok * v_dim * sum(text) * (u - 1))
     if r > 1:
         blocks = [sum(g) for g in groups]
         per_tok = lead_n * (h // u) * itemsize * (d + v_dim)

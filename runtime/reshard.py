@@ -12,15 +12,45 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
+from xdit_compile.passes.sharding.placement import even_split
 from xdit_compile.runtime.collectives import send_recv
 from xdit_compile.runtime.mesh import get_mesh
 
-__all__ = ["all_reduce_sum", "all_reduce_bytes", "gather_shard", "slice_shard", "halo_pad", "gather_bytes"]
+__all__ = [
+    "all_reduce_sum", "all_reduce_bytes", "gather_bytes", "gather_shard", "gather_text", "halo_pad", "slice_shard",
+    "slice_text",
+]
 
 
 def _factor_view(x: torch.Tensor, dim: int, outer: int, inner: int) -> torch.Tensor:
     n = x.shape[dim] // (outer * inner)
     return x.reshape(*x.shape[:dim], outer, n, inner, *x.shape[dim + 1:])
+
+
+def _text_rows(head: int, tail: int, n: int, text_rank: int) -> tuple[int, int]:
+    """Head/tail rows a rank holds: all of them, or with ``text_rank >= 0`` its even piece."""
+    if text_rank < 0:
+        return head, tail
+    return even_split(head, n)[text_rank], even_split(tail, n)[text_rank]
+
+
+def _three(x: torch.Tensor, dim: int, h: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return x.narrow(dim, 0, h), x.narrow(dim, h, x.shape[dim] - h - t), x.narrow(dim, x.shape[dim] - t, t)
+
+
+def gather_text(x: torch.Tensor, dim: int, head: int, tail: int, n: int, group_name: str,
+                text_rank: int) -> torch.Tensor:
+    """Joint rows ``[head piece, body, tail piece]`` -> ``[head, body, tail]``: one all-gather of
+    every rank's text pieces (evenly cut head and tail rows); the body stays as it is."""
+    h, t = _text_rows(head, tail, n, text_rank)
+    hp, body, tp = _three(x, dim, h, t)
+    hs, ts = even_split(head, n), even_split(tail, n)
+    text = gather_shard(torch.cat([hp, tp], dim), dim, 1, 1, [a + b for a, b in zip(hs, ts, strict=True)],
+                        group_name)
+    pieces = text.split([a + b for a, b in zip(hs, ts, strict=True)], dim)
+    heads = [p.narrow(dim, 0, a) for p, a in zip(pieces, hs, strict=True)]
+    tails = [p.narrow(dim, a, b) for p, a, b in zip(pieces, hs, ts, strict=True)]
+    return torch.cat([*heads, body, *tails], dim)
 
 
 def gather_shard(
@@ -32,17 +62,19 @@ def gather_shard(
     group_name: str,
     head: int = 0,
     tail: int = 0,
+    text_rank: int = -1,
 ) -> torch.Tensor:
     """All-gather the sharded factor of ``dim`` over the sequence-parallel group (uneven ok).
 
     Pieces are padded to the largest one for the collective and cut back after it, so the
-    result is exactly the global tensor. Replicated ``head``/``tail`` rows are not sent.
+    result is exactly the global tensor. Replicated ``head``/``tail`` rows are not sent; with
+    ``text_rank >= 0`` they are cut evenly (this rank's index) and gathered too.
     """
     if head or tail:
-        body = x.narrow(dim, head, x.shape[dim] - head - tail)
-        full = gather_shard(body, dim, outer, inner, split, group_name)
-        parts = [x.narrow(dim, 0, head), full, x.narrow(dim, x.shape[dim] - tail, tail)]
-        return torch.cat(parts, dim=dim)
+        if text_rank >= 0:
+            x = gather_text(x, dim, head, tail, len(split), group_name, text_rank)
+        hp, body, tp = _three(x, dim, head, tail)
+        return torch.cat([hp, gather_shard(body, dim, outer, inner, split, group_name), tp], dim=dim)
     n, m = len(split), max(split)
     v = _factor_view(x, dim, outer, inner).movedim(dim + 1, 0)  # [s_r, ..., outer, inner, ...]
     if v.shape[0] < m:
@@ -73,6 +105,14 @@ def gather_bytes(local_numel: int, itemsize: int, split: list[int], sp_rank: int
     return padded * itemsize * (len(split) - 1)
 
 
+def slice_text(x: torch.Tensor, dim: int, head: int, tail: int, n: int, text_rank: int) -> torch.Tensor:
+    """Joint rows ``[head, body, tail]`` -> ``[head piece, body, tail piece]`` (no communication)."""
+    hp, body, tp = _three(x, dim, head, tail)
+    h, t = _text_rows(head, tail, n, text_rank)
+    ho, to = sum(even_split(head, n)[:text_rank]), sum(even_split(tail, n)[:text_rank])
+    return torch.cat([hp.narrow(dim, ho, h), body, tp.narrow(dim, to, t)], dim)
+
+
 def slice_shard(
     x: torch.Tensor,
     dim: int,
@@ -82,14 +122,17 @@ def slice_shard(
     length: int,
     head: int = 0,
     tail: int = 0,
+    text: tuple[int, int] = (-1, 0),
 ) -> torch.Tensor:
     """This rank's piece of a replicated tensor (no communication): its body rows, with the
-    replicated ``head``/``tail`` rows kept in front and behind."""
+    replicated ``head``/``tail`` rows kept in front and behind (with ``text = (rank, n)``,
+    this rank's even piece of them)."""
     if head or tail:
         body = x.narrow(dim, head, x.shape[dim] - head - tail)
         parts = [x.narrow(dim, 0, head), slice_shard(body, dim, outer, inner, start, length),
                  x.narrow(dim, x.shape[dim] - tail, tail)]
-        return torch.cat(parts, dim=dim)
+        out = torch.cat(parts, dim=dim)
+        return slice_text(out, dim, head, tail, text[1], text[0]) if text[0] >= 0 else out
     if outer == 1 and inner == 1:
         return x.narrow(dim, start, length)
     v = _factor_view(x, dim, outer, inner).narrow(dim + 1, start, length)

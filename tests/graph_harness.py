@@ -32,7 +32,13 @@ from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
 from xdit_compile.plan import Plan
 from xdit_compile.runtime import reshard
 from xdit_compile.runtime.mesh import MeshInfo
-from xdit_compile.runtime.reshard import all_reduce_sum, gather_shard, slice_shard
+from xdit_compile.runtime.reshard import (
+    all_reduce_sum,
+    gather_shard,
+    gather_text,
+    slice_shard,
+    slice_text,
+)
 
 USP = torch.ops.xdit.usp_attention.default
 HALO = torch.ops.xdit.halo_pad.default
@@ -101,39 +107,45 @@ def compile_for(
 def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
     """Rank ``rank``'s part of the global tensor ``t`` under placement ``p``."""
     if isinstance(p, Shard):
+        text = (rank, len(p.split)) if p.text else (-1, 0)
         return slice_shard(t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank], p.head,
-                           p.tail)
+                           p.tail, text)
     return t
 
 
-def simulated_gather(
-    x: torch.Tensor,
-    glob: torch.Tensor,
-    dim: int,
-    outer: int,
-    inner: int,
-    split: list[int],
-    group: str,
-    head: int = 0,
-    tail: int = 0,
-) -> torch.Tensor:
-    """The real ``gather_shard`` of local ``x``, its all-gather simulated: every rank's send
-    buffer comes from running ``gather_shard`` on that rank's piece of the global value."""
-    sh = Shard(dim, tuple(split), outer, inner, head, tail)
-    sent: list[torch.Tensor] = []
+def simulated_gather(fn: Any, x: torch.Tensor, glob: torch.Tensor, src: Shard, rank: int,
+                     *args: Any) -> torch.Tensor:
+    """The real ``fn`` (``gather_shard`` or ``gather_text``) on local ``x``, its all-gathers
+    simulated: the i-th all-gather returns every rank's i-th send buffer, recorded by running
+    ``fn`` on that rank's piece of the global value (with that rank's ``text_rank``)."""
+    n = len(src.split)
 
-    def record(t: torch.Tensor, n: int, group: str) -> torch.Tensor:
-        sent.append(t)
-        return torch.cat([t] * n)
+    at = 7 if fn is gather_shard else 5  # position of text_rank after x
+
+    def for_rank(r: int) -> tuple[Any, ...]:
+        return (*args[:at], r) if len(args) > at and args[at] >= 0 else args
 
     ns = torch.ops._c10d_functional
+    sent: list[list[torch.Tensor]] = []
     with mock.patch.object(reshard.fc, "wait_tensor", lambda t: t):
-        with mock.patch.object(ns, "all_gather_into_tensor", record):
-            for r in range(len(split)):
-                gather_shard(piece(glob, sh, r), dim, outer, inner, split, group, head, tail)
-        buffers = torch.cat(sent)
-        with mock.patch.object(ns, "all_gather_into_tensor", lambda t, n, group: buffers):
-            return gather_shard(x, dim, outer, inner, split, group, head, tail)
+        for r in range(n):
+            mine: list[torch.Tensor] = []
+            sent.append(mine)
+
+            def record(t: torch.Tensor, k: int, group: str, mine: list = mine) -> torch.Tensor:
+                mine.append(t)
+                return torch.cat([t] * k)
+
+            with mock.patch.object(ns, "all_gather_into_tensor", record):
+                fn(piece(glob, src, r), *for_rank(r))
+        calls = iter(range(len(sent[0])))
+
+        def feed(t: torch.Tensor, k: int, group: str) -> torch.Tensor:
+            c = next(calls)
+            return torch.cat([sent[r][c] for r in range(k)])
+
+        with mock.patch.object(ns, "all_gather_into_tensor", feed):
+            return fn(x, *args)
 
 
 class Record(fx.Interpreter):
@@ -189,7 +201,7 @@ class RankRun(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         t, p = n.target, n.meta.get("xdit_placement")
-        if t in (slice_shard, gather_shard, all_reduce_sum, HALO):
+        if t in (slice_shard, slice_text, gather_shard, gather_text, all_reduce_sum, HALO):
             g = self._g(n.args[0])
         elif t is USP:
             q, k, v, mask, scale = (self._g(a) for a in n.args[:5])
@@ -197,8 +209,9 @@ class RankRun(fx.Interpreter):
         else:
             g = self.ref.get(n.name)
         self.glob[n.name] = g
-        if t is gather_shard:
-            return simulated_gather(self.env[n.args[0]], g, *n.args[1:])
+        if t in (gather_shard, gather_text):
+            src = n.args[0].meta["xdit_placement"]
+            return simulated_gather(t, self.env[n.args[0]], g, src, self.rank, *n.args[1:])
         if t is all_reduce_sum:
             return g
         if t is HALO:

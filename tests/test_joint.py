@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import xdit_compile as xc
+from xdit_compile.passes.sharding.placement import even_split
 from xdit_compile.runner import rel_error
 
 
@@ -59,12 +60,40 @@ def _bytes_by_op(plan: xc.Plan, text_len: int) -> dict:
 @pytest.mark.parametrize("plan,world", [(dict(ulysses=2), 2), (dict(ring=2), 2),
                                         (dict(ulysses=2, ring=2), 4)])
 def test_text_kv_never_sent(pools, plan, world):
+    """Default: text rows leave attention cut over the ranks (each rank gets its even piece of
+    them with all heads, riding in Ulysses' output all-to-all), and are gathered back as hidden
+    states before the next Q/K/V projections. K/V traffic still grows by nothing."""
     short = pools(world).run(_bytes_by_op, xc.Plan(**plan), 6)
     long = pools(world).run(_bytes_by_op, xc.Plan(**plan), 22)
-    for a, b in zip(short, long, strict=True):
+    for rank, (a, b) in enumerate(zip(short, long, strict=True)):
         assert a["err"] < 1e-4 and b["err"] < 1e-4  # exact vs serial (fp32, see test_models_dist)
         assert a["breaks"] == b["breaks"] == 0
-        for key in ("all_to_all@ulysses", "send_recv@ring"):
+        assert a["comm"].get("send_recv@ring") == b["comm"].get("send_recv@ring")  # ring K/V
+        assert "all_gather@ulysses" not in b["comm"]
+        if plan.get("ulysses", 1) > 1:
+            # Only the output all-to-all grows: 2 joint attention layers send the Ulysses peer
+            # its piece of the text rows for this rank's 2 heads of 8 fp32 values. Sending text
+            # Q/K/V would add 3 more such terms.
+            peer = rank ^ 1  # ring-major, ulysses-minor: the other rank of this Ulysses pair
+            piece = even_split(22, world)[peer] - even_split(6, world)[peer]
+            grow = b["comm"]["all_to_all@ulysses"]["bytes"] - a["comm"]["all_to_all@ulysses"]["bytes"]
+            assert grow == 2 * piece * 2 * 8 * 4
+        # The single-stream block gathers its cut text rows (hidden states) before Q/K/V.
+        assert b["comm"]["all_gather@sp"]["bytes"] > a["comm"]["all_gather@sp"]["bytes"]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("plan,world", [(dict(ulysses=2), 2), (dict(ring=2), 2)])
+def test_text_kv_never_sent_with_whole_text_rows(pools, plan, world):
+    """``disable_passes=("shard_text_rows",)``: text rows stay on every rank; Ulysses gathers
+    the text outputs over heads instead."""
+    p = xc.Plan(**plan, disable_passes=("shard_text_rows",))
+    short = pools(world).run(_bytes_by_op, p, 6)
+    long = pools(world).run(_bytes_by_op, p, 22)
+    for a, b in zip(short, long, strict=True):
+        assert a["err"] < 1e-4 and b["err"] < 1e-4
+        assert a["breaks"] == b["breaks"] == 0
+        for key in ("all_to_all@ulysses", "send_recv@ring", "all_gather@sp"):
             assert a["comm"].get(key) == b["comm"].get(key), key  # K/V traffic: image only
         if plan.get("ulysses", 1) > 1:
             # 2 joint attention layers gather text outputs over heads: [1, 2 heads, T, 8] fp32

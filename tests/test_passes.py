@@ -649,7 +649,9 @@ def test_build_passes_order_and_disable() -> None:
         "rewrite_attention",
         "lower_collectives",
     ]
-    assert set(OPTIONAL_PASSES) == {"canonicalize", "rewrite_attention"}
+    # shard_text_rows is a rewrite inside propagate_sharding, not a pass of its own
+    assert set(OPTIONAL_PASSES) == {"canonicalize", "rewrite_attention", "shard_text_rows"}
+    assert "shard_text_rows" in Plan(disable_passes="shard_text_rows").disable_passes
     plan = Plan(ulysses=2, disable_passes="rewrite_attention")
     assert plan.disable_passes == ("rewrite_attention",)
     assert [n for n, _ in build_passes(plan)] == [n for n in names if n != "rewrite_attention"]

@@ -617,10 +617,25 @@ def test_joint_self_attention_is_usp_with_head() -> None:
     for gm, ctx in case.check({1: S1}):
         assert ctx.breaks == []
         (usp,) = calls(gm, USP)
-        assert usp.args[6:] == ([4, 4], 3, 0)  # split, head, tail
+        # split, head, tail; the output's 3 text rows come back cut over the ranks (2 + 1)
+        assert usp.args[6:] == ([4, 4], 3, 0, ctx.mesh.sp_rank)
+        assert usp.meta["xdit_placement"] == Shard(2, (4, 4), head=3, text=True)
         sites = [c for c in ctx.collectives if c.what == "usp_attention"]
-        ops = {c.op for c in sites}
-        assert ops == {"all_to_all", "all_gather"}  # body all-to-all; text outputs over heads
+        assert {c.op for c in sites} == {"all_to_all"}  # text output pieces ride with the body
+
+
+def test_joint_attention_text_rows_stay_whole_when_disabled() -> None:
+    def attn(j: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        q = j.reshape(4, 11, 2, 3).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q * 2, q + 1)
+
+    case = _joint_then(attn)
+    for gm, ctx in case.check({1: S1}, plan=Plan(ulysses=2, disable_passes=("shard_text_rows",))):
+        (usp,) = calls(gm, USP)
+        assert usp.args[6:] == ([4, 4], 3, 0)
+        assert usp.meta["xdit_placement"] == Shard(2, (4, 4), head=3)
+        sites = [c for c in ctx.collectives if c.what == "usp_attention"]
+        assert {c.op for c in sites} == {"all_to_all", "all_gather"}  # text outputs over heads
 
 
 @pytest.mark.parametrize(("dim", "want"), [(1, Shard(2, (4, 4))), (-1, S1), (0, Shard(2, (4, 4)))])

@@ -36,7 +36,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Passes a plan may skip by name (the others are needed for a correct result).
-OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention")
+OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows")
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,9 @@ class Plan:
     compile: str | None = None
     """Backend for the rewritten graph: None/"eager" (GraphModule) or "inductor" (torch.compile)."""
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
-    """Names of optional passes to skip, e.g. ("rewrite_attention",) to keep gathers + plain SDPA."""
+    """Names of optional passes or rewrites to skip: "canonicalize"; "rewrite_attention" (keep
+    gathers + plain SDPA); "shard_text_rows" (keep joint attention's text rows replicated on
+    every rank after attention instead of cutting them over the ranks)."""
 
     def __post_init__(self) -> None:
         for axis in MeshAxis:

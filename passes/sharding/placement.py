@@ -10,6 +10,12 @@ it. ``outer``/``inner`` let a shard survive reshapes that merge it with other di
 ``Shard(..., head=a, tail=b)``: the dim is a concatenation ``[a replicated rows, sharded body,
 b replicated rows]``, e.g. text tokens joined to image tokens: every rank holds all ``a + b`` text
 rows and its piece of the body, in that order.
+``Shard(..., text=True)``: the text rows are sharded too, each of head and tail cut evenly
+(``even_split``): rank ``i`` holds ``[head piece i, body piece i, tail piece i]``. Without head
+and tail, ``text=True`` marks a tensor made only of such text rows. Joint attention returns its
+text rows this way, so the layers after it (output projection, MLP) do not repeat the text
+work on every rank; the projections that make the next attention's Q/K/V gather the text
+rows back first, so text K/V are computed on every rank and never communicated.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class Shard:
     """Replicated rows before the sharded body (only with ``outer == 1``)."""
     tail: int = 0
     """Replicated rows after the sharded body (only with ``outer == 1``)."""
+    text: bool = False
+    """Head/tail rows (or, with neither, all rows) are text rows cut evenly over the ranks."""
 
     def __post_init__(self) -> None:
         # With nothing outside it, an inner factor is just finer units of one contiguous
@@ -54,11 +62,19 @@ class Shard:
         return bool(self.head or self.tail)
 
     def body(self) -> Shard:
-        """The same shard without its replicated head and tail rows."""
-        return replace(self, head=0, tail=0)
+        """The same shard without its head and tail rows."""
+        return replace(self, head=0, tail=0, text=False)
+
+    def text_rows(self, rank: int) -> tuple[int, int]:
+        """Head and tail rows held by ``rank`` (all of them unless ``text``)."""
+        if not self.text:
+            return self.head, self.tail
+        n = len(self.split)
+        return even_split(self.head, n)[rank], even_split(self.tail, n)[rank]
 
     def local_size(self, rank: int) -> int:
-        return self.head + self.outer * self.split[rank] * self.inner + self.tail
+        head, tail = self.text_rows(rank)
+        return head + self.outer * self.split[rank] * self.inner + tail
 
     def offset(self, rank: int) -> int:
         """Start of ``rank``'s piece inside the sharded factor N."""
@@ -83,6 +99,7 @@ class Shard:
                 f",inner={self.inner}" if self.inner != 1 else "",
                 f",head={self.head}" if self.head else "",
                 f",tail={self.tail}" if self.tail else "",
+                ",text" if self.text else "",
             ]
         )
         return f"S({self.dim}{cut}{extra})"

@@ -24,6 +24,7 @@ import logging
 import re
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from xdit_compile.driver import PassContext, PassResult, ShardingBreak
@@ -42,6 +43,7 @@ __all__ = ["propagate_sharding_pass", "source_line"]
 
 logger = logging.getLogger(__name__)
 R = Replicate()
+aten = torch.ops.aten
 
 
 def source_line(node: fx.Node) -> str:
@@ -61,6 +63,28 @@ def source_line(node: fx.Node) -> str:
     return where
 
 
+_LINEAR = (aten.linear.default,)
+
+
+def attention_projections(gm: fx.GraphModule, limit: int = 200) -> set[fx.Node]:
+    """The linears whose outputs become an attention's Q, K or V (through views, norms, RoPE,
+    concatenation: anything but another linear). Their text rows are gathered before them."""
+    found: set[fx.Node] = set()
+    for sdpa in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        seen: set[fx.Node] = set()
+        stack = [a for a in sdpa.args[:3] if isinstance(a, fx.Node)]
+        while stack and len(seen) < limit:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "call_function" and n.target in _LINEAR:
+                found.add(n)
+            elif n.op == "call_function":
+                stack.extend(n.all_input_nodes)
+    return found
+
+
 class _Propagator:
     def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         self.gm, self.ctx = gm, ctx
@@ -69,7 +93,8 @@ class _Propagator:
             self.placements,
             ctx.mesh.sp_degree,
             ctx.mesh.sp_rank,
-            {"disabled": ctx.plan.disable_passes, "ulysses": ctx.mesh.ulysses},
+            {"disabled": ctx.plan.disable_passes, "ulysses": ctx.mesh.ulysses,
+             "attention_projections": attention_projections(gm)},
         )
         self._moved: dict[tuple[fx.Node, Placement], fx.Node] = {}
 

@@ -24,7 +24,7 @@ from xdit_compile.passes.sharding.engine import (
     register_rule,
     tensor_args,
 )
-from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
+from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard, even_split
 
 aten = torch.ops.aten
 R = Replicate()
@@ -143,12 +143,17 @@ def align_inputs(node: fx.Node, rc: RuleCtx, out_shape: tuple[int, ...]) -> Deci
                 raise Break(f"sharded input {a.name} is broadcast along its sharded dim")
             cand = p.with_dim(od)
             if target is not None and cand != target:
-                raise Break(f"inputs sharded differently ({target} vs {cand})")
+                if replace(cand, text=False) != replace(target, text=False):
+                    raise Break(f"inputs sharded differently ({target} vs {cand})")
+                cand = replace(cand, text=True)  # text rows cut: cut the other input's too
             target = cand
     assert target is not None
     wants: dict[fx.Node, Placement] = {}
     for a in args:
-        if isinstance(rc.spec(a), Replicate):
+        p = rc.spec(a)
+        if isinstance(p, Shard) and p.joint and p.text != target.text:
+            wants[a] = replace(p, text=True)
+        elif isinstance(p, Replicate):
             shp = rc.shape(a)
             ad = target.dim - (len(out_shape) - len(shp))
             if ad >= 0 and shp[ad] == out_shape[target.dim] and shp[ad] > 1:
@@ -176,6 +181,9 @@ def reshape_shard(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ..
     """
     if sh.joint:
         return _reshape_keeping_dim(in_shape, sh, out_shape)
+    if sh.text:  # rows of text only: the same cut, remembered as text
+        got = reshape_shard(in_shape, replace(sh, text=False), out_shape)
+        return replace(got, text=True) if got is not None else None
     s = sh.inner * prod(in_shape[sh.dim + 1:])
     n, split = sum(sh.split), sh.split
     strides = [prod(out_shape[e + 1:]) for e in range(len(out_shape))]
@@ -209,21 +217,34 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
     """Placement and local [start, end) of the global slice [start, end) of a shard's dim.
 
     The dim is [head rows | body (sharded) | tail rows]. A slice inside the head or the tail is
-    replicated; one from a boundary to a boundary keeps the body sharded; others cut the body.
+    replicated (with ``text``, only the whole head or tail, which stays cut evenly); one from a
+    boundary to a boundary keeps the body sharded; others cut the body.
     """
     if sh.outer != 1:
         return (sh, 0, sh.local_size(rank)) if (start, end) == (0, sh.total) else None
     body, mine = sum(sh.split), sh.split[rank]
     head_end, tail_start = sh.head, sh.head + body
+    my_head, my_tail = sh.text_rows(rank)
+    n = len(sh.split)
     if end <= head_end:
-        return R, start, end
+        if not sh.text:
+            return R, start, end
+        if (start, end) != (0, head_end):
+            return None
+        return Shard(sh.dim, even_split(sh.head, n), text=True), 0, my_head
     if start >= tail_start:
-        return R, start - body + mine, end - body + mine
+        if not sh.text:
+            return R, start - body + mine, end - body + mine
+        if (start, end) != (tail_start, sh.total):
+            return None
+        return Shard(sh.dim, even_split(sh.tail, n), text=True), my_head + mine, my_head + mine + my_tail
     if start in (0, head_end) and end in (tail_start, sh.total):
         head = sh.head if start == 0 else 0
         tail = sh.tail if end == sh.total else 0
-        local_end = sh.head + mine + (sh.tail if end == sh.total else 0)
-        return Shard(sh.dim, sh.split, head=head, tail=tail), start, local_end
+        local_start = 0 if start == 0 else my_head
+        local_end = my_head + mine + (my_tail if end == sh.total else 0)
+        return Shard(sh.dim, sh.split, head=head, tail=tail, text=sh.text and bool(head or tail)), \
+            local_start, local_end
     return None
 
 
@@ -301,21 +322,34 @@ def _cat(node: fx.Node, rc: RuleCtx) -> Decision:
 
 
 def _cat_sharded_dim(node: fx.Node, rc: RuleCtx, dim: int) -> Decision:
-    """Replicated pieces joined to one sharded piece (text + image tokens) become the
-    replicated head/tail of a joint shard: each rank concatenates what it holds."""
+    """Text pieces joined to one sharded body piece (text + image tokens) become the head/tail
+    of a joint shard: replicated text rows as they are, or one evenly cut text piece on each
+    side (``text=True``); each rank concatenates what it holds."""
     tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]  # type: ignore[union-attr]
     specs = [rc.spec(t) for t in tensors]
-    sharded = [i for i, p in enumerate(specs) if isinstance(p, Shard)]
-    if len(sharded) != 1 or any(not isinstance(p, Shard | Replicate) for p in specs):
+    # The body: the one sharded piece that is not only text rows.
+    bodies = [i for i, p in enumerate(specs) if isinstance(p, Shard) and not (p.text and not p.joint)]
+    if len(bodies) != 1 or any(not isinstance(p, Shard | Replicate) for p in specs):
         raise Break("concatenation of several sharded pieces along the sharded dim")
-    i = sharded[0]
+    i = bodies[0]
     sh = specs[i]
     assert isinstance(sh, Shard)
     if sh.outer != 1:
         raise Break("concatenation along a merged sharded dim")
     before = sum(rc.shape(t)[dim] for t in tensors[:i])
     after = sum(rc.shape(t)[dim] for t in tensors[i + 1:])
-    return Decision(out=Shard(dim, sh.split, head=sh.head + before, tail=sh.tail + after))
+    texts = [j for j, p in enumerate(specs) if j != i and isinstance(p, Shard)]
+    n = len(sh.split)
+    if texts and not sh.joint and not sh.text and len(tensors[:i]) <= 1 and len(tensors[i + 1:]) <= 1 and all(
+        isinstance(p, Shard) and p.text and not p.joint and p.dim == dim and p.split == even_split(rc.shape(t)[dim], n)
+        for j, (t, p) in enumerate(zip(tensors, specs, strict=True)) if j != i
+    ):
+        return Decision(out=Shard(dim, sh.split, head=before, tail=after, text=True))
+    # Mixed or several text pieces: gather the sharded text rows, keep the text replicated.
+    wants: dict[fx.Node, Placement] = {tensors[j]: R for j in texts}
+    if sh.text:
+        wants[tensors[i]] = replace(sh, text=False)
+    return Decision(out=Shard(dim, sh.split, head=sh.head + before, tail=sh.tail + after), inputs=wants)
 
 
 @register_rule(*ops("stack"))
@@ -467,13 +501,19 @@ def _pad(node: fx.Node, rc: RuleCtx) -> Decision:
     x, sh, nd = _only_input(node, rc)
     pad = list(node.args[1])  # type: ignore[arg-type]
     mode = schema_arg(node, "mode", "constant")
+    wants: dict[fx.Node, Placement] = {}
     for i in range(0, len(pad), 2):
         before, after = pad[i], pad[i + 1]
         if nd - 1 - i // 2 == sh.dim and (before or after):
             if mode != "constant" or sh.outer != 1 or sh.head + before < 0 or sh.tail + after < 0:
                 raise Break("padding of the sharded dim")
+            if sh.text:  # evenly cut text rows: pad them whole (gather the text rows first)
+                if not sh.joint:
+                    raise Break("padding of sharded text rows")
+                sh = replace(sh, text=False)
+                wants[x] = sh
             sh = replace(sh, head=sh.head + before, tail=sh.tail + after)
-    return Decision(out=sh)
+    return Decision(out=sh, inputs=wants)
 
 
 @register_rule(*ops("type_as"))
