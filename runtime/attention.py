@@ -82,12 +82,14 @@ def _mask_for(mask: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tenso
 
 
 def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_pos, key_base: int,  # type: ignore[no-untyped-def]
-          h_rng, group, out=None, lse=None):
+          h_rng, group, extra=None):
     """Attention of the local queries over every ring block of body K/V, merged by the
-    log-sum-exp into ``(out, lse)`` (which may already hold the text keys' part)."""
+    log-sum-exp. ``extra = (k, v, positions)``: keys every rank holds (text), attended together
+    with the local block and never sent."""
     r, me = info.ring, info.ring_rank
     offs = _offsets(blocks)
     cur_k, cur_v = k, v
+    out = lse = None
     for step in range(r):
         src = (me - step) % r
         pending = None
@@ -98,7 +100,11 @@ def _ring(q, k, v, mask, scale, info: MeshInfo, blocks: list[int], q_pos, key_ba
             pending = send_recv([cur_k, cur_v], [torch.Size(shape), torch.Size(vshape)],
                                 (me + 1) % r, (me - 1) % r, group, "ring")
         k_pos = _positions((key_base + offs[src], key_base + offs[src + 1]), device=q.device)
-        blk_out, blk_lse = attention_with_lse(q, cur_k, cur_v, _mask_for(mask, q_pos, k_pos, h_rng), scale)
+        kk, vv = cur_k, cur_v
+        if step == 0 and extra is not None:
+            kk, vv = torch.cat([extra[0], cur_k], dim=-2), torch.cat([extra[1], cur_v], dim=-2)
+            k_pos = torch.cat([extra[2], k_pos])
+        blk_out, blk_lse = attention_with_lse(q, kk, vv, _mask_for(mask, q_pos, k_pos, h_rng), scale)
         out, lse = merge_partial(out, lse, blk_out, blk_lse)
         if pending is not None:
             for w in pending[0]:
@@ -140,17 +146,21 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         h_rng = (info.ulysses_rank * (h // u), (info.ulysses_rank + 1) * (h // u))
         # Text rows are on every rank: each takes its heads' slice, nothing is sent.
         qh, qt, kh, kt, vh, vt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (qh, qt, kh, kt, vh, vt))
-    q_all = _join(qh, qb, qt)
     text = ((0, head), (head + body_total, head + body_total + tail))
-    q_pos = _positions(text[0], (head + offs[me], head + offs[me + 1]), text[1], device=q.device)
+    q_text = text
+    if shard_text and (head or tail):
+        # Only the text query rows whose outputs this Ulysses group keeps: its ranks' pieces.
+        n, first = len(split), me * u
+        ho, to = _offsets(even_split(head, n)), _offsets(even_split(tail, n))
+        qh, qt = qh[..., ho[first]:ho[first + u], :], qt[..., to[first]:to[first + u], :]
+        tail_at = head + body_total
+        q_text = ((ho[first], ho[first + u]), (tail_at + to[first], tail_at + to[first + u]))
+    q_all = _join(qh, qb, qt)
+    q_pos = _positions(q_text[0], (head + offs[me], head + offs[me + 1]), q_text[1], device=q.device)
     if info.ring > 1:
-        out = lse = None
-        if head or tail:  # text K/V: attended once, locally
-            t_pos = _positions(*text, device=q.device)
-            t_out, t_lse = attention_with_lse(q_all, _join(kh, kt), _join(vh, vt),
-                                              _mask_for(mask, q_pos, t_pos, h_rng), scale)
-            out, lse = merge_partial(None, None, t_out, t_lse)
-        res = _ring(q_all, kb, vb, mask, scale, info, blocks, q_pos, head, h_rng, pm.group("ring"), out, lse)
+        # Text K/V are on every rank: attended once, with the local block (never sent).
+        extra = (_join(kh, kt), _join(vh, vt), _positions(*text, device=q.device)) if head or tail else None
+        res = _ring(q_all, kb, vb, mask, scale, info, blocks, q_pos, head, h_rng, pm.group("ring"), extra)
     else:
         k_pos = torch.arange(head + body_total + tail, device=q.device)
         res = torch.nn.functional.scaled_dot_product_attention(
@@ -158,9 +168,9 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             attn_mask=_mask_for(mask, q_pos, k_pos, h_rng), scale=scale)
     if not (head or tail):
         return _ulysses_out(res, groups[me], info.ulysses_rank, pm.group("ulysses")) if u > 1 else res
-    oh, ob, ot = _split3(res, head, blocks[me] if u > 1 else s_me)
+    oh, ob, ot = _split3(res, qh.shape[-2], blocks[me] if u > 1 else s_me)
     if shard_text:
-        return _text_rows_out(oh, ob, ot, groups[me], info, pm, len(split))
+        return _text_rows_out(oh, ob, ot, head, tail, groups[me], info, pm, len(split))
     if u > 1:
         ob = _ulysses_out(ob, groups[me], info.ulysses_rank, pm.group("ulysses"))
         # Text outputs: every rank needs all heads of them.
@@ -169,26 +179,24 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return torch.cat([oh, ob, ot], dim=-2)
 
 
-def _text_rows_out(oh: torch.Tensor, ob: torch.Tensor, ot: torch.Tensor, group: list[int], info: MeshInfo,
-                   pm: ParallelMesh, n: int) -> torch.Tensor:
+def _text_rows_out(oh: torch.Tensor, ob: torch.Tensor, ot: torch.Tensor, head: int, tail: int,
+                   group: list[int], info: MeshInfo, pm: ParallelMesh, n: int) -> torch.Tensor:
     """Output rows ``[head piece, body, tail piece]``: the text rows cut evenly over all ranks.
 
-    Ring only: every rank computed all text rows, it keeps its piece. With Ulysses, each rank
-    holds all rows for its heads: one all-to-all sends every peer of the Ulysses group its
+    ``oh``/``ot`` hold the text rows of this Ulysses group's pieces (all heads of them with Ring
+    only: the rank's own piece). With Ulysses, one all-to-all sends every peer of the group its
     body rows and its text pieces together.
     """
-    hs, ts = even_split(oh.shape[-2], n), even_split(ot.shape[-2], n)
-    ho, to = _offsets(hs), _offsets(ts)
-    first = info.ring_rank * info.ulysses
     if info.ulysses == 1:
-        j = info.sp_rank
-        return torch.cat([oh[..., ho[j]:ho[j + 1], :], ob, ot[..., to[j]:to[j + 1], :]], dim=-2)
+        return torch.cat([oh, ob, ot], dim=-2)
+    hs, ts = even_split(head, n), even_split(tail, n)
+    first = info.ring_rank * info.ulysses
+    ho, to = _offsets(hs[first:first + info.ulysses]), _offsets(ts[first:first + info.ulysses])
     bo = _offsets(group)
     pieces, sizes = [], []
     for k in range(info.ulysses):
-        j = first + k
-        pieces += [oh[..., ho[j]:ho[j + 1], :], ob[..., bo[k]:bo[k + 1], :], ot[..., to[j]:to[j + 1], :]]
-        sizes.append(hs[j] + group[k] + ts[j])
+        pieces += [oh[..., ho[k]:ho[k + 1], :], ob[..., bo[k]:bo[k + 1], :], ot[..., to[k]:to[k + 1], :]]
+        sizes.append(ho[k + 1] - ho[k] + group[k] + to[k + 1] - to[k])
     return _ulysses_out(torch.cat(pieces, dim=-2), sizes, info.ulysses_rank, pm.group("ulysses"))
 
 
