@@ -111,6 +111,13 @@ def all_to_all(
     sent = sum(in_splits) - in_splits[me]
     row = _nbytes(x) // max(x.shape[0], 1)
     count("all_to_all", axis, sent * row)
+    n = len(in_splits)
+    if len(set(in_splits)) == 1 and len(set(out_splits)) == 1 and in_splits[0] and out_splits[0]:
+        # Equal pieces: the plain all-to-all, which backends run faster than the
+        # split-size variant (gloo: about 2x on CPU for MB-sized pieces).
+        flat = x.contiguous().reshape(n, -1)
+        out = fc.wait_tensor(fc.all_to_all_single(flat, None, None, group))
+        return out.reshape(n * out_splits[0], *x.shape[1:])
     out = fc.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), group)
     return fc.wait_tensor(out)
 
