@@ -92,6 +92,7 @@ QUICK_MODELS: dict[str, dict[str, Any]] = {  # --quick: tiny shapes, for checkin
 METHODS: list[tuple[str, str]] = [
     ("xdit_compile", "ulysses"),
     ("diffusers_cp", "ulysses"),
+    ("xdit_compile", "ulysses_wholetext"),
     ("xdit_compile", "ring"),
     ("diffusers_cp", "ring"),
     ("diffusers_cp", "ring_lse_patch"),
@@ -347,7 +348,8 @@ def _setup(v: Variant, name: str, spec: dict[str, Any]) -> None:
     if v.impl == "xdit_compile":
         from xdit_compile import Plan, parallelize
 
-        plan = Plan(ulysses=2) if v.mode == "ulysses" else Plan(ring=2)
+        plan = {"ulysses": Plan(ulysses=2), "ring": Plan(ring=2),
+                "ulysses_wholetext": Plan(ulysses=2, disable_passes=("shard_text_rows",))}[v.mode]
         pm = parallelize(model, plan)
         entry = pm.prepare(**kwargs)
         v.info["sharding_breaks"] = [f"{b.op} at {b.source}: {b.reason}" for b in entry.ctx.breaks]
@@ -418,7 +420,8 @@ def job_model(name: str, spec: dict[str, Any], methods: list[tuple[str, str]], i
 # ---------------------------------------------------------------------------------------------
 # Driver
 
-MODE_LABEL = {"ulysses": "ulysses=2", "ring": "ring=2", "ring_lse_patch": "ring=2 (lse patch)"}
+MODE_LABEL = {"ulysses": "ulysses=2", "ring": "ring=2", "ring_lse_patch": "ring=2 (lse patch)",
+              "ulysses_wholetext": "ulysses=2, text rows whole"}
 
 
 def main() -> None:
@@ -476,6 +479,7 @@ def _rows(name: str, res: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "shapes": res[0]["shapes"], "out_shape": res[0]["out_shape"], "params": res[0]["params"],
     }]
     xdit_ms: dict[str, float] = {}
+    diffusers_ms: dict[str, float] = {}
     for impl, mode in METHODS:
         label = f"{impl}:{mode}"
         row: dict[str, Any] = {"model": name, "method": impl, "mode": MODE_LABEL[mode],
@@ -503,10 +507,15 @@ def _rows(name: str, res: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kind = mode.split("_")[0]  # ulysses / ring
         if impl == "xdit_compile":
             row["sharding_breaks"] = vs[0]["sharding_breaks"]
-            xdit_ms[kind] = slow["ms"]
+            if mode == kind:
+                xdit_ms[kind] = slow["ms"]
         elif kind in xdit_ms:
             row["xdit_over_diffusers"] = round(xdit_ms[kind] / slow["ms"], 3)
+            diffusers_ms.setdefault(kind, slow["ms"])
         rows.append(row)
+    for row in rows:  # the variant without cut text rows, against the same diffusers row
+        if row.get("mode") == MODE_LABEL["ulysses_wholetext"] and "ms" in row and "ulysses" in diffusers_ms:
+            row["xdit_over_diffusers"] = round(row["ms"] / diffusers_ms["ulysses"], 3)
     return rows
 
 
@@ -607,14 +616,17 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "calls `aten::_scaled_dot_product_flash_attention_for_cpu` and returns its LSE; the "
         "rest is diffusers' own ring code (an all-gather of the whole K/V, not a ring of "
         "sends: `rotate_method='allgather'` is the only one diffusers implements).",
-        "- diffusers' `_cp_plan` splits the text tokens too (Flux, Qwen-Image: text and image "
-        "are split separately and attention sees [text_r, image_r] per rank), so the text "
-        "length must divide by the degree; Wan keeps text replicated. xdit_compile splits "
-        "only the latent tokens and keeps text replicated, so on Flux and Qwen-Image each rank "
-        "runs the text-stream layers on all 256 text tokens (512 + 256 tokens per rank) where "
-        "diffusers runs them on 128 (512 + 128): more compute per rank for xdit_compile, "
-        "fewer bytes (its text K/V are never sent; Ulysses all-gathers only the text rows of "
-        "the attention output over heads, the `all_gather@ulysses` entries in the JSON).",
+        "- Text tokens (Flux, Qwen-Image). diffusers' `_cp_plan` splits them at the model "
+        "input (attention sees [text_r, image_r] per rank, text Q/K/V go through its "
+        "all-to-alls), so the text length must divide by the degree; Wan keeps text replicated. "
+        "xdit_compile never sends text K/V: every rank computes them from the whole text rows, "
+        "gathered as hidden states (`all_gather@sp`) right before the Q/K/V projections. "
+        "Attention returns the text rows cut over the ranks (in Ulysses' output all-to-all), "
+        "so output projections and MLPs run on 128 text rows per rank like diffusers; only the "
+        "text K/V projections (2 of a block's ~12 D^2 matmul FLOPs per row) run on all 256 "
+        "rows on every rank. The `ulysses=2, text rows whole` row is xdit_compile with "
+        "`disable_passes=(\"shard_text_rows\",)`: text rows stay replicated through every "
+        "layer (the previous design), Ulysses all-gathers the text outputs over heads.",
     ]
     bad = [r for r in rows if r.get("mode") == "ring=2 (lse patch)" and "error" not in r
            and r["rel_error"] > 1e-4]

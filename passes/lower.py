@@ -53,7 +53,7 @@ def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: Pass
     nbytes = gather_bytes(row * src.body().local_size(r), val.element_size(), list(src.split), r)
     if src.text and src.joint:
         nbytes += _text_bytes(src, row, val.element_size(), r)
-    what = "output" if node.meta.get("xdit_output_gather") else "sharding break"
+    what = "output" if node.meta.get("xdit_output_gather") else "text rows" if src.text else "sharding break"
     ctx.collectives.append(CollectiveSite(new.name, "all_gather", "sp", 1, nbytes, what, graph_level=True))
     return new
 
