@@ -7,7 +7,9 @@ gathered output on every rank, whether its shape equals the serial one, latency,
 and sharding breaks. A case that fails is recorded as ``fails: ...``, the others still run.
 Writes ``benchmarks/results/uneven_full_shapes.md`` and ``.json``.
 
-    python benchmarks/uneven_full_shapes.py [--models flux-dev mochi] [--quick]
+    python benchmarks/uneven_full_shapes.py [--models flux-dev mochi] [--quick] [--out DIR]
+
+(about 9 minutes on 2 CPU cores; give partial runs ``--out`` to keep the committed results).
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "output shape equal to the serial shape (an output padded to a divisible size fails).",
         "- local tokens: the latent tokens each rank holds (seed split of the outermost "
         "token-grid dim in whole patches, times the tokens per unit); text tokens are "
-        "replicated on every rank (joint attention keeps text K/V local).",
+        "whole on every rank at the input; joint attention returns them cut evenly over the ranks and the Q/K/V projections gather them back (text K/V are never sent).",
         "- bytes/rank: bytes sent by rank 0 per forward (every rank's in the JSON).", "",
         "## Results", "",
         "| model | shape | hidden/heads/layers | tokens (+text) | plan | local tokens per rank | "
@@ -227,10 +229,14 @@ def main() -> None:
     finally:
         for p in pools.values():
             p.close()
-    meta = {
+    _write(args.out, rows, _meta(args.iters))
+
+
+def _meta(iters: int) -> dict[str, Any]:
+    return {
         "setup": "gloo worker processes x 1 thread each (2 or 4) vs 1 process x 1 thread, CPU",
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "iters": args.iters, "tolerance": TOL,
+        "cores": os.cpu_count(), "iters": iters, "tolerance": TOL,
         "configs": [
             "flux-dev: 1 double + 1 single block, 4 heads x 64 (hidden 256), axes_dims_rope "
             "(8, 28, 28); 512 T5 tokens (FluxPipeline's default max_sequence_length)",
@@ -242,15 +248,22 @@ def main() -> None:
             "Narrowed models (4 heads, 1-2 blocks): the token grids, and so the uneven splits, "
             "are the real ones; the arithmetic per token is not. Latencies on a shared 2-core "
             "CPU with 4 processes are not a speed result.",
-            "Random weights and inputs (the zoo's seeds); fp32 only.",
+            "Serial ms of the same model varies between rows (e.g. flux-dev 0.74-0.84 s): the "
+            "2 cores are shared with other jobs; only the error and shape columns matter here.",
+            "Random weights and inputs (the zoo's seeds); fp32 only. Mochi's padded text mask "
+            "makes the number of valid text tokens data-dependent; the compiler specializes "
+            "the graph to it (see xdit_compile.specialize).",
             "Mochi's default 28 latent frames split 7/7/7/7 over 4 ranks (the seed splits frames, "
             "which divide by 4), so its default shape at degree 4 is an even split; the extra "
             "157-frame row (27 latent frames, a valid pipeline length) gives an uneven one.",
         ],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "uneven_full_shapes.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "uneven_full_shapes.md").write_text(_markdown(rows, meta))
+
+
+def _write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "uneven_full_shapes.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "uneven_full_shapes.md").write_text(_markdown(rows, meta))
 
 
 if __name__ == "__main__":

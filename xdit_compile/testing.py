@@ -14,6 +14,7 @@ import os
 import queue
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -82,13 +83,20 @@ class WorkerPool:
             q.put((fn, args, kwargs))
         results: dict[int, Any] = {}
         errors: list[str] = []
+        deadline = time.monotonic() + timeout
         while len(results) + len(errors) < self.world_size:
             try:
-                rank, ok, val = self._out.get(timeout=timeout)
+                rank, ok, val = self._out.get(timeout=0.5)
             except queue.Empty:
-                dead = [i for i, p in enumerate(self._procs) if not p.is_alive()]
-                self.close(force=True)
-                raise WorkerError(f"{fn.__name__} timed out after {timeout}s (dead ranks: {dead})") from None
+                dead = {i: p.exitcode for i, p in enumerate(self._procs) if not p.is_alive()}
+                if dead:  # a worker died (killed, crashed at startup): its peers would wait forever
+                    self.close(force=True)
+                    codes = ", ".join(f"rank {i}: exit code {c}" for i, c in dead.items())
+                    raise WorkerError(f"{fn.__name__}: worker process died ({codes})") from None
+                if time.monotonic() > deadline:
+                    self.close(force=True)
+                    raise WorkerError(f"{fn.__name__} timed out after {timeout}s") from None
+                continue
             if ok:
                 results[rank] = val
             else:
