@@ -88,11 +88,10 @@ class WorkerPool:
             try:
                 rank, ok, val = self._out.get(timeout=0.5)
             except queue.Empty:
-                dead = {i: p.exitcode for i, p in enumerate(self._procs) if not p.is_alive()}
+                dead = self._dead()
                 if dead:  # a worker died (killed, crashed at startup): its peers would wait forever
                     self.close(force=True)
-                    codes = ", ".join(f"rank {i}: exit code {c}" for i, c in dead.items())
-                    raise WorkerError(f"{fn.__name__}: worker process died ({codes})") from None
+                    raise WorkerError(f"{fn.__name__}:{dead}") from None
                 if time.monotonic() > deadline:
                     self.close(force=True)
                     raise WorkerError(f"{fn.__name__} timed out after {timeout}s") from None
@@ -101,10 +100,16 @@ class WorkerPool:
                 results[rank] = val
             else:
                 errors.append(f"rank {rank}: {val}")
+                time.sleep(0.2)  # a peer's death often shows first as this rank's broken connection
+                dead = self._dead()
                 # Peers may now wait forever in a collective: stop everyone.
                 self.close(force=True)
-                raise WorkerError(f"{fn.__name__} failed on " + "\n".join(errors))
+                raise WorkerError(f"{fn.__name__} failed on " + "\n".join(errors) + dead)
         return [results[r] for r in range(self.world_size)]
+
+    def _dead(self) -> str:
+        codes = [f"rank {i}: exit code {p.exitcode}" for i, p in enumerate(self._procs) if not p.is_alive()]
+        return f" (worker process died: {', '.join(codes)})" if codes else ""
 
     def close(self, force: bool = False) -> None:
         for p, q in zip(self._procs, getattr(self, "_ins", []), strict=False):
