@@ -2,10 +2,19 @@
 
 ``build_model(name, size)`` constructs a tiny (tests) or full-size (benchmarks) model and
 ``example_inputs(name, model)`` gives the kwargs of its forward call. No weights are downloaded.
+``build_pipeline(name)`` (``pipelines.py``) wraps a tiny zoo transformer in a whole diffusers
+pipeline (text encoders, tokenizers, VAE, scheduler), all built offline with random weights.
 """
 
 from .entry import SIZES, LatentSize, ZooEntry
 from .inputs import InputSpec
+from .pipelines import (
+    PipelineInfo,
+    build_pipeline,
+    list_pipelines,
+    pipeline_defaults,
+    pipeline_info,
+)
 from .zoo import (
     build_model,
     example_inputs,
@@ -20,12 +29,17 @@ __all__ = [
     "SIZES",
     "InputSpec",
     "LatentSize",
+    "PipelineInfo",
     "ZooEntry",
     "build_model",
+    "build_pipeline",
     "example_inputs",
     "get_entry",
     "layer_overrides",
     "list_models",
+    "list_pipelines",
+    "pipeline_defaults",
+    "pipeline_info",
     "token_frames",
     "token_rows",
 ]
