@@ -48,11 +48,12 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         split = list(node.meta["xdit_split"])
         head, tail = node.meta.get("xdit_joint", (0, 0))
         shard_text = bool(node.meta.get("xdit_shard_text", False))
+        q_cut = bool(node.meta.get("xdit_q_text_cut", False))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.xdit.usp_attention.default,
                 (q, k, v, mask, scale, ctx.mesh.key, split, head, tail)  # type: ignore[arg-type]
-                + ((ctx.mesh.sp_rank,) if shard_text else ()),
+                + ((ctx.mesh.sp_rank,) if shard_text else ()) + ((True,) if q_cut else ()),
             )
         new.meta.update(node.meta)
         new.meta["xdit_pass"] = "rewrite_attention"
@@ -60,9 +61,9 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gm.graph.erase_node(node)
         qv, vv = q.meta["val"], v.meta["val"]  # type: ignore[union-attr]
         local_q = list(qv.shape)
-        local_q[-2] = split[ctx.mesh.sp_rank]
+        local_q[-2] = split[ctx.mesh.sp_rank]  # body rows (text rows are counted apart)
         for (op, axis), (calls, nbytes) in usp_comm_bytes(
-            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, (head, tail), shard_text
+            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, (head, tail), shard_text, q_cut
         ).items():
             ctx.collectives.append(CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention"))
         changed = True

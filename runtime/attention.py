@@ -63,6 +63,16 @@ def _ulysses_out(x: torch.Tensor, group_split: list[int], me: int, group: dist.P
     return heads.reshape(*lead, u * hu, s_me, d)
 
 
+def _ulysses_in_text(qh: torch.Tensor, qb: torch.Tensor, qt: torch.Tensor, group: list[int], hs: list[int],
+                     ts: list[int], me: int, ug: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_ulysses_in` of rows ``[text head piece, body, text tail piece]``: returns this
+    rank's heads of the group's head pieces, body block and tail pieces, each in rank order."""
+    sizes = [a + b + c for a, b, c in zip(hs, group, ts, strict=True)]
+    rows = _ulysses_in(torch.cat([qh, qb, qt], dim=-2), sizes, me, ug)
+    parts = [p.split([a, b, c], dim=-2) for p, a, b, c in zip(rows.split(sizes, dim=-2), hs, group, ts, strict=True)]
+    return tuple(torch.cat([p[i] for p in parts], dim=-2) for i in range(3))  # type: ignore[return-value]
+
+
 def _positions(*ranges: tuple[int, int], device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
 
@@ -127,7 +137,7 @@ def _split3(t: torch.Tensor, head: int, body: int) -> tuple[torch.Tensor, torch.
 
 def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          scale: float | None, mesh_key: str, split: list[int], head: int, tail: int,
-         shard_text: bool = False) -> torch.Tensor:
+         shard_text: bool = False, q_cut: bool = False) -> torch.Tensor:
     pm = get_mesh(mesh_key)
     info = pm.info
     u, h = info.ulysses, q.shape[-3]
@@ -138,21 +148,32 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     offs, body_total = _offsets(blocks), sum(split)
     me = info.ring_rank
     s_me = split[info.sp_rank]
-    (qh, qb, qt), (kh, kb, kt), (vh, vb, vt) = (_split3(t, head, s_me) for t in (q, k, v))
+    n, first = len(split), me * u
+    hs, ts = even_split(head, n), even_split(tail, n)
+    (kh, kb, kt), (vh, vb, vt) = (_split3(t, head, s_me) for t in (k, v))
+    # Query text rows: whole on every rank, or (q_cut) only this rank's even piece of them.
+    qh, qb, qt = _split3(q, hs[info.sp_rank] if q_cut else head, s_me)
     h_rng = (0, h)
     if u > 1:
         ug = pm.group("ulysses")
-        qb, kb, vb = (_ulysses_in(t, groups[me], info.ulysses_rank, ug) for t in (qb, kb, vb))
+        kb, vb = (_ulysses_in(t, groups[me], info.ulysses_rank, ug) for t in (kb, vb))
+        if q_cut:  # the text query pieces travel with the image rows
+            qh, qb, qt = _ulysses_in_text(qh, qb, qt, groups[me], hs[first:first + u], ts[first:first + u],
+                                          info.ulysses_rank, ug)
+        else:
+            qb = _ulysses_in(qb, groups[me], info.ulysses_rank, ug)
         h_rng = (info.ulysses_rank * (h // u), (info.ulysses_rank + 1) * (h // u))
         # Text rows are on every rank: each takes its heads' slice, nothing is sent.
-        qh, qt, kh, kt, vh, vt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (qh, qt, kh, kt, vh, vt))
+        kh, kt, vh, vt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (kh, kt, vh, vt))
+        if not q_cut:
+            qh, qt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (qh, qt))
     text = ((0, head), (head + body_total, head + body_total + tail))
     q_text = text
     if shard_text and (head or tail):
         # Only the text query rows whose outputs this Ulysses group keeps: its ranks' pieces.
-        n, first = len(split), me * u
-        ho, to = _offsets(even_split(head, n)), _offsets(even_split(tail, n))
-        qh, qt = qh[..., ho[first]:ho[first + u], :], qt[..., to[first]:to[first + u], :]
+        ho, to = _offsets(hs), _offsets(ts)
+        if not q_cut:
+            qh, qt = qh[..., ho[first]:ho[first + u], :], qt[..., to[first]:to[first + u], :]
         tail_at = head + body_total
         q_text = ((ho[first], ho[first + u]), (tail_at + to[first], tail_at + to[first + u]))
     q_all = _join(qh, qb, qt)
@@ -212,18 +233,19 @@ def usp_attention(
     head: int = 0,
     tail: int = 0,
     text_rank: int = -1,
+    q_cut: bool = False,
 ) -> torch.Tensor:
     """Exact attention over the whole (sharded) sequence; returns this rank's output rows.
 
     ``head``/``tail``: replicated rows (text) joined before/after the sharded body. With
     ``text_rank`` (this rank's sequence-parallel index) the output holds only this rank's
-    even piece of them.
+    even piece of them; with ``q_cut`` too, so does ``q`` (K/V always hold all text rows).
     """
-    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail, text_rank >= 0)
+    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail, text_rank >= 0, q_cut)
 
 
 @usp_attention.register_fake
-def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1):  # type: ignore[no-untyped-def]
+def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1, q_cut=False):  # type: ignore[no-untyped-def]
     rows = q.shape[-2]
     if text_rank >= 0:
         n = len(split)
@@ -233,7 +255,7 @@ def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1):
 
 def usp_comm_bytes(
     q_shape: tuple[int, ...], v_dim: int, itemsize: int, info: MeshInfo, split: list[int],
-    text: tuple[int, int] = (0, 0), shard_text: bool = False,
+    text: tuple[int, int] = (0, 0), shard_text: bool = False, q_cut: bool = False,
 ) -> dict[tuple[str, str], tuple[int, int]]:
     """Static (calls, bytes sent by ``info.rank``) per (op, axis) of one ``usp_attention`` call.
 
@@ -252,6 +274,10 @@ def usp_comm_bytes(
         per_tok = lead_n * (h // u) * itemsize
         send_in = per_tok * s_me * (u - 1) * (2 * d + v_dim)
         send_out = per_tok * v_dim * (sum(mine) - s_me)
+        if q_cut:  # this rank's text query piece goes out with its image query rows
+            n = len(split)
+            piece = even_split(text[0], n)[info.sp_rank] + even_split(text[1], n)[info.sp_rank]
+            send_in += per_tok * piece * (u - 1) * d
         if shard_text:  # peers' text pieces travel with their body rows
             n, first = len(split), info.ring_rank * u
             hs, ts = even_split(text[0], n), even_split(text[1], n)

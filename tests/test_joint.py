@@ -62,7 +62,7 @@ def _bytes_by_op(plan: xc.Plan, text_len: int) -> dict:
 def test_text_kv_never_sent(pools, plan, world):
     """Default: text rows leave attention cut over the ranks (each rank gets its even piece of
     them with all heads, riding in Ulysses' output all-to-all), and are gathered back as hidden
-    states before the next Q/K/V projections. K/V traffic still grows by nothing."""
+    states before the next K/V projections; query rows may stay cut. Text K/V are never sent."""
     short = pools(world).run(_bytes_by_op, xc.Plan(**plan), 6)
     long = pools(world).run(_bytes_by_op, xc.Plan(**plan), 22)
     for rank, (a, b) in enumerate(zip(short, long, strict=True)):
@@ -71,13 +71,14 @@ def test_text_kv_never_sent(pools, plan, world):
         assert a["comm"].get("send_recv@ring") == b["comm"].get("send_recv@ring")  # ring K/V
         assert "all_gather@ulysses" not in b["comm"]
         if plan.get("ulysses", 1) > 1:
-            # Only the output all-to-all grows: 2 joint attention layers send the Ulysses peer
-            # its piece of the text rows for this rank's 2 heads of 8 fp32 values. Sending text
-            # Q/K/V would add 3 more such terms.
+            # Text rows in the all-to-alls, [rows, 2 heads, 8] fp32 each way: both joint
+            # attention layers send the Ulysses peer its piece of the text output rows; the
+            # single-stream layer (whose text rows arrive cut) also sends this rank's piece of
+            # the text *queries*. Sending text K/V would add two more terms per layer.
             peer = rank ^ 1  # ring-major, ulysses-minor: the other rank of this Ulysses pair
-            piece = even_split(22, world)[peer] - even_split(6, world)[peer]
+            grown = [even_split(22, world)[r] - even_split(6, world)[r] for r in range(world)]
             grow = b["comm"]["all_to_all@ulysses"]["bytes"] - a["comm"]["all_to_all@ulysses"]["bytes"]
-            assert grow == 2 * piece * 2 * 8 * 4
+            assert grow == (2 * grown[peer] + 1 * grown[rank]) * 2 * 8 * 4
         # The single-stream block gathers its cut text rows (hidden states) before Q/K/V.
         assert b["comm"]["all_gather@sp"]["bytes"] > a["comm"]["all_gather@sp"]["bytes"]
 

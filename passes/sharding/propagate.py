@@ -67,12 +67,14 @@ _LINEAR = (aten.linear.default,)
 
 
 def attention_projections(gm: fx.GraphModule, limit: int = 200) -> set[fx.Node]:
-    """The linears whose outputs become an attention's Q, K or V (through views, norms, RoPE,
-    concatenation: anything but another linear). Their text rows are gathered before them."""
+    """The linears whose outputs become an attention's K or V (through views, norms, RoPE,
+    concatenation: anything but another linear). Their text rows are gathered before them, so
+    every rank computes the text K/V itself. Query projections are not in the set: their text
+    rows may stay cut (Ulysses sends query rows like image rows; Ring keeps its own)."""
     found: set[fx.Node] = set()
     for sdpa in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
         seen: set[fx.Node] = set()
-        stack = [a for a in sdpa.args[:3] if isinstance(a, fx.Node)]
+        stack = [a for a in sdpa.args[1:3] if isinstance(a, fx.Node)]
         while stack and len(seen) < limit:
             n = stack.pop()
             if n in seen:

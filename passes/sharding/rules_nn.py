@@ -44,7 +44,7 @@ def _linear(node: fx.Node, rc: RuleCtx) -> Decision:
     if len(node.args) > 2 and not isinstance(rc.spec(node.args[2]), Replicate):
         raise Break("bias is sharded")
     if sh.text and node in rc.options.get("attention_projections", ()):
-        # This linear makes an attention's Q/K/V: gather its text rows first, so the text K/V
+        # This linear makes an attention's K/V: gather its text rows first, so the text K/V
         # are computed on every rank and attention never sends them.
         want: Placement = replace(sh, text=False) if sh.joint else R
         return Decision(out=want, inputs={x: want})  # type: ignore[dict-item]
@@ -196,18 +196,20 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
             f"attention {node.name} has {heads} heads, not divisible by ulysses={u}; use a "
             f"ulysses degree that divides {heads}, or ring=... for the rest of the degree"
         )
-    if pq.text:  # text rows must be whole on every rank (their K/V are never sent)
-        if not pq.joint:
-            raise Break("attention over text rows only")
-        pq = replace(pq, text=False)
-        wants[q] = pq  # type: ignore[index]
+    if pq.text and not pq.joint:
+        raise Break("attention over text rows only")
+    # Query text rows may come cut (``text=True``: Ulysses sends them with the image rows, Ring
+    # keeps its own); K/V text rows must be whole on every rank: text K/V are never sent.
+    whole = replace(pq, text=False)
     kv = [a for a in (k, v) if isinstance(a, fx.Node)]
     for a in kv:
-        if rc.spec(a) != pq:
-            wants[a] = pq.with_dim(len(rc.shape(a)) - 2)
+        if rc.spec(a) != whole:
+            wants[a] = whole.with_dim(len(rc.shape(a)) - 2)
     # Text output rows come back cut evenly over the ranks (``text=True``) unless disabled.
     shard_text = pq.joint and "shard_text_rows" not in rc.options.get("disabled", ())
+    if pq.text and not shard_text:
+        wants[q] = whole  # type: ignore[index]
     meta = {"xdit_attention": "usp", "xdit_split": pq.split, "xdit_joint": (pq.head, pq.tail),
-            "xdit_shard_text": shard_text}
+            "xdit_shard_text": shard_text, "xdit_q_text_cut": pq.text and shard_text}
     return Decision(out=replace(pq, text=shard_text), inputs=wants, meta=meta)
 
