@@ -45,8 +45,8 @@ def _new(gm: fx.GraphModule, before: fx.Node, fn: object, args: tuple, like: fx.
 
 
 def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: PassContext) -> fx.Node:
-    r = ctx.mesh.sp_rank
-    args = (x, src.dim, src.outer, src.inner, list(src.split), ctx.group_names.get("sp", "sp"), src.head, src.tail)
+    r = ctx.axis_rank
+    args = (x, src.dim, src.outer, src.inner, list(src.split), ctx.group, src.head, src.tail)
     new = _new(gm, node, gather_shard, args + ((r,) if src.text else ()), node, Replicate())
     val = node.meta["val"]
     row = val.numel() // src.total
@@ -54,7 +54,7 @@ def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: Pass
     if src.text and src.joint:
         nbytes += _text_bytes(src, row, val.element_size(), r)
     what = "output" if node.meta.get("xdit_output_gather") else "text rows" if src.text else "sharding break"
-    ctx.collectives.append(CollectiveSite(new.name, "all_gather", "sp", 1, nbytes, what, graph_level=True))
+    ctx.collectives.append(CollectiveSite(new.name, "all_gather", ctx.axis, 1, nbytes, what, graph_level=True))
     return new
 
 
@@ -66,14 +66,14 @@ def _text_bytes(sh: Shard, row: int, itemsize: int, rank: int) -> int:
 
 def _text_move(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, dst: Shard, ctx: PassContext) -> fx.Node:
     """Joint rows with cut text <-> whole text: gather or cut only the text rows."""
-    r, n = ctx.mesh.sp_rank, ctx.mesh.sp_degree
+    r, n = ctx.axis_rank, ctx.degree
     if dst.text:
         return _new(gm, node, slice_text, (x, src.dim, src.head, src.tail, n, r), node, dst)
-    new = _new(gm, node, gather_text, (x, src.dim, src.head, src.tail, n, ctx.group_names.get("sp", "sp"), r),
+    new = _new(gm, node, gather_text, (x, src.dim, src.head, src.tail, n, ctx.group, r),
                node, dst)
     val = node.meta["val"]
     nbytes = _text_bytes(src, val.numel() // src.total, val.element_size(), r)
-    ctx.collectives.append(CollectiveSite(new.name, "all_gather", "sp", 1, nbytes, "text rows", graph_level=True))
+    ctx.collectives.append(CollectiveSite(new.name, "all_gather", ctx.axis, 1, nbytes, "text rows", graph_level=True))
     return new
 
 
@@ -89,16 +89,16 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         gm.graph.erase_node(node)
         return
     if isinstance(src, Partial):
-        cur = _new(gm, node, all_reduce_sum, (cur, ctx.group_names.get("sp", "sp")), node, Replicate())
+        cur = _new(gm, node, all_reduce_sum, (cur, ctx.group), node, Replicate())
         val = node.meta["val"]
-        nbytes = all_reduce_bytes(val.numel() * val.element_size(), ctx.mesh.sp_degree)
-        ctx.collectives.append(CollectiveSite(cur.name, "all_reduce", "sp", 1, nbytes, "partial sum", graph_level=True))
+        nbytes = all_reduce_bytes(val.numel() * val.element_size(), ctx.degree)
+        ctx.collectives.append(CollectiveSite(cur.name, "all_reduce", ctx.axis, 1, nbytes, "partial sum", graph_level=True))
     if isinstance(src, Shard):
         cur = _gather(gm, node, cur, src, ctx)
     if isinstance(dst, Shard):
-        r = ctx.mesh.sp_rank
+        r = ctx.axis_rank
         args = (cur, dst.dim, dst.outer, dst.inner, dst.offset(r), dst.split[r], dst.head, dst.tail)
-        text = ((r, ctx.mesh.sp_degree),) if dst.text else ()
+        text = ((r, ctx.degree),) if dst.text else ()
         cur = _new(gm, node, slice_shard, args + text, node, dst)
     node.replace_all_uses_with(cur)
     gm.graph.erase_node(node)
@@ -124,14 +124,28 @@ def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
     conv.args = tuple(args)
     sh = conv.meta["xdit_placement"]
     val = x.meta["val"]
-    rows = sh.local_size(ctx.mesh.sp_rank)
+    rows = sh.local_size(ctx.axis_rank)
     local = val.numel() // val.shape[dim] * rows
     ctx.collectives.append(
         CollectiveSite(new.name, "send_recv", "sp", 2, halo_bytes(local, rows, pad, val.element_size()), "conv halo")
     )
 
 
+def _rescale_earlier_rounds(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """An earlier (batch) round's gathers now move this round's local pieces: scale their
+    static byte counts by the fraction of the tensor this rank holds."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for i, site in enumerate(ctx.collectives):
+        n = nodes.get(site.node)
+        p = n.meta.get("xdit_placement") if n is not None else None
+        if site.graph_level and site.axis != ctx.axis and isinstance(p, Shard) and n is not None \
+                and n.target is gather_shard:
+            scaled = site.bytes_per_forward * p.local_size(ctx.axis_rank) // p.total
+            ctx.collectives[i] = replace(site, bytes_per_forward=scaled)
+
+
 def lower_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    _rescale_earlier_rounds(gm, ctx)
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function":

@@ -57,7 +57,7 @@ def verify_local_shapes(gm: fx.GraphModule, ctx: PassContext, after: str = "") -
     for ph in gm.graph.find_nodes(op="placeholder"):
         val = ph.meta.get("val")
         inputs.append(mode.from_tensor(val) if isinstance(val, torch.Tensor) else val)
-    checker = _Checker(gm, ctx.mesh.sp_rank)
+    checker = _Checker(gm, ctx.axis_rank)
     with mode:
         checker.run(*inputs)
     if checker.errors:

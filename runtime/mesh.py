@@ -35,6 +35,10 @@ class MeshInfo:
     ring: int
     ulysses_rank: int
     ring_rank: int
+    cfg: int = 1
+    cfg_rank: int = 0
+    dp: int = 1
+    dp_rank: int = 0
 
     @property
     def sp_degree(self) -> int:
@@ -44,11 +48,23 @@ class MeshInfo:
     def sp_rank(self) -> int:
         return self.ring_rank * self.ulysses + self.ulysses_rank
 
+    def degree(self, axis: str) -> int:
+        """Degree of a sharding axis: "sp" (ring x ulysses), "cfg" or "dp"."""
+        return self.sp_degree if axis == "sp" else int(getattr(self, axis))
+
+    def axis_rank(self, axis: str) -> int:
+        """This rank's index along a sharding axis: "sp", "cfg" or "dp"."""
+        return self.sp_rank if axis == "sp" else int(getattr(self, f"{axis}_rank"))
+
     @classmethod
     def of(cls, plan: Plan, rank: int, key: str = "static") -> MeshInfo:
-        """``rank``'s view of ``plan``'s mesh (ulysses is the fastest axis)."""
-        return cls(key, rank, plan.world_size, plan.ulysses, plan.ring, rank % plan.ulysses,
-                   (rank // plan.ulysses) % plan.ring)
+        """``rank``'s view of ``plan``'s mesh: axes dp, cfg, ring, ulysses, slowest to fastest."""
+        r = rank
+        uly, r = r % plan.ulysses, r // plan.ulysses
+        ring, r = r % plan.ring, r // plan.ring
+        cfg, r = r % plan.cfg, r // plan.cfg
+        return cls(key, rank, plan.world_size, plan.ulysses, plan.ring, uly, ring,
+                   plan.cfg, cfg, plan.dp, r % plan.dp)
 
 
 class ParallelMesh:
@@ -60,11 +76,12 @@ class ParallelMesh:
         self._groups: dict[str, dist.ProcessGroup] = {}
 
     def group(self, axis: str) -> dist.ProcessGroup:
-        """Process group of ``axis``: "ulysses", "ring", or "sp" (ring x ulysses flattened)."""
+        """Process group of ``axis``: "dp", "cfg", "ring", "ulysses", or "sp" (ring x ulysses
+        flattened, ring-major)."""
         if axis not in self._groups:
             assert self.mesh is not None, "mesh has no process groups (static analysis only)"
             if axis == "sp":
-                self._groups[axis] = self.mesh._flatten("sp").get_group()
+                self._groups[axis] = self.mesh["ring", "ulysses"]._flatten("sp").get_group()
             else:
                 self._groups[axis] = self.mesh.get_group(axis)
         return self._groups[axis]
@@ -98,11 +115,13 @@ def build_mesh(plan: Plan) -> ParallelMesh:
     plan.check_world_size(world)
     backend = dist.get_backend()
     device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
-    names = (MeshAxis.RING.value, MeshAxis.ULYSSES.value)
-    mesh = init_device_mesh(device, (plan.ring, plan.ulysses), mesh_dim_names=names)
-    key = f"mesh{len(_MESHES)}_r{plan.ring}u{plan.ulysses}"
+    axes = (MeshAxis.DP, MeshAxis.CFG, MeshAxis.RING, MeshAxis.ULYSSES)
+    names = tuple(a.value for a in axes)
+    mesh = init_device_mesh(device, tuple(getattr(plan, n) for n in names), mesh_dim_names=names)
+    key = f"mesh{len(_MESHES)}_d{plan.dp}c{plan.cfg}r{plan.ring}u{plan.ulysses}"
     info = MeshInfo.of(plan, rank, key)
     pm = ParallelMesh(info, mesh)
     register_mesh(pm)
-    logger.info("built mesh %s: ring=%d ulysses=%d", key, plan.ring, plan.ulysses)
+    logger.info("built mesh %s: dp=%d cfg=%d ring=%d ulysses=%d", key, plan.dp, plan.cfg, plan.ring,
+                plan.ulysses)
     return pm

@@ -54,6 +54,7 @@ def build_passes(plan: Plan) -> list[tuple[str, PassFn]]:
     """The ordered pass list for ``plan`` (``plan.disable_passes`` removes optional ones)."""
     from xdit_compile.passes.annotate import annotate_graph_pass
     from xdit_compile.passes.attention import rewrite_attention_pass
+    from xdit_compile.passes.batch import batch_round
     from xdit_compile.passes.canonicalize import canonicalize_graph_pass
     from xdit_compile.passes.lower import lower_collectives_pass
     from xdit_compile.passes.seed import seed_inputs_pass
@@ -62,6 +63,11 @@ def build_passes(plan: Plan) -> list[tuple[str, PassFn]]:
     passes: list[tuple[str, PassFn]] = [
         ("canonicalize", canonicalize_graph_pass),
         ("annotate", annotate_graph_pass),
+    ]
+    for axis in ("cfg", "dp"):  # batch rounds first: the sequence round sees local batches
+        if plan.degrees()[axis] > 1:
+            passes += batch_round(axis, propagate_sharding_pass, lower_collectives_pass)
+    passes += [
         ("seed", seed_inputs_pass),
         ("propagate_sharding", propagate_sharding_pass),
         ("rewrite_attention", rewrite_attention_pass),
@@ -136,7 +142,8 @@ class ParallelModule(torch.nn.Module):
         return self._last
 
     def _compile(self, gm: fx.GraphModule) -> CompiledGraph:
-        groups = {"sp": self.mesh.group_name("sp")} if self.mesh.info.sp_degree > 1 else {}
+        groups = {axis: self.mesh.group_name(axis) for axis in ("sp", "cfg", "dp")
+                  if self.mesh.info.degree(axis) > 1}
         channels = getattr(getattr(self.model, "config", None), "in_channels", None)
         ctx = PassContext(plan=self.plan, mesh=self.mesh.info, group_names=groups,
                           hints={"channels": channels})

@@ -101,6 +101,22 @@ class PassContext:
     stats: list[PassStat] = field(default_factory=list)
     graphs: dict[str, str] = field(default_factory=dict)
     """Pass name -> printed graph after that pass (``capture`` is the input)."""
+    axis: str = "sp"
+    """The mesh axis the sharding passes work on now: "sp" (ring x ulysses, the sequence), or
+    "cfg" / "dp" (the batch), each propagated in a round of its own."""
+
+    @property
+    def degree(self) -> int:
+        return self.mesh.degree(self.axis)
+
+    @property
+    def axis_rank(self) -> int:
+        return self.mesh.axis_rank(self.axis)
+
+    @property
+    def group(self) -> str:
+        """Process group name of the current axis (what graph-level collectives use)."""
+        return self.group_names.get(self.axis, self.axis)
 
 
 PassFn = Callable[[fx.GraphModule, PassContext], PassResult]

@@ -25,7 +25,7 @@ class MeshAxis(enum.StrEnum):
 
 
 #: Axes whose parallel method is implemented; a degree > 1 on any other axis is rejected.
-BUILT_AXES: tuple[MeshAxis, ...] = (MeshAxis.RING, MeshAxis.ULYSSES)
+BUILT_AXES: tuple[MeshAxis, ...] = (MeshAxis.DP, MeshAxis.CFG, MeshAxis.RING, MeshAxis.ULYSSES)
 
 _BACKENDS = (None, "eager", "inductor")
 
@@ -39,11 +39,12 @@ class Plan:
     ring: int = 1
     """Ring degree: K/V blocks travel around the ring, partial results merged by log-sum-exp."""
     cfg: int = 1
-    """CFG parallel degree (conditional/unconditional branch per rank). Not built yet."""
+    """CFG parallel degree: the conditional and unconditional halves of the batch on different
+    ranks (pipelines that run both branches in one transformer call)."""
     pipefusion: int = 1
     """PipeFusion stages (patch-level pipeline with displaced K/V). Not built yet."""
     dp: int = 1
-    """Data parallel degree (different requests per rank group). Not built yet."""
+    """Data parallel degree: the batch (prompts x images per prompt) cut over rank groups."""
     compile: str | None = None
     """Backend for the rewritten graph: None/"eager" (GraphModule) or "inductor" (torch.compile)."""
     disable_passes: tuple[str, ...] = field(default_factory=tuple)

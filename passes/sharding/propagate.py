@@ -93,8 +93,8 @@ class _Propagator:
         self.placements: dict[fx.Node, Any] = {}
         self.rc = RuleCtx(
             self.placements,
-            ctx.mesh.sp_degree,
-            ctx.mesh.sp_rank,
+            ctx.degree,
+            ctx.axis_rank,
             {"disabled": ctx.plan.disable_passes, "ulysses": ctx.mesh.ulysses,
              "attention_projections": attention_projections(gm)},
         )
@@ -128,14 +128,16 @@ class _Propagator:
             self._call(node)
         elif node.op == "output":
             self._output(node)
-        elif node.op == "placeholder" and "xdit_seed" in node.meta:
-            self._seed(node, node.meta["xdit_seed"])
         else:
             self.set(node, R)
+        if "xdit_seed" in node.meta:
+            self._seed(node, node.meta["xdit_seed"])
 
     def _seed(self, node: fx.Node, shard: Shard) -> None:
-        """Inputs arrive whole on every rank; the seeded one is cut to this rank's piece."""
-        self.set(node, R)
+        """Inputs arrive whole on every rank (in this round); a seeded one is cut to this rank's
+        piece. Seeds are inputs, or an earlier batch round's pieces of them."""
+        if not isinstance(self.rc.spec(node), Replicate):
+            raise ValueError(f"seed {node.name} is not whole on every rank in this round")
         users = [n for n in self.gm.graph.nodes if n in node.users]
         if not users:
             return
@@ -201,7 +203,7 @@ class _Propagator:
 
 def propagate_sharding_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Assign placements to all nodes; insert redistribute markers; record sharding breaks."""
-    if ctx.mesh.sp_degree == 1:
+    if ctx.degree == 1:
         for n in gm.graph.nodes:
             n.meta["xdit_placement"] = R
         return PassResult(gm, False)

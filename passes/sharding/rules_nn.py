@@ -51,6 +51,17 @@ def _linear(node: fx.Node, rc: RuleCtx) -> Decision:
     return Decision(out=sh)
 
 
+@register_rule(*ops("embedding"))
+def _embedding(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``embedding(weight, indices)``: a lookup per index, so the output keeps the indices'
+    shard (class labels or style ids cut with the batch)."""
+    w, idx = node.args[0], node.args[1]
+    p = rc.spec(idx)
+    if not isinstance(rc.spec(w), Replicate) or not isinstance(p, Shard):
+        raise Break("embedding table is sharded")
+    return Decision(out=p)
+
+
 @register_rule(*ops("matmul", "bmm", "mm", "baddbmm", "addmm"))
 def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
     packet = node.target.overloadpacket  # type: ignore[union-attr]

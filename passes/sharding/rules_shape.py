@@ -25,6 +25,7 @@ from xdit_compile.passes.sharding.engine import (
     tensor_args,
 )
 from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard, even_split
+from xdit_compile.runtime.reshard import gather_shard, slice_shard
 
 aten = torch.ops.aten
 R = Replicate()
@@ -566,6 +567,23 @@ def _scatter_joint(node: fx.Node, rc: RuleCtx, base: Shard, dim: int) -> Decisio
                     target=aten.slice_scatter.default, args=args, kwargs={})
 
 
+@register_rule(*ops("repeat_interleave"))
+def _repeat_interleave(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``x.repeat_interleave(r, dim)``: along the sharded dim each row becomes ``r`` rows in
+    place (e.g. a per-sample mask repeated per head into ``[B * heads, ...]``), so the cut stays
+    between the same samples."""
+    x, sh, nd = _only_input(node, rc)
+    repeats, dim = schema_arg(node, "repeats"), schema_arg(node, "dim")
+    if not isinstance(repeats, int) or dim is None:
+        raise Break("repeat_interleave with tensor repeats or without a dim")
+    if norm_dim(int(dim), nd) != sh.dim:
+        return Decision(out=sh)
+    if sh.joint or sh.outer != 1:
+        raise Break("repeat_interleave along a joint or merged sharded dim")
+    return Decision(out=replace(sh, split=tuple(s * repeats for s in sh.split)),
+                    kwargs={**node.kwargs, "output_size": None} if "output_size" in node.kwargs else None)
+
+
 @register_rule(*ops("repeat"))
 def _repeat(node: fx.Node, rc: RuleCtx) -> Decision:
     x, sh, nd = _only_input(node, rc)
@@ -580,3 +598,22 @@ def _repeat(node: fx.Node, rc: RuleCtx) -> Decision:
 def _creation(node: fx.Node, rc: RuleCtx) -> Decision:
     """The input only gives dtype/device: the (global-size) result is replicated."""
     return Decision(out=R)
+
+
+@register_rule(gather_shard, slice_shard)
+def _earlier_round_move(node: fx.Node, rc: RuleCtx) -> Decision:
+    """A gather or slice an earlier sharding round put in (CFG / data parallel, on the batch
+    dim) keeps this round's shard on another dim: it reads its sizes off the tensor it gets."""
+    x, sh, nd = _only_input(node, rc)
+    if norm_dim(int(node.args[1]), nd) != sh.dim:  # type: ignore[arg-type]
+        return Decision(out=sh)
+    if node.target is gather_shard and len(node.args) <= 8:
+        # Gathering equal pieces of a dim this round cuts inside each piece (the CFG halves of
+        # a batch that data parallelism cuts too): each piece keeps this rank's part.
+        _, dim, outer, inner, split, group, *joint = node.args
+        sizes = [int(v) for v in split] if isinstance(split, list | tuple) else []  # type: ignore[arg-type]
+        if (outer, inner) == (1, 1) and not any(joint) and len(set(sizes)) == 1 \
+                and sum(sh.split) == sizes[0] and sh.outer == 1 and not sh.joint:
+            pieces = [sh.split[rc.rank]] * len(sizes)
+            return Decision(out=replace(sh, outer=len(sizes)), args=(x, dim, 1, 1, pieces, group), kwargs={})
+    raise Break("an earlier round's gather/slice on this round's sharded dim")
