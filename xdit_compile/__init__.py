@@ -1,10 +1,14 @@
 """xdit_compile: parallel Diffusion Transformers by graph rewriting, with no per-model code."""
 
 from xdit_compile.api import ParallelModule, init_distributed, parallelize
+from xdit_compile.pipeline import parallelize_pipeline
 from xdit_compile.plan import MeshAxis, Plan
 from xdit_compile.report import Report, build_report
 
-__all__ = ["MeshAxis", "ParallelModule", "Plan", "Report", "explain", "init_distributed", "parallelize"]
+__all__ = [
+    "MeshAxis", "ParallelModule", "Plan", "Report", "explain", "init_distributed", "parallelize",
+    "parallelize_pipeline",
+]
 __version__ = "0.1.0"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from xdit_compile.capture import capture
+from xdit_compile.cfg_pairs import CfgPairs, latent_batch
 from xdit_compile.driver import PassContext, PassFn, run_passes
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.collectives import count
@@ -108,6 +109,7 @@ class ParallelModule(torch.nn.Module):
         self._cache: dict[tuple[Any, ...], CompiledGraph] = {}
         self._probes: dict[tuple[Any, ...], Probe | None] = {}
         self._last: CompiledGraph | None = None
+        self._pairs: CfgPairs | None = None
 
     @property
     def config(self) -> Any:
@@ -124,7 +126,17 @@ class ParallelModule(torch.nn.Module):
         any data-dependent sizes (e.g. Mochi's number of valid text tokens), see
         :mod:`xdit_compile.specialize`.
         """
-        sig = _signature(args, kwargs)
+        return self._prepare(args, kwargs, self._plan_for(args, kwargs))
+
+    def _plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
+        """The plan a call compiles with: without the cfg batch round when the batch cannot be
+        cut over cfg (one branch per call, see :mod:`xdit_compile.cfg_pairs`)."""
+        if self.plan.cfg > 1 and latent_batch(args, kwargs) < self.plan.cfg:
+            return replace(self.plan, cfg=1)
+        return self.plan
+
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any], plan: Plan) -> CompiledGraph:
+        sig = _signature(args, kwargs) + (plan.cfg,)
         probe = self._probes.get(sig)
         key = sig + probe(args, kwargs) if probe is not None else sig
         if key not in self._cache:
@@ -137,19 +149,19 @@ class ParallelModule(torch.nn.Module):
                 specialize_graph(gm, probe, values, flat)
                 key = sig + values
                 logger.info("specialized %s to data-dependent sizes %s", type(self.model).__name__, values)
-            self._cache[key] = self._compile(gm)
+            self._cache[key] = self._compile(gm, plan)
         self._last = self._cache[key]
         return self._last
 
-    def _compile(self, gm: fx.GraphModule) -> CompiledGraph:
+    def _compile(self, gm: fx.GraphModule, plan: Plan) -> CompiledGraph:
         groups = {axis: self.mesh.group_name(axis) for axis in ("sp", "cfg", "dp")
                   if self.mesh.info.degree(axis) > 1}
         channels = getattr(getattr(self.model, "config", None), "in_channels", None)
-        ctx = PassContext(plan=self.plan, mesh=self.mesh.info, group_names=groups,
+        ctx = PassContext(plan=plan, mesh=self.mesh.info, group_names=groups,
                           hints={"channels": channels})
-        gm = run_passes(gm, build_passes(self.plan), ctx)
+        gm = run_passes(gm, build_passes(plan), ctx)
         runner: Any = gm
-        if self.plan.compile == "inductor":
+        if plan.compile == "inductor":
             runner = torch.compile(gm, backend="inductor", dynamic=False)
         static = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in ctx.collectives if c.graph_level]
         logger.info("compiled %s for a new input signature (%d sharding breaks)",
@@ -157,12 +169,33 @@ class ParallelModule(torch.nn.Module):
         return CompiledGraph(gm, ctx, runner, static)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        entry = self.prepare(*args, **kwargs)
+        plan = self._plan_for(args, kwargs)
+        if plan.cfg != self.plan.cfg:  # one CFG branch per call: pair the calls over cfg ranks
+            if self.plan.cfg != 2:
+                raise ValueError(f"cfg={self.plan.cfg} with one CFG branch per transformer call: "
+                                 f"pairing calls needs cfg=2")
+            if self._pairs is None:
+                self._pairs = CfgPairs(self.mesh.info.cfg_rank, self.mesh.group("cfg"))
+            return self._pairs.call(_PairRunner(self, plan), args, kwargs)
+        return self._run(args, kwargs, plan)
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], plan: Plan) -> Any:
+        entry = self._prepare(args, kwargs, plan)
         with torch.no_grad():
             out = entry.runner(*args, **kwargs)
         for op, axis, calls, nbytes in entry.static_comm:
             count(op, axis, nbytes, calls)
         return out
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapped model has and this module does not (``config`` users,
+        diffusers' ``cache_context``...), so pipelines can call it like the model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules["model"], name)
 
     @property
     def graphs(self) -> dict[str, str]:
@@ -176,6 +209,26 @@ class ParallelModule(torch.nn.Module):
     @property
     def last(self) -> CompiledGraph | None:
         return self._last
+
+
+class _PairRunner:
+    """What :class:`~xdit_compile.cfg_pairs.CfgPairs` calls: run one call, or give the shapes
+    of its outputs (placeholders) without running it."""
+
+    def __init__(self, pm: ParallelModule, plan: Plan) -> None:
+        self.pm, self.plan = pm, plan
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.pm._run(args, kwargs, self.plan)
+
+    def shapes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        gm = self.pm._prepare(args, kwargs, self.plan).gm
+        device = next((x.device for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)), None)
+        outs = [torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device)
+                if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor) else n
+                for n in pytree.tree_leaves(gm.graph.output_node().args[0])]
+        spec = getattr(gm, "_out_spec", None)
+        return pytree.tree_unflatten(outs, spec) if spec is not None else tuple(outs)
 
 
 def _check_same_parameters(model: torch.nn.Module) -> None:
