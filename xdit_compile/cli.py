@@ -1,9 +1,11 @@
-"""Command line: ``xdit-compile explain`` and ``xdit-compile run``.
+"""Command line: ``xdit-compile explain``, ``run`` and ``generate``.
 
 ``explain`` rewrites a zoo model for a plan in one process, with a fake process group of the
 plan's world size (no workers, no GPUs), and prints the report and rewritten graph.
 ``run`` launches its own gloo/nccl workers on this node (or runs inside torchrun), runs the model
 serially and in parallel on the zoo's inputs, and prints latency, bytes per rank and the error.
+``generate`` runs a whole pipeline (saved directory or tiny name) in parallel and writes the
+image or video (see :mod:`xdit_compile.generate`).
 """
 
 from __future__ import annotations
@@ -127,6 +129,60 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from xdit_compile.generate import GenerateOptions, check_model, generate_job
+    from xdit_compile.testing import WorkerError, WorkerPool
+
+    plan = _plan(a)
+    check_model(a.model)  # a bad path fails here, before any worker starts
+    opts = GenerateOptions(
+        model=a.model, prompt=a.prompt, plan=plan.degrees() | {"compile": plan.compile},
+        negative_prompt=a.negative_prompt, steps=a.steps, height=a.height, width=a.width,
+        frames=a.frames, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype,
+        output=a.output, compare_serial=a.compare_serial, warmup=a.warmup,
+    )
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # inside torchrun
+        from xdit_compile.api import init_distributed
+
+        init_distributed()
+        plan.check_world_size(int(os.environ["WORLD_SIZE"]))
+        results = [generate_job(opts)]
+    else:
+        nproc = a.nproc or plan.world_size
+        plan.check_world_size(nproc)
+        os.environ.setdefault("XDIT_WORKER_THREADS", str(a.threads))
+        pool = WorkerPool(nproc)
+        try:
+            results = pool.run(generate_job, opts, timeout=a.timeout)
+        except WorkerError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            print("xdit-compile: generate failed: " + " | ".join(lines[:1] + lines[-1:]), file=sys.stderr)
+            return 1
+        finally:
+            pool.close()
+    r0 = results[0]
+    if r0.rank != 0:
+        return 0
+    print(f"{a.model}: {plan}, {len(results)} process(es); output {r0.shape}")
+    if r0.first_call_s is not None:
+        print(f"  first call (capture + compile + run): {r0.first_call_s:.3f} s")
+    steps = r0.step_s
+    if steps:
+        print(f"  parallel: {r0.total_s:.3f} s total, {len(steps)} steps, "
+              f"{1e3 * sum(steps) / len(steps):.1f} ms/step (mean)")
+    else:
+        print(f"  parallel: {r0.total_s:.3f} s total")
+    if r0.serial_total_s is not None:
+        sst = r0.serial_step_s
+        per = f", {1e3 * sum(sst) / len(sst):.1f} ms/step" if sst else ""
+        print(f"  serial  : {r0.serial_total_s:.3f} s total{per}; speedup {r0.serial_total_s / r0.total_s:.2f}x; "
+              f"max relative difference {r0.rel_error:.2e}")
+    print(f"  rank 0 sent {r0.bytes_sent:,} bytes")
+    for path in r0.saved:
+        print(f"  wrote {path}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdit-compile", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
@@ -144,6 +200,26 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=int, default=1)
     r.add_argument("--timeout", type=float, default=1800.0, help="seconds before workers are stopped")
     r.add_argument("--json", default=None, help="write per-rank results to this file")
+    g = sub.add_parser("generate", help="run a whole pipeline in parallel and write the image/video")
+    g.add_argument("--model", required=True, help="a saved pipeline directory, or a tiny pipeline name")
+    g.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (data parallel cuts a list)")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--frames", type=int, default=None, help="video frames (video pipelines)")
+    g.add_argument("--guidance-scale", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    for axis in ("ulysses", "ring", "cfg", "dp", "pipefusion"):
+        g.add_argument(f"--{axis}", type=int, default=1)
+    g.add_argument("--compile", choices=["eager", "inductor"], default=None)
+    g.add_argument("--output", default=None, help="image .png, or video .mp4 / frame directory")
+    g.add_argument("--compare-serial", action="store_true", help="also time the plain pipeline on rank 0")
+    g.add_argument("--warmup", type=int, default=1, help="untimed calls first (the first compiles)")
+    g.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    g.add_argument("--timeout", type=float, default=1800.0, help="seconds before workers are stopped")
     sub.add_parser("models", help="list zoo models")
     return p
 
@@ -161,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in list_models():
                 print(f"{n:<14} {get_entry(n).description}")
             return 0
-        return {"explain": _cmd_explain, "run": _cmd_run}[args.cmd](args)
+        return {"explain": _cmd_explain, "run": _cmd_run, "generate": _cmd_generate}[args.cmd](args)
     except (ValueError, KeyError, TypeError) as e:
         print(f"xdit-compile: error: {e}", file=sys.stderr)
         return 2

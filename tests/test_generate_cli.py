@@ -1,0 +1,83 @@
+"""``xdit-compile generate`` end to end on a saved tiny pipeline, and its failure exits.
+
+The parallel image is compared with the plain pipeline run on rank 0 (``--compare-serial``):
+relative difference < 1e-4 (fp32, see test_pipeline_parallel).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from xdit_compile.cli import main
+
+
+@pytest.fixture(scope="module")
+def saved_pixart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from xdit_compile.models.pipelines import build_pipeline
+
+    path = tmp_path_factory.mktemp("pipes") / "pixart-sigma"
+    build_pipeline("pixart-sigma").save_pretrained(path)
+    return path
+
+
+@pytest.mark.dist
+def test_generate_saved_pipeline_cfg2(saved_pixart: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "fox.png"
+    rc = main(["generate", "--model", str(saved_pixart), "--prompt", "a red fox", "--cfg", "2",
+               "--steps", "2", "--height", "32", "--width", "32", "--seed", "3", "--output", str(out),
+               "--compare-serial", "--timeout", "300"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert out.is_file() and out.stat().st_size > 0
+    from PIL import Image
+
+    assert Image.open(out).size == (32, 32)
+    diff = float(re.search(r"max relative difference ([0-9.e+-]+)", text).group(1))  # type: ignore[union-attr]
+    assert diff < 1e-4, text
+    assert "2 steps" in text and "ms/step" in text
+
+
+@pytest.mark.dist
+def test_generate_video_frames_dp2_two_prompts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "clip"
+    rc = main(["generate", "--model", "wan", "--prompt", "a red fox", "a blue whale", "--dp", "2",
+               "--output", str(out), "--timeout", "300"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    for i in range(2):
+        frames = sorted((tmp_path / f"clip_{i}").glob("frame_*.png"))
+        assert len(frames) == 13, text
+
+
+def test_generate_bad_model_path_fails_fast(capsys: pytest.CaptureFixture) -> None:
+    t0 = time.monotonic()
+    rc = main(["generate", "--model", "/nonexistent/pipeline", "--prompt", "x", "--ulysses", "2"])
+    assert rc == 2 and time.monotonic() - t0 < 10
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_generate_plan_must_fit_world_size(capsys: pytest.CaptureFixture) -> None:
+    rc = main(["generate", "--model", "pixart-sigma", "--prompt", "x", "--cfg", "2", "--nproc", "3"])
+    assert rc == 2
+    assert "Plan needs 2 processes" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+def test_generate_resolution_the_model_cannot_take(capsys: pytest.CaptureFixture) -> None:
+    t0 = time.monotonic()
+    rc = main(["generate", "--model", "pixart-sigma", "--prompt", "x", "--ulysses", "2", "--height", "4",
+               "--width", "4", "--timeout", "120"])
+    err = capsys.readouterr().err
+    assert rc == 1 and time.monotonic() - t0 < 120, err
+    assert "generate failed" in err
+
+
+def test_dtype_names() -> None:
+    from xdit_compile.generate import _DTYPES
+
+    assert _DTYPES["bf16"] is torch.bfloat16 and _DTYPES["float32"] is torch.float32
