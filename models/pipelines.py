@@ -299,10 +299,10 @@ def _autoencoder_kl(latent_channels: int, **extra: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _pixart_sigma(seed: int, dtype: torch.dtype) -> dict[str, Any]:
+def _pixart_sigma(seed: int, dtype: torch.dtype, overrides: dict[str, Any]) -> dict[str, Any]:
     from diffusers import DPMSolverMultistepScheduler
 
-    transformer = build_model("pixart-sigma", "tiny", dtype=dtype, seed=seed)
+    transformer = build_model("pixart-sigma", "tiny", dtype=dtype, seed=seed, **overrides)
     caption = _dim(transformer, "caption_channels")  # T5 hidden size
     return {
         "tokenizer": _t5_tokenizer(),
@@ -325,11 +325,11 @@ def _pixart_sigma(seed: int, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def _sd3(seed: int, dtype: torch.dtype) -> dict[str, Any]:
+def _sd3(seed: int, dtype: torch.dtype, overrides: dict[str, Any]) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModelWithProjection
 
-    transformer = build_model("sd3", "tiny", dtype=dtype, seed=seed)
+    transformer = build_model("sd3", "tiny", dtype=dtype, seed=seed, **overrides)
     joint = _dim(transformer, "joint_attention_dim")  # T5 hidden size
     pooled = _dim(transformer, "pooled_projection_dim")
     # Like CLIP-L (768) + CLIP-G (1280) < T5 (4096): the two CLIP hidden states, concatenated,
@@ -366,11 +366,11 @@ def _sd3(seed: int, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def _flux(seed: int, dtype: torch.dtype) -> dict[str, Any]:
+def _flux(seed: int, dtype: torch.dtype, overrides: dict[str, Any]) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel
 
-    transformer = build_model("flux-dev", "tiny", dtype=dtype, seed=seed)
+    transformer = build_model("flux-dev", "tiny", dtype=dtype, seed=seed, **overrides)
     joint = _dim(transformer, "joint_attention_dim")  # T5 hidden size
     pooled = _dim(transformer, "pooled_projection_dim")
     return {
@@ -405,10 +405,10 @@ def _flux(seed: int, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def _cogvideox(seed: int, dtype: torch.dtype) -> dict[str, Any]:
+def _cogvideox(seed: int, dtype: torch.dtype, overrides: dict[str, Any]) -> dict[str, Any]:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
 
-    transformer = build_model("cogvideox-2b", "tiny", dtype=dtype, seed=seed)
+    transformer = build_model("cogvideox-2b", "tiny", dtype=dtype, seed=seed, **overrides)
     text_dim, latent = _dim(transformer, "text_embed_dim"), _dim(transformer, "in_channels")
 
     def vae() -> Any:
@@ -451,10 +451,10 @@ def _cogvideox(seed: int, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def _wan(seed: int, dtype: torch.dtype) -> dict[str, Any]:
+def _wan(seed: int, dtype: torch.dtype, overrides: dict[str, Any]) -> dict[str, Any]:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
-    transformer = build_model("wan2.1", "tiny", dtype=dtype, seed=seed)
+    transformer = build_model("wan2.1", "tiny", dtype=dtype, seed=seed, **overrides)
     text_dim, latent = _dim(transformer, "text_dim"), _dim(transformer, "in_channels")
 
     def vae() -> Any:
@@ -504,7 +504,7 @@ class PipelineInfo:
     zoo_name: str
     cfg: str
     defaults: dict[str, Any]
-    build: Callable[[int, torch.dtype], dict[str, Any]] = field(repr=False)
+    build: Callable[[int, torch.dtype, dict[str, Any]], dict[str, Any]] = field(repr=False)
 
 
 _STEPS = {"num_inference_steps": 2}
@@ -606,19 +606,21 @@ def pipeline_defaults(name: str) -> dict[str, Any]:
 
 
 def build_pipeline(
-    name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, transformer: dict[str, Any] | None = None
 ) -> DiffusionPipeline:
     """Tiny diffusers pipeline ``name`` (see :func:`list_pipelines`) with random weights.
 
     Every module is initialised under its own seed derived from ``seed`` (the caller's RNG
     state is kept), so two calls give identical weights; modules are in eval mode and cast to
     ``dtype`` except their ``_keep_in_fp32_modules`` (e.g. T5's ``wo``), as ``from_pretrained``
-    keeps them. Returns the ``diffusers.DiffusionPipeline`` subclass of :attr:`PipelineInfo.cls_name`.
+    keeps them. ``transformer``: overrides of the transformer's tiny config (e.g. a wider,
+    deeper transformer for benchmarks; keep its text and latent dims). Returns the
+    ``diffusers.DiffusionPipeline`` subclass of :attr:`PipelineInfo.cls_name`.
     """
     info = pipeline_info(name)
     import diffusers
 
-    components = info.build(seed, dtype)
+    components = info.build(seed, dtype, dict(transformer or {}))
     for key, component in components.items():
         if isinstance(component, torch.nn.Module):
             component.eval()

@@ -81,3 +81,30 @@ def test_dtype_names() -> None:
     from xdit_compile.generate import _DTYPES
 
     assert _DTYPES["bf16"] is torch.bfloat16 and _DTYPES["float32"] is torch.float32
+
+
+def _generate_and_die(opts: object) -> object:
+    """generate_job, with rank 1 killed while the pipeline runs."""
+    import os
+    import threading
+
+    import torch.distributed as dist
+
+    from xdit_compile.generate import generate_job
+
+    if dist.get_rank() == 1:
+        threading.Timer(1.5, lambda: os._exit(9)).start()
+    return generate_job(opts)  # type: ignore[arg-type]
+
+
+@pytest.mark.dist
+def test_generate_worker_killed_mid_run_stops_everyone(pools: object) -> None:
+    from xdit_compile.generate import GenerateOptions
+    from xdit_compile.testing import WorkerError
+
+    opts = GenerateOptions(model="wan", prompt=["a red fox"], plan={"ulysses": 2}, steps=300, warmup=0)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match="worker process died: rank 1: exit code 9"):
+        pools(2).run(_generate_and_die, opts, timeout=300)  # type: ignore[attr-defined]
+    assert time.monotonic() - t0 < 60
+    assert pools(2).run(int, 1) == [1, 1]  # type: ignore[attr-defined]  # the pool restarts
