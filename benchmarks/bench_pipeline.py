@@ -146,9 +146,9 @@ def main() -> None:
         f"thread; serial = the plain pipeline on rank 0 alone (rank 1 waits at a barrier). Each "
         f"configuration: one warm-up call (capture and compile), then {args.calls} calls of "
         f"{args.steps} steps; step times from the pipeline's step callback, the first step of each "
-        f"call left out (it includes text encoding; for Wan under cfg=2 it is also the step that "
-        f"learns the call pairs and runs both calls on both ranks), median over the rest, slower "
-        f"rank. The VAE decode is not in the step times. Text encoders and VAEs are the tiny ones "
+        f"call left out (it includes text encoding), median over the rest, slower rank. Under "
+        f"cfg=2 Wan's call pairs were learned in the warm-up call (its first step runs both calls "
+        f"on both ranks), so every timed step is paired. The VAE decode is not in the step times. Text encoders and VAEs are the tiny ones "
         f"(they run whole on every rank). Rel error: max |image - serial image| / max |serial "
         f"image| after decoding.",
         "", "This shared 2-core machine moves timings by about 5% between runs.",
