@@ -51,6 +51,15 @@ def test_hybrid_4_ranks(pools, name, plan):
 
 
 @pytest.mark.dist
-def test_cfg_needs_both_branches_in_the_batch(pools):
-    with pytest.raises(WorkerError, match=r"latent batch is 1, cfg=2 cannot split it"):
-        pools(2).run(compare_zoo_model, "pixart-sigma", Plan(cfg=2), inputs={"batch": 1})
+def test_dp_needs_a_batch_to_cut(pools):
+    with pytest.raises(WorkerError, match=r"latent batch is 1, dp=2 cannot split it"):
+        pools(2).run(compare_zoo_model, "pixart-sigma", Plan(dp=2), inputs={"batch": 1})
+
+
+@pytest.mark.dist
+def test_cfg_with_one_branch_per_call_runs_whole_until_paired(pools):
+    """Batch 1 under cfg=2: no batch to cut, so calls are paired (test_pipeline_parallel); the
+    first two calls (which learn the pattern) run whole on every rank, exactly."""
+    for r in pools(2).run(compare_zoo_model, "pixart-sigma", Plan(cfg=2), inputs={"batch": 1}):
+        assert r.rel_error < TOL and r.breaks == [], r
+        assert "all_gather@cfg" not in r.comm

@@ -108,3 +108,21 @@ def test_generate_worker_killed_mid_run_stops_everyone(pools: object) -> None:
         pools(2).run(_generate_and_die, opts, timeout=300)  # type: ignore[attr-defined]
     assert time.monotonic() - t0 < 60
     assert pools(2).run(int, 1) == [1, 1]  # type: ignore[attr-defined]  # the pool restarts
+
+
+@pytest.mark.dist
+def test_generate_under_torchrun(tmp_path: Path) -> None:
+    """Inside torchrun the command uses the existing ranks instead of launching workers."""
+    import subprocess
+    import sys
+
+    from xdit_compile.testing import free_port
+
+    out = tmp_path / "fox.png"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "xdit_compile.cli", "generate", "--model", "pixart-sigma",
+           "--prompt", "a red fox", "--ulysses", "2", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Plan(ulysses=2" in proc.stdout and out.is_file()

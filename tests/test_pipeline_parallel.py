@@ -20,13 +20,13 @@ def _images(out: object) -> torch.Tensor:
     raise AssertionError(f"no images or frames in {type(out).__name__}")
 
 
-def _serial_vs_parallel(name: str, plan_kw: dict, prompt: object = "a red fox") -> dict:
+def _serial_vs_parallel(name: str, plan_kw: dict, prompt: object = "a red fox", **extra: object) -> dict:
     import xdit_compile as xc
     from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
     from xdit_compile.runner import rel_error
     from xdit_compile.runtime.collectives import comm_stats
 
-    kw = {**pipeline_defaults(name), "output_type": "pt"}
+    kw = {**pipeline_defaults(name), "output_type": "pt", **extra}
     ref = _images(build_pipeline(name)(prompt=prompt, generator=torch.Generator().manual_seed(0), **kw))
     pipe = xc.parallelize_pipeline(build_pipeline(name), xc.Plan(**plan_kw))
     comm_stats().reset()
@@ -58,6 +58,16 @@ def test_pipeline_cfg2(pools, name, calls):
     _check(results)
     for r in results:
         assert r["comm"]["all_gather@cfg"]["calls"] == (2 if calls == "batched" else 1), r["comm"]
+
+
+@pytest.mark.dist
+def test_flux_true_cfg_pairs_calls(pools):
+    """Flux-dev guides through its guidance embedding; its optional "true CFG" (a negative
+    prompt with true_cfg_scale > 1) calls the transformer twice per step: paired over cfg."""
+    results = pools(2).run(_serial_vs_parallel, "flux", dict(cfg=2), "a red fox",
+                           negative_prompt="blurry", true_cfg_scale=2.0)
+    _check(results)
+    assert all(r["comm"]["all_gather@cfg"]["calls"] == 1 for r in results)  # step 2 of 2 paired
 
 
 @pytest.mark.dist
