@@ -20,15 +20,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensorMode,
-)
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xdit_compile.driver import PassContext, PassFn, PassResult
 from xdit_compile.passes.sharding.placement import Shard, even_split
 from xdit_compile.runtime.reshard import slice_shard
+from xdit_compile.specialize import FakeRun
 
 __all__ = ["on_axis", "restage_pass", "seed_batch_pass"]
 
@@ -80,16 +77,11 @@ def seed_batch_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, True)
 
 
-class _Restage(fx.Interpreter):
-    """Fake-tensor propagation that rewrites every ``meta["val"]`` (keeping the static shapes of
-    data-dependent ops, already specialized)."""
+class _Restage(FakeRun):
+    """Fake-tensor propagation that rewrites every ``meta["val"]``."""
 
     def run_node(self, n: fx.Node) -> Any:
-        try:
-            out = super().run_node(n)
-        except (DynamicOutputShapeException, DataDependentOutputException):
-            val = n.meta["val"]
-            out = torch.empty(val.shape, dtype=val.dtype, device=val.device)
+        out = super().run_node(n)
         if n.op != "output":
             n.meta["val"] = out
         return out

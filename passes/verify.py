@@ -11,32 +11,24 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensorMode,
-)
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xdit_compile.driver import PassContext
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.passes.sharding.placement import local_shape
+from xdit_compile.specialize import FakeRun
 
 __all__ = ["verify_local_shapes"]
 
 
-class _Checker(fx.Interpreter):
+class _Checker(FakeRun):
     def __init__(self, gm: fx.GraphModule, rank: int) -> None:
         super().__init__(gm)
         self.rank = rank
         self.errors: list[str] = []
 
     def run_node(self, n: fx.Node) -> Any:
-        try:
-            out = super().run_node(n)
-        except (DynamicOutputShapeException, DataDependentOutputException):
-            # A data-dependent op (nonzero): its specialized static shape is in its metadata.
-            val = n.meta["val"]
-            out = torch.empty(val.shape, dtype=val.dtype, device=val.device)
+        out = super().run_node(n)
         p = n.meta.get("xdit_placement")
         glob = n.meta.get("xdit_shape")
         if isinstance(out, torch.Tensor) and glob is not None and not isinstance(p, tuple):

@@ -94,34 +94,42 @@ def _print_run(results: list[Any], plan: Any, nproc: int) -> None:
         print(f"    {b}")
 
 
-def _cmd_run(a: argparse.Namespace) -> int:
+def _launch(fn: Any, payload: Any, plan: Any, a: argparse.Namespace) -> list[Any] | None:
+    """``fn(payload)`` on every rank: the ranks of torchrun, or worker processes this command
+    starts (``--nproc``, default the plan's size). None (after printing the failing rank's
+    message) when a worker failed or died: every worker is stopped then."""
     from xdit_compile.testing import WorkerError, WorkerPool
 
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # inside torchrun
+        from xdit_compile.api import init_distributed
+
+        init_distributed()
+        plan.check_world_size(int(os.environ["WORLD_SIZE"]))
+        return [fn(payload)]
+    nproc = a.nproc or plan.world_size
+    plan.check_world_size(nproc)
+    os.environ.setdefault("XDIT_WORKER_THREADS", str(a.threads))
+    pool = WorkerPool(nproc)
+    try:
+        return list(pool.run(fn, payload, timeout=a.timeout))
+    except WorkerError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        print(f"xdit-compile: {a.cmd} failed: " + " | ".join(lines[:1] + lines[-1:]), file=sys.stderr)
+        return None
+    finally:
+        pool.close()
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
     plan = _plan(a)
     job = {"model": a.model, "plan": {k: v for k, v in plan.degrees().items()} | {"compile": plan.compile},
            "size": a.size, "uneven": a.uneven, "iters": a.iters, "warmup": a.warmup, "config": _config(a)}
     from xdit_compile.models import get_entry
 
     get_entry(a.model)  # unknown names fail here, before any worker starts
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # inside torchrun
-        from xdit_compile.api import init_distributed
-
-        init_distributed()
-        plan.check_world_size(int(os.environ["WORLD_SIZE"]))
-        results = [_worker_run(job)]
-    else:
-        nproc = a.nproc or plan.world_size
-        plan.check_world_size(nproc)
-        os.environ.setdefault("XDIT_WORKER_THREADS", str(a.threads))
-        pool = WorkerPool(nproc)
-        try:
-            results = pool.run(_worker_run, job, timeout=a.timeout)
-        except WorkerError as e:
-            first = [ln for ln in str(e).splitlines() if ln.startswith(("rank", "_worker_run"))]
-            print("xdit-compile: workers stopped: " + " | ".join(first[:2]), file=sys.stderr)
-            return 1
-        finally:
-            pool.close()
+    results = _launch(_worker_run, job, plan, a)
+    if results is None:
+        return 1
     _print_run(results, plan, len(results))
     if a.json:
         with open(a.json, "w") as f:
@@ -131,7 +139,6 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 def _cmd_generate(a: argparse.Namespace) -> int:
     from xdit_compile.generate import GenerateOptions, check_model, generate_job
-    from xdit_compile.testing import WorkerError, WorkerPool
 
     plan = _plan(a)
     check_model(a.model)  # a bad path fails here, before any worker starts
@@ -141,25 +148,9 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         frames=a.frames, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype,
         output=a.output, compare_serial=a.compare_serial, warmup=a.warmup,
     )
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # inside torchrun
-        from xdit_compile.api import init_distributed
-
-        init_distributed()
-        plan.check_world_size(int(os.environ["WORLD_SIZE"]))
-        results = [generate_job(opts)]
-    else:
-        nproc = a.nproc or plan.world_size
-        plan.check_world_size(nproc)
-        os.environ.setdefault("XDIT_WORKER_THREADS", str(a.threads))
-        pool = WorkerPool(nproc)
-        try:
-            results = pool.run(generate_job, opts, timeout=a.timeout)
-        except WorkerError as e:
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            print("xdit-compile: generate failed: " + " | ".join(lines[:1] + lines[-1:]), file=sys.stderr)
-            return 1
-        finally:
-            pool.close()
+    results = _launch(generate_job, opts, plan, a)
+    if results is None:
+        return 1
     r0 = results[0]
     if r0.rank != 0:
         return 0

@@ -24,9 +24,13 @@ import sympy
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 
-__all__ = ["Probe", "SpecializationMismatch", "find_data_dependence", "specialize_graph"]
+__all__ = ["FakeRun", "Probe", "SpecializationMismatch", "find_data_dependence", "specialize_graph"]
 
 
 class SpecializationMismatch(RuntimeError):
@@ -177,3 +181,15 @@ def _propagate_static(gm: fx.GraphModule, static: dict[fx.Node, list[int]], exam
     with mode:
         fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example]
         _StaticProp(gm, static).run(*fakes)
+
+
+class FakeRun(fx.Interpreter):
+    """Runs a graph on fake tensors; a data-dependent op (``nonzero``) that fake tensors cannot
+    size gets the static shape a specialized graph recorded in its metadata."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            return super().run_node(n)
+        except (DynamicOutputShapeException, DataDependentOutputException):
+            val = n.meta["val"]
+            return torch.empty(val.shape, dtype=val.dtype, device=val.device)
