@@ -44,27 +44,9 @@ SPECS: dict[str, dict[str, Any]] = {
 PLANS = [("serial", {}), ("cfg=2", {"cfg": 2}), ("ulysses=2", {"ulysses": 2})]
 
 
-def _timed_call(pipe: Any, kw: dict[str, Any]) -> tuple[list[float], np.ndarray]:
-    stamps: list[float] = []
-
-    def on_step(*args: Any) -> Any:
-        stamps.append(time.perf_counter())
-        return args[-1] if len(args) == 4 else None
-
-    import inspect
-
-    params = inspect.signature(pipe.__call__).parameters
-    extra = ({"callback_on_step_end": on_step} if "callback_on_step_end" in params
-             else {"callback": on_step, "callback_steps": 1})
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = pipe(**kw, **extra, generator=torch.Generator().manual_seed(0))
-    arr = getattr(out, "images", None)
-    return np.diff([t0, *stamps]).tolist(), np.asarray(arr if arr is not None else out.frames)
-
-
 def job(name: str, calls: int, steps: int) -> list[dict[str, Any]]:
     import xdit_compile as xc
+    from xdit_compile.generate import run_timed
     from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
     from xdit_compile.runtime.collectives import comm_stats
 
@@ -82,12 +64,12 @@ def job(name: str, calls: int, steps: int) -> list[dict[str, Any]]:
         per_step: list[float] = []
         arr = None
         if rank == 0 or not solo:
-            _timed_call(pipe, kw)  # warm-up (compiles)
+            run_timed(pipe, kw, 0)  # warm-up (compiles)
             for _ in range(calls):
                 if not solo:
                     dist.barrier()
                 comm_stats().reset()
-                st, arr = _timed_call(pipe, kw)
+                arr, _, st = run_timed(pipe, kw, 0)
                 per_step += st[1:]  # the first step also runs the learning/compile-free path
         dist.barrier()
         if solo and rank == 0:

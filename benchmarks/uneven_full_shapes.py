@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.distributed as dist
 
 from xdit_compile import Plan, parallelize
 from xdit_compile.models import build_model, example_inputs, layer_overrides
-from xdit_compile.runner import rel_error
+from xdit_compile.runner import rel_error, timed
 from xdit_compile.runtime.collectives import comm_stats
 from xdit_compile.testing import WorkerError, WorkerPool
 
@@ -73,16 +72,6 @@ def _cases() -> list[Case]:
     ]
 
 
-def _timed(fn: Any, iters: int, barrier: bool) -> tuple[Any, float]:
-    times, out = [], None
-    for _ in range(iters):
-        if barrier:
-            dist.barrier()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return out, statistics.median(times)
-
 
 def _shapes(x: Any) -> list[list[int]]:
     xs = x if isinstance(x, tuple | list) else (x,)
@@ -98,14 +87,14 @@ def _job(case: Case, plan: Plan, iters: int) -> dict[str, Any]:
     box: list[Any] = [None, math.nan]
     with torch.no_grad():
         if rank == 0:
-            box = list(_timed(lambda: model(**kwargs), iters, barrier=False))
+            box = list(timed(lambda: model(**kwargs), iters, barrier=False))
     dist.broadcast_object_list(box, src=0)  # the reference equals a one-process run
     ref, serial_ms = box
     pm = parallelize(model, plan)
     entry = pm.prepare(**kwargs)
     stats = comm_stats()
     stats.reset()
-    out, parallel_ms = _timed(lambda: pm(**kwargs), iters, barrier=True)
+    out, parallel_ms = timed(lambda: pm(**kwargs), iters, barrier=True)
     same = _shapes(out) == _shapes(ref)
     return {
         "rank": rank, "rel_error": rel_error(out, ref) if same else math.inf,

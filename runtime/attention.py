@@ -12,7 +12,10 @@ ulysses-minor, so a Ulysses group holds one contiguous block). Uneven splits are
 - USP: Ulysses inside, Ring across Ulysses groups.
 
 - Joint sequences: text K/V are on every rank and are never sent. Ulysses slices their heads
-  locally and gathers only the text *outputs* over heads; Ring attends to them once.
+  locally, Ring attends to them once, with the local block. Text output rows come back either
+  whole on every rank (gathered over heads) or, with ``text_rank``, cut evenly over the ranks
+  (each rank's piece rides in Ulysses' output all-to-all); query text rows may arrive cut the
+  same way (``q_cut``: they ride in the input all-to-all).
 
 The ops have fake implementations, so export and inductor treat them as opaque calls.
 An optional replicated mask (broadcastable to ``[B, H, S, S]`` global) is sliced per block.

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["GenerateOptions", "GenerateResult", "check_model", "generate_job", "load_pipeline", "save_output"]
+__all__ = ["GenerateOptions", "GenerateResult", "check_model", "generate_job", "load_pipeline", "run_timed", "save_output"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -110,7 +110,9 @@ def _call_kwargs(pipe: Any, o: GenerateOptions, defaults: dict[str, Any]) -> dic
     return {k: v for k, v in kw.items() if k in params}
 
 
-def _run(pipe: Any, kw: dict[str, Any], seed: int) -> tuple[np.ndarray, float, list[float]]:
+def run_timed(pipe: Any, kw: dict[str, Any], seed: int) -> tuple[np.ndarray, float, list[float]]:
+    """One pipeline call with a fresh generator: output array, seconds, and seconds per
+    denoising step (from the pipeline's step callback, where it has one)."""
     stamps: list[float] = []
     params = inspect.signature(pipe.__call__).parameters
     extra: dict[str, Any] = {}
@@ -187,17 +189,17 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
         if rank == 0:
             pipe.set_progress_bar_config(disable=True)
             for _ in range(o.warmup):
-                _run(pipe, kw, o.seed)
-            serial, result.serial_total_s, result.serial_step_s = _run(pipe, kw, o.seed)
+                run_timed(pipe, kw, o.seed)
+            serial, result.serial_total_s, result.serial_step_s = run_timed(pipe, kw, o.seed)
         dist.barrier()
     pipe = xc.parallelize_pipeline(pipe, xc.Plan(**o.plan))
     pipe.set_progress_bar_config(disable=rank != 0)
     for i in range(o.warmup):
-        t = _run(pipe, kw, o.seed)[1]
+        t = run_timed(pipe, kw, o.seed)[1]
         result.first_call_s = t if i == 0 else result.first_call_s
     dist.barrier()
     comm_stats().reset()
-    arr, result.total_s, result.step_s = _run(pipe, kw, o.seed)
+    arr, result.total_s, result.step_s = run_timed(pipe, kw, o.seed)
     result.bytes_sent = comm_stats().total_bytes
     result.shape = list(arr.shape)
     if not np.isfinite(arr).all():

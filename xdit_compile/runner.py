@@ -20,7 +20,7 @@ from xdit_compile.api import parallelize
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.collectives import comm_stats
 
-__all__ = ["CompareResult", "compare_zoo_model", "rel_error"]
+__all__ = ["CompareResult", "compare_zoo_model", "rel_error", "timed"]
 
 
 @dataclass
@@ -52,7 +52,9 @@ def rel_error(out: Any, ref: Any) -> float:
     return err
 
 
-def _timed(fn: Any, iters: int, barrier: bool) -> tuple[Any, float]:
+def timed(fn: Any, iters: int, barrier: bool) -> tuple[Any, float]:
+    """``fn()`` run ``iters`` times (a barrier before each when ``barrier``): last output and
+    median milliseconds."""
     times, out = [], None
     for _ in range(iters):
         if barrier:
@@ -88,7 +90,7 @@ def compare_zoo_model(
         if rank == 0:
             for _ in range(warmup):
                 model(**kwargs)
-            ref, serial_ms = _timed(lambda: model(**kwargs), iters, barrier=False)
+            ref, serial_ms = timed(lambda: model(**kwargs), iters, barrier=False)
         dist.barrier()
         if rank != 0:
             ref = model(**kwargs)
@@ -99,7 +101,7 @@ def compare_zoo_model(
         pm(**kwargs)
     stats = comm_stats()
     stats.reset()
-    out, parallel_ms = _timed(lambda: pm(**kwargs), iters, barrier=True)
+    out, parallel_ms = timed(lambda: pm(**kwargs), iters, barrier=True)
     per_fwd = stats.total_bytes // iters
     return CompareResult(
         model=name,
