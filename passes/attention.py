@@ -13,6 +13,11 @@ Joint sequences (``Shard(head=a, tail=b)``: replicated text rows joined to shard
 keep their text K/V local: Ulysses slices their heads on each rank, Ring attends to them once.
 
 The op computes softmax(QK^T)V over the whole global sequence, so the meaning is unchanged.
+
+Under DistriFusion (``Plan(distrifusion=N)``) the same attention nodes become
+``xdit::distrifusion_attention`` instead: this rank's K/V fresh, the other ranks' from the previous
+step (see :mod:`xdit_compile.runtime.displaced`): the meaning changes exactly that way after the
+warmup steps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.fx as fx
 from xdit_compile.driver import CollectiveSite, PassContext, PassResult
 from xdit_compile.runtime import attention as _rt_attention  # noqa: F401  (registers xdit ops)
 from xdit_compile.runtime.attention import usp_comm_bytes
+from xdit_compile.runtime.displaced import distrifusion_comm_bytes
 
 __all__ = ["rewrite_attention_pass"]
 
@@ -47,6 +53,10 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         scale = _arg(node, 6, "scale", None)
         split = list(node.meta["xdit_split"])
         head, tail = node.meta.get("xdit_joint", (0, 0))
+        if ctx.mesh.distrifusion > 1:
+            _distrifusion(gm, node, ctx, (q, k, v, mask, scale), split, head, tail)
+            changed = True
+            continue
         shard_text = bool(node.meta.get("xdit_shard_text", False))
         q_cut = bool(node.meta.get("xdit_q_text_cut", False))
         with gm.graph.inserting_before(node):
@@ -68,3 +78,24 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             ctx.collectives.append(CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention"))
         changed = True
     return PassResult(gm, changed)
+
+
+def _distrifusion(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, qkv: tuple, split: list[int],
+                  head: int, tail: int) -> None:
+    """SDPA -> ``xdit::distrifusion_attention`` (text rows are whole on every rank here)."""
+    if node.meta.get("xdit_shard_text"):
+        raise RuntimeError(f"{node.name}: DistriFusion keeps text rows whole (shard_text_rows off)")
+    state = ctx.hints.get("state_key", "")
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(
+            torch.ops.xdit.distrifusion_attention.default,
+            (*qkv, state, node.name, ctx.mesh.key, split, head, tail),
+        )
+    new.meta.update(node.meta)
+    new.meta["xdit_pass"] = "rewrite_attention"
+    new.meta["xdit_displaced"] = node.name
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    k, v = qkv[1].meta["val"], qkv[2].meta["val"]
+    nbytes = distrifusion_comm_bytes(tuple(k.shape), int(v.shape[-1]), k.element_size(), split)
+    ctx.collectives.append(CollectiveSite(new.name, "all_gather", "distrifusion", 1, nbytes, "displaced K/V"))

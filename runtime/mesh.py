@@ -39,17 +39,23 @@ class MeshInfo:
     cfg_rank: int = 0
     dp: int = 1
     dp_rank: int = 0
+    pipefusion: int = 1
+    pipefusion_rank: int = 0
+    distrifusion: int = 1
+    distrifusion_rank: int = 0
 
     @property
     def sp_degree(self) -> int:
-        return self.ulysses * self.ring
+        """Degree of the sequence axes: distrifusion x ring x ulysses (DistriFusion takes the
+        place of ring and ulysses, so at most one of them is > 1 with it)."""
+        return self.distrifusion * self.ulysses * self.ring
 
     @property
     def sp_rank(self) -> int:
-        return self.ring_rank * self.ulysses + self.ulysses_rank
+        return (self.distrifusion_rank * self.ring + self.ring_rank) * self.ulysses + self.ulysses_rank
 
     def degree(self, axis: str) -> int:
-        """Degree of a sharding axis: "sp" (ring x ulysses), "cfg" or "dp"."""
+        """Degree of a sharding axis: "sp" (the sequence axes), "cfg" or "dp"."""
         return self.sp_degree if axis == "sp" else int(getattr(self, axis))
 
     def axis_rank(self, axis: str) -> int:
@@ -58,13 +64,16 @@ class MeshInfo:
 
     @classmethod
     def of(cls, plan: Plan, rank: int, key: str = "static") -> MeshInfo:
-        """``rank``'s view of ``plan``'s mesh: axes dp, cfg, ring, ulysses, slowest to fastest."""
+        """``rank``'s view of ``plan``'s mesh: axes dp, cfg, pipefusion, distrifusion, ring,
+        ulysses, slowest to fastest."""
         r = rank
         uly, r = r % plan.ulysses, r // plan.ulysses
         ring, r = r % plan.ring, r // plan.ring
+        df, r = r % plan.distrifusion, r // plan.distrifusion
+        pf, r = r % plan.pipefusion, r // plan.pipefusion
         cfg, r = r % plan.cfg, r // plan.cfg
         return cls(key, rank, plan.world_size, plan.ulysses, plan.ring, uly, ring,
-                   plan.cfg, cfg, plan.dp, r % plan.dp)
+                   plan.cfg, cfg, plan.dp, r % plan.dp, plan.pipefusion, pf, plan.distrifusion, df)
 
 
 class ParallelMesh:
@@ -76,12 +85,12 @@ class ParallelMesh:
         self._groups: dict[str, dist.ProcessGroup] = {}
 
     def group(self, axis: str) -> dist.ProcessGroup:
-        """Process group of ``axis``: "dp", "cfg", "ring", "ulysses", or "sp" (ring x ulysses
-        flattened, ring-major)."""
+        """Process group of ``axis``: "dp", "cfg", "pipefusion", "distrifusion", "ring",
+        "ulysses", or "sp" (distrifusion x ring x ulysses flattened, slowest first)."""
         if axis not in self._groups:
             assert self.mesh is not None, "mesh has no process groups (static analysis only)"
             if axis == "sp":
-                self._groups[axis] = self.mesh["ring", "ulysses"]._flatten("sp").get_group()
+                self._groups[axis] = self.mesh["distrifusion", "ring", "ulysses"]._flatten("sp").get_group()
             else:
                 self._groups[axis] = self.mesh.get_group(axis)
         return self._groups[axis]
@@ -115,13 +124,12 @@ def build_mesh(plan: Plan) -> ParallelMesh:
     plan.check_world_size(world)
     backend = dist.get_backend()
     device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
-    axes = (MeshAxis.DP, MeshAxis.CFG, MeshAxis.RING, MeshAxis.ULYSSES)
-    names = tuple(a.value for a in axes)
+    names = tuple(a.value for a in MeshAxis)
     mesh = init_device_mesh(device, tuple(getattr(plan, n) for n in names), mesh_dim_names=names)
-    key = f"mesh{len(_MESHES)}_d{plan.dp}c{plan.cfg}r{plan.ring}u{plan.ulysses}"
+    key = (f"mesh{len(_MESHES)}_d{plan.dp}c{plan.cfg}p{plan.pipefusion}f{plan.distrifusion}"
+           f"r{plan.ring}u{plan.ulysses}")
     info = MeshInfo.of(plan, rank, key)
     pm = ParallelMesh(info, mesh)
     register_mesh(pm)
-    logger.info("built mesh %s: dp=%d cfg=%d ring=%d ulysses=%d", key, plan.dp, plan.cfg, plan.ring,
-                plan.ulysses)
+    logger.info("built mesh %s: %s", key, ", ".join(f"{n}={getattr(plan, n)}" for n in names))
     return pm

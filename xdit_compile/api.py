@@ -21,10 +21,11 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from xdit_compile.capture import capture
-from xdit_compile.cfg_pairs import CfgPairs, latent_batch
+from xdit_compile.cfg_pairs import CfgPairs, latent, latent_batch
 from xdit_compile.driver import PassContext, PassFn, run_passes
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.collectives import count
+from xdit_compile.runtime.displaced import DisplacedState, new_state
 from xdit_compile.runtime.mesh import ParallelMesh, build_mesh
 from xdit_compile.specialize import Probe, find_data_dependence, specialize_graph
 
@@ -110,6 +111,18 @@ class ParallelModule(torch.nn.Module):
         self._probes: dict[tuple[Any, ...], Probe | None] = {}
         self._last: CompiledGraph | None = None
         self._pairs: CfgPairs | None = None
+        self.kv_state: DisplacedState | None = None
+        """Displaced K/V of the current request (PipeFusion / DistriFusion plans only)."""
+        if plan.distrifusion > 1 or plan.displaced_patches > 1:
+            self.kv_state = new_state(plan.warmup_steps)
+
+    def reset(self) -> None:
+        """Start a new request: drop every displaced-K/V buffer (the next calls run the warmup
+        steps again). ``parallelize_pipeline`` calls it at the start of every ``pipe()`` call."""
+        if self.kv_state is not None:
+            self.kv_state.reset()
+        if self._pairs is not None:
+            self._pairs.first, self._pairs.kept = None, None
 
     @property
     def config(self) -> Any:
@@ -157,8 +170,13 @@ class ParallelModule(torch.nn.Module):
         groups = {axis: self.mesh.group_name(axis) for axis in ("sp", "cfg", "dp")
                   if self.mesh.info.degree(axis) > 1}
         channels = getattr(getattr(self.model, "config", None), "in_channels", None)
-        ctx = PassContext(plan=plan, mesh=self.mesh.info, group_names=groups,
-                          hints={"channels": channels})
+        if plan.distrifusion > 1 and "shard_text_rows" not in plan.disable_passes:
+            # Every rank computes all text rows from its own view (fresh text K/V, no gathers).
+            plan = replace(plan, disable_passes=(*plan.disable_passes, "shard_text_rows"))
+        hints: dict[str, Any] = {"channels": channels}
+        if self.kv_state is not None:
+            hints["state_key"] = self.kv_state.key
+        ctx = PassContext(plan=plan, mesh=self.mesh.info, group_names=groups, hints=hints)
         gm = run_passes(gm, build_passes(plan), ctx)
         runner: Any = gm
         if plan.compile == "inductor":
@@ -169,6 +187,8 @@ class ParallelModule(torch.nn.Module):
         return CompiledGraph(gm, ctx, runner, static)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.kv_state is not None:  # every call counts, also those CFG pairing skips here
+            self.kv_state.begin_call(latent(args, kwargs))
         plan = self._plan_for(args, kwargs)
         if plan.cfg != self.plan.cfg:  # one CFG branch per call: pair the calls over cfg ranks
             if self.plan.cfg != 2:

@@ -31,12 +31,12 @@ import torch.utils._pytree as pytree
 
 from xdit_compile.runtime.collectives import count
 
-__all__ = ["CfgPairs", "latent_batch"]
+__all__ = ["CfgPairs", "latent", "latent_batch"]
 
 logger = logging.getLogger(__name__)
 
 
-def _latent(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+def latent(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         return kwargs["hidden_states"]
     for x in pytree.tree_leaves((args, kwargs)):
@@ -47,12 +47,12 @@ def _latent(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | Non
 
 def latent_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """Batch size of the call's latent input (1 if there is none)."""
-    x = _latent(args, kwargs)
+    x = latent(args, kwargs)
     return int(x.shape[0]) if x is not None else 1
 
 
 def _identity(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    x = _latent(args, kwargs)
+    x = latent(args, kwargs)
     if x is None:
         return ()
     return (x.data_ptr(), x._version, tuple(x.shape), x.dtype)

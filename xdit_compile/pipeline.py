@@ -39,4 +39,29 @@ def parallelize_pipeline(pipe: Any, plan: Plan) -> Any:
             # Bypass diffusers' register_modules: the component stays registered as the model
             # class it was (save_pretrained of a parallel pipeline is not supported).
             object.__setattr__(pipe, name, parallelize(module, plan))
+    if not isinstance(pipe, _Resetting):
+        pipe.__class__ = _resetting_class(type(pipe))
     return pipe
+
+
+class _Resetting:
+    """Marker base of pipeline classes whose ``__call__`` starts a new request first."""
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _resetting_class(cls: type) -> type:
+    """``cls`` with a ``__call__`` that resets the parallel transformers' per-request state
+    (displaced K/V, CFG pairing) before running; same name, so diffusers sees the same class."""
+    if cls not in _CLASSES:
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            for name in transformer_names(self):
+                module = getattr(self, name)
+                if isinstance(module, ParallelModule):
+                    module.reset()
+            return cls.__call__(self, *args, **kwargs)
+
+        _CLASSES[cls] = type(cls.__name__, (cls, _Resetting), {
+            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _CLASSES[cls]

@@ -20,12 +20,13 @@ class MeshAxis(enum.StrEnum):
     DP = "dp"
     CFG = "cfg"
     PIPEFUSION = "pipefusion"
+    DISTRIFUSION = "distrifusion"
     RING = "ring"
     ULYSSES = "ulysses"
 
 
 #: Axes whose parallel method is implemented; a degree > 1 on any other axis is rejected.
-BUILT_AXES: tuple[MeshAxis, ...] = (MeshAxis.DP, MeshAxis.CFG, MeshAxis.RING, MeshAxis.ULYSSES)
+BUILT_AXES: tuple[MeshAxis, ...] = tuple(MeshAxis)
 
 _BACKENDS = (None, "eager", "inductor")
 
@@ -42,9 +43,23 @@ class Plan:
     """CFG parallel degree: the conditional and unconditional halves of the batch on different
     ranks (pipelines that run both branches in one transformer call)."""
     pipefusion: int = 1
-    """PipeFusion stages (patch-level pipeline with displaced K/V). Not built yet."""
+    """PipeFusion stages: the blocks are cut into this many pipeline stages, one per rank of the
+    axis, and ``patches`` pieces of the token sequence stream through them; attention reads the
+    patches not yet computed from the previous step (displaced K/V)."""
+    distrifusion: int = 1
+    """DistriFusion degree: each rank keeps one patch of the token sequence through all layers;
+    attention reads the other ranks' K/V from the previous step, gathered asynchronously. Takes
+    the place of ``ulysses``/``ring`` (not combined with them)."""
     dp: int = 1
     """Data parallel degree: the batch (prompts x images per prompt) cut over rank groups."""
+    patches: int | None = None
+    """PipeFusion patches per step (M); default: ``pipefusion``. ``patches > 1`` with
+    ``pipefusion=1`` runs the displaced-K/V patch schedule on one rank (a reference)."""
+    warmup_steps: int = 1
+    """Steps of each request (``pipe()`` call or ``pm.reset()``) that PipeFusion and DistriFusion run
+    with fresh K/V everywhere (exact), filling the displaced-K/V buffers."""
+    stage_blocks: tuple[int, ...] = ()
+    """PipeFusion: blocks per stage, in order (e.g. ``(10, 18)``); default: balanced by FLOPs."""
     compile: str | None = None
     """Backend for the rewritten graph: None/"eager" (GraphModule) or "inductor" (torch.compile)."""
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
@@ -63,6 +78,7 @@ class Plan:
                     f"Plan.{axis.value}={degree}: {axis.value} parallelism is not built yet; "
                     f"use {built} (set {axis.value}=1)"
                 )
+        self._check_displaced()
         if self.compile not in _BACKENDS:
             raise ValueError(
                 f"Plan.compile={self.compile!r} is unknown; choose one of None, 'eager', 'inductor'"
@@ -78,6 +94,38 @@ class Plan:
                 f"Plan.disable_passes: {unknown} cannot be disabled; optional passes are "
                 f"{list(OPTIONAL_PASSES)}"
             )
+
+    def _check_displaced(self) -> None:
+        """PipeFusion / DistriFusion options; plans that cannot work are refused with the fix."""
+        if self.patches is not None and (not isinstance(self.patches, int) or self.patches < 1):
+            raise ValueError(f"Plan.patches must be an integer >= 1, got {self.patches!r}")
+        if self.patches is not None and self.patches < self.pipefusion:
+            raise ValueError(
+                f"Plan(pipefusion={self.pipefusion}, patches={self.patches}): fewer patches than "
+                f"stages leaves stages idle; use patches >= {self.pipefusion} (e.g. "
+                f"patches={2 * self.pipefusion})")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"Plan.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if isinstance(self.stage_blocks, list):
+            object.__setattr__(self, "stage_blocks", tuple(self.stage_blocks))
+        if self.stage_blocks:
+            if len(self.stage_blocks) != self.pipefusion or any(
+                    not isinstance(b, int) or b < 1 for b in self.stage_blocks):
+                raise ValueError(
+                    f"Plan.stage_blocks={self.stage_blocks}: give one block count >= 1 per "
+                    f"pipefusion stage ({self.pipefusion} numbers), or leave it empty to balance by FLOPs")
+        if self.distrifusion > 1 and self.sp_degree > 1:
+            raise ValueError(
+                f"Plan(distrifusion={self.distrifusion}, ulysses={self.ulysses}, ring={self.ring}): "
+                f"DistriFusion takes the place of the sequence axes; use one of them")
+        if self.distrifusion > 1 and self.displaced_patches > 1:
+            raise ValueError("Plan: DistriFusion and PipeFusion cannot be combined; choose one "
+                             "(pipefusion x ulysses/ring, or distrifusion x cfg/dp)")
+
+    @property
+    def displaced_patches(self) -> int:
+        """Patches M of the PipeFusion schedule (1: no PipeFusion)."""
+        return self.patches if self.patches is not None else self.pipefusion
 
     @property
     def world_size(self) -> int:
@@ -105,4 +153,8 @@ class Plan:
 
     def __str__(self) -> str:
         degrees = ", ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1) or "serial"
+        if self.displaced_patches > 1:
+            degrees += f", patches={self.displaced_patches}"
+        if self.displaced_patches > 1 or self.distrifusion > 1:
+            degrees += f", warmup_steps={self.warmup_steps}"
         return f"Plan({degrees}, compile={self.compile})"

@@ -1,0 +1,315 @@
+"""Displaced K/V: attention that reads other patches' keys and values from the previous step.
+
+Adjacent denoising steps see nearly the same activations, so attention may read the K/V of the
+tokens it has not computed yet from the previous step (the *displaced* K/V) instead of waiting
+for them. Two methods use it:
+
+- **DistriFusion** (``xdit::distrifusion_attention``): each rank of the sequence axis keeps its
+  patch through all layers. Attention uses this rank's fresh K/V and the other ranks' K/V of the
+  previous step; this step's K/V pieces are all-gathered asynchronously (overlapping the rest of
+  the step) and consumed one step later.
+- **PipeFusion** (``xdit::pipefusion_attention``): patches of one step run one after another
+  through the layers (pipelined over stages). While patch ``j`` runs a layer, it writes its fresh
+  K/V into the layer's buffer and attends over the whole buffer: patches ``< j`` hold this
+  step's K/V (computed before it), patch ``j`` its own, patches ``> j`` the previous step's.
+
+Text rows of joint attention are never stale: DistriFusion has every rank compute all text K/V
+each step; in PipeFusion the patch that holds the text rows (the first) writes them into the
+buffer before any other patch of the step reads them. The first ``warmup_steps`` steps of a request
+run exact (fresh K/V of every token; they fill the buffers). A request's state is its own:
+:meth:`DisplacedState.reset` (a new ``pipe()`` call, or ``pm.reset()``) drops every buffer.
+
+Steps and CFG branches: a call whose latent input is the very tensor of the previous call is the
+next *branch* of the same step (pipelines that call the transformer for the conditional and the
+unconditional branch with the same latents); each branch keeps buffers of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xdit_compile.runtime.collectives import count
+from xdit_compile.runtime.mesh import get_mesh
+
+__all__ = [
+    "DisplacedState",
+    "distrifusion_attention",
+    "distrifusion_comm_bytes",
+    "get_state",
+    "new_state",
+    "pipefusion_attention",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DisplacedState:
+    """The displaced K/V of one parallelized module on this rank, for the current request."""
+
+    key: str
+    warmup_steps: int = 1
+    step: int = -1
+    """Index of the current step in the request (-1 before the first call)."""
+    branch: int = 0
+    """Index of the current call among the calls of this step (CFG branches)."""
+    buffers: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
+    """(branch, layer) -> [K, V] of the whole sequence (DistriFusion: of the body rows)."""
+    pending: dict[tuple[int, str], tuple[Any, torch.Tensor, list[int]]] = field(default_factory=dict)
+    """(branch, layer) -> DistriFusion's in-flight all-gather: (work, output, split)."""
+    poison: Any = None
+    """Test hook: ``poison(layer, patch, k_buffer, v_buffer)`` runs before attention reads a
+    PipeFusion buffer (tests corrupt slices there to show which ones are read)."""
+    _latent: torch.Tensor | None = None
+    _latent_version: int = -1
+
+    def begin_call(self, latent: torch.Tensor | None) -> None:
+        """Count a transformer call: the next branch of this step if it got the same latent
+        tensor as the previous call, else a new step."""
+        same = (latent is not None and self._latent is not None and latent.data_ptr() == self._latent.data_ptr()
+                and latent.shape == self._latent.shape and latent.stride() == self._latent.stride()
+                and latent._version == self._latent_version)
+        if same:
+            self.branch += 1
+        else:
+            self.step += 1
+            self.branch = 0
+        # Holding the tensor keeps its memory from being reused by the next step's latents.
+        self._latent = latent
+        self._latent_version = latent._version if latent is not None else -1
+
+    @property
+    def exact(self) -> bool:
+        """Whether this step runs with fresh K/V everywhere (warmup)."""
+        return self.step < self.warmup_steps
+
+    def slot(self, layer: str) -> tuple[int, str]:
+        return (self.branch, layer)
+
+    def reset(self) -> None:
+        """A new request: finish in-flight gathers (every rank issued them) and drop all K/V."""
+        for work, _, _ in self.pending.values():
+            work.wait()
+        self.pending.clear()
+        self.buffers.clear()
+        self.step, self.branch, self._latent = -1, 0, None
+
+    def buffer_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.buffers.values() for t in kv)
+
+
+_STATES: dict[str, DisplacedState] = {}
+
+
+def new_state(warmup_steps: int) -> DisplacedState:
+    """A registered state with a fresh key (graph ops find it by the key)."""
+    st = DisplacedState(key=f"kv{len(_STATES)}", warmup_steps=warmup_steps)
+    _STATES[st.key] = st
+    return st
+
+
+def get_state(key: str) -> DisplacedState:
+    try:
+        return _STATES[key]
+    except KeyError:
+        raise RuntimeError(f"xdit_compile displaced-K/V state {key!r} is not registered") from None
+
+
+def offsets(split: list[int]) -> list[int]:
+    out = [0]
+    for s in split:
+        out.append(out[-1] + s)
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float | None) -> torch.Tensor:
+    if q.shape[-2] == 0:
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _mask_rows(mask: torch.Tensor | None, q_pos: torch.Tensor) -> torch.Tensor | None:
+    """The rows of a global (replicated) mask that these queries see (all key columns)."""
+    if mask is None or mask.shape[-2] == 1:
+        return mask
+    return mask.index_select(-2, q_pos.to(mask.device))
+
+
+def _arange(*ranges: tuple[int, int], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+
+
+# --------------------------------------------------------------------------------------------
+# DistriFusion
+
+
+def _pack(kb: torch.Tensor, vb: torch.Tensor, rows: int) -> torch.Tensor:
+    """This rank's body K and V, padded to ``rows`` rows, in one tensor [2, ..., rows, D]."""
+    pad = rows - kb.shape[-2]
+    if pad:
+        kb = torch.cat([kb, kb.new_zeros((*kb.shape[:-2], pad, kb.shape[-1]))], dim=-2)
+        vb = torch.cat([vb, vb.new_zeros((*vb.shape[:-2], pad, vb.shape[-1]))], dim=-2)
+    return torch.stack([kb, vb]).contiguous()
+
+
+def _unpack(gathered: torch.Tensor, split: list[int]) -> list[torch.Tensor]:
+    """[N, 2, ..., rows, D] gathered pieces -> [K, V] of the whole body."""
+    parts = [gathered[i, :, ..., :s, :] for i, s in enumerate(split)]
+    kv = torch.cat(parts, dim=-2)
+    return [kv[0], kv[1]]
+
+
+def _gather_kv(kb: torch.Tensor, vb: torch.Tensor, split: list[int], group: dist.ProcessGroup,
+               async_op: bool) -> tuple[Any, torch.Tensor]:
+    packed = _pack(kb, vb, max(split))
+    out = packed.new_empty((len(split) * 2, *packed.shape[1:]))
+    count("all_gather", "distrifusion", packed.numel() * packed.element_size() * (len(split) - 1))
+    work = dist.all_gather_into_tensor(out, packed, group=group, async_op=async_op)
+    return work, out.view(len(split), *packed.shape)
+
+
+def _distrifusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float | None, state_key: str, layer: str, mesh_key: str, split: list[int],
+                  head: int, tail: int) -> torch.Tensor:
+    pm = get_mesh(mesh_key)
+    rank, group = pm.info.sp_rank, pm.group("sp")
+    st = get_state(state_key)
+    s_me, offs = split[rank], offsets(split)
+    kb, vb = k[..., head:head + s_me, :], v[..., head:head + s_me, :]
+    slot = st.slot(layer)
+    if st.exact or (slot not in st.buffers and slot not in st.pending):
+        # Warmup: this step's K/V of every rank, now (exact); they also fill the buffer.
+        _, out = _gather_kv(kb, vb, split, group, async_op=False)
+        body_k, body_v = _unpack(out, split)
+        st.buffers[slot] = [body_k, body_v]
+        st.pending.pop(slot, None)
+    else:
+        if slot in st.pending:  # the previous step's gather: consumed now, one step later
+            work, out, _ = st.pending.pop(slot)
+            work.wait()
+            st.buffers[slot] = _unpack(out, split)
+        old_k, old_v = st.buffers[slot]
+        lo, hi = offs[rank], offs[rank + 1]
+        body_k = torch.cat([old_k[..., :lo, :], kb, old_k[..., hi:, :]], dim=-2)
+        body_v = torch.cat([old_v[..., :lo, :], vb, old_v[..., hi:, :]], dim=-2)
+        work, out = _gather_kv(kb, vb, split, group, async_op=True)
+        st.pending[slot] = (work, out, split)
+    k_all = torch.cat([k[..., :head, :], body_k, k[..., head + s_me:, :]], dim=-2)
+    v_all = torch.cat([v[..., :head, :], body_v, v[..., head + s_me:, :]], dim=-2)
+    # Query rows: [text head, this rank's body rows, text tail] at their global positions.
+    q_head = q.shape[-2] - s_me - tail
+    body_at = head + offs[rank]
+    q_pos = _arange((0, q_head), (body_at, body_at + s_me),
+                    (head + sum(split), head + sum(split) + tail), device=q.device)
+    return _sdpa(q, k_all, v_all, _mask_rows(mask, q_pos), scale)
+
+
+@torch.library.custom_op("xdit::distrifusion_attention", mutates_args=())
+def distrifusion_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    state_key: str,
+    layer: str,
+    mesh_key: str,
+    split: list[int],
+    head: int = 0,
+    tail: int = 0,
+) -> torch.Tensor:
+    """Attention of this rank's query rows over the whole sequence: its own body K/V fresh, the
+    other ranks' from the previous step (after warmup). ``q``/``k``/``v`` hold all ``head``/``tail``
+    text rows and this rank's body rows; the output has ``q``'s rows."""
+    return _distrifusion(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head, tail)
+
+
+@distrifusion_attention.register_fake
+def _(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head=0, tail=0):  # type: ignore[no-untyped-def]
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def distrifusion_comm_bytes(k_shape: tuple[int, ...], v_dim: int, itemsize: int, split: list[int]) -> int:
+    """Bytes one rank sends per layer and step: its body K and V (padded to the largest piece)
+    to every other rank (``k_shape``: this rank's local K)."""
+    lead = 1
+    for s in k_shape[:-2]:
+        lead *= s
+    return lead * max(split) * (k_shape[-1] + v_dim) * itemsize * (len(split) - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# PipeFusion
+
+
+def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float | None, state_key: str, layer: str, split: list[int], patch: int,
+                head: int, tail: int, out_text: bool) -> torch.Tensor:
+    st = get_state(state_key)
+    offs = offsets(split)
+    total = head + offs[-1] + tail
+    lo, hi = head + offs[patch], head + offs[patch + 1]
+    s_me = hi - lo
+    slot = st.slot(layer)
+    kv_text = k.shape[-2] - s_me  # 0, or head + tail: this patch holds the text rows
+    if slot not in st.buffers:
+        if len(split) > 1 and patch != 0:
+            raise RuntimeError(f"PipeFusion layer {layer}: patch {patch} runs before the buffer "
+                               f"was filled (the first step of a request must run whole)")
+        shape = (*k.shape[:-2], total, k.shape[-1])
+        st.buffers[slot] = [k.new_zeros(shape), v.new_zeros((*shape[:-1], v.shape[-1]))]
+    buf_k, buf_v = st.buffers[slot]
+    if kv_text:  # fresh text K/V (the text rows' patch): written before any other patch reads
+        buf_k[..., :head, :] = k[..., :head, :]
+        buf_v[..., :head, :] = v[..., :head, :]
+        buf_k[..., total - tail:, :] = k[..., k.shape[-2] - tail:, :]
+        buf_v[..., total - tail:, :] = v[..., v.shape[-2] - tail:, :]
+    kb0 = head if kv_text else 0
+    buf_k[..., lo:hi, :] = k[..., kb0:kb0 + s_me, :]
+    buf_v[..., lo:hi, :] = v[..., kb0:kb0 + s_me, :]
+    if st.poison is not None:
+        st.poison(layer, patch, buf_k, buf_v)
+    q_text = q.shape[-2] - s_me  # 0, or head + tail
+    if q_text and not out_text:  # text queries whose output another patch keeps
+        q = q[..., head:head + s_me, :]
+        q_text = 0
+    q_pos = _arange((0, head if q_text else 0), (lo, hi), (total - (tail if q_text else 0), total),
+                    device=q.device)
+    return _sdpa(q, buf_k, buf_v, _mask_rows(mask, q_pos), scale)
+
+
+@torch.library.custom_op("xdit::pipefusion_attention", mutates_args=())
+def pipefusion_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    state_key: str,
+    layer: str,
+    split: list[int],
+    patch: int,
+    head: int = 0,
+    tail: int = 0,
+    out_text: bool = False,
+) -> torch.Tensor:
+    """Attention of patch ``patch``'s query rows over the layer's displaced-K/V buffer, after
+    writing this patch's fresh K/V into it (see the module docstring).
+
+    ``q``/``k``/``v`` hold patch ``patch``'s body rows, with all ``head``/``tail`` text rows
+    before/after them when this patch holds the text; ``out_text``: whether the output keeps
+    text rows (else only the body rows)."""
+    return _pipefusion(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail, out_text)
+
+
+@pipefusion_attention.register_fake
+def _(q, k, v, attn_mask, scale, state_key, layer, split, patch, head=0, tail=0, out_text=False):  # type: ignore[no-untyped-def]
+    rows = split[patch] + (head + tail if out_text else 0)
+    return q.new_empty((*q.shape[:-2], rows, v.shape[-1]))
+
