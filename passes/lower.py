@@ -9,6 +9,11 @@
   padding on that dim set to 0 (the halo rows are exactly the padding one device would read).
 
 Every collective is recorded with its bytes for this rank (``ctx.collectives``).
+
+On PipeFusion's virtual ``patch`` axis the "ranks" are patches computed one after another, so
+nothing can be gathered from them: local slices are lowered as above, the output's gathers are
+dropped (the pipeline runtime assembles the patches' outputs), and any other collective (a
+sharding break, a halo exchange, a partial sum) refuses the plan with the op and source line.
 """
 
 from __future__ import annotations
@@ -32,7 +37,25 @@ from xdit_compile.runtime.reshard import (
     slice_text,
 )
 
-__all__ = ["lower_collectives_pass"]
+__all__ = ["PatchRefusal", "lower_collectives_pass"]
+
+
+class PatchRefusal(ValueError):
+    """The model mixes tokens of different patches outside attention: PipeFusion cannot run it."""
+
+
+def _refuse(node: fx.Node, what: str, ctx: PassContext, user: fx.Node | None = None) -> PatchRefusal:
+    """``node``: the redistribute marker (its first user is the op that needed it)."""
+    from xdit_compile.passes.sharding.propagate import source_line
+
+    user = user or next(iter(node.users), node)
+    reasons = [b.reason for b in ctx.breaks if b.node == user.name]
+    why = f" ({reasons[0]})" if reasons else ""
+    return PatchRefusal(
+        f"PipeFusion cannot cut this model into patches: {user.name} ({user.target}) needs a "
+        f"{what} across the token sequence outside attention{why}, at {source_line(user)}; the "
+        f"patches of a step are computed one after another, so other patches' values do not "
+        f"exist yet. Use ulysses/ring or distrifusion for this model")
 
 
 def _new(gm: fx.GraphModule, before: fx.Node, fn: object, args: tuple, like: fx.Node, placement: object) -> fx.Node:
@@ -68,7 +91,9 @@ def _text_move(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, dst: S
     """Joint rows with cut text <-> whole text: gather or cut only the text rows."""
     r, n = ctx.axis_rank, ctx.degree
     if dst.text:
-        return _new(gm, node, slice_text, (x, src.dim, src.head, src.tail, n, r), node, dst)
+        return _new(gm, node, slice_text, (x, src.dim, src.head, src.tail, n, r, dst.text_to), node, dst)
+    if ctx.axis == "patch":
+        raise _refuse(node, "gather of text rows", ctx)
     new = _new(gm, node, gather_text, (x, src.dim, src.head, src.tail, n, ctx.group, r),
                node, dst)
     val = node.meta["val"]
@@ -82,12 +107,21 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     assert isinstance(x, fx.Node)
     src, dst = node.meta["xdit_src"], node.meta["xdit_dst"]
     cur = x
-    if isinstance(src, Shard) and isinstance(dst, Shard) and replace(src, text=dst.text) == dst:
+    if ctx.axis == "patch" and isinstance(src, Shard | Partial) and dst == Replicate():
+        if not node.meta.get("xdit_output_gather") or isinstance(src, Partial):
+            raise _refuse(node, "partial sum" if isinstance(src, Partial) else "gather (sharding break)", ctx)
+        ctx.hints.setdefault("patch_outputs", {})[x.name] = src  # the runtime joins the patches
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        return
+    if isinstance(src, Shard) and isinstance(dst, Shard) and replace(src, text=dst.text, text_to=dst.text_to) == dst:
         if src.joint:  # only the text rows change
             cur = _text_move(gm, node, x, src, dst, ctx)
         node.replace_all_uses_with(cur)  # rows of text only: the same layout
         gm.graph.erase_node(node)
         return
+    if ctx.axis == "patch" and (isinstance(src, Partial) or isinstance(src, Shard)):
+        raise _refuse(node, "partial sum" if isinstance(src, Partial) else "regrouping of rows", ctx)
     if isinstance(src, Partial):
         cur = _new(gm, node, all_reduce_sum, (cur, ctx.group), node, Replicate())
         val = node.meta["val"]
@@ -98,13 +132,15 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     if isinstance(dst, Shard):
         r = ctx.axis_rank
         args = (cur, dst.dim, dst.outer, dst.inner, dst.offset(r), dst.split[r], dst.head, dst.tail)
-        text = ((r, ctx.degree),) if dst.text else ()
+        text = ((r, ctx.degree) + ((dst.text_to,) if dst.text_to >= 0 else ()),) if dst.text else ()
         cur = _new(gm, node, slice_shard, args + text, node, dst)
     node.replace_all_uses_with(cur)
     gm.graph.erase_node(node)
 
 
 def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
+    if ctx.axis == "patch":
+        raise _refuse(conv, "halo exchange (a convolution over token rows)", ctx, user=conv)
     dim, pad = conv.meta.pop("xdit_halo")
     x = conv.args[0]
     assert isinstance(x, fx.Node)

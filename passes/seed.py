@@ -70,8 +70,10 @@ def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: in
 
 
 def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    degree = ctx.mesh.sp_degree
-    if degree == 1:
+    """Seed the latent on the current axis: the sequence axes, or PipeFusion's virtual ``patch``
+    axis (which seeds even with one patch: the warmup graph runs the whole sequence as one)."""
+    degree = ctx.degree
+    if degree == 1 and ctx.axis not in ctx.virtual:
         return PassResult(gm, False)
     node = _latent_input(gm)
     if node is None:
@@ -83,12 +85,19 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     dim, g = _choose_dim(shape, node, degree, ctx.hints.get("channels"))
     units = shape[dim] // g
     if units < degree:
+        what = (f"{degree} PipeFusion patches need at least {degree}: use fewer patches"
+                if ctx.axis == "patch" else
+                f"sequence parallel degree {degree} needs at least {degree}: use a larger "
+                f"resolution or a smaller ulysses x ring")
         raise ValueError(
             f"input {node.name} has {units} token rows along dim {dim} (size {shape[dim]}, patch "
-            f"{g}); sequence parallel degree {degree} needs at least {degree}: use a larger "
-            f"resolution or a smaller ulysses x ring"
+            f"{g}); {what}"
         )
     split = even_split(units, degree, g)
     node.meta["xdit_seed"] = Shard(dim, split)
-    ctx.seed = {"input": node.name, "dim": dim, "patch": g, "split": split, "shape": shape}
+    seed = {"input": node.name, "dim": dim, "patch": g, "split": split, "shape": shape}
+    if ctx.axis == "patch":
+        ctx.hints["patch_seed"] = seed
+    else:
+        ctx.seed = seed
     return PassResult(gm, True)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from xdit_compile.passes.sharding.placement import even_split
+from xdit_compile.passes.sharding.placement import even_split, text_split
 from xdit_compile.runtime.collectives import send_recv
 from xdit_compile.runtime.mesh import get_mesh
 
@@ -105,12 +105,14 @@ def gather_bytes(local_numel: int, itemsize: int, split: list[int], sp_rank: int
     return padded * itemsize * (len(split) - 1)
 
 
-def slice_text(x: torch.Tensor, dim: int, head: int, tail: int, n: int, text_rank: int) -> torch.Tensor:
-    """Joint rows ``[head, body, tail]`` -> ``[head piece, body, tail piece]`` (no communication)."""
+def slice_text(x: torch.Tensor, dim: int, head: int, tail: int, n: int, text_rank: int,
+               owner: int = -1) -> torch.Tensor:
+    """Joint rows ``[head, body, tail]`` -> ``[head piece, body, tail piece]`` (no communication):
+    even pieces, or with ``owner >= 0`` all text rows on rank ``owner`` and none elsewhere."""
     hp, body, tp = _three(x, dim, head, tail)
-    h, t = _text_rows(head, tail, n, text_rank)
-    ho, to = sum(even_split(head, n)[:text_rank]), sum(even_split(tail, n)[:text_rank])
-    return torch.cat([hp.narrow(dim, ho, h), body, tp.narrow(dim, to, t)], dim)
+    hs, ts = text_split(head, n, owner), text_split(tail, n, owner)
+    ho, to = sum(hs[:text_rank]), sum(ts[:text_rank])
+    return torch.cat([hp.narrow(dim, ho, hs[text_rank]), body, tp.narrow(dim, to, ts[text_rank])], dim)
 
 
 def slice_shard(
@@ -122,17 +124,17 @@ def slice_shard(
     length: int,
     head: int = 0,
     tail: int = 0,
-    text: tuple[int, int] = (-1, 0),
+    text: tuple[int, ...] = (-1, 0),
 ) -> torch.Tensor:
     """This rank's piece of a replicated tensor (no communication): its body rows, with the
     replicated ``head``/``tail`` rows kept in front and behind (with ``text = (rank, n)``,
-    this rank's even piece of them)."""
+    this rank's even piece of them; ``(rank, n, owner)``: all of them on rank ``owner``)."""
     if head or tail:
         body = x.narrow(dim, head, x.shape[dim] - head - tail)
         parts = [x.narrow(dim, 0, head), slice_shard(body, dim, outer, inner, start, length),
                  x.narrow(dim, x.shape[dim] - tail, tail)]
         out = torch.cat(parts, dim=dim)
-        return slice_text(out, dim, head, tail, text[1], text[0]) if text[0] >= 0 else out
+        return slice_text(out, dim, head, tail, text[1], text[0], *text[2:]) if text[0] >= 0 else out
     if outer == 1 and inner == 1:
         return x.narrow(dim, start, length)
     v = _factor_view(x, dim, outer, inner).narrow(dim + 1, start, length)

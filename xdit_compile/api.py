@@ -52,29 +52,35 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_passes(plan: Plan) -> list[tuple[str, PassFn]]:
-    """The ordered pass list for ``plan`` (``plan.disable_passes`` removes optional ones)."""
+def build_passes(plan: Plan, part: str = "all") -> list[tuple[str, PassFn]]:
+    """The ordered pass list for ``plan`` (``plan.disable_passes`` removes optional ones).
+
+    ``part``: "all"; or, for PipeFusion, "common" (up to the batch rounds, run once) and
+    "patch" (the patch round, run once per patch graph)."""
     from xdit_compile.passes.annotate import annotate_graph_pass
     from xdit_compile.passes.attention import rewrite_attention_pass
     from xdit_compile.passes.batch import batch_round
     from xdit_compile.passes.canonicalize import canonicalize_graph_pass
     from xdit_compile.passes.lower import lower_collectives_pass
+    from xdit_compile.passes.patches import patch_round
     from xdit_compile.passes.seed import seed_inputs_pass
     from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
 
-    passes: list[tuple[str, PassFn]] = [
-        ("canonicalize", canonicalize_graph_pass),
-        ("annotate", annotate_graph_pass),
-    ]
-    for axis in ("cfg", "dp"):  # batch rounds first: the sequence round sees local batches
-        if plan.degrees()[axis] > 1:
-            passes += batch_round(axis, propagate_sharding_pass, lower_collectives_pass)
-    passes += [
-        ("seed", seed_inputs_pass),
-        ("propagate_sharding", propagate_sharding_pass),
-        ("rewrite_attention", rewrite_attention_pass),
-        ("lower_collectives", lower_collectives_pass),
-    ]
+    passes: list[tuple[str, PassFn]] = []
+    if part in ("all", "common"):
+        passes += [("canonicalize", canonicalize_graph_pass), ("annotate", annotate_graph_pass)]
+        for axis in ("cfg", "dp"):  # batch rounds first: the sequence round sees local batches
+            if plan.degrees()[axis] > 1:
+                passes += batch_round(axis, propagate_sharding_pass, lower_collectives_pass)
+    if part == "patch":
+        passes += patch_round(seed_inputs_pass, propagate_sharding_pass, lower_collectives_pass)
+    if part == "all":
+        passes += [
+            ("seed", seed_inputs_pass),
+            ("propagate_sharding", propagate_sharding_pass),
+            ("rewrite_attention", rewrite_attention_pass),
+            ("lower_collectives", lower_collectives_pass),
+        ]
     return [(n, p) for n, p in passes if n not in plan.disable_passes]
 
 
@@ -97,6 +103,8 @@ class CompiledGraph:
     ctx: PassContext
     runner: Any
     static_comm: list[tuple[str, str, int, int]] = field(default_factory=list)
+    out_shapes: list[Any] | None = None
+    """Whole output shapes and dtypes per leaf when ``gm`` computes only a piece (PipeFusion)."""
 
 
 class ParallelModule(torch.nn.Module):
@@ -111,6 +119,7 @@ class ParallelModule(torch.nn.Module):
         self._probes: dict[tuple[Any, ...], Probe | None] = {}
         self._last: CompiledGraph | None = None
         self._pairs: CfgPairs | None = None
+        self._stage_cut: Any = None
         self.kv_state: DisplacedState | None = None
         """Displaced K/V of the current request (PipeFusion / DistriFusion plans only)."""
         if plan.distrifusion > 1 or plan.displaced_patches > 1:
@@ -177,6 +186,8 @@ class ParallelModule(torch.nn.Module):
         if self.kv_state is not None:
             hints["state_key"] = self.kv_state.key
         ctx = PassContext(plan=plan, mesh=self.mesh.info, group_names=groups, hints=hints)
+        if plan.displaced_patches > 1:
+            return self._compile_pipefusion(gm, ctx)
         gm = run_passes(gm, build_passes(plan), ctx)
         runner: Any = gm
         if plan.compile == "inductor":
@@ -185,6 +196,34 @@ class ParallelModule(torch.nn.Module):
         logger.info("compiled %s for a new input signature (%d sharding breaks)",
                     type(self.model).__name__, len(ctx.breaks))
         return CompiledGraph(gm, ctx, runner, static)
+
+    def _compile_pipefusion(self, gm: fx.GraphModule, ctx: PassContext) -> CompiledGraph:
+        from xdit_compile.pipefusion import compile_pipefusion, release_parameters
+
+        assert self.kv_state is not None
+        plan = ctx.plan
+        gm, ctx, runner, self._stage_cut = compile_pipefusion(
+            gm, ctx, build_passes(plan, "common"), build_passes(plan, "patch"), self._stage_cut,
+            self.mesh if self.mesh.mesh is not None else None, self.kv_state)
+        if plan.compile == "inductor":
+            for var in runner.variants.values():
+                for prog in var.programs:
+                    prog.gm = torch.compile(prog.gm, backend="inductor", dynamic=False)  # type: ignore[assignment]
+        keep: list[torch.nn.Module] = [p.gm for v in runner.variants.values() for p in v.programs]
+        keep += [v.prologue for v in runner.variants.values()]
+        freed = release_parameters(self.model, keep)
+        logger.info("PipeFusion stage %d: freed %d parameter bytes of other stages", ctx.mesh.pipefusion_rank, freed)
+        shapes = runner.main.out_shapes
+        return CompiledGraph(gm, ctx, runner, [], shapes)
+
+    def pipeline_modules(self) -> list[torch.nn.Module]:
+        """What this rank holds of the model: the compiled pieces (PipeFusion) and the model."""
+        out: list[torch.nn.Module] = [self.model]
+        for entry in self._cache.values():
+            variants = getattr(entry.runner, "variants", {})
+            for var in variants.values():
+                out += [p.gm for p in var.programs] + [var.prologue]
+        return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.kv_state is not None:  # every call counts, also those CFG pairing skips here
@@ -242,11 +281,17 @@ class _PairRunner:
         return self.pm._run(args, kwargs, self.plan)
 
     def shapes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        gm = self.pm._prepare(args, kwargs, self.plan).gm
+        entry = self.pm._prepare(args, kwargs, self.plan)
+        gm = entry.gm
         device = next((x.device for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)), None)
-        outs = [torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device)
-                if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor) else n
-                for n in pytree.tree_leaves(gm.graph.output_node().args[0])]
+        leaves = pytree.tree_leaves(gm.graph.output_node().args[0])
+        if entry.out_shapes is not None:
+            outs = [torch.empty(sd[0], dtype=sd[1], device=device) if sd is not None else n
+                    for n, sd in zip(leaves, entry.out_shapes, strict=True)]
+        else:
+            outs = [torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device)
+                    if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor) else n
+                    for n in leaves]
         spec = getattr(gm, "_out_spec", None)
         return pytree.tree_unflatten(outs, spec) if spec is not None else tuple(outs)
 

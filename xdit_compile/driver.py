@@ -102,15 +102,22 @@ class PassContext:
     graphs: dict[str, str] = field(default_factory=dict)
     """Pass name -> printed graph after that pass (``capture`` is the input)."""
     axis: str = "sp"
-    """The mesh axis the sharding passes work on now: "sp" (ring x ulysses, the sequence), or
-    "cfg" / "dp" (the batch), each propagated in a round of its own."""
+    """The mesh axis the sharding passes work on now: "sp" (the sequence axes), "cfg" / "dp"
+    (the batch), each propagated in a round of its own, or a virtual axis (``virtual``)."""
+    virtual: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Virtual axes: name -> (degree, this graph's index), e.g. PipeFusion's ``patch`` axis
+    (M patches computed one after another on the same ranks; one graph per patch)."""
 
     @property
     def degree(self) -> int:
+        if self.axis in self.virtual:
+            return self.virtual[self.axis][0]
         return self.mesh.degree(self.axis)
 
     @property
     def axis_rank(self) -> int:
+        if self.axis in self.virtual:
+            return self.virtual[self.axis][1]
         return self.mesh.axis_rank(self.axis)
 
     @property

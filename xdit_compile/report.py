@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from xdit_compile.driver import CollectiveSite, PassStat, ShardingBreak
+from xdit_compile.passes.flops import node_flops
 from xdit_compile.passes.sharding.placement import Shard
 
 __all__ = ["Report", "build_report", "estimate_flops"]
@@ -103,31 +104,11 @@ def _local_fraction(node: fx.Node, rank: int) -> float:
     return 1.0
 
 
-def _node_flops(node: fx.Node) -> int:
-    """Global FLOPs of one node (multiply-add = 2) for the ops that dominate DiTs."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return 0
-    packet = getattr(node.target, "overloadpacket", None)
-    name = str(node.target)
-    if packet is aten.linear:
-        return 2 * val.numel() * int(node.args[1].meta["val"].shape[-1])  # type: ignore[union-attr]
-    if packet in (aten.matmul, aten.bmm, aten.mm):
-        return 2 * val.numel() * int(node.args[0].meta["val"].shape[-1])  # type: ignore[union-attr]
-    if packet in (aten.conv2d, aten.conv3d, aten.conv1d):
-        w = node.args[1].meta["val"]  # type: ignore[union-attr]
-        return 2 * val.numel() * int(w[0].numel())
-    if packet is aten.scaled_dot_product_attention or "usp_attention" in name:
-        q, k = node.args[0].meta["val"], node.args[1].meta["val"]  # type: ignore[union-attr]
-        return 4 * int(q.numel()) * int(k.shape[-2])
-    return 0
-
-
 def estimate_flops(gm: fx.GraphModule, rank: int) -> tuple[int, int]:
     """(FLOPs on ``rank``, serial FLOPs) estimated from global shapes and placements."""
     local = serial = 0
     for node in gm.graph.nodes:
-        f = _node_flops(node)
+        f = node_flops(node)
         serial += f
         local += int(f * _local_fraction(node, rank))
     return local, serial

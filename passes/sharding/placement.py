@@ -16,13 +16,16 @@ and tail, ``text=True`` marks a tensor made only of such text rows. Joint attent
 text rows this way, so the layers after it (output projection, MLP) do not repeat the text
 work on every rank; the projections that make the next attention's Q/K/V gather the text
 rows back first, so text K/V are computed on every rank and never communicated.
+``Shard(..., text=True, text_to=k)``: the text rows are all on rank ``k`` (the others hold none).
+PipeFusion's virtual patch axis keeps text rows this way, with the first patch: they are
+computed once per step, and their K/V reach the other patches through the displaced-K/V buffer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Partial", "Placement", "Replicate", "Shard", "even_split", "fmt", "local_shape"]
+__all__ = ["Partial", "Placement", "Replicate", "Shard", "even_split", "fmt", "local_shape", "text_split"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,8 @@ class Shard:
     """Replicated rows after the sharded body (only with ``outer == 1``)."""
     text: bool = False
     """Head/tail rows (or, with neither, all rows) are text rows cut evenly over the ranks."""
+    text_to: int = -1
+    """With ``text``: -1 cuts the text rows evenly; ``k >= 0`` puts them all on rank ``k``."""
 
     def __post_init__(self) -> None:
         # With nothing outside it, an inner factor is just finer units of one contiguous
@@ -70,7 +75,7 @@ class Shard:
         if not self.text:
             return self.head, self.tail
         n = len(self.split)
-        return even_split(self.head, n)[rank], even_split(self.tail, n)[rank]
+        return text_split(self.head, n, self.text_to)[rank], text_split(self.tail, n, self.text_to)[rank]
 
     def local_size(self, rank: int) -> int:
         head, tail = self.text_rows(rank)
@@ -99,7 +104,7 @@ class Shard:
                 f",inner={self.inner}" if self.inner != 1 else "",
                 f",head={self.head}" if self.head else "",
                 f",tail={self.tail}" if self.tail else "",
-                ",text" if self.text else "",
+                (",text" if self.text_to < 0 else f",text@{self.text_to}") if self.text else "",
             ]
         )
         return f"S({self.dim}{cut}{extra})"
@@ -122,6 +127,14 @@ def even_split(n: int, parts: int, unit: int = 1) -> tuple[int, ...]:
     (``torch.tensor_split`` order: the first pieces get the extra unit)."""
     rows, rem = divmod(n, parts)
     return tuple((rows + (1 if i < rem else 0)) * unit for i in range(parts))
+
+
+def text_split(rows: int, parts: int, owner: int = -1) -> tuple[int, ...]:
+    """How ``rows`` text rows are cut over ``parts`` ranks: evenly (``owner < 0``), or all on
+    rank ``owner``."""
+    if owner < 0:
+        return even_split(rows, parts)
+    return tuple(rows if i == owner else 0 for i in range(parts))
 
 
 def fmt(p: object) -> str:

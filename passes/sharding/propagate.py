@@ -91,12 +91,15 @@ class _Propagator:
     def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         self.gm, self.ctx = gm, ctx
         self.placements: dict[fx.Node, Any] = {}
+        patch = ctx.axis == "patch"
+        # PipeFusion's patches: text rows stay with the first patch (computed once per step).
+        disabled = tuple(p for p in ctx.plan.disable_passes if not (patch and p == "shard_text_rows"))
         self.rc = RuleCtx(
             self.placements,
             ctx.degree,
             ctx.axis_rank,
-            {"disabled": ctx.plan.disable_passes, "ulysses": ctx.mesh.ulysses,
-             "attention_projections": attention_projections(gm)},
+            {"disabled": disabled, "ulysses": 1 if patch else ctx.mesh.ulysses,
+             "attention_projections": attention_projections(gm), "text_owner": 0 if patch else -1},
         )
         self._moved: dict[tuple[fx.Node, Placement], fx.Node] = {}
 
@@ -203,7 +206,7 @@ class _Propagator:
 
 def propagate_sharding_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Assign placements to all nodes; insert redistribute markers; record sharding breaks."""
-    if ctx.degree == 1:
+    if ctx.degree == 1 and ctx.axis not in ctx.virtual:
         for n in gm.graph.nodes:
             n.meta["xdit_placement"] = R
         return PassResult(gm, False)

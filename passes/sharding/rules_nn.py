@@ -43,7 +43,7 @@ def _linear(node: fx.Node, rc: RuleCtx) -> Decision:
         raise Break("linear contracts the sharded dim")
     if len(node.args) > 2 and not isinstance(rc.spec(node.args[2]), Replicate):
         raise Break("bias is sharded")
-    if sh.text and node in rc.options.get("attention_projections", ()):
+    if sh.text and sh.text_to < 0 and node in rc.options.get("attention_projections", ()):
         # This linear makes an attention's K/V: gather its text rows first, so the text K/V
         # are computed on every rank and attention never sends them.
         want: Placement = replace(sh, text=False) if sh.joint else R
@@ -211,16 +211,22 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
         raise Break("attention over text rows only")
     # Query text rows may come cut (``text=True``: Ulysses sends them with the image rows, Ring
     # keeps its own); K/V text rows must be whole on every rank: text K/V are never sent.
-    whole = replace(pq, text=False)
+    # With text rows owned by one rank (``text_to``, PipeFusion's patches), K/V may hold them
+    # that way too: the other patches read the owner's text K/V from the displaced buffer.
+    whole = replace(pq, text=False, text_to=-1)
+    owner = rc.options.get("text_owner", -1)
+    owned = replace(pq, text=True, text_to=owner) if owner >= 0 and pq.joint else whole
     kv = [a for a in (k, v) if isinstance(a, fx.Node)]
     for a in kv:
-        if rc.spec(a) != whole:
-            wants[a] = whole.with_dim(len(rc.shape(a)) - 2)
-    # Text output rows come back cut evenly over the ranks (``text=True``) unless disabled.
+        nd_a = len(rc.shape(a))
+        if rc.spec(a) not in (whole.with_dim(nd_a - 2), owned.with_dim(nd_a - 2)):
+            wants[a] = whole.with_dim(nd_a - 2)
+    # Text output rows come back cut over the ranks (``text=True``) unless disabled.
     shard_text = pq.joint and "shard_text_rows" not in rc.options.get("disabled", ())
     if pq.text and not shard_text:
         wants[q] = whole  # type: ignore[index]
     meta = {"xdit_attention": "usp", "xdit_split": pq.split, "xdit_joint": (pq.head, pq.tail),
             "xdit_shard_text": shard_text, "xdit_q_text_cut": pq.text and shard_text}
-    return Decision(out=replace(pq, text=shard_text), inputs=wants, meta=meta)
+    out = replace(pq, text=shard_text, text_to=owner if shard_text else -1)
+    return Decision(out=out, inputs=wants, meta=meta)
 

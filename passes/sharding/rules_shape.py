@@ -24,7 +24,7 @@ from xdit_compile.passes.sharding.engine import (
     register_rule,
     tensor_args,
 )
-from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard, even_split
+from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard, text_split
 from xdit_compile.runtime.reshard import gather_shard, slice_shard
 
 aten = torch.ops.aten
@@ -146,14 +146,15 @@ def align_inputs(node: fx.Node, rc: RuleCtx, out_shape: tuple[int, ...]) -> Deci
             if target is not None and cand != target:
                 if replace(cand, text=False) != replace(target, text=False):
                     raise Break(f"inputs sharded differently ({target} vs {cand})")
-                cand = replace(cand, text=True)  # text rows cut: cut the other input's too
+                # Text rows cut: cut the other input's too (the same way).
+                cand = replace(cand, text=True, text_to=target.text_to if target.text else cand.text_to)
             target = cand
     assert target is not None
     wants: dict[fx.Node, Placement] = {}
     for a in args:
         p = rc.spec(a)
         if isinstance(p, Shard) and p.joint and p.text != target.text:
-            wants[a] = replace(p, text=True)
+            wants[a] = replace(p, text=True, text_to=target.text_to)
         elif isinstance(p, Replicate):
             shp = rc.shape(a)
             ad = target.dim - (len(out_shape) - len(shp))
@@ -232,19 +233,21 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
             return R, start, end
         if (start, end) != (0, head_end):
             return None
-        return Shard(sh.dim, even_split(sh.head, n), text=True), 0, my_head
+        return Shard(sh.dim, text_split(sh.head, n, sh.text_to), text=True, text_to=sh.text_to), 0, my_head
     if start >= tail_start:
         if not sh.text:
             return R, start - body + mine, end - body + mine
         if (start, end) != (tail_start, sh.total):
             return None
-        return Shard(sh.dim, even_split(sh.tail, n), text=True), my_head + mine, my_head + mine + my_tail
+        return Shard(sh.dim, text_split(sh.tail, n, sh.text_to), text=True, text_to=sh.text_to), \
+            my_head + mine, my_head + mine + my_tail
     if start in (0, head_end) and end in (tail_start, sh.total):
         head = sh.head if start == 0 else 0
         tail = sh.tail if end == sh.total else 0
         local_start = 0 if start == 0 else my_head
         local_end = my_head + mine + (my_tail if end == sh.total else 0)
-        return Shard(sh.dim, sh.split, head=head, tail=tail, text=sh.text and bool(head or tail)), \
+        text = sh.text and bool(head or tail)
+        return Shard(sh.dim, sh.split, head=head, tail=tail, text=text, text_to=sh.text_to if text else -1), \
             local_start, local_end
     return None
 
@@ -340,12 +343,13 @@ def _cat_sharded_dim(node: fx.Node, rc: RuleCtx, dim: int) -> Decision:
     before = sum(rc.shape(t)[dim] for t in tensors[:i])
     after = sum(rc.shape(t)[dim] for t in tensors[i + 1:])
     texts = [j for j, p in enumerate(specs) if j != i and isinstance(p, Shard)]
-    n = len(sh.split)
+    n, owner = len(sh.split), rc.options.get("text_owner", -1)
     if texts and not sh.joint and not sh.text and len(tensors[:i]) <= 1 and len(tensors[i + 1:]) <= 1 and all(
-        isinstance(p, Shard) and p.text and not p.joint and p.dim == dim and p.split == even_split(rc.shape(t)[dim], n)
+        isinstance(p, Shard) and p.text and not p.joint and p.dim == dim
+        and p.split == text_split(rc.shape(t)[dim], n, owner)
         for j, (t, p) in enumerate(zip(tensors, specs, strict=True)) if j != i
     ):
-        return Decision(out=Shard(dim, sh.split, head=before, tail=after, text=True))
+        return Decision(out=Shard(dim, sh.split, head=before, tail=after, text=True, text_to=owner))
     # Mixed or several text pieces: gather the sharded text rows, keep the text replicated.
     wants: dict[fx.Node, Placement] = {tensors[j]: R for j in texts}
     if sh.text:

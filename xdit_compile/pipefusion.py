@@ -1,0 +1,217 @@
+"""Compile a model for PipeFusion: patch graphs, stages, prologues and the runner.
+
+For one input signature: the common passes run once (canonicalize, annotate, CFG / data
+parallel batch rounds); then the patch round (:mod:`xdit_compile.passes.patches`) runs on a copy
+of that graph for every patch ``j`` of the main variant (``M`` patches) and for the warmup
+variant (the whole sequence as one patch), and :mod:`xdit_compile.passes.stages` cuts each patch
+graph into this rank's stage. :class:`~xdit_compile.runtime.pipefusion.PipeRunner` runs them.
+The stage cut (which blocks each rank runs) is fixed at the first compile, so every later input
+signature keeps the same parameters on the same ranks; :func:`release_parameters` then frees,
+in the model, the parameters this rank's stages never read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from xdit_compile.driver import PassContext, PassFn, run_passes
+from xdit_compile.passes.flops import block_flops
+from xdit_compile.passes.sharding.placement import Shard
+from xdit_compile.passes.stages import Piece, StageCut, balance, block_order, copy_graph_module, extract_piece, extract_prologue
+from xdit_compile.plan import Plan
+from xdit_compile.runtime.displaced import DisplacedState
+from xdit_compile.runtime.mesh import ParallelMesh
+from xdit_compile.runtime.pipefusion import PatchProgram, PipeRunner, Variant
+from xdit_compile.runtime.schedule import grid, pipefusion_schedule, speedup_bound
+
+__all__ = ["PipeInfo", "compile_pipefusion", "parameter_bytes", "release_parameters", "stage_cut"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipeInfo:
+    """What ``explain`` shows about a PipeFusion program (this rank's view)."""
+
+    stages: int
+    patches: int
+    stage: int
+    cut: StageCut
+    stage_param_bytes: list[int]
+    patch_seed: dict[str, Any]
+    buffers: list[tuple[str, tuple[int, ...], int]] = field(default_factory=list)
+    """This rank's displaced-K/V buffers per CFG branch: (layer, K shape, bytes of K and V)."""
+    sends_per_step: int = 0
+    """Bytes this rank sends to the next stage per step (all patches)."""
+    schedule: str = ""
+    warm_schedule: str = ""
+
+    @property
+    def bound(self) -> float:
+        return speedup_bound(self.stages, self.patches)
+
+    def summary(self) -> list[str]:
+        out = [f"  PipeFusion: {self.stages} stages x {self.patches} patches (this rank: stage {self.stage}); "
+               f"best speedup N*M/(M+N-1) = {self.bound:.2f}"]
+        seed = self.patch_seed
+        out.append(f"    patches: input '{seed['input']}' dim {seed['dim']} in units of {seed['patch']}: "
+                   f"{list(seed['split'])}")
+        for s in range(self.stages):
+            blocks = self.cut.stage_blocks(s)
+            out.append(f"    stage {s}: {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]}), "
+                       f"{self.stage_param_bytes[s]:,} parameter bytes")
+        total = sum(b for _, _, b in self.buffers)
+        out.append(f"    displaced K/V buffers on this rank: {len(self.buffers)} layers, {total:,} bytes per CFG branch")
+        for layer, shape, nbytes in self.buffers:
+            out.append(f"      {layer:<40} K/V {list(shape)}  {nbytes:,} B")
+        out.append(f"    sends to the next stage per step: {self.sends_per_step:,} bytes")
+        out.append("    schedule of a step (time slot x stage, patch run):")
+        out += ["      " + ln for ln in self.schedule.splitlines()]
+        out.append("    warmup steps run the whole sequence as one patch:")
+        out += ["      " + ln for ln in self.warm_schedule.splitlines()]
+        return out
+
+
+def stage_cut(gm: fx.GraphModule, plan: Plan) -> StageCut:
+    """Blocks per stage: the plan's counts, or balanced by FLOPs."""
+    blocks = block_order(gm)
+    n = plan.pipefusion
+    if not blocks:
+        raise ValueError("PipeFusion cuts a model on its blocks (numbered submodules such as "
+                         "transformer_blocks.0), and this model has none")
+    if n > len(blocks):
+        raise ValueError(f"Plan(pipefusion={n}): more stages than the model's {len(blocks)} blocks; "
+                         f"use pipefusion <= {len(blocks)}")
+    if plan.stage_blocks:
+        if sum(plan.stage_blocks) != len(blocks):
+            raise ValueError(f"Plan.stage_blocks={plan.stage_blocks} sums to {sum(plan.stage_blocks)}, "
+                             f"but the model has {len(blocks)} blocks")
+        return StageCut(tuple(blocks), tuple(plan.stage_blocks))
+    flops = block_flops(gm)
+    return StageCut(tuple(blocks), balance([flops[b] for b in blocks], n))
+
+
+def _child(ctx: PassContext, m: int, j: int) -> PassContext:
+    return replace(ctx, virtual={"patch": (m, j)}, breaks=list(ctx.breaks), collectives=list(ctx.collectives),
+                   stats=list(ctx.stats), graphs=dict(ctx.graphs), hints=dict(ctx.hints), axis="sp")
+
+
+def _program(piece: Piece, ctx: PassContext) -> PatchProgram:
+    names = {n.name for n in piece.gm.graph.nodes}
+    comm = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in ctx.collectives
+            if c.graph_level and c.node in names]
+    return PatchProgram(piece.gm, piece.inputs, piece.recv, comm)
+
+
+def _outputs(g: fx.GraphModule, ctx: PassContext) -> tuple[list[Shard | None], list[Any]]:
+    placements: dict[str, Shard] = ctx.hints.get("patch_outputs", {})
+    outs, shapes = [], []
+    for leaf in pytree.tree_leaves(g.graph.output_node().args[0]):
+        p = placements.get(leaf.name) if isinstance(leaf, fx.Node) else None
+        outs.append(p)
+        val = leaf.meta.get("val") if isinstance(leaf, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            shape = list(val.shape)
+            if p is not None:
+                shape[p.dim] = p.total
+            shapes.append((torch.Size(shape), val.dtype))
+        else:
+            shapes.append(None)
+    return outs, shapes
+
+
+def _variant(base: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, PassFn]], cut: StageCut,
+             stage: int, m: int) -> tuple[Variant, list[fx.GraphModule], PassContext]:
+    programs, graphs, names, first_ctx = [], [], [], None
+    for j in range(m):
+        cj = _child(ctx, m, j)
+        g = run_passes(copy_graph_module(base), passes, cj)
+        piece = extract_piece(g, cut, stage)
+        programs.append(_program(piece, cj))
+        graphs.append(g)
+        names += [x for x in piece.step_level if x not in names]
+        first_ctx = first_ctx or cj
+    assert first_ctx is not None
+    order = {n.name: i for i, n in enumerate(graphs[0].graph.nodes)}
+    names.sort(key=order.__getitem__)
+    prologue, pro_args = extract_prologue(graphs[0], names)
+    placements, shapes = _outputs(graphs[0], first_ctx)
+    return Variant(m, prologue, pro_args, names, programs, placements, shapes), graphs, first_ctx
+
+
+def compile_pipefusion(gm: fx.GraphModule, ctx: PassContext, common: list[tuple[str, PassFn]],
+                       patch_passes: list[tuple[str, PassFn]], cut: StageCut | None, mesh: ParallelMesh | None,
+                       state: DisplacedState) -> tuple[fx.GraphModule, PassContext, PipeRunner, StageCut]:
+    """Compile ``gm`` for ``ctx.plan``'s PipeFusion; returns the main variant's first patch graph
+    (for reports), its context, the runner and the stage cut."""
+    plan = ctx.plan
+    in_spec, out_spec = getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)
+    base = run_passes(gm, common, ctx)
+    cut = cut or stage_cut(base, plan)
+    stage, n = ctx.mesh.pipefusion_rank, plan.pipefusion
+    warm, _, _ = _variant(base, ctx, patch_passes, cut, stage, 1)
+    main, graphs, cj = _variant(base, ctx, patch_passes, cut, stage, plan.displaced_patches)
+    runner = PipeRunner(warm, main, state, mesh, stage, n, in_spec, out_spec)
+    cj.hints["pipefusion"] = _info(graphs[0], cj, cut, stage, main)
+    return graphs[0], cj, runner, cut
+
+
+def _info(g: fx.GraphModule, ctx: PassContext, cut: StageCut, stage: int, main: Variant) -> PipeInfo:
+    n, m = cut.stages, main.patches
+    params = []
+    for s in range(n):
+        piece = extract_piece(g, cut, s)
+        params.append(sum(t.numel() * t.element_size() for t in _tensors(piece.gm)))
+    buffers = []
+    for node in main.programs[0].gm.graph.nodes:
+        if node.target is torch.ops.xdit.pipefusion_attention.default:
+            k, v = node.args[1].meta["val"], node.args[2].meta["val"]
+            split, head, tail = node.args[7], node.args[9], node.args[10]
+            shape = (*k.shape[:-2], head + sum(split) + tail, k.shape[-1])
+            nbytes = int(torch.Size(shape).numel()) * k.element_size() * (1 + v.shape[-1] / k.shape[-1])
+            buffers.append((str(node.args[6]), tuple(int(x) for x in shape), int(nbytes)))
+    sends = 0
+    if stage < n - 1:
+        for prog in main.programs:
+            for a in prog.gm.graph.output_node().args[0]:  # type: ignore[union-attr]
+                val = a.meta.get("val") if isinstance(a, fx.Node) else None
+                sends += val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+    return PipeInfo(n, m, stage, cut, params, dict(ctx.hints.get("patch_seed", {})), buffers, sends,
+                    grid(pipefusion_schedule(n, m)), grid(pipefusion_schedule(n, 1)))
+
+
+def _tensors(gm: torch.nn.Module) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def parameter_bytes(modules: list[torch.nn.Module]) -> int:
+    """Bytes of the distinct storages behind the parameters and buffers of ``modules``
+    (what this rank really holds: freed parameters count a few bytes)."""
+    storages: dict[int, int] = {}
+    for mod in modules:
+        for t in _tensors(mod):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+    return sum(storages.values())
+
+
+def release_parameters(model: torch.nn.Module, keep: list[torch.nn.Module]) -> int:
+    """Free (in place) every parameter of ``model`` that no module of ``keep`` uses; returns the
+    bytes freed. A freed parameter keeps its shape and dtype (a zero-stride view of one element),
+    so the model can still be captured for a new input signature."""
+    used = {t.untyped_storage().data_ptr() for mod in keep for t in _tensors(mod)}
+    freed = 0
+    for p in model.parameters():
+        if p.untyped_storage().data_ptr() not in used and p.numel() > 1 and p.stride() != (0,) * p.dim():
+            freed += p.numel() * p.element_size()
+            p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+    return freed
