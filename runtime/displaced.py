@@ -63,8 +63,9 @@ class DisplacedState:
     pending: dict[tuple[int, str], tuple[Any, torch.Tensor, list[int]]] = field(default_factory=dict)
     """(branch, layer) -> DistriFusion's in-flight all-gather: (work, output, split)."""
     poison: Any = None
-    """Test hook: ``poison(layer, patch, k_buffer, v_buffer)`` runs before attention reads a
-    PipeFusion buffer (tests corrupt slices there to show which ones are read)."""
+    """Test hook: ``poison(when, layer, patch, k_buffer, v_buffer)`` runs on a PipeFusion buffer
+    before the patch writes its fresh K/V (``when="write"``) and before attention reads it
+    (``"read"``); tests corrupt slices there to show which ones are read."""
     _latent: torch.Tensor | None = None
     _latent_version: int = -1
 
@@ -265,6 +266,8 @@ def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
         shape = (*k.shape[:-2], total, k.shape[-1])
         st.buffers[slot] = [k.new_zeros(shape), v.new_zeros((*shape[:-1], v.shape[-1]))]
     buf_k, buf_v = st.buffers[slot]
+    if st.poison is not None:
+        st.poison("write", layer, patch, buf_k, buf_v)
     if kv_text:  # fresh text K/V (the text rows' patch): written before any other patch reads
         buf_k[..., :head, :] = k[..., :head, :]
         buf_v[..., :head, :] = v[..., :head, :]
@@ -274,7 +277,7 @@ def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     buf_k[..., lo:hi, :] = k[..., kb0:kb0 + s_me, :]
     buf_v[..., lo:hi, :] = v[..., kb0:kb0 + s_me, :]
     if st.poison is not None:
-        st.poison(layer, patch, buf_k, buf_v)
+        st.poison("read", layer, patch, buf_k, buf_v)
     q_text = q.shape[-2] - s_me  # 0, or head + tail
     if q_text and not out_text:  # text queries whose output another patch keeps
         q = q[..., head:head + s_me, :]

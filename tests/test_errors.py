@@ -16,10 +16,13 @@ def test_unknown_degree_is_rejected():
         Plan(tensor=2)  # type: ignore[call-arg]
 
 
-def test_unbuilt_degree_is_rejected():
-    with pytest.raises(ValueError, match="pipefusion parallelism is not built yet"):
-        Plan(pipefusion=2)
-    assert Plan(cfg=2, dp=2, ring=2, ulysses=2).world_size == 16  # every other axis is built
+def test_every_axis_is_built():
+    assert Plan(cfg=2, dp=2, ring=2, ulysses=2).world_size == 16
+    assert Plan(pipefusion=2, ulysses=2, cfg=2).world_size == 8
+    assert Plan(distrifusion=4, cfg=2).world_size == 8
+    assert Plan(pipefusion=4).displaced_patches == 4  # patches default to the stage count
+    assert str(Plan(pipefusion=2, patches=8, warmup_steps=2)) == \
+        "Plan(pipefusion=2, patches=8, warmup_steps=2, compile=None)"
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

@@ -43,6 +43,23 @@ def test_generate_saved_pipeline_cfg2(saved_pixart: Path, tmp_path: Path, capsys
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("plan", [["--pipefusion", "2", "--patches", "4"], ["--distrifusion", "2"]],
+                         ids=["pipefusion", "distrifusion"])
+def test_generate_displaced_kv(saved_pixart: Path, tmp_path: Path, capsys: pytest.CaptureFixture, plan) -> None:
+    """3 steps, the first exact (warmup): the image differs from the plain pipeline's, a little
+    (stale K/V in steps 2 and 3; equality with the oracle is in test_displaced_pipelines)."""
+    out = tmp_path / "fox.png"
+    rc = main(["generate", "--model", str(saved_pixart), "--prompt", "a red fox", *plan, "--warmup-steps", "1",
+               "--steps", "3", "--height", "32", "--width", "32", "--output", str(out), "--compare-serial",
+               "--timeout", "300"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert out.is_file() and "3 steps" in text
+    diff = float(re.search(r"max relative difference ([0-9.e+-]+)", text).group(1))  # type: ignore[union-attr]
+    assert 0 < diff < 0.5, text
+
+
+@pytest.mark.dist
 def test_generate_video_frames_dp2_two_prompts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "clip"
     rc = main(["generate", "--model", "wan", "--prompt", "a red fox", "a blue whale", "--dp", "2",

@@ -612,7 +612,7 @@ def test_run_passes_verifies_under_debug(
 def test_plan_degrees() -> None:
     plan = Plan(ulysses=2, ring=3)
     assert plan.world_size == 6 and plan.sp_degree == 6
-    assert plan.degrees() == {"dp": 1, "cfg": 1, "pipefusion": 1, "ring": 3, "ulysses": 2}
+    assert plan.degrees() == {"dp": 1, "cfg": 1, "pipefusion": 1, "distrifusion": 1, "ring": 3, "ulysses": 2}
     plan.check_world_size(6)
     with pytest.raises(ValueError, match="Plan needs 6 processes .*world size is 4"):
         plan.check_world_size(4)
@@ -626,7 +626,12 @@ def test_plan_degrees() -> None:
         ({"ulysses": 0}, "Plan.ulysses must be an integer >= 1"),
         ({"ring": True}, "Plan.ring must be an integer >= 1"),
         ({"ulysses": 2.0}, "Plan.ulysses must be an integer >= 1"),
-        ({"pipefusion": 2}, "Plan.pipefusion=2: pipefusion parallelism is not built yet"),
+        ({"pipefusion": 4, "patches": 2}, r"fewer patches than stages .* use patches >= 4"),
+        ({"distrifusion": 2, "ulysses": 2}, "DistriFusion takes the place of the sequence axes"),
+        ({"distrifusion": 2, "pipefusion": 2}, "DistriFusion and PipeFusion cannot be combined"),
+        ({"pipefusion": 2, "stage_blocks": (3,)}, "give one block count >= 1 per pipefusion stage"),
+        ({"warmup_steps": 0}, "warmup_steps must be an integer >= 1"),
+        ({"patches": 0}, "Plan.patches must be an integer >= 1"),
         ({"cfg": -1}, "Plan.cfg must be an integer >= 1"),
         ({"dp": 0}, "Plan.dp must be an integer >= 1"),
         ({"compile": "xla"}, "Plan.compile='xla' is unknown"),

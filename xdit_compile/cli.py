@@ -25,8 +25,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ulysses", type=int, default=1)
     p.add_argument("--ring", type=int, default=1)
     p.add_argument("--cfg", type=int, default=1)
-    p.add_argument("--pipefusion", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
+    _displaced_args(p)
     p.add_argument("--compile", choices=["eager", "inductor"], default=None)
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
     p.add_argument("--layers", type=int, default=None,
@@ -34,10 +34,26 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uneven", action="store_true", help="use the zoo's uneven-rows input")
 
 
+def _displaced_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipefusion", type=int, default=1, help="PipeFusion stages")
+    p.add_argument("--patches", type=int, default=None, help="PipeFusion patches per step (default: stages)")
+    p.add_argument("--stage-blocks", type=int, nargs="+", default=None,
+                   help="PipeFusion blocks per stage (default: balanced by FLOPs)")
+    p.add_argument("--distrifusion", type=int, default=1, help="DistriFusion degree")
+    p.add_argument("--warmup-steps", type=int, default=1,
+                   help="exact steps at the start of each request (PipeFusion, DistriFusion)")
+
+
 def _plan(a: argparse.Namespace) -> Any:
     from xdit_compile.plan import Plan
 
-    return Plan(ulysses=a.ulysses, ring=a.ring, cfg=a.cfg, pipefusion=a.pipefusion, dp=a.dp, compile=a.compile)
+    return Plan(**_plan_kwargs(a))
+
+
+def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(ulysses=a.ulysses, ring=a.ring, cfg=a.cfg, pipefusion=a.pipefusion, dp=a.dp,
+                distrifusion=a.distrifusion, patches=a.patches, warmup_steps=a.warmup_steps,
+                stage_blocks=tuple(a.stage_blocks or ()), compile=a.compile)
 
 
 def _config(a: argparse.Namespace) -> dict[str, Any]:
@@ -122,7 +138,7 @@ def _launch(fn: Any, payload: Any, plan: Any, a: argparse.Namespace) -> list[Any
 
 def _cmd_run(a: argparse.Namespace) -> int:
     plan = _plan(a)
-    job = {"model": a.model, "plan": {k: v for k, v in plan.degrees().items()} | {"compile": plan.compile},
+    job = {"model": a.model, "plan": _plan_kwargs(a),
            "size": a.size, "uneven": a.uneven, "iters": a.iters, "warmup": a.warmup, "config": _config(a)}
     from xdit_compile.models import get_entry
 
@@ -143,7 +159,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     plan = _plan(a)
     check_model(a.model)  # a bad path fails here, before any worker starts
     opts = GenerateOptions(
-        model=a.model, prompt=a.prompt, plan=plan.degrees() | {"compile": plan.compile},
+        model=a.model, prompt=a.prompt, plan=_plan_kwargs(a),
         negative_prompt=a.negative_prompt, steps=a.steps, height=a.height, width=a.width,
         frames=a.frames, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype,
         output=a.output, compare_serial=a.compare_serial, warmup=a.warmup,
@@ -202,8 +218,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    for axis in ("ulysses", "ring", "cfg", "dp", "pipefusion"):
+    for axis in ("ulysses", "ring", "cfg", "dp"):
         g.add_argument(f"--{axis}", type=int, default=1)
+    _displaced_args(g)
     g.add_argument("--compile", choices=["eager", "inductor"], default=None)
     g.add_argument("--output", default=None, help="image .png, or video .mp4 / frame directory")
     g.add_argument("--compare-serial", action="store_true", help="also time the plain pipeline on rank 0")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["DisplacedOracle"]
+__all__ = ["DisplacedOracle", "grid_layout"]
 
 
 class _Hook(TorchFunctionMode):
@@ -44,30 +44,55 @@ class _Hook(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class DisplacedOracle:
-    """Displaced-K/V reference of ``model`` (see the module docstring).
+class DisplacedOracle(torch.nn.Module):
+    """Displaced-K/V reference of ``model`` (see the module docstring); call it like the model
+    (keyword arguments), or put it in a pipeline in place of the transformer.
 
-    ``patches``: token indices (into the body sequence) of each patch; ``text``: text tokens in
-    joint attention (0: none) and whether they come first; ``out_index(j, out)``: patch ``j``'s
-    rows of an output tensor as an index usable for reading and writing (e.g.
-    ``(slice(None), slice(None), slice(a, b))``).
+    ``layout(kwargs)`` gives, for a call's inputs, the token indices (into the body sequence) of
+    each patch and ``out_index(j, out)``: patch ``j``'s rows of an output tensor, as an index usable
+    for reading and writing. ``text``: text tokens in joint attention (0: none) and whether they
+    come first (``text`` may be a function of the call's inputs). A call whose ``hidden_states`` is the very tensor of the previous call is the next
+    CFG branch of the same step, with buffers of its own.
     """
 
-    def __init__(self, model: torch.nn.Module, method: str, patches: list[torch.Tensor], *,
-                 text: int = 0, text_first: bool = True, warmup_steps: int = 1,
-                 out_index: Callable[[int, torch.Tensor], Any]) -> None:
+    def __init__(self, model: torch.nn.Module, method: str, layout: Callable[[dict[str, Any]], Any], *,
+                 text: int | Callable[[dict[str, Any]], int] = 0, text_first: bool = True,
+                 warmup_steps: int = 1) -> None:
+        super().__init__()
         if method not in ("pipefusion", "distrifusion"):
             raise ValueError(f"method must be 'pipefusion' or 'distrifusion', got {method!r}")
-        self.model, self.method, self.patches = model, method, patches
-        self.text, self.text_first, self.warmup = text, text_first, warmup_steps
-        self.out_index = out_index
-        self.body = sum(len(p) for p in patches)
-        self.step = -1
-        self.buffers: dict[int, list[torch.Tensor]] = {}
-        self._next: dict[int, list[torch.Tensor]] = {}
+        self.model = model
+        self.method, self.layout = method, layout
+        self.text_of = text if callable(text) else (lambda kwargs, t=text: t)
+        self.text, self.text_first, self.warmup = 0, text_first, warmup_steps
+        self.reset()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules["model"], name)
 
     def reset(self) -> None:
-        self.step, self.buffers = -1, {}
+        self.step, self.branch, self._prev = -1, 0, None
+        self.buffers: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def forward(self, **kwargs: Any) -> Any:
+        x = kwargs.get("hidden_states")
+        if x is not None and x is self._prev:
+            self.branch += 1
+        else:
+            self.step, self.branch = self.step + 1, 0
+        self._prev = x
+        self.patches, self.out_index = self.layout(kwargs)
+        self.text = int(self.text_of(kwargs))
+        self.body = sum(len(p) for p in self.patches)
+        with torch.no_grad():
+            if self.step < self.warmup or not any(b == self.branch for b, _ in self.buffers):
+                return self._exact(kwargs)
+            return self._displaced(kwargs)
 
     def _rows(self, j: int) -> torch.Tensor:
         """Rows of patch ``j`` in the joint key sequence."""
@@ -80,19 +105,12 @@ class DisplacedOracle:
     def _is_self(self, k: torch.Tensor) -> bool:
         return k.shape[-2] == self.body + self.text
 
-    def __call__(self, **kwargs: Any) -> Any:
-        self.step += 1
-        with torch.no_grad():
-            if self.step < self.warmup or not self.buffers:
-                return self._exact(kwargs)
-            return self._displaced(kwargs)
-
     def _exact(self, kwargs: dict[str, Any]) -> Any:
         layer = iter(range(10**9))
 
         def attn(q, k, v, *args, **kw):  # type: ignore[no-untyped-def]
             if self._is_self(k):
-                self.buffers[next(layer)] = [k.clone(), v.clone()]
+                self.buffers[(self.branch, next(layer))] = [k.clone(), v.clone()]
             return F.scaled_dot_product_attention(q, k, v, *args, **kw)
 
         with _Hook(attn):
@@ -100,7 +118,8 @@ class DisplacedOracle:
 
     def _displaced(self, kwargs: dict[str, Any]) -> Any:
         out: Any = None
-        self._next = {i: [k.clone(), v.clone()] for i, (k, v) in self.buffers.items()}
+        self._next = {i: [k.clone(), v.clone()] for i, (k, v) in self.buffers.items() if i[0] == self.branch}
+        got: Any = None
         for j in range(len(self.patches)):
             got = self._pass(j, kwargs)
             if out is None:
@@ -109,8 +128,8 @@ class DisplacedOracle:
                 idx = self.out_index(j, o)
                 o[idx] = g[idx]
         if self.method == "distrifusion":
-            self.buffers = self._next
-        return out[0] if len(out) == 1 else tuple(out)
+            self.buffers.update(self._next)
+        return _like(got, out)
 
     def _pass(self, j: int, kwargs: dict[str, Any]) -> Any:
         layer = iter(range(10**9))
@@ -119,7 +138,7 @@ class DisplacedOracle:
         def attn(q, k, v, *args, **kw):  # type: ignore[no-untyped-def]
             if not self._is_self(k):
                 return F.scaled_dot_product_attention(q, k, v, *args, **kw)
-            i = next(layer)
+            i = (self.branch, next(layer))
             if self.method == "pipefusion":
                 buf = self.buffers[i]
                 for b, fresh in zip(buf, (k, v), strict=True):
@@ -139,7 +158,49 @@ class DisplacedOracle:
             return self.model(**kwargs)
 
 
+def grid_layout(patch: int | tuple[int, ...], n: int, frames_dim: bool = False) -> Callable[[dict[str, Any]], Any]:
+    """``layout`` for latents cut along their outermost token-grid dim into ``n`` pieces of
+    whole patch units, as evenly as they go (first pieces larger), the way the compiler seeds:
+    rows of ``[B, C, H, W]`` images (``patch``: the patch size), frames of ``[B, C, F, H, W]``
+    videos (``frames_dim``; ``patch``: (t, h, w)), or tokens of packed ``[B, S, C]`` latents."""
+
+    def layout(kwargs: dict[str, Any]) -> Any:
+        x = kwargs["hidden_states"]
+        if x.dim() == 3:
+            units, per_unit, dim, unit = x.shape[1], 1, 1, 1
+        elif x.dim() == 4:
+            p = patch if isinstance(patch, int) else patch[-1]
+            units, per_unit, dim, unit = x.shape[2] // p, x.shape[3] // p, 2, p
+        else:
+            t, h, w = patch if isinstance(patch, tuple) else (1, patch, patch)
+            assert frames_dim, "videos: frames_dim=True (cut along frames)"
+            units, per_unit, dim, unit = x.shape[2] // t, (x.shape[3] // h) * (x.shape[4] // w), 2, t
+        rows, rem = divmod(units, n)
+        offs = [0]
+        for i in range(n):
+            offs.append(offs[-1] + rows + (1 if i < rem else 0))
+        patches = [torch.arange(offs[i] * per_unit, offs[i + 1] * per_unit) for i in range(n)]
+
+        def out_index(j: int, o: torch.Tensor) -> Any:
+            return (slice(None),) * dim + (slice(offs[j] * unit, offs[j + 1] * unit),)
+
+        return patches, out_index
+
+    return layout
+
+
+def _like(template: Any, tensors: list[torch.Tensor]) -> Any:
+    """``tensors`` in the structure of the model's output ``template``."""
+    if isinstance(template, torch.Tensor):
+        return tensors[0]
+    it = iter(tensors)
+    items = [next(it) if isinstance(t, torch.Tensor) else t for t in template]
+    return type(template)(items) if isinstance(template, tuple | list) else items
+
+
 def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
     return [t for t in (out if isinstance(out, tuple | list) else (out,)) if isinstance(t, torch.Tensor)]

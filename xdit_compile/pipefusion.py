@@ -21,7 +21,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from xdit_compile.driver import PassContext, PassFn, run_passes
-from xdit_compile.passes.flops import block_flops
+from xdit_compile.driver import CollectiveSite
+from xdit_compile.passes.flops import block_flops, node_flops
 from xdit_compile.passes.sharding.placement import Shard
 from xdit_compile.passes.stages import Piece, StageCut, balance, block_order, copy_graph_module, extract_piece, extract_prologue
 from xdit_compile.plan import Plan
@@ -152,14 +153,40 @@ def compile_pipefusion(gm: fx.GraphModule, ctx: PassContext, common: list[tuple[
     (for reports), its context, the runner and the stage cut."""
     plan = ctx.plan
     in_spec, out_spec = getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)
+    ctx.hints["serial_flops"] = sum(node_flops(n) for n in gm.graph.nodes)
     base = run_passes(gm, common, ctx)
     cut = cut or stage_cut(base, plan)
     stage, n = ctx.mesh.pipefusion_rank, plan.pipefusion
     warm, _, _ = _variant(base, ctx, patch_passes, cut, stage, 1)
     main, graphs, cj = _variant(base, ctx, patch_passes, cut, stage, plan.displaced_patches)
     runner = PipeRunner(warm, main, state, mesh, stage, n, in_spec, out_spec)
-    cj.hints["pipefusion"] = _info(graphs[0], cj, cut, stage, main)
+    info = _info(graphs[0], cj, cut, stage, main)
+    cj.hints["pipefusion"] = info
+    cj.collectives = _step_collectives(main, info)
     return graphs[0], cj, runner, cut
+
+
+def _step_collectives(main: Variant, info: PipeInfo) -> list[CollectiveSite]:
+    """What this rank sends per step (all patches): graph-level collectives inside its pieces,
+    activations to the next stage, and (last stage) the output broadcast."""
+    sites: dict[tuple[str, str], list[int]] = {}
+    for prog in main.programs:
+        for op, axis, calls, nbytes in prog.comm:
+            tot = sites.setdefault((op, axis), [0, 0])
+            tot[0], tot[1] = tot[0] + calls, tot[1] + nbytes
+    out = [CollectiveSite(f"patches:{op}", op, axis, c, b, "inside the stage", graph_level=True)
+           for (op, axis), (c, b) in sites.items()]
+    n = info.stages
+    if info.stage < n - 1:
+        calls = sum(len(p.gm.graph.output_node().args[0]) for p in main.programs)  # type: ignore[arg-type]
+        out.append(CollectiveSite("stage_output", "send", "pipefusion", calls, info.sends_per_step,
+                                  "patch activations to the next stage", graph_level=True))
+    elif n > 1:
+        nbytes = sum(int(sd[0].numel()) * sd[1].itemsize for sd in main.out_shapes if sd is not None)
+        calls = sum(1 for sd in main.out_shapes if sd is not None)
+        out.append(CollectiveSite("output", "broadcast", "pipefusion", calls, nbytes * (n - 1),
+                                  "output to every stage", graph_level=True))
+    return out
 
 
 def _info(g: fx.GraphModule, ctx: PassContext, cut: StageCut, stage: int, main: Variant) -> PipeInfo:

@@ -11,6 +11,7 @@ by call pairing (:mod:`xdit_compile.cfg_pairs`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ def _resetting_class(cls: type) -> type:
     """``cls`` with a ``__call__`` that resets the parallel transformers' per-request state
     (displaced K/V, CFG pairing) before running; same name, so diffusers sees the same class."""
     if cls not in _CLASSES:
+        @functools.wraps(cls.__call__)  # keeps the signature that callers inspect
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
             for name in transformer_names(self):
                 module = getattr(self, name)

@@ -104,8 +104,9 @@ class Plan:
                 f"Plan(pipefusion={self.pipefusion}, patches={self.patches}): fewer patches than "
                 f"stages leaves stages idle; use patches >= {self.pipefusion} (e.g. "
                 f"patches={2 * self.pipefusion})")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"Plan.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
+            raise ValueError(f"Plan.warmup_steps must be an integer >= 1 (the first step of a request "
+                             f"has no previous step to read K/V from), got {self.warmup_steps!r}")
         if isinstance(self.stage_blocks, list):
             object.__setattr__(self, "stage_blocks", tuple(self.stage_blocks))
         if self.stage_blocks:

@@ -39,6 +39,10 @@ class Report:
     serial_flops: int
     graph: str = field(repr=False)
     graphs: dict[str, str] = field(repr=False, default_factory=dict)
+    pipefusion: Any = None
+    """PipeFusion's stages, patches, buffers and schedule (``PipeInfo``), if the plan has it."""
+    displaced: list[tuple[str, tuple[int, ...], int]] = field(default_factory=list)
+    """DistriFusion's displaced-K/V buffers on this rank: (layer, K shape, bytes of K and V)."""
 
     @property
     def bytes_per_forward(self) -> int:
@@ -78,7 +82,14 @@ class Report:
         out.append(f"  sharding breaks: {len(self.breaks)}")
         for b in self.breaks:
             out.append(f"    {b.node} ({b.op}): {b.reason}\n      at {b.source}")
-        out.append(f"  parameters per rank: {self.param_bytes:,} bytes (replicated)")
+        if self.pipefusion is not None:
+            out += self.pipefusion.summary()
+        if self.displaced:
+            total = sum(b for _, _, b in self.displaced)
+            out.append(f"  DistriFusion displaced K/V buffers: {len(self.displaced)} layers, {total:,} bytes per CFG branch")
+            for layer, shape, nbytes in self.displaced:
+                out.append(f"      {layer:<40} K/V {list(shape)}  {nbytes:,} B")
+        out.append(f"  parameters held by this rank: {self.param_bytes:,} bytes (distinct storages, measured)")
         ratio = self.flops / self.serial_flops if self.serial_flops else 1.0
         out.append(f"  estimated FLOPs per rank: {self.flops:,} ({ratio:.2f} of serial)")
         return "\n".join(out)
@@ -119,9 +130,16 @@ def build_report(pm: Any) -> Report:
     entry = pm.last
     if entry is None:
         raise RuntimeError("nothing compiled yet: call the module (or pm.prepare(**inputs)) first")
+    from xdit_compile.pipefusion import parameter_bytes
+
     ctx = entry.ctx
     flops, serial = estimate_flops(entry.gm, ctx.mesh.sp_rank)
-    params = sum(p.numel() * p.element_size() for p in pm.model.parameters())
+    info = ctx.hints.get("pipefusion")
+    if info is not None:  # this rank's stage of every patch (local shapes)
+        progs = entry.runner.main.programs
+        flops = sum(node_flops(n) for p in progs for n in p.gm.graph.nodes)
+        serial = ctx.hints.get("serial_flops", serial)
+    params = parameter_bytes(pm.pipeline_modules())
     return Report(
         model=type(pm.model).__name__,
         plan=str(pm.plan),
@@ -136,4 +154,18 @@ def build_report(pm: Any) -> Report:
         serial_flops=serial,
         graph=ctx.graphs.get(list(ctx.graphs)[-1], ""),
         graphs=dict(ctx.graphs),
+        pipefusion=info,
+        displaced=_distrifusion_buffers(entry.gm),
     )
+
+
+def _distrifusion_buffers(gm: fx.GraphModule) -> list[tuple[str, tuple[int, ...], int]]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.xdit.distrifusion_attention.default:
+            k, v, split = n.args[1].meta["val"], n.args[2].meta["val"], n.args[8]
+            shape = (*k.shape[:-2], sum(split), k.shape[-1])
+            numel = torch.Size(shape).numel()
+            out.append((str(n.args[6]), tuple(int(x) for x in shape),
+                        int(numel * k.element_size() * (1 + v.shape[-1] / k.shape[-1]))))
+    return out

@@ -507,18 +507,24 @@ def _pad(node: fx.Node, rc: RuleCtx) -> Decision:
     pad = list(node.args[1])  # type: ignore[arg-type]
     mode = schema_arg(node, "mode", "constant")
     wants: dict[fx.Node, Placement] = {}
+    args = None
     for i in range(0, len(pad), 2):
         before, after = pad[i], pad[i + 1]
         if nd - 1 - i // 2 == sh.dim and (before or after):
             if mode != "constant" or sh.outer != 1 or sh.head + before < 0 or sh.tail + after < 0:
                 raise Break("padding of the sharded dim")
-            if sh.text:  # evenly cut text rows: pad them whole (gather the text rows first)
+            if sh.text and sh.joint and sh.text_to >= 0:
+                # Text rows all on one rank: it pads them; the others hold no text rows.
+                if rc.rank != sh.text_to:
+                    pad[i], pad[i + 1] = 0, 0
+                    args = (x, pad, *node.args[2:])
+            elif sh.text:  # evenly cut text rows: pad them whole (gather the text rows first)
                 if not sh.joint:
                     raise Break("padding of sharded text rows")
                 sh = replace(sh, text=False)
                 wants[x] = sh
             sh = replace(sh, head=sh.head + before, tail=sh.tail + after)
-    return Decision(out=sh, inputs=wants)
+    return Decision(out=sh, inputs=wants, args=args)
 
 
 @register_rule(*ops("type_as"))

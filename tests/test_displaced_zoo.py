@@ -1,0 +1,46 @@
+"""Every zoo model compiles at ``pipefusion=2`` and ``distrifusion=2`` with no sharding break, or
+is refused with a message naming the op that mixes patches (one process, fake process group:
+compilation only; numerics are in test_displaced)."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+import xdit_compile as xc
+from xdit_compile.models import build_model, example_inputs, list_models
+
+#: Models PipeFusion cannot cut into patches, and the op the refusal names: Sana's linear
+#: attention sums over all tokens (a partial sum across patches); Mochi picks its valid text
+#: tokens with an index on text rows that only the first patch holds.
+PIPEFUSION_REFUSED = {"sana": "partial sum", "mochi": "aten.index.Tensor"}
+
+
+@pytest.fixture(scope="module")
+def fake_pg():
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("plan", [xc.Plan(pipefusion=2), xc.Plan(distrifusion=2)], ids=["pipefusion2", "distrifusion2"])
+@pytest.mark.parametrize("name", list_models())
+def test_zoo_compiles_or_is_refused(fake_pg, name, plan):
+    model = build_model(name, "tiny")
+    kwargs = example_inputs(name, model)
+    pm = xc.parallelize(model, plan)
+    refused = PIPEFUSION_REFUSED.get(name) if plan.pipefusion > 1 else None
+    if refused:
+        with pytest.raises(ValueError, match=f"PipeFusion cannot cut this model into patches: .*{refused}"):
+            pm.prepare(**kwargs)
+        return
+    pm.prepare(**kwargs)
+    report = xc.explain(pm)
+    assert report.breaks == []
+    if plan.pipefusion > 1:  # rank 1 = the last stage: the second half of the blocks
+        info = report.pipefusion
+        assert info.stage == 1 and sum(info.cut.counts) == len(info.cut.blocks) >= 2
+        assert len(info.buffers) > 0
+    else:
+        assert len(report.displaced) > 0
