@@ -15,6 +15,8 @@ from xdit_compile.models import build_model, example_inputs, list_models
 #: attention sums over all tokens (a partial sum across patches); Mochi picks its valid text
 #: tokens with an index on text rows that only the first patch holds.
 PIPEFUSION_REFUSED = {"sana": "partial sum", "mochi": "aten.index.Tensor"}
+#: Sana has no softmax attention (linear attention: exact partial sums), so nothing is displaced.
+NO_SOFTMAX_ATTENTION = {"sana"}
 
 
 @pytest.fixture(scope="module")
@@ -43,4 +45,4 @@ def test_zoo_compiles_or_is_refused(fake_pg, name, plan):
         assert info.stage == 1 and sum(info.cut.counts) == len(info.cut.blocks) >= 2
         assert len(info.buffers) > 0
     else:
-        assert len(report.displaced) > 0
+        assert (len(report.displaced) > 0) == (name not in NO_SOFTMAX_ATTENTION)

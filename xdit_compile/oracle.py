@@ -20,6 +20,7 @@ are in the output, so nothing here knows a model.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +80,10 @@ class DisplacedOracle(torch.nn.Module):
         self.step, self.branch, self._prev = -1, 0, None
         self.buffers: dict[tuple[int, int], list[torch.Tensor]] = {}
 
-    def forward(self, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:  # positional arguments by the model's parameter names
+            names = list(inspect.signature(self.model.forward).parameters)
+            kwargs = {**dict(zip(names, args)), **kwargs}
         x = kwargs.get("hidden_states")
         if x is not None and x is self._prev:
             self.branch += 1
