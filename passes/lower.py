@@ -120,7 +120,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         node.replace_all_uses_with(cur)  # rows of text only: the same layout
         gm.graph.erase_node(node)
         return
-    if ctx.axis == "patch" and (isinstance(src, Partial) or isinstance(src, Shard)):
+    if ctx.axis == "patch" and isinstance(src, Partial | Shard):
         raise _refuse(node, "partial sum" if isinstance(src, Partial) else "regrouping of rows", ctx)
     if isinstance(src, Partial):
         cur = _new(gm, node, all_reduce_sum, (cur, ctx.group), node, Replicate())

@@ -123,15 +123,15 @@ def _assign(gm: fx.GraphModule, cut: StageCut) -> dict[fx.Node, int | None]:
         if n.op != "call_function" or n.meta.get("xdit_step_level", False):
             continue
         blk = n.meta.get("xdit_block")
-        ins = [stage[a] for a in n.all_input_nodes if stage.get(a) is not None]
+        ins = [t for a in n.all_input_nodes if (t := stage.get(a)) is not None]
         if blk is not None:
             s = cut.stage_of(blk)
-            if ins and max(ins) > s:  # type: ignore[type-var]
-                raise ValueError(f"{n.name} in block {blk} (stage {s}) uses a value of stage {max(ins)}: "  # type: ignore[type-var]
+            if ins and max(ins) > s:
+                raise ValueError(f"{n.name} in block {blk} (stage {s}) uses a value of stage {max(ins)}: "
                                  f"the graph does not run its blocks in order")
             stage[n] = s
         else:
-            stage[n] = max(ins) if ins else None  # type: ignore[type-var]
+            stage[n] = max(ins) if ins else None
     return stage
 
 
@@ -170,7 +170,7 @@ def extract_piece(gm: fx.GraphModule, cut: StageCut, s: int) -> Piece:
     def needs_later(n: fx.Node, after: int) -> bool:
         return any(t > after for t in _users_stage(n, stage, last))
 
-    relay_in = [n for n in gm.graph.nodes if stage.get(n) is not None and stage[n] < s  # type: ignore[operator]
+    relay_in = [n for n in gm.graph.nodes if (t0 := stage.get(n)) is not None and t0 < s
                 and any(t >= s for t in _users_stage(n, stage, last))]
     members: set[fx.Node] = {n for n, t in stage.items() if t == s}
     roots: list[fx.Node] = list(members)

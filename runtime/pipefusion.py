@@ -156,6 +156,7 @@ class _Exec:
         else:
             self.result = [torch.empty(sd[0], dtype=sd[1], device=self.device) if sd is not None else None
                            for sd in self.var.out_shapes]
+        assert self.group is not None
         src = dist.get_global_rank(self.group, last)
         for i, t in enumerate(self.result):
             if isinstance(t, torch.Tensor):

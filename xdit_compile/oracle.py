@@ -78,12 +78,12 @@ class DisplacedOracle(torch.nn.Module):
 
     def reset(self) -> None:
         self.step, self.branch, self._prev = -1, 0, None
-        self.buffers: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.kv: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:  # positional arguments by the model's parameter names
             names = list(inspect.signature(self.model.forward).parameters)
-            kwargs = {**dict(zip(names, args)), **kwargs}
+            kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
         x = kwargs.get("hidden_states")
         if x is not None and x is self._prev:
             self.branch += 1
@@ -94,7 +94,7 @@ class DisplacedOracle(torch.nn.Module):
         self.text = int(self.text_of(kwargs))
         self.body = sum(len(p) for p in self.patches)
         with torch.no_grad():
-            if self.step < self.warmup or not any(b == self.branch for b, _ in self.buffers):
+            if self.step < self.warmup or not any(b == self.branch for b, _ in self.kv):
                 return self._exact(kwargs)
             return self._displaced(kwargs)
 
@@ -114,7 +114,7 @@ class DisplacedOracle(torch.nn.Module):
 
         def attn(q, k, v, *args, **kw):  # type: ignore[no-untyped-def]
             if self._is_self(k):
-                self.buffers[(self.branch, next(layer))] = [k.clone(), v.clone()]
+                self.kv[(self.branch, next(layer))] = [k.clone(), v.clone()]
             return F.scaled_dot_product_attention(q, k, v, *args, **kw)
 
         with _Hook(attn):
@@ -122,7 +122,7 @@ class DisplacedOracle(torch.nn.Module):
 
     def _displaced(self, kwargs: dict[str, Any]) -> Any:
         out: Any = None
-        self._next = {i: [k.clone(), v.clone()] for i, (k, v) in self.buffers.items() if i[0] == self.branch}
+        self._next = {i: [k.clone(), v.clone()] for i, (k, v) in self.kv.items() if i[0] == self.branch}
         got: Any = None
         for j in range(len(self.patches)):
             got = self._pass(j, kwargs)
@@ -132,7 +132,7 @@ class DisplacedOracle(torch.nn.Module):
                 idx = self.out_index(j, o)
                 o[idx] = g[idx]
         if self.method == "distrifusion":
-            self.buffers.update(self._next)
+            self.kv.update(self._next)
         return _like(got, out)
 
     def _pass(self, j: int, kwargs: dict[str, Any]) -> Any:
@@ -144,14 +144,14 @@ class DisplacedOracle(torch.nn.Module):
                 return F.scaled_dot_product_attention(q, k, v, *args, **kw)
             i = (self.branch, next(layer))
             if self.method == "pipefusion":
-                buf = self.buffers[i]
+                buf = self.kv[i]
                 for b, fresh in zip(buf, (k, v), strict=True):
                     b[..., rows, :] = fresh[..., rows, :]
                     if j == 0:
                         b[..., text, :] = fresh[..., text, :]
                 kk, vv = buf
             else:
-                kk, vv = (t.clone() for t in self.buffers[i])
+                kk, vv = (t.clone() for t in self.kv[i])
                 for b, nxt, fresh in zip((kk, vv), self._next[i], (k, v), strict=True):
                     b[..., rows, :] = fresh[..., rows, :]
                     b[..., text, :] = fresh[..., text, :]

@@ -20,11 +20,18 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from xdit_compile.driver import PassContext, PassFn, run_passes
-from xdit_compile.driver import CollectiveSite
+from xdit_compile.driver import CollectiveSite, PassContext, PassFn, run_passes
 from xdit_compile.passes.flops import block_flops, node_flops
 from xdit_compile.passes.sharding.placement import Shard
-from xdit_compile.passes.stages import Piece, StageCut, balance, block_order, copy_graph_module, extract_piece, extract_prologue
+from xdit_compile.passes.stages import (
+    Piece,
+    StageCut,
+    balance,
+    block_order,
+    copy_graph_module,
+    extract_piece,
+    extract_prologue,
+)
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.displaced import DisplacedState
 from xdit_compile.runtime.mesh import ParallelMesh
@@ -112,7 +119,8 @@ def _program(piece: Piece, ctx: PassContext) -> PatchProgram:
 
 def _outputs(g: fx.GraphModule, ctx: PassContext) -> tuple[list[Shard | None], list[Any]]:
     placements: dict[str, Shard] = ctx.hints.get("patch_outputs", {})
-    outs, shapes = [], []
+    outs: list[Shard | None] = []
+    shapes: list[tuple[torch.Size, torch.dtype] | None] = []
     for leaf in pytree.tree_leaves(g.graph.output_node().args[0]):
         p = placements.get(leaf.name) if isinstance(leaf, fx.Node) else None
         outs.append(p)

@@ -109,12 +109,11 @@ class Plan:
                              f"has no previous step to read K/V from), got {self.warmup_steps!r}")
         if isinstance(self.stage_blocks, list):
             object.__setattr__(self, "stage_blocks", tuple(self.stage_blocks))
-        if self.stage_blocks:
-            if len(self.stage_blocks) != self.pipefusion or any(
-                    not isinstance(b, int) or b < 1 for b in self.stage_blocks):
-                raise ValueError(
-                    f"Plan.stage_blocks={self.stage_blocks}: give one block count >= 1 per "
-                    f"pipefusion stage ({self.pipefusion} numbers), or leave it empty to balance by FLOPs")
+        if self.stage_blocks and (len(self.stage_blocks) != self.pipefusion or any(
+                not isinstance(b, int) or b < 1 for b in self.stage_blocks)):
+            raise ValueError(
+                f"Plan.stage_blocks={self.stage_blocks}: give one block count >= 1 per "
+                f"pipefusion stage ({self.pipefusion} numbers), or leave it empty to balance by FLOPs")
         if self.distrifusion > 1 and self.sp_degree > 1:
             raise ValueError(
                 f"Plan(distrifusion={self.distrifusion}, ulysses={self.ulysses}, ring={self.ring}): "
