@@ -134,6 +134,9 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         args = (cur, dst.dim, dst.outer, dst.inner, dst.offset(r), dst.split[r], dst.head, dst.tail)
         text = ((r, ctx.degree) + ((dst.text_to,) if dst.text_to >= 0 else ()),) if dst.text else ()
         cur = _new(gm, node, slice_shard, args + text, node, dst)
+    outputs = ctx.hints.get("patch_outputs", {})
+    if node.meta.get("xdit_output_gather") and x.name in outputs:  # a patch's output, gathered here
+        outputs[cur.name] = outputs[x.name]
     node.replace_all_uses_with(cur)
     gm.graph.erase_node(node)
 

@@ -31,12 +31,15 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import PassContext, PassFn, PassResult
+from xdit_compile.driver import CollectiveSite, PassContext, PassFn, PassResult
 from xdit_compile.passes.batch import on_axis, restage_pass
-from xdit_compile.passes.sharding.placement import Replicate, Shard
+from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, register_rule
+from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
 from xdit_compile.runtime import displaced as _rt_displaced  # noqa: F401  (registers xdit ops)
+from xdit_compile.runtime.attention import usp_comm_bytes
 
-__all__ = ["mark_step_level_pass", "patch_round", "rewrite_patch_attention_pass"]
+__all__ = ["mark_step_level_pass", "patch_round", "patch_sequence_round", "rewrite_patch_attention_pass",
+           "ulysses_patch_attention_pass"]
 
 aten = torch.ops.aten
 
@@ -100,4 +103,58 @@ def patch_round(seed: PassFn, propagate: PassFn, lower: PassFn) -> list[tuple[st
         ("lower_patch", on_axis("patch", lower)),
         ("mark_step_level", mark_step_level_pass),
         ("restage_patch", restage_pass),
+    ]
+
+
+@register_rule(torch.ops.xdit.pipefusion_attention.default)
+def _pipefusion_rule(node: fx.Node, rc: RuleCtx) -> Decision:
+    """A patch's displaced attention with its rows cut over ``ulysses`` (the sequence round after
+    the patch round): Q/K/V cut alike on the row dim, text rows whole; the output keeps the cut."""
+    q, k, v, mask = node.args[:4]
+    pq = rc.spec(q)
+    nd = len(rc.shape(q))  # type: ignore[arg-type]
+    if not isinstance(pq, Shard) or pq.dim != nd - 2 or pq.outer != 1 or pq.inner != 1 or pq.text:
+        raise Break("displaced attention with a sharded head or feature dim")
+    heads, u = rc.shape(q)[-3], rc.options.get("ulysses", 1)  # type: ignore[arg-type]
+    if heads % u:
+        raise ValueError(f"attention {node.name} has {heads} heads, not divisible by ulysses={u}")
+    wants: dict[fx.Node, Placement] = {}
+    for a in (k, v):
+        if rc.spec(a) != pq:
+            raise Break("displaced attention with K/V cut unlike Q")
+    if isinstance(mask, fx.Node) and not isinstance(rc.spec(mask), Replicate):
+        wants[mask] = Replicate()
+    head, tail, out_text = node.args[9], node.args[10], node.args[11]
+    out = Shard(pq.dim, pq.split, head=head if out_text else 0, tail=tail if out_text else 0)  # type: ignore[arg-type]
+    return Decision(out=out, inputs=wants, meta={"xdit_patch_sp": pq.split})
+
+
+def ulysses_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Displaced attention whose patch rows the sequence round cut: add the ``ulysses`` cut."""
+    changed = False
+    for node in gm.graph.nodes:
+        split = node.meta.pop("xdit_patch_sp", None)
+        if node.target is not torch.ops.xdit.pipefusion_attention.default or split is None:
+            continue
+        node.args = (*node.args[:12], ctx.mesh.key, list(split), ctx.mesh.ulysses_rank)
+        node.meta["xdit_pass"] = "ulysses_patch_attention"
+        q, v = node.args[0].meta["val"], node.args[2].meta["val"]  # type: ignore[union-attr]
+        local = list(q.shape)
+        local[-2] = split[ctx.mesh.ulysses_rank]
+        for (op, axis), (calls, nbytes) in usp_comm_bytes(tuple(local), int(v.shape[-1]), q.element_size(),
+                                                          ctx.mesh, list(split)).items():
+            ctx.collectives.append(CollectiveSite(node.name, op, axis, calls, nbytes, "pipefusion_attention"))
+        changed = True
+    return PassResult(gm, changed)
+
+
+def patch_sequence_round(seed: PassFn, propagate: PassFn, rewrite: PassFn, lower: PassFn) -> list[tuple[str, Callable[..., PassResult]]]:
+    """After the patch round: each patch's rows cut over ``ulysses`` (text rows whole)."""
+    return [
+        ("seed", seed),
+        ("propagate_sharding", propagate),
+        ("rewrite_attention", rewrite),
+        ("ulysses_patch_attention", ulysses_patch_attention_pass),
+        ("lower_collectives", lower),
+        ("restage", restage_pass),
     ]

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from xdit_compile.driver import PassContext, PassResult
 from xdit_compile.passes.sharding.placement import Shard, even_split
+from xdit_compile.runtime.reshard import slice_shard
 
 __all__ = ["seed_inputs_pass", "patch_stride"]
 
@@ -24,10 +25,14 @@ _CONVS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
           "aten.convolution.default", "aten.conv2d.padding", "aten.conv3d.padding"}
 
 
-def _latent_input(gm: fx.GraphModule) -> fx.Node | None:
+def _latent_input(gm: fx.GraphModule, piece: bool = False) -> fx.Node | None:
+    """The latent input; with ``piece``, the last of the local pieces earlier rounds cut of it
+    (PipeFusion's patch, a CFG half), which the sequence axes cut further."""
     for node in gm.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() >= 3:
+            while piece and len(node.users) == 1 and next(iter(node.users)).target is slice_shard:
+                node = next(iter(node.users))
             return node
     return None
 
@@ -75,7 +80,7 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     degree = ctx.degree
     if degree == 1 and ctx.axis not in ctx.virtual:
         return PassResult(gm, False)
-    node = _latent_input(gm)
+    node = _latent_input(gm, piece=ctx.axis == "sp" and "patch_seed" in ctx.hints)
     if node is None:
         raise ValueError(
             "no latent input found: sequence parallelism splits the first floating-point input "

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from xdit_compile.runtime.collectives import count
+from xdit_compile.runtime.collectives import all_gather, count
 from xdit_compile.runtime.mesh import get_mesh
 
 __all__ = [
@@ -249,6 +249,40 @@ def distrifusion_comm_bytes(k_shape: tuple[int, ...], v_dim: int, itemsize: int,
 # PipeFusion
 
 
+def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float | None, state_key: str, layer: str, split: list[int], patch: int,
+                        head: int, tail: int, out_text: bool, mesh_key: str, sp_split: list[int]) -> torch.Tensor:
+    """A patch cut further over the ``ulysses`` axis: an all-to-all gives every rank all of the
+    patch's rows for its heads; its buffer holds those heads of the whole sequence (text rows are
+    on every rank: each takes its heads, nothing is sent). The output goes back to row pieces."""
+    from xdit_compile.runtime.attention import _ulysses_in, _ulysses_out
+
+    pm = get_mesh(mesh_key)
+    u, me, group = pm.info.ulysses, pm.info.ulysses_rank, pm.group("ulysses")
+    h = q.shape[-3]
+    lo, hi = me * (h // u), (me + 1) * (h // u)
+    s_me = sp_split[me]
+
+    def heads_of(t: torch.Tensor) -> torch.Tensor:
+        text = t.shape[-2] - s_me  # 0, or head + tail text rows (whole)
+        th, body, tt = t[..., :text and head, :], t[..., (text and head):(text and head) + s_me, :], \
+            t[..., (text and head) + s_me:, :]
+        body = _ulysses_in(body, sp_split, me, group)
+        return torch.cat([th[..., lo:hi, :, :], body, tt[..., lo:hi, :, :]], dim=-2)
+
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] > 1:
+        mask = mask[..., lo:hi, :, :]
+    res = _pipefusion(heads_of(q), heads_of(k), heads_of(v), mask, scale, state_key, layer, split, patch,
+                      head, tail, out_text)
+    rows = split[patch]
+    th = head if out_text else 0
+    body = _ulysses_out(res[..., th:th + rows, :], sp_split, me, group)
+    if not out_text:
+        return body
+    text = all_gather(torch.cat([res[..., :th, :], res[..., th + rows:, :]], dim=-2), -3, group, "ulysses")
+    return torch.cat([text[..., :head, :], body, text[..., head:, :]], dim=-2)
+
+
 def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 scale: float | None, state_key: str, layer: str, split: list[int], patch: int,
                 head: int, tail: int, out_text: bool) -> torch.Tensor:
@@ -301,18 +335,27 @@ def pipefusion_attention(
     head: int = 0,
     tail: int = 0,
     out_text: bool = False,
+    mesh_key: str | None = None,
+    sp_split: list[int] | None = None,
+    sp_rank: int = 0,
 ) -> torch.Tensor:
     """Attention of patch ``patch``'s query rows over the layer's displaced-K/V buffer, after
     writing this patch's fresh K/V into it (see the module docstring).
 
     ``q``/``k``/``v`` hold patch ``patch``'s body rows, with all ``head``/``tail`` text rows
     before/after them when this patch holds the text; ``out_text``: whether the output keeps
-    text rows (else only the body rows)."""
+    text rows (else only the body rows). With ``mesh_key`` the body rows are this rank's piece
+    ``sp_split`` of the patch over the ``ulysses`` axis (and so are the output's)."""
+    if mesh_key:
+        assert sp_split is not None
+        return _pipefusion_ulysses(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail,
+                                   out_text, mesh_key, list(sp_split))
     return _pipefusion(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail, out_text)
 
 
 @pipefusion_attention.register_fake
-def _(q, k, v, attn_mask, scale, state_key, layer, split, patch, head=0, tail=0, out_text=False):  # type: ignore[no-untyped-def]
-    rows = split[patch] + (head + tail if out_text else 0)
+def _(q, k, v, attn_mask, scale, state_key, layer, split, patch, head=0, tail=0, out_text=False,  # type: ignore[no-untyped-def]
+      mesh_key=None, sp_split=None, sp_rank=0):
+    rows = (split[patch] if not mesh_key else sp_split[sp_rank]) + (head + tail if out_text else 0)
     return q.new_empty((*q.shape[:-2], rows, v.shape[-1]))
 

@@ -40,6 +40,8 @@ class PatchProgram:
     recv: list[tuple[str, torch.Size, torch.dtype]]
     comm: list[tuple[str, str, int, int]] = field(default_factory=list)
     """Graph-level collectives inside (op, axis, calls, bytes), e.g. CFG output gathers."""
+    inner: list[tuple[str, str, int, int]] = field(default_factory=list)
+    """Collectives inside ops that count themselves (Ulysses all-to-alls in attention)."""
 
 
 @dataclass

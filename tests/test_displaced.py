@@ -56,17 +56,23 @@ def _vs_oracle(name: str, plan_kw: dict, method: str, n: int, steps: int = 3, wa
     refs = [oracle(**i) for i in ins]
     with torch.no_grad():
         serial = [model(**i) for i in ins]
+    from xdit_compile.runtime.collectives import comm_stats
+
     pm = xc.parallelize(model, Plan(**plan_kw, warmup_steps=warmup))
+    comm_stats().reset()
     outs = [pm(**i) for i in ins]
+    comm = set(comm_stats().as_dict())
     pm.reset()  # a new request: the same outputs again
     again = [pm(**i) for i in ins]
     return {"oracle": [rel_error(o, r) for o, r in zip(outs, refs, strict=True)],
             "serial": [rel_error(o, s) for o, s in zip(outs, serial, strict=True)],
-            "again": [rel_error(a, o) for a, o in zip(again, outs, strict=True)]}
+            "again": [rel_error(a, o) for a, o in zip(again, outs, strict=True)],
+            "breaks": len(xc.explain(pm).breaks), "comm": comm}
 
 
 def _check(results: list[dict], warmup: int = 1) -> None:
     for r in results:
+        assert r["breaks"] == 0, r
         assert max(r["oracle"]) < ORACLE_TOL, r
         assert max(r["serial"][:warmup]) < EXACT_TOL, r
         assert min(r["serial"][warmup:]) > STALE_MIN, r
@@ -83,6 +89,16 @@ def test_pipefusion_matches_oracle(pools, name):
 @pytest.mark.parametrize("name", ["pixart-sigma", "sd3", "flux-dev"])
 def test_distrifusion_matches_oracle(pools, name):
     _check(pools(2).run(_vs_oracle, name, dict(distrifusion=2), "distrifusion", 2))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", ["sd3", "flux-dev"])
+def test_pipefusion_ulysses_matches_oracle(pools, name):
+    """pipefusion=2 x ulysses=2: each patch's rows cut over 2 ranks, all-to-alls in attention,
+    the buffers hold each rank's heads."""
+    results = pools(4).run(_vs_oracle, name, dict(pipefusion=2, ulysses=2, patches=2), "pipefusion", 2)
+    _check(results)
+    assert all("all_to_all@ulysses" in r["comm"] for r in results)
 
 
 @pytest.mark.dist

@@ -46,3 +46,22 @@ def test_zoo_compiles_or_is_refused(fake_pg, name, plan):
         assert len(info.buffers) > 0
     else:
         assert (len(report.displaced) > 0) == (name not in NO_SOFTMAX_ATTENTION)
+
+
+@pytest.mark.parametrize("plan,match", [
+    (xc.Plan(pipefusion=2, stage_blocks=(1, 2)), r"stage_blocks=\(1, 2\) sums to 3, but the model has 2 blocks"),
+    (xc.Plan(pipefusion=2, patches=16), "8 token rows .* 16 PipeFusion patches need at least 16: use fewer patches"),
+])
+def test_pipefusion_plans_that_cannot_work(fake_pg, plan, match):
+    model = build_model("pixart-sigma", "tiny")
+    with pytest.raises(ValueError, match=match):
+        xc.parallelize(model, plan).prepare(**example_inputs("pixart-sigma", model))
+
+
+def test_more_stages_than_blocks():
+    from xdit_compile.passes.stages import balance
+
+    with pytest.raises(ValueError, match="4 stages need at least 4 blocks, the model has 2"):
+        balance([1, 1], 4)
+    with pytest.raises(ValueError, match="PipeFusion with Ring attention is not built; cut each patch with ulysses"):
+        xc.Plan(pipefusion=2, ring=2)

@@ -62,7 +62,7 @@ def build_passes(plan: Plan, part: str = "all") -> list[tuple[str, PassFn]]:
     from xdit_compile.passes.batch import batch_round
     from xdit_compile.passes.canonicalize import canonicalize_graph_pass
     from xdit_compile.passes.lower import lower_collectives_pass
-    from xdit_compile.passes.patches import patch_round
+    from xdit_compile.passes.patches import patch_round, patch_sequence_round
     from xdit_compile.passes.seed import seed_inputs_pass
     from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
 
@@ -74,6 +74,9 @@ def build_passes(plan: Plan, part: str = "all") -> list[tuple[str, PassFn]]:
                 passes += batch_round(axis, propagate_sharding_pass, lower_collectives_pass)
     if part == "patch":
         passes += patch_round(seed_inputs_pass, propagate_sharding_pass, lower_collectives_pass)
+        if plan.sp_degree > 1:
+            passes += patch_sequence_round(seed_inputs_pass, propagate_sharding_pass, rewrite_attention_pass,
+                                           lower_collectives_pass)
     if part == "all":
         passes += [
             ("seed", seed_inputs_pass),

@@ -112,9 +112,10 @@ def _child(ctx: PassContext, m: int, j: int) -> PassContext:
 
 def _program(piece: Piece, ctx: PassContext) -> PatchProgram:
     names = {n.name for n in piece.gm.graph.nodes}
-    comm = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in ctx.collectives
-            if c.graph_level and c.node in names]
-    return PatchProgram(piece.gm, piece.inputs, piece.recv, comm)
+    sites = [c for c in ctx.collectives if c.node in names]
+    comm = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in sites if c.graph_level]
+    inner = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in sites if not c.graph_level]
+    return PatchProgram(piece.gm, piece.inputs, piece.recv, comm, inner)
 
 
 def _outputs(g: fx.GraphModule, ctx: PassContext) -> tuple[list[Shard | None], list[Any]]:
@@ -179,7 +180,7 @@ def _step_collectives(main: Variant, info: PipeInfo) -> list[CollectiveSite]:
     activations to the next stage, and (last stage) the output broadcast."""
     sites: dict[tuple[str, str], list[int]] = {}
     for prog in main.programs:
-        for op, axis, calls, nbytes in prog.comm:
+        for op, axis, calls, nbytes in prog.comm + prog.inner:
             tot = sites.setdefault((op, axis), [0, 0])
             tot[0], tot[1] = tot[0] + calls, tot[1] + nbytes
     out = [CollectiveSite(f"patches:{op}", op, axis, c, b, "inside the stage", graph_level=True)

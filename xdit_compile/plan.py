@@ -118,6 +118,9 @@ class Plan:
             raise ValueError(
                 f"Plan(distrifusion={self.distrifusion}, ulysses={self.ulysses}, ring={self.ring}): "
                 f"DistriFusion takes the place of the sequence axes; use one of them")
+        if self.displaced_patches > 1 and self.ring > 1:
+            raise ValueError(f"Plan(pipefusion={self.pipefusion}, ring={self.ring}): PipeFusion with Ring "
+                             f"attention is not built; cut each patch with ulysses instead")
         if self.distrifusion > 1 and self.displaced_patches > 1:
             raise ValueError("Plan: DistriFusion and PipeFusion cannot be combined; choose one "
                              "(pipefusion x ulysses/ring, or distrifusion x cfg/dp)")

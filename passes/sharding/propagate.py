@@ -94,6 +94,8 @@ class _Propagator:
         patch = ctx.axis == "patch"
         # PipeFusion's patches: text rows stay with the first patch (computed once per step).
         disabled = tuple(p for p in ctx.plan.disable_passes if not (patch and p == "shard_text_rows"))
+        if not patch and "patch_seed" in ctx.hints:  # a patch cut over ulysses: text rows whole
+            disabled += ("shard_text_rows",)
         self.rc = RuleCtx(
             self.placements,
             ctx.degree,
