@@ -132,7 +132,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
           scale: float | None) -> torch.Tensor:
     if q.shape[-2] == 0:
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # Contiguous, like the fake implementations (inductor checks strides of opaque ops).
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
 
 
 def _mask_rows(mask: torch.Tensor | None, q_pos: torch.Tensor) -> torch.Tensor | None:

@@ -273,3 +273,13 @@ def test_pipefusion_large_transfers(pools):
     (xDiT's send/recv hangs above about 64 MB)."""
     (err0, sent0), (err1, _) = pools(2).run(_wide, timeout=600)
     assert sent0 == 16 * (1 << 22) * 4 and max(err0, err1) < EXACT_TOL
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_pipefusion_and_distrifusion_inductor(pools):
+    """The stage pieces (PipeFusion) and the rewritten graph (DistriFusion) through
+    torch.compile: same results as the oracle (inductor's fused kernels: ~1e-6 differences)."""
+    for plan, method in ((dict(pipefusion=2, patches=2, compile="inductor"), "pipefusion"),
+                         (dict(distrifusion=2, compile="inductor"), "distrifusion")):
+        _check(pools(2).run(_vs_oracle, "pixart-sigma", plan, method, 2, timeout=900))
