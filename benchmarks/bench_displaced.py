@@ -8,8 +8,9 @@ processes x 1 torch thread. For each model:
 * a denoising trajectory of ``--steps`` steps is computed once with the plain model (Euler steps
   along its own prediction, timesteps 999 -> 0), so every method sees the same inputs;
 * serial (rank 0 alone, rank 1 waits), ``ulysses=2``, ``pipefusion=2`` with M = 2, 4, 8 patches
-  and ``distrifusion=2`` each run the trajectory as two requests: the first compiles, the second
-  is timed; ms per step = median over its steps after the warmup step (the slower rank);
+  and ``distrifusion=2`` each run the trajectory as ``--requests`` + 1 requests: the first
+  compiles, the others are timed; ms per step = median over their steps after the warmup steps
+  (the slower rank);
   bytes per rank per step from the runtime counter over the same steps;
 * parameter bytes each rank holds (measured: distinct storages after other stages were freed);
 * accuracy: the oracle (:mod:`xdit_compile.oracle`, one process) runs the trajectory with the
@@ -97,7 +98,7 @@ def _trajectory(name: str, spec: dict[str, Any], steps: int) -> list[dict[str, A
 
 
 def _run(name: str, spec: dict[str, Any], plan: dict[str, Any], steps: list[dict[str, Any]],
-         warmup: int) -> dict[str, Any]:
+         warmup: int, requests: int) -> dict[str, Any]:
     import xdit_compile as xc
     from xdit_compile.pipefusion import parameter_bytes
     from xdit_compile.runtime.collectives import comm_stats
@@ -106,23 +107,26 @@ def _run(name: str, spec: dict[str, Any], plan: dict[str, Any], steps: list[dict
     pm = xc.parallelize(model, xc.Plan(**plan, warmup_steps=warmup)) if plan else None
     fn = pm if pm is not None else model
     outs: list[Any] = []
-    times: list[float] = []
-    for request in range(2):
+    timed: list[float] = []
+    for request in range(1 + requests):  # the first request compiles
         if pm is not None:
             pm.reset()
-        dist.barrier() if pm is not None else None
-        outs, times = [], []
+            dist.barrier()
+        outs = []
         for i, kw in enumerate(steps):
-            if i == warmup:
+            if request == 1 and i == warmup:
                 comm_stats().reset()
             t0 = time.perf_counter()
             with torch.no_grad():
                 outs.append(fn(**kw)[0])
-            times.append(time.perf_counter() - t0)
-    timed = times[warmup:]
+            if request >= 1 and i >= warmup:
+                timed.append(time.perf_counter() - t0)
     held = parameter_bytes(pm.pipeline_modules()) if pm is not None else parameter_bytes([model])
-    return {"step_ms": 1e3 * statistics.median(timed), "bytes_per_step": comm_stats().total_bytes // len(timed),
-            "params": held, "outs": outs, "comm": {k: v["bytes"] // len(timed) for k, v in comm_stats().as_dict().items()}}
+    # Communication: the displaced steps of the timed requests (warmup steps excluded).
+    per = len(timed)
+    comm = {k: v["bytes"] // per for k, v in comm_stats().as_dict().items()}
+    return {"step_ms": 1e3 * statistics.median(timed), "bytes_per_step": sum(comm.values()),
+            "params": held, "outs": outs, "comm": comm}
 
 
 def _oracle(name: str, spec: dict[str, Any], method: str, n: int, steps: list[dict[str, Any]], warmup: int) -> list[Any]:
@@ -138,7 +142,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
 
 
-def job(name: str, quick: bool, n_steps: int) -> list[dict[str, Any]]:
+def job(name: str, quick: bool, n_steps: int, requests: int) -> list[dict[str, Any]]:
     spec = (QUICK if quick else MODELS)[name]
     rank = dist.get_rank()
     steps = _trajectory(name, spec, n_steps)
@@ -146,7 +150,7 @@ def job(name: str, quick: bool, n_steps: int) -> list[dict[str, Any]]:
     serial_outs: list[Any] = []
     for label, plan in METHODS:
         if not plan:  # serial: rank 0 alone
-            res = _run(name, spec, plan, steps, 1) if rank == 0 else None
+            res = _run(name, spec, plan, steps, 1, requests) if rank == 0 else None
             dist.barrier()
             if rank == 0:
                 assert res is not None
@@ -157,7 +161,7 @@ def job(name: str, quick: bool, n_steps: int) -> list[dict[str, Any]]:
         for warmup in (1, 2):
             if warmup == 2 and "fusion" not in label:
                 continue
-            res = _run(name, spec, plan, steps, warmup)
+            res = _run(name, spec, plan, steps, warmup, requests)
             row = {"model": name, "method": label, "rank": rank, "warmup": warmup, "step_ms": res["step_ms"],
                    "bytes_per_step": res["bytes_per_step"], "comm": res["comm"], "params": res["params"]}
             if rank == 0:
@@ -205,19 +209,22 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += ["## Method", "",
               f"fp32, CPU ({meta['cpu']}, {meta['cores']} cores), torch {meta['torch']}; 2 gloo processes x 1 "
               f"thread. The inputs of the {meta['steps']} steps come from one Euler trajectory of the plain model, "
-              f"the same for every method. Each method runs the trajectory as two requests; the second is "
-              f"timed: median ms over the steps after the warmup steps, the slower rank. Bytes: sent by "
+              f"the same for every method. Each method runs the trajectory as {meta['requests'] + 1} requests; "
+              f"all but the first (which compiles) are timed: median ms over their steps after the warmup "
+              f"steps, the slower rank. Bytes: sent by "
               f"each rank per step (runtime counter). Parameter bytes: distinct storages each rank holds "
               f"after compiling (PipeFusion frees the other stage's parameters). Error vs oracle: max "
               f"relative difference over all steps from the single-process displaced-K/V reference; "
               f"difference from serial: per step (warmup steps are exact). Serial and Ulysses are exact.",
-              "", "This shared 2-core machine moves timings by about 5% between runs."]
+              "", f"This 2-core machine is shared: the load average was {meta['load_average'][0]:.0f} at the end "
+              f"of this run, so single timings move by 10-20%; compare rows of one table, not runs."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=3, help="timed requests (after one that compiles)")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--quick", action="store_true", help="tiny shapes (checks the script)")
     args = ap.parse_args()
@@ -229,14 +236,14 @@ def main() -> None:
     t0 = time.time()
     try:
         for name in args.models:
-            for per_rank in pool.run(job, name, args.quick, args.steps, timeout=3600):
+            for per_rank in pool.run(job, name, args.quick, args.steps, args.requests, timeout=3600):
                 for row in per_rank:
                     print(json.dumps({k: v for k, v in row.items() if k != "comm"}), flush=True)
                     rows.append(row)
     finally:
         pool.close()
     specs = QUICK if args.quick else MODELS
-    meta = {"steps": args.steps, "models": args.models, "torch": torch.__version__,
+    meta = {"load_average": os.getloadavg(), "steps": args.steps, "requests": args.requests, "models": args.models, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "total_s": round(time.time() - t0, 1), "specs": {n: specs[n] for n in args.models}}
     OUT.mkdir(exist_ok=True)

@@ -21,13 +21,14 @@ from xdit_compile import Plan
 
 ORACLE_TOL, STALE_MIN, EXACT_TOL = 1e-5, 1e-3, 1e-4
 #: Joint text: (text in joint attention, text before the image tokens).
-TEXT = {"pixart-sigma": (False, True), "sd3": (True, False), "flux-dev": (True, True)}
+TEXT = {"pixart-sigma": (False, True), "sd3": (True, False), "flux-dev": (True, True),
+        "hunyuan-dit": (False, True)}
 
 
-def _inputs(name: str, model, steps: int) -> list[dict]:
+def _inputs(name: str, model, steps: int, uneven: bool = False) -> list[dict]:
     from xdit_compile.models import example_inputs
 
-    kw = example_inputs(name, model)
+    kw = example_inputs(name, model, uneven=uneven)
     x0 = kw["hidden_states"]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     return [dict(kw, hidden_states=x0 + t * noise) for t in range(steps)]
@@ -43,15 +44,15 @@ def _oracle(name: str, model, method: str, n: int, warmup: int, kw: dict):
 
 
 def _vs_oracle(name: str, plan_kw: dict, method: str, n: int, steps: int = 3, warmup: int = 1,
-               config: dict | None = None) -> dict:
+               config: dict | None = None, uneven: bool = False) -> dict:
     """Per step: (error vs oracle, difference from serial); the oracle and serial run first
     (PipeFusion frees other stages' parameters of the model in place)."""
     import xdit_compile as xc
     from xdit_compile.models import build_model
     from xdit_compile.runner import rel_error
 
-    model = build_model(name, "tiny", **(config or {}))
-    ins = _inputs(name, model, steps)
+    model = build_model(name, "tiny", uneven=uneven, **(config or {}))
+    ins = _inputs(name, model, steps, uneven)
     oracle = _oracle(name, model, method, n, warmup, ins[0])
     refs = [oracle(**i) for i in ins]
     with torch.no_grad():
@@ -107,6 +108,22 @@ def test_pipefusion_four_stages_uneven_patches(pools):
     results = pools(4).run(_vs_oracle, "pixart-sigma", dict(pipefusion=4, patches=5), "pipefusion", 5,
                            steps=4, warmup=2, config={"num_layers": 8})
     _check(results, warmup=2)
+
+
+@pytest.mark.dist
+def test_pipefusion_relays_skip_connections(pools):
+    """HunyuanDiT's long skips (block i's output feeds block L-1-i) cross stages: at 4 stages of
+    one block, block 0's output is relayed through stages 1 and 2 to stage 3."""
+    _check(pools(4).run(_vs_oracle, "hunyuan-dit", dict(pipefusion=4, patches=4), "pipefusion", 4,
+                        config={"num_layers": 4}))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", ["pixart-sigma", "flux-dev"])
+def test_distrifusion_uneven_rows(pools, name):
+    """5 token rows over 2 ranks (3 + 2; Flux: 35 packed tokens, 18 + 17): the K/V pieces are
+    padded for the gather and cut back."""
+    _check(pools(2).run(_vs_oracle, name, dict(distrifusion=2), "distrifusion", 2, uneven=True))
 
 
 @pytest.mark.dist
