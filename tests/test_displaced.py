@@ -22,7 +22,7 @@ from xdit_compile import Plan
 ORACLE_TOL, STALE_MIN, EXACT_TOL = 1e-5, 1e-3, 1e-4
 #: Joint text: (text in joint attention, text before the image tokens).
 TEXT = {"pixart-sigma": (False, True), "sd3": (True, False), "flux-dev": (True, True),
-        "hunyuan-dit": (False, True)}
+        "hunyuan-dit": (False, True), "qwen-image": (True, True)}
 
 
 def _inputs(name: str, model, steps: int, uneven: bool = False) -> list[dict]:
@@ -81,13 +81,13 @@ def _check(results: list[dict], warmup: int = 1) -> None:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["pixart-sigma", "sd3", "flux-dev"])
+@pytest.mark.parametrize("name", ["pixart-sigma", "sd3", "flux-dev", "qwen-image"])
 def test_pipefusion_matches_oracle(pools, name):
     _check(pools(2).run(_vs_oracle, name, dict(pipefusion=2, patches=4), "pipefusion", 4))
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["pixart-sigma", "sd3", "flux-dev"])
+@pytest.mark.parametrize("name", ["pixart-sigma", "sd3", "flux-dev", "qwen-image"])
 def test_distrifusion_matches_oracle(pools, name):
     _check(pools(2).run(_vs_oracle, name, dict(distrifusion=2), "distrifusion", 2))
 
