@@ -171,6 +171,12 @@ class _Propagator:
         except Break as b:
             self._break(node, ins, str(b))
             return
+        except ValueError:  # a plan that does not fit the model: the message says the fix
+            raise
+        except Exception as e:  # noqa: BLE001  (a rule that trips on an unforeseen form gathers)
+            logger.warning("sharding rule for %s failed on %s", node.target, node.name, exc_info=True)
+            self._break(node, ins, f"rule failed: {type(e).__name__}: {e}")
+            return
         self._apply(node, decision)
 
     def _apply(self, node: fx.Node, d: Decision) -> None:

@@ -65,13 +65,30 @@ def _embedding(node: fx.Node, rc: RuleCtx) -> Decision:
 @register_rule(*ops("matmul", "bmm", "mm", "baddbmm", "addmm"))
 def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
     packet = node.target.overloadpacket  # type: ignore[union-attr]
-    off = 1 if packet in (aten.baddbmm, aten.addmm) else 0
+    if packet not in (aten.baddbmm, aten.addmm):
+        return _matmul_product(node, rc, 0)
+    # ``bias + a @ b``: the product's rule, then the bias (broadcast to the output) cut like
+    # the output where it is full-size on the sharded dim.
+    bias = node.args[0]
+    if not isinstance(rc.spec(bias), Replicate):
+        raise Break("matmul bias is sharded")
+    d = _matmul_product(node, rc, 1)
+    if isinstance(d.out, Partial):
+        raise Break("contracting the sharded dim under a bias (addmm/baddbmm)")
+    out_shape = rc.shape(node)
+    if isinstance(d.out, Shard) and isinstance(bias, fx.Node):
+        bshape = rc.shape(bias)
+        bd = d.out.dim - (len(out_shape) - len(bshape))
+        if bd >= 0 and bshape[bd] == out_shape[d.out.dim] and bshape[bd] > 1:
+            d.inputs[bias] = d.out.with_dim(bd)
+    return d
+
+
+def _matmul_product(node: fx.Node, rc: RuleCtx, off: int) -> Decision:
     a, b = node.args[off], node.args[off + 1]
     pa, pb = rc.spec(a), rc.spec(b)
     na, nb = len(rc.shape(a)), len(rc.shape(b))  # type: ignore[arg-type]
     out_nd = len(rc.shape(node))
-    if off and not isinstance(rc.spec(node.args[0]), Replicate):
-        raise Break("matmul bias is sharded")
     if isinstance(pa, Shard) and isinstance(pb, Replicate):
         if pa.dim == na - 1 or (na == 1):
             raise Break("matmul contracts the sharded dim")
@@ -86,8 +103,6 @@ def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
     if isinstance(pa, Shard) and isinstance(pb, Shard):
         if pa.dim < na - 2 and na == nb and pa == pb:
             return Decision(out=pa)
-        if off:
-            raise Break("contracting the sharded dim under a bias (addmm/baddbmm)")
         if pa.joint:
             raise Break("contracting a joint dim (replicated rows would be summed per rank)")
         if pa.dim == na - 1 and nb >= 2 and pb.dim == nb - 2 and pa.with_dim(0) == pb.with_dim(0):
@@ -100,7 +115,8 @@ def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
 def _norm(node: fx.Node, rc: RuleCtx) -> Decision:
     x = node.args[0]
     sh = rc.spec(x)
-    assert isinstance(sh, Shard) and isinstance(x, fx.Node)
+    if not isinstance(sh, Shard) or not isinstance(x, fx.Node):
+        raise Break("norm weight is sharded")
     nd = len(rc.shape(x))
     normalized = node.args[1]
     assert isinstance(normalized, list | tuple)
@@ -118,6 +134,8 @@ def _group_norm(node: fx.Node, rc: RuleCtx) -> Decision:
     sh = rc.spec(node.args[0])
     if not isinstance(sh, Shard) or sh.dim != 0:
         raise Break("group_norm normalizes over the sharded dim")
+    if any(not isinstance(rc.spec(a), Replicate) for a in node.args[1:3] if isinstance(a, fx.Node)):
+        raise Break("group_norm weight is sharded")
     val = node.meta.get("val")
     return Decision(out=tuple(sh for _ in val) if isinstance(val, tuple | list) else sh)
 
@@ -153,9 +171,11 @@ def _conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
 def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
     x, w = node.args[0], node.args[1]
     sh = rc.spec(x)
-    assert isinstance(sh, Shard) and isinstance(w, fx.Node)
-    if not isinstance(rc.spec(w), Replicate):
-        raise Break("conv weight is sharded")
+    if not isinstance(sh, Shard) or not isinstance(w, fx.Node) or not all(
+            isinstance(rc.spec(a), Replicate) for a in node.args[1:3] if isinstance(a, fx.Node)):
+        raise Break("conv weight or bias is sharded")
+    if len(rc.shape(x)) != len(rc.shape(w)):
+        raise Break("unbatched convolution")
     if sh.dim == 0:
         return Decision(out=sh)
     if sh.dim == 1:
@@ -193,6 +213,8 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     if not isinstance(pq, Shard) or pq.dim != nd - 2 or pq.outer != 1 or pq.inner != 1:
         raise Break("attention with a sharded head or feature dim")
     if isinstance(pk, Replicate) and isinstance(pv, Replicate):
+        if is_causal:  # the causal mask depends on each query row's global position
+            raise Break("causal attention with sharded query rows")
         if isinstance(mask, fx.Node) and rc.shape(mask)[-2] > 1:
             wants[mask] = pq.with_dim(len(rc.shape(mask)) - 2)
         return Decision(out=pq, inputs=wants, meta={"xdit_attention": "local"})

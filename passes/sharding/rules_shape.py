@@ -253,7 +253,6 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
 
 
 _VIEWS = ops("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy", "_reshape_alias")
-_SIZED_VIEWS = tuple(ops("view", "_unsafe_view", "reshape", "unflatten", "view_copy", "_reshape_alias"))
 
 
 @register_rule(*_VIEWS)
@@ -266,9 +265,10 @@ def _view(node: fx.Node, rc: RuleCtx) -> Decision:
     new = reshape_shard(rc.shape(x), sh, out_shape)
     if new is None:
         raise Break(f"reshape {list(rc.shape(x))} -> {list(out_shape)} splits the sharded dim {sh}")
-    if node.target.overloadpacket in _SIZED_VIEWS:  # type: ignore[union-attr]
-        return Decision(out=new, target=aten.reshape.default, args=(x, rc.local(out_shape, new)), kwargs={})
-    return Decision(out=new)
+    # Every view becomes a reshape to this rank's local sizes: size arguments are global, and
+    # size-dependent forms are wrong on a piece (``squeeze()`` would drop a sharded dim whose
+    # local size is 1).
+    return Decision(out=new, target=aten.reshape.default, args=(x, rc.local(out_shape, new)), kwargs={})
 
 
 @register_rule(*ops("expand"))
@@ -627,3 +627,58 @@ def _earlier_round_move(node: fx.Node, rc: RuleCtx) -> Decision:
             pieces = [sh.split[rc.rank]] * len(sizes)
             return Decision(out=replace(sh, outer=len(sizes)), args=(x, dim, 1, 1, pieces, group), kwargs={})
     raise Break("an earlier round's gather/slice on this round's sharded dim")
+
+
+def _op_dim(node: fx.Node, nd: int, default: int | None = -1) -> int | None:
+    d = schema_arg(node, "dim", default)
+    return None if d is None else norm_dim(int(d), nd)
+
+
+@register_rule(*ops("topk", "sort", "argsort", "kthvalue", "cummax", "cummin", "msort"))
+def _select_along(node: fx.Node, rc: RuleCtx) -> Decision:
+    """Selection, sorting and scans read every entry along their dim: exact on a shard only
+    when that dim is another one (a token-choice router's top-k over experts)."""
+    x, sh, nd = _only_input(node, rc)
+    packet = node.target.overloadpacket  # type: ignore[union-attr]
+    dim = 0 if packet is aten.msort else _op_dim(node, nd)
+    if dim == sh.dim:
+        raise Break(f"{packet.__name__} along the sharded dim")
+    out = sh
+    if packet is aten.kthvalue and not schema_arg(node, "keepdim", False):
+        out = sh.with_dim(sh.dim - (1 if dim is not None and dim < sh.dim else 0))
+    val = node.meta.get("val")
+    return Decision(out=tuple(out for _ in val) if isinstance(val, tuple | list) else out)
+
+
+@register_rule(*ops("gather", "scatter", "scatter_add", "scatter_reduce"))
+def _indexed(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``gather``/``scatter`` along ``dim`` pair the entries of data, index and source row by
+    row in every other dim: exact when all of them are cut the same way on a dim that is not
+    ``dim`` (a whole-size replicated operand is cut to match). An operand left whole would be
+    read at local row numbers, so it breaks."""
+    out_shape = rc.shape(node)
+    d = align_inputs(node, rc, out_shape)
+    sh = d.out
+    assert isinstance(sh, Shard)
+    if _op_dim(node, len(out_shape), None) == sh.dim:
+        raise Break(f"{node.target.overloadpacket.__name__} along the sharded dim")  # type: ignore[union-attr]
+    for a in tensor_args(node):
+        if len(rc.shape(a)) != len(out_shape):
+            raise Break("index or source of another rank")
+        if isinstance(rc.spec(a), Replicate) and a not in d.inputs:
+            raise Break("an index or source is not cut like the data")
+        if isinstance(rc.spec(a), Shard) and (rc.spec(a).outer, rc.spec(a).inner) != (sh.outer, sh.inner):  # type: ignore[union-attr]
+            raise Break("index or source cut differently")
+    return d
+
+
+@register_rule(*ops("index_select"))
+def _index_select(node: fx.Node, rc: RuleCtx) -> Decision:
+    """Rows picked along another dim than the sharded one; the (1-D) index whole."""
+    x, idx = node.args[0], node.args[2]
+    sh = rc.spec(x)
+    if not isinstance(sh, Shard) or not isinstance(rc.spec(idx), Replicate):
+        raise Break("index_select with a sharded index")
+    if norm_dim(int(node.args[1]), len(rc.shape(x))) == sh.dim:  # type: ignore[arg-type]
+        raise Break("index_select along the sharded dim")
+    return Decision(out=sh)
