@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xdit_compile.driver import PassContext, PassFn, PassResult
+from xdit_compile.passes.seed import graph_latent
 from xdit_compile.passes.sharding.placement import Shard, even_split
 from xdit_compile.runtime.reshard import slice_shard
 from xdit_compile.specialize import FakeRun
@@ -47,13 +48,14 @@ def _entry(ph: fx.Node) -> fx.Node:
     return users[0] if len(users) == 1 and users[0].target is slice_shard else ph
 
 
-def _batch_inputs(gm: fx.GraphModule) -> tuple[int, list[fx.Node]]:
+def _batch_inputs(gm: fx.GraphModule, name: str | None = None) -> tuple[int, list[fx.Node]]:
     """The latent's batch size and every input (or earlier round's piece) of that batch."""
     entries = [_entry(n) for n in gm.graph.find_nodes(op="placeholder")]
-    latent = next((n for n in entries if isinstance(v := n.meta.get("val"), torch.Tensor)
-                   and v.is_floating_point() and v.dim() >= 3), None)
-    if latent is None:
-        raise ValueError("no latent input found: batch parallelism splits dim 0 of hidden_states")
+    found = graph_latent(gm, name)
+    if found is None:
+        raise ValueError("no latent input found: batch parallelism splits dim 0 of hidden_states "
+                         "(name it with Plan(seed='name'))")
+    latent = _entry(found)
     batch = int(latent.meta["val"].shape[0])
     nodes = [n for n in entries if isinstance(v := n.meta.get("val"), torch.Tensor)
              and v.dim() >= 1 and int(v.shape[0]) == batch]
@@ -64,7 +66,7 @@ def seed_batch_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     degree = ctx.degree
     if degree == 1:
         return PassResult(gm, False)
-    batch, nodes = _batch_inputs(gm)
+    batch, nodes = _batch_inputs(gm, ctx.plan.seed)
     if batch < degree:
         what = ("CFG parallel needs both branches in one call (batch 2: [uncond, cond])"
                 if ctx.axis == "cfg" else "data parallel needs a batch of at least dp")

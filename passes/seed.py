@@ -14,27 +14,37 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from xdit_compile.driver import PassContext, PassResult
+from xdit_compile.latent import find_latent
 from xdit_compile.passes.sharding.placement import Shard, even_split
 from xdit_compile.runtime.reshard import slice_shard
 
-__all__ = ["seed_inputs_pass", "patch_stride"]
+__all__ = ["graph_latent", "seed_inputs_pass", "patch_stride"]
 
 _CONVS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
           "aten.convolution.default", "aten.conv2d.padding", "aten.conv3d.padding"}
 
 
-def _latent_input(gm: fx.GraphModule, piece: bool = False) -> fx.Node | None:
+def graph_latent(gm: fx.GraphModule, name: str | None = None) -> fx.Node | None:
+    """The latent input placeholder (:func:`xdit_compile.latent.find_latent`: the input the
+    output's shape follows; ``name`` is ``Plan.seed``)."""
+    phs = list(gm.graph.find_nodes(op="placeholder"))
+    outs = [a for a in pytree.tree_leaves(next(iter(gm.graph.find_nodes(op="output"))).args)
+            if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+    out_shape = tuple(int(s) for s in outs[0].meta["val"].shape) if outs else None
+    i = find_latent([(str(p.target), p.meta.get("val")) for p in phs], out_shape, name)
+    return phs[i] if i is not None else None
+
+
+def _latent_input(gm: fx.GraphModule, name: str | None, piece: bool = False) -> fx.Node | None:
     """The latent input; with ``piece``, the last of the local pieces earlier rounds cut of it
     (PipeFusion's patch, a CFG half), which the sequence axes cut further."""
-    for node in gm.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() >= 3:
-            while piece and len(node.users) == 1 and next(iter(node.users)).target is slice_shard:
-                node = next(iter(node.users))
-            return node
-    return None
+    node = graph_latent(gm, name)
+    while node is not None and piece and len(node.users) == 1 and next(iter(node.users)).target is slice_shard:
+        node = next(iter(node.users))
+    return node
 
 
 def patch_stride(node: fx.Node, dim_from_end: int, depth: int = 12) -> int:
@@ -59,13 +69,22 @@ def patch_stride(node: fx.Node, dim_from_end: int, depth: int = 12) -> int:
     return 1
 
 
-def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: int | None) -> tuple[int, int]:
+def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: int | None,
+                dim: int | None = None) -> tuple[int, int]:
+    """The token-grid dim to cut (outermost first, the next one where it has fewer token rows
+    than ``degree``; ``dim`` forces one) and its patch size."""
     nd = len(shape)
+    if dim is not None:
+        if not -nd <= dim < nd:
+            raise ValueError(f"Plan(seed_dim={dim}): the latent input has {nd} dims {list(shape)}")
+        dim %= nd
+        g = patch_stride(node, nd - dim)
+        return dim, g if shape[dim] % g == 0 else 1
     if nd == 3:
         return 1, 1
-    candidates = [2] if nd == 4 else [2, 3] if nd == 5 else [nd - 2]
+    candidates = [2, 3] if nd == 4 else [2, 3, 4] if nd == 5 else [nd - 2]
     if nd == 5 and channels is not None and shape[1] != channels and shape[2] == channels:
-        candidates = [1, 3]  # frames first: [B, F, C, H, W]
+        candidates = [1, 3, 4]  # frames first: [B, F, C, H, W]
     for dim in candidates:
         g = patch_stride(node, nd - dim)
         g = g if shape[dim] % g == 0 else 1
@@ -80,14 +99,15 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     degree = ctx.degree
     if degree == 1 and ctx.axis not in ctx.virtual:
         return PassResult(gm, False)
-    node = _latent_input(gm, piece=ctx.axis == "sp" and "patch_seed" in ctx.hints)
+    node = _latent_input(gm, ctx.plan.seed, piece=ctx.axis == "sp" and "patch_seed" in ctx.hints)
     if node is None:
         raise ValueError(
-            "no latent input found: sequence parallelism splits the first floating-point input "
-            "with >= 3 dims (hidden_states); pass it as a tensor"
+            "no latent input found: sequence parallelism splits the latent being denoised (a "
+            "floating-point input with >= 3 dims, hidden_states); pass it as a tensor, or name it "
+            "with Plan(seed='name')"
         )
     shape = tuple(int(s) for s in node.meta["val"].shape)
-    dim, g = _choose_dim(shape, node, degree, ctx.hints.get("channels"))
+    dim, g = _choose_dim(shape, node, degree, ctx.hints.get("channels"), ctx.plan.seed_dim)
     units = shape[dim] // g
     if units < degree:
         what = (f"{degree} PipeFusion patches need at least {degree}: use fewer patches"
@@ -100,7 +120,9 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         )
     split = even_split(units, degree, g)
     node.meta["xdit_seed"] = Shard(dim, split)
-    seed = {"input": node.name, "dim": dim, "patch": g, "split": split, "shape": shape}
+    arg = graph_latent(gm, ctx.plan.seed)
+    seed = {"input": node.name, "arg": str(arg.target) if arg is not None else node.name, "dim": dim,
+            "patch": g, "split": split, "shape": shape}
     if ctx.axis == "patch":
         ctx.hints["patch_seed"] = seed
     else:

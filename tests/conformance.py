@@ -56,7 +56,7 @@ UNDEFINED_VALUES = {"empty", "empty_like", "new_empty", "new_empty_strided", "dr
 # their values are undefined (``empty*``). Their rules stay for graphs captured other ways; the
 # conformance test checks this list is exact.
 UNCHECKED = {
-    "arange", "chunk", "contiguous", "dropout", "empty", "gelu_", "unflatten", "empty_like", "flatten", "full", "movedim", "new_empty",
+    "_prelu_kernel", "arange", "chunk", "contiguous", "dropout", "empty", "gelu_", "unflatten", "empty_like", "flatten", "full", "movedim", "new_empty",
     "new_empty_strided", "norm", "ones", "reshape", "scalar_tensor", "silu_", "swapaxes", "tensor_split",
     "to", "zeros",
 }
@@ -192,6 +192,7 @@ DIT_SAMPLES: dict[str, list[Sample]] = {
         (_g(1, 6, 2, 4), _g(6, 1, 2, 2, seed=1)))],
     "slice_scatter": [Sample("dit.rope_on_image_part", lambda q: torch.slice_scatter(q, q[:, 2:] * 2, 1, 2),
                              (_g(1, 8, 4),))],
+    "prelu": [Sample("dit.prelu_channels_like_tokens", lambda x, w: F.prelu(x, w), (_g(2, 4, 4), _g(4) - 0.5))],
     "dropout": [Sample("dit.dropout_eval", lambda x: F.dropout(x, 0.1, training=False), (_g(2, 6, 3),))],
 }
 

@@ -56,8 +56,32 @@ def _different_weights():
 def test_parameters_must_match_across_ranks(pools):
     from xdit_compile.testing import WorkerError
 
-    with pytest.raises(WorkerError, match="parameters differ between ranks .*pos_embed|weight"):
+    with pytest.raises(WorkerError, match=r"parameters differ between ranks .*(pos_embed|weight).*broadcast_weights=True"):
         pools(2).run(_different_weights, timeout=120)
+
+
+def _broadcast_then_run():
+    import torch.distributed as dist
+
+    from xdit_compile.models.zoo import example_inputs
+
+    model = build_model("dit-xl-2", seed=dist.get_rank())  # different on every rank
+    inputs = example_inputs("dit-xl-2", model, seed=0)
+    pm = xc.parallelize(model, xc.Plan(ring=2), broadcast_weights=True)
+    with torch.no_grad():
+        out = pm(**inputs)[0]
+    serial = build_model("dit-xl-2", seed=0)  # rank 0's weights
+    with torch.no_grad():
+        ref = serial(**inputs)[0]
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.dist
+def test_broadcast_weights_uses_rank_0s_weights(pools):
+    """Weights that differ by construction: rank 0's reach every rank, and the parallel output
+    equals rank 0's serial model (fp32, relative error < 1e-5)."""
+    errs = pools(2).run(_broadcast_then_run, timeout=180)
+    assert max(errs) < 1e-5
 
 
 def test_parallelize_needs_a_process_group():

@@ -272,6 +272,7 @@ def test_seed_chooses_the_token_grid_dim(
     assert node.meta["xdit_seed"] == Shard(dim, split)
     assert ctx.seed == {
         "input": "hidden_states",
+        "arg": "hidden_states",
         "dim": dim,
         "patch": patch,
         "split": split,
@@ -284,9 +285,52 @@ def test_seed_three_ranks_uneven() -> None:
     assert ctx.seed["split"] == (4, 4, 2)
 
 
+def test_seed_falls_back_to_the_next_token_grid_dim() -> None:
+    """One patch row (H = 2, patch 2) but four patch columns: W is cut."""
+    gm, ctx = _seed(_Embed(2), (1, 4, 2, 8))
+    assert (ctx.seed["dim"], ctx.seed["split"]) == (3, (4, 4))
+
+
 def test_seed_rejects_fewer_rows_than_ranks() -> None:
-    with pytest.raises(ValueError, match="has 1 token rows along dim 2"):
-        _seed(_Embed(2), (1, 4, 2, 8))
+    with pytest.raises(ValueError, match="has 1 token rows along dim 3"):
+        _seed(_Embed(2), (1, 4, 2, 2))
+
+
+class _TwoLatents(nn.Module):
+    """Extra vision tokens come first; the output follows ``hidden_states``' shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(4, 4, 2, stride=2)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+
+    def forward(self, vision: torch.Tensor, hidden_states_in: torch.Tensor) -> torch.Tensor:
+        return self.up(self.c(hidden_states_in)) + vision.mean()
+
+
+def _seed_plan(plan: Plan, module: nn.Module, **inputs: torch.Tensor) -> PassContext:
+    gm = capture(module, (), inputs)
+    ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="k"))
+    seed_inputs_pass(gm, ctx)
+    return ctx
+
+
+def test_seed_takes_the_input_the_output_follows() -> None:
+    ins = {"vision": torch.randn(1, 6, 8), "hidden_states_in": torch.randn(1, 4, 8, 8)}
+    ctx = _seed_plan(Plan(ulysses=2), _TwoLatents(), **ins)
+    assert (ctx.seed["arg"], ctx.seed["dim"], ctx.seed["patch"]) == ("hidden_states_in", 2, 2)
+
+
+def test_plan_seed_names_the_input_and_dim() -> None:
+    ins = {"vision": torch.randn(1, 6, 8), "hidden_states_in": torch.randn(1, 4, 8, 8)}
+    ctx = _seed_plan(Plan(ulysses=2, seed="vision"), _TwoLatents(), **ins)
+    assert (ctx.seed["arg"], ctx.seed["dim"]) == ("vision", 1)
+    ctx = _seed_plan(Plan(ulysses=2, seed="hidden_states_in", seed_dim=-1), _TwoLatents(), **ins)
+    assert (ctx.seed["dim"], ctx.seed["split"]) == (3, (4, 4))
+    with pytest.raises(ValueError, match=r"no tensor input of that name; its tensor inputs are \['vision'"):
+        _seed_plan(Plan(ulysses=2, seed="latents"), _TwoLatents(), **ins)
+    with pytest.raises(ValueError, match="seed names the latent"):
+        Plan(ulysses=2, seed="")
 
 
 def test_seed_single_rank_and_missing_latent() -> None:

@@ -123,6 +123,8 @@ class ParallelModule(torch.nn.Module):
         self._last: CompiledGraph | None = None
         self._pairs: CfgPairs | None = None
         self._stage_cut: Any = None
+        self._latent_name: str | None = plan.seed
+        """The latent input's name (``Plan.seed``, or what the first compile seeded)."""
         self.kv_state: DisplacedState | None = None
         """Displaced K/V of the current request (PipeFusion / DistriFusion plans only)."""
         if plan.distrifusion > 1 or plan.displaced_patches > 1:
@@ -156,7 +158,7 @@ class ParallelModule(torch.nn.Module):
     def _plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
         """The plan a call compiles with: without the cfg batch round when the batch cannot be
         cut over cfg (one branch per call, see :mod:`xdit_compile.cfg_pairs`)."""
-        if self.plan.cfg > 1 and latent_batch(args, kwargs) < self.plan.cfg:
+        if self.plan.cfg > 1 and latent_batch(args, kwargs, self.model.forward, self._latent_name) < self.plan.cfg:
             return replace(self.plan, cfg=1)
         return self.plan
 
@@ -166,6 +168,11 @@ class ParallelModule(torch.nn.Module):
         key = sig + probe(args, kwargs) if probe is not None else sig
         if key not in self._cache:
             gm = capture(self.model, args, kwargs)
+            if self._latent_name is None:  # later calls find the latent by the name seeded here
+                from xdit_compile.passes.seed import graph_latent
+
+                found = graph_latent(gm)
+                self._latent_name = str(found.target) if found is not None else None
             if sig not in self._probes:
                 self._probes[sig] = probe = find_data_dependence(gm)
             if probe is not None:
@@ -229,8 +236,9 @@ class ParallelModule(torch.nn.Module):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = latent(args, kwargs, self.model.forward, self._latent_name)
         if self.kv_state is not None:  # every call counts, also those CFG pairing skips here
-            self.kv_state.begin_call(latent(args, kwargs))
+            self.kv_state.begin_call(x)
         plan = self._plan_for(args, kwargs)
         if plan.cfg != self.plan.cfg:  # one CFG branch per call: pair the calls over cfg ranks
             if self.plan.cfg != 2:
@@ -238,7 +246,7 @@ class ParallelModule(torch.nn.Module):
                                  f"pairing calls needs cfg=2")
             if self._pairs is None:
                 self._pairs = CfgPairs(self.mesh.info.cfg_rank, self.mesh.group("cfg"))
-            return self._pairs.call(_PairRunner(self, plan), args, kwargs)
+            return self._pairs.call(_PairRunner(self, plan), args, kwargs, x)
         return self._run(args, kwargs, plan)
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], plan: Plan) -> Any:
@@ -320,20 +328,43 @@ def _check_same_parameters(model: torch.nn.Module) -> None:
         shown = ", ".join(sorted(bad)[:10])
         raise ValueError(
             f"parameters differ between ranks ({len(bad)}): {shown}. Build or load the model "
-            f"identically on every rank (e.g. torch.manual_seed before construction)"
+            f"identically on every rank (e.g. torch.manual_seed before construction), or pass "
+            f"broadcast_weights=True to parallelize to use rank 0's weights everywhere (some models "
+            f"create parameters with torch.empty, so equal seeds do not give equal weights)"
         )
 
 
-def parallelize(model: torch.nn.Module, plan: Plan) -> ParallelModule:
+def _broadcast_weights(model: torch.nn.Module) -> int:
+    """Copy rank 0's parameters and buffers into every rank's model, in place; returns the bytes
+    each rank received."""
+    if dist.get_world_size() == 1:
+        return 0
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = 0
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            buf = t.detach().to(device).contiguous()
+            dist.broadcast(buf, src=0)
+            if dist.get_rank() != 0:
+                t.copy_(buf.to(t.device))
+            total += buf.numel() * buf.element_size()
+    return total
+
+
+def parallelize(model: torch.nn.Module, plan: Plan, *, broadcast_weights: bool = False) -> ParallelModule:
     """Parallelize ``model`` with ``plan`` inside the initialized default process group.
 
     Returns a module with the model's call signature and outputs; outputs are gathered and
-    identical on every rank. Capture and compilation happen on the first call.
+    identical on every rank. Capture and compilation happen on the first call. Every rank must
+    hold the same weights (checked); ``broadcast_weights=True`` copies rank 0's to the others
+    first (for models that create parameters with ``torch.empty``).
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an xdit_compile.Plan, got {type(plan).__name__}")
     if isinstance(model, ParallelModule):
         raise TypeError("model is already parallelized")
     mesh = build_mesh(plan)
+    if broadcast_weights:
+        _broadcast_weights(model)
     _check_same_parameters(model)
     return ParallelModule(model, plan, mesh)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
+from xdit_compile.latent import call_inputs, find_latent
 from xdit_compile.runtime.collectives import count
 
 __all__ = ["CfgPairs", "latent", "latent_batch"]
@@ -36,23 +37,25 @@ __all__ = ["CfgPairs", "latent", "latent_batch"]
 logger = logging.getLogger(__name__)
 
 
-def latent(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return kwargs["hidden_states"]
-    for x in pytree.tree_leaves((args, kwargs)):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 3:
-            return x
-    return None
+def latent(args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any = None,
+           name: str | None = None) -> torch.Tensor | None:
+    """The call's latent input (:func:`xdit_compile.latent.find_latent`; ``forward`` names the
+    arguments, ``name`` is the one the compiled graph seeds or ``Plan.seed``)."""
+    cands = call_inputs(forward, args, kwargs)
+    if name is not None and name not in [n for n, _ in cands]:
+        name = None  # a graph-side name the call does not use: fall back to the default order
+    i = find_latent(cands, None, name)
+    return cands[i][1] if i is not None else None
 
 
-def latent_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+def latent_batch(args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any = None,
+                 name: str | None = None) -> int:
     """Batch size of the call's latent input (1 if there is none)."""
-    x = latent(args, kwargs)
+    x = latent(args, kwargs, forward, name)
     return int(x.shape[0]) if x is not None else 1
 
 
-def _identity(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    x = latent(args, kwargs)
+def _identity(x: torch.Tensor | None) -> tuple[Any, ...]:
     if x is None:
         return ()
     return (x.data_ptr(), x._version, tuple(x.shape), x.dtype)
@@ -72,9 +75,11 @@ class CfgPairs:
     kept: Any = None
     """The first call's output (rank 0) or placeholder (rank 1), until the second call."""
 
-    def call(self, run: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``run(args, kwargs)`` computes one call on this rank's sequence-parallel group."""
-        ident = _identity(args, kwargs)
+    def call(self, run: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             x: torch.Tensor | None = None) -> Any:
+        """``run(args, kwargs)`` computes one call on this rank's sequence-parallel group; ``x``
+        is the call's latent input."""
+        ident = _identity(x)
         if self.mode == "learn":
             self.seen.append(ident)
             if len(self.seen) == 2:

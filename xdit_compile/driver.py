@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.plan import Plan
+from xdit_compile.plan import OPTIONAL_PASSES, Plan
 from xdit_compile.runtime.mesh import MeshInfo
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Passes a plan may skip by name (the others are needed for a correct result).
-OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,9 @@ def transformer_names(pipe: Any) -> list[str]:
     return [k for k, v in comps.items() if k.startswith("transformer") and isinstance(v, torch.nn.Module)]
 
 
-def parallelize_pipeline(pipe: Any, plan: Plan) -> Any:
-    """Parallelize ``pipe``'s transformer(s) with ``plan`` in place; returns ``pipe``."""
+def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = False) -> Any:
+    """Parallelize ``pipe``'s transformer(s) with ``plan`` in place; returns ``pipe``
+    (``broadcast_weights``: see :func:`xdit_compile.parallelize`)."""
     names = transformer_names(pipe)
     if not names:
         raise ValueError(f"{type(pipe).__name__} has no transformer component to parallelize "
@@ -39,7 +40,7 @@ def parallelize_pipeline(pipe: Any, plan: Plan) -> Any:
         if not isinstance(module, ParallelModule):
             # Bypass diffusers' register_modules: the component stays registered as the model
             # class it was (save_pretrained of a parallel pipeline is not supported).
-            object.__setattr__(pipe, name, parallelize(module, plan))
+            object.__setattr__(pipe, name, parallelize(module, plan, broadcast_weights=broadcast_weights))
     if not isinstance(pipe, _Resetting):
         pipe.__class__ = _resetting_class(type(pipe))
     return pipe

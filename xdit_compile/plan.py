@@ -11,7 +11,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["MeshAxis", "Plan", "BUILT_AXES"]
+__all__ = ["MeshAxis", "Plan", "BUILT_AXES", "OPTIONAL_PASSES"]
 
 
 class MeshAxis(enum.StrEnum):
@@ -27,6 +27,9 @@ class MeshAxis(enum.StrEnum):
 
 #: Axes whose parallel method is implemented; a degree > 1 on any other axis is rejected.
 BUILT_AXES: tuple[MeshAxis, ...] = tuple(MeshAxis)
+
+#: Passes and rewrites a plan may switch off (``Plan.disable_passes``).
+OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows")
 
 _BACKENDS = (None, "eager", "inductor")
 
@@ -60,6 +63,14 @@ class Plan:
     with fresh K/V everywhere (exact), filling the displaced-K/V buffers."""
     stage_blocks: tuple[int, ...] = ()
     """PipeFusion: blocks per stage, in order (e.g. ``(10, 18)``); default: balanced by FLOPs."""
+    seed: str | None = None
+    """The latent input sequence parallelism cuts, by argument name (e.g. ``"hidden_states"``),
+    where the default choice is wrong: the input the output's shape follows, else the first
+    floating-point input with >= 3 dims (see :mod:`xdit_compile.latent`)."""
+    seed_dim: int | None = None
+    """The dim of the latent input to cut; default: its outermost token-grid dim with enough
+    token rows for the degree (``H`` of ``[B,C,H,W]``, falling back to ``W``; ``F``, ``H``, ``W``
+    of videos; ``S`` of packed ``[B,S,C]``)."""
     compile: str | None = None
     """Backend for the rewritten graph: None/"eager" (GraphModule) or "inductor" (torch.compile)."""
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
@@ -86,14 +97,17 @@ class Plan:
         if isinstance(self.disable_passes, str | list):
             names = (self.disable_passes,) if isinstance(self.disable_passes, str) else self.disable_passes
             object.__setattr__(self, "disable_passes", tuple(names))
-        from xdit_compile.driver import OPTIONAL_PASSES
-
         unknown = [p for p in self.disable_passes if p not in OPTIONAL_PASSES]
         if unknown:
             raise ValueError(
                 f"Plan.disable_passes: {unknown} cannot be disabled; optional passes are "
                 f"{list(OPTIONAL_PASSES)}"
             )
+
+        if self.seed is not None and (not isinstance(self.seed, str) or not self.seed):
+            raise ValueError(f"Plan.seed names the latent input (e.g. 'hidden_states'), got {self.seed!r}")
+        if self.seed_dim is not None and (not isinstance(self.seed_dim, int) or isinstance(self.seed_dim, bool)):
+            raise ValueError(f"Plan.seed_dim must be an integer dim of the latent input, got {self.seed_dim!r}")
 
     def _check_displaced(self) -> None:
         """PipeFusion / DistriFusion options; plans that cannot work are refused with the fix."""

@@ -126,7 +126,6 @@ _POINTWISE = ops(
     "hardtanh",
     "selu",
     "celu",
-    "prelu",
 )
 
 
@@ -166,11 +165,29 @@ def align_inputs(node: fx.Node, rc: RuleCtx, out_shape: tuple[int, ...]) -> Deci
 @register_rule(*_POINTWISE)
 def _pointwise(node: fx.Node, rc: RuleCtx) -> Decision:
     val = node.meta.get("val")
-    if isinstance(val, tuple | list):  # native_dropout: (out, mask)
-        d = align_inputs(node, rc, tuple(val[0].shape))
-        d.out = (d.out, d.out)
-        return d
-    return align_inputs(node, rc, rc.shape(node))
+    out = val[0] if isinstance(val, tuple | list) else val  # native_dropout: (out, mask)
+    if not isinstance(out, torch.Tensor):
+        raise Break("no tensor output")
+    shapes = [rc.shape(a) for a in tensor_args(node)]
+    if tuple(out.shape) != tuple(torch.broadcast_shapes(*shapes)):
+        # Not elementwise in this form (``where(cond)`` lists indices): no rule for it.
+        raise Break("output is not the broadcast of the inputs")
+    d = align_inputs(node, rc, tuple(out.shape))
+    if isinstance(val, tuple | list):
+        d.out = tuple(d.out for _ in val)
+    return d
+
+
+@register_rule(*ops("prelu", "_prelu_kernel"))
+def _prelu(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``prelu(x, w)``: one slope per channel, the channels on dim 1 (not right-aligned)."""
+    x, w = node.args[0], node.args[1]
+    sh = rc.spec(x)
+    if not isinstance(sh, Shard) or not isinstance(rc.spec(w), Replicate):
+        raise Break("prelu slope is sharded")
+    if sh.dim == 1 and rc.shape(w)[0] > 1:  # type: ignore[arg-type]
+        raise Break("prelu over sharded channels")
+    return Decision(out=sh)
 
 
 def reshape_shard(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ...]) -> Shard | None:
