@@ -16,17 +16,15 @@ the (remaining) batch into ``dp`` pieces. Outputs are gathered over the axis.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xdit_compile.driver import PassContext, PassFn, PassResult
+from xdit_compile.passes.fake import fake_run
 from xdit_compile.passes.seed import graph_latent
-from xdit_compile.passes.sharding.placement import Shard, even_split
+from xdit_compile.placement import Shard, even_split
 from xdit_compile.runtime.reshard import slice_shard
-from xdit_compile.specialize import FakeRun
 
 __all__ = ["on_axis", "restage_pass", "seed_batch_pass"]
 
@@ -79,26 +77,10 @@ def seed_batch_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, True)
 
 
-class _Restage(FakeRun):
-    """Fake-tensor propagation that rewrites every ``meta["val"]``."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.op != "output":
-            n.meta["val"] = out
-        return out
-
-
 def restage_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """After a batch round: shapes become this rank's; placements and seeds are cleared, so
     the next round starts from a graph whose shapes are its "global" ones."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = []
-    for ph in gm.graph.find_nodes(op="placeholder"):
-        val = ph.meta.get("val")
-        inputs.append(mode.from_tensor(val) if isinstance(val, torch.Tensor) else val)
-    with mode:
-        _Restage(gm).run(*inputs)
+    fake_run(gm, write=True)
     for n in gm.graph.nodes:
         for key in ("xdit_seed", "xdit_placement", "xdit_src", "xdit_dst"):
             n.meta.pop(key, None)

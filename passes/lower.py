@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from xdit_compile.driver import CollectiveSite, PassContext, PassResult
 from xdit_compile.passes.sharding.engine import redistribute
-from xdit_compile.passes.sharding.placement import Partial, Replicate, Shard, even_split
+from xdit_compile.placement import Partial, Replicate, Shard, even_split
 from xdit_compile.runtime.reshard import (
     all_reduce_bytes,
     all_reduce_sum,

@@ -34,7 +34,7 @@ import torch.fx as fx
 from xdit_compile.driver import CollectiveSite, PassContext, PassFn, PassResult
 from xdit_compile.passes.batch import on_axis, restage_pass
 from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, register_rule
-from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard
+from xdit_compile.placement import Placement, Replicate, Shard
 from xdit_compile.runtime import displaced as _rt_displaced  # noqa: F401  (registers xdit ops)
 from xdit_compile.runtime.attention import usp_comm_bytes
 

@@ -18,7 +18,9 @@ import torch.utils._pytree as pytree
 
 from xdit_compile.driver import PassContext, PassResult
 from xdit_compile.latent import find_latent
-from xdit_compile.passes.sharding.placement import Shard, even_split
+from xdit_compile.passes.sharding.engine import Break
+from xdit_compile.passes.sharding.rules_nn import conv_params
+from xdit_compile.placement import Shard, even_split
 from xdit_compile.runtime.reshard import slice_shard
 
 __all__ = ["graph_latent", "seed_inputs_pass", "patch_stride"]
@@ -58,12 +60,11 @@ def patch_stride(node: fx.Node, dim_from_end: int, depth: int = 12) -> int:
                     continue
                 seen.add(u)
                 if str(u.target) in _CONVS and u.args[0] is n:
-                    stride = u.args[3] if len(u.args) > 3 else 1
-                    w = u.args[1]
-                    nsp = len(w.meta["val"].shape) - 2  # type: ignore[union-attr]
-                    strides = [stride] * nsp if isinstance(stride, int) else list(stride)  # type: ignore[arg-type]
-                    strides = strides * nsp if len(strides) == 1 else strides
-                    return int(strides[-dim_from_end]) if dim_from_end <= nsp else 1
+                    try:
+                        stride, _, _, _ = conv_params(u)
+                    except Break:  # transposed or string-padded: not a patch embedding
+                        return 1
+                    return int(stride[-dim_from_end]) if dim_from_end <= len(stride) else 1
                 nxt.append(u)
         frontier = nxt
     return 1

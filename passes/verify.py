@@ -11,31 +11,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xdit_compile.driver import PassContext
+from xdit_compile.passes.fake import fake_run
 from xdit_compile.passes.sharding.engine import redistribute
-from xdit_compile.passes.sharding.placement import local_shape
-from xdit_compile.specialize import FakeRun
+from xdit_compile.placement import Partial, Replicate, Shard, local_shape
 
 __all__ = ["verify_local_shapes"]
-
-
-class _Checker(FakeRun):
-    def __init__(self, gm: fx.GraphModule, rank: int) -> None:
-        super().__init__(gm)
-        self.rank = rank
-        self.errors: list[str] = []
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        p = n.meta.get("xdit_placement")
-        glob = n.meta.get("xdit_shape")
-        if isinstance(out, torch.Tensor) and glob is not None and not isinstance(p, tuple):
-            want = local_shape(glob, p, self.rank)
-            if list(out.shape) != want:
-                self.errors.append(f"{n.format_node()}: local shape {list(out.shape)}, expected {want} ({p})")
-        return out
 
 
 def verify_local_shapes(gm: fx.GraphModule, ctx: PassContext, after: str = "") -> None:
@@ -44,13 +26,16 @@ def verify_local_shapes(gm: fx.GraphModule, ctx: PassContext, after: str = "") -
         return
     if gm.graph.find_nodes(op="call_function", target=redistribute):
         return  # markers are not executable before lowering
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = []
-    for ph in gm.graph.find_nodes(op="placeholder"):
-        val = ph.meta.get("val")
-        inputs.append(mode.from_tensor(val) if isinstance(val, torch.Tensor) else val)
-    checker = _Checker(gm, ctx.axis_rank)
-    with mode:
-        checker.run(*inputs)
-    if checker.errors:
-        raise AssertionError(f"local shapes wrong after {after}:\n" + "\n".join(checker.errors[:20]))
+    errors: list[str] = []
+
+    def check(n: fx.Node, out: Any) -> None:
+        p = n.meta.get("xdit_placement")
+        glob = n.meta.get("xdit_shape")
+        if isinstance(out, torch.Tensor) and glob is not None and not isinstance(p, tuple):
+            want = local_shape(glob, p if isinstance(p, Replicate | Shard | Partial) else Replicate(), ctx.axis_rank)
+            if list(out.shape) != want:
+                errors.append(f"{n.format_node()}: local shape {list(out.shape)}, expected {want} ({p})")
+
+    fake_run(gm, on_node=check)
+    if errors:
+        raise AssertionError(f"local shapes wrong after {after}:\n" + "\n".join(errors[:20]))

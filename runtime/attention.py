@@ -23,18 +23,20 @@ An optional replicated mask (broadcastable to ``[B, H, S, S]`` global) is sliced
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
 from xdit_compile.kernels.attention import attention_with_lse, merge_partial
-from xdit_compile.passes.sharding.placement import even_split
+from xdit_compile.placement import even_split
 from xdit_compile.runtime.collectives import all_gather, all_to_all, send_recv
 from xdit_compile.runtime.mesh import MeshInfo, ParallelMesh, get_mesh
 
 __all__ = ["usp_attention", "usp_comm_bytes"]
 
 
-def _offsets(split: list[int]) -> list[int]:
+def _offsets(split: Sequence[int]) -> list[int]:
     out = [0]
     for s in split:
         out.append(out[-1] + s)
@@ -66,8 +68,8 @@ def _ulysses_out(x: torch.Tensor, group_split: list[int], me: int, group: dist.P
     return heads.reshape(*lead, u * hu, s_me, d)
 
 
-def _ulysses_in_text(qh: torch.Tensor, qb: torch.Tensor, qt: torch.Tensor, group: list[int], hs: list[int],
-                     ts: list[int], me: int, ug: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ulysses_in_text(qh: torch.Tensor, qb: torch.Tensor, qt: torch.Tensor, group: list[int], hs: Sequence[int],
+                     ts: Sequence[int], me: int, ug: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_ulysses_in` of rows ``[text head piece, body, text tail piece]``: returns this
     rank's heads of the group's head pieces, body block and tail pieces, each in rank order."""
     sizes = [a + b + c for a, b, c in zip(hs, group, ts, strict=True)]

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
-from xdit_compile.passes.sharding.placement import Shard
+from xdit_compile.placement import Shard
 from xdit_compile.runtime.collectives import count
 from xdit_compile.runtime.displaced import DisplacedState
 from xdit_compile.runtime.mesh import ParallelMesh

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from xdit_compile.passes.sharding.placement import even_split, text_split
+from xdit_compile.placement import even_split, text_split
 from xdit_compile.runtime.collectives import send_recv
 from xdit_compile.runtime.mesh import get_mesh
 

@@ -39,7 +39,7 @@ from graph_harness import ALL_NO_SEED, RankRun, compile_for, reference  # noqa: 
 from xdit_compile.capture import capture  # noqa: E402
 from xdit_compile.passes.sharding import propagate  # noqa: E402,F401  (registers the rules)
 from xdit_compile.passes.sharding.engine import RULES, redistribute  # noqa: E402
-from xdit_compile.passes.sharding.placement import Shard, even_split  # noqa: E402
+from xdit_compile.placement import Shard, even_split  # noqa: E402
 from xdit_compile.plan import Plan  # noqa: E402
 
 __all__ = ["Sample", "Result", "rule_ops", "samples", "placements", "check_sample", "run_conformance"]

@@ -27,8 +27,8 @@ from xdit_compile.passes.attention import rewrite_attention_pass
 from xdit_compile.passes.canonicalize import canonicalize_graph_pass
 from xdit_compile.passes.lower import lower_collectives_pass
 from xdit_compile.passes.seed import seed_inputs_pass
-from xdit_compile.passes.sharding.placement import Partial, Shard, fmt
 from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
+from xdit_compile.placement import Partial, Shard, fmt
 from xdit_compile.plan import Plan
 from xdit_compile.runtime import reshard
 from xdit_compile.runtime.mesh import MeshInfo

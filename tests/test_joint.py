@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import xdit_compile as xc
-from xdit_compile.passes.sharding.placement import even_split
+from xdit_compile.placement import even_split
 from xdit_compile.runner import rel_error
 
 

@@ -46,8 +46,8 @@ from xdit_compile.passes.attention import rewrite_attention_pass
 from xdit_compile.passes.canonicalize import _einsum_permutation, canonicalize_graph_pass
 from xdit_compile.passes.seed import seed_inputs_pass
 from xdit_compile.passes.sharding.engine import redistribute
-from xdit_compile.passes.sharding.placement import Replicate, Shard
 from xdit_compile.passes.verify import verify_local_shapes
+from xdit_compile.placement import Replicate, Shard
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.mesh import MeshInfo
 from xdit_compile.runtime.reshard import gather_bytes, gather_shard, slice_shard

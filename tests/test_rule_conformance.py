@@ -23,7 +23,7 @@ from graph_harness import ALL_NO_SEED, compile_for
 from xdit_compile.capture import capture
 from xdit_compile.passes.sharding import engine
 from xdit_compile.passes.sharding.engine import Decision, RuleCtx
-from xdit_compile.passes.sharding.placement import Shard
+from xdit_compile.placement import Shard
 from xdit_compile.plan import Plan
 
 aten = torch.ops.aten

@@ -39,7 +39,8 @@ from xdit_compile.capture import capture
 from xdit_compile.driver import PassContext, PassFn, run_passes
 from xdit_compile.kernels.attention import attention_with_lse, backends, merge_partial
 from xdit_compile.passes.sharding.engine import redistribute
-from xdit_compile.passes.sharding.placement import (
+from xdit_compile.passes.sharding.rules_shape import reshape_shard
+from xdit_compile.placement import (
     Partial,
     Placement,
     Replicate,
@@ -47,7 +48,6 @@ from xdit_compile.passes.sharding.placement import (
     even_split,
     local_shape,
 )
-from xdit_compile.passes.sharding.rules_shape import reshape_shard
 from xdit_compile.plan import Plan
 from xdit_compile.runtime import reshard
 from xdit_compile.runtime.mesh import MeshInfo

@@ -187,7 +187,7 @@ def run_passes(
 
 def _readable(gm: fx.GraphModule) -> str:
     """The graph's code with each node's placement and the pass that created it."""
-    from xdit_compile.passes.sharding.placement import fmt
+    from xdit_compile.placement import fmt
 
     lines = []
     for n in gm.graph.nodes:

@@ -22,7 +22,6 @@ import torch.utils._pytree as pytree
 
 from xdit_compile.driver import CollectiveSite, PassContext, PassFn, run_passes
 from xdit_compile.passes.flops import block_flops, node_flops
-from xdit_compile.passes.sharding.placement import Shard
 from xdit_compile.passes.stages import (
     Piece,
     StageCut,
@@ -32,6 +31,7 @@ from xdit_compile.passes.stages import (
     extract_piece,
     extract_prologue,
 )
+from xdit_compile.placement import Shard
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.displaced import DisplacedState
 from xdit_compile.runtime.mesh import ParallelMesh

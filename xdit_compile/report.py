@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from xdit_compile.driver import CollectiveSite, PassStat, ShardingBreak
 from xdit_compile.passes.flops import node_flops
-from xdit_compile.passes.sharding.placement import Shard
+from xdit_compile.placement import Shard
 
 __all__ = ["Report", "build_report", "estimate_flops"]
 

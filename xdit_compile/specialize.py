@@ -24,13 +24,10 @@ import sympy
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensorMode,
-)
 
-__all__ = ["FakeRun", "Probe", "SpecializationMismatch", "find_data_dependence", "specialize_graph"]
+from xdit_compile.passes.fake import fake_run
+
+__all__ = ["Probe", "SpecializationMismatch", "find_data_dependence", "specialize_graph"]
 
 
 class SpecializationMismatch(RuntimeError):
@@ -153,43 +150,5 @@ def specialize_graph(
             if n.args[0] is False:
                 raise ValueError(f"runtime assertion fails for the probed sizes {values}: {n.args[1]}")
             graph.erase_node(n)
-    _propagate_static(gm, static, example)
+    fake_run(gm, example, static=static, write=True)
     gm.recompile()
-
-
-class _StaticProp(fx.Interpreter):
-    """Fake-tensor propagation that replaces every ``meta["val"]`` with static shapes; the
-    data-dependent producers get their probed shapes."""
-
-    def __init__(self, gm: fx.GraphModule, static: dict[fx.Node, list[int]]) -> None:
-        super().__init__(gm)
-        self.static = static
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n in self.static:
-            val = n.meta["val"]
-            out: Any = torch.empty(self.static[n], dtype=val.dtype, device=val.device)
-        else:
-            out = super().run_node(n)
-        if n.op != "output":
-            n.meta["val"] = out
-        return out
-
-
-def _propagate_static(gm: fx.GraphModule, static: dict[fx.Node, list[int]], example: tuple[Any, ...]) -> None:
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example]
-        _StaticProp(gm, static).run(*fakes)
-
-
-class FakeRun(fx.Interpreter):
-    """Runs a graph on fake tensors; a data-dependent op (``nonzero``) that fake tensors cannot
-    size gets the static shape a specialized graph recorded in its metadata."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            return super().run_node(n)
-        except (DynamicOutputShapeException, DataDependentOutputException):
-            val = n.meta["val"]
-            return torch.empty(val.shape, dtype=val.dtype, device=val.device)

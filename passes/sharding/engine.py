@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.passes.sharding.placement import (
+from xdit_compile.placement import (
     Partial,
     Placement,
     Replicate,

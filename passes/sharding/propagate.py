@@ -37,7 +37,7 @@ from xdit_compile.passes.sharding.engine import (
     redistribute,
     tensor_args,
 )
-from xdit_compile.passes.sharding.placement import Partial, Placement, Replicate, Shard
+from xdit_compile.placement import Partial, Placement, Replicate, Shard
 
 __all__ = ["propagate_sharding_pass", "source_line"]
 

@@ -24,13 +24,13 @@ from xdit_compile.passes.sharding.engine import (
     ops,
     register_rule,
 )
-from xdit_compile.passes.sharding.placement import Partial, Placement, Replicate, Shard
 from xdit_compile.passes.sharding.rules_shape import align_inputs
+from xdit_compile.placement import Partial, Placement, Replicate, Shard
 
 aten = torch.ops.aten
 R = Replicate()
 
-__all__: list[str] = []
+__all__ = ["conv_params"]
 
 
 @register_rule(*ops("linear"))
@@ -140,7 +140,7 @@ def _group_norm(node: fx.Node, rc: RuleCtx) -> Decision:
     return Decision(out=tuple(sh for _ in val) if isinstance(val, tuple | list) else sh)
 
 
-def _conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
+def conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
     """(stride, padding, dilation, groups) of conv{1,2,3}d / convolution, as lists per spatial dim."""
     args = list(node.args)
     w = node.args[1]
@@ -182,7 +182,7 @@ def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
         raise Break("conv contracts the sharded channel dim")
     if sh.outer != 1 or sh.inner != 1 or sh.joint:
         raise Break("conv on a merged or joint sharded dim")
-    stride, padding, dilation, _ = _conv_params(node)
+    stride, padding, dilation, _ = conv_params(node)
     i = sh.dim - 2
     k = int(w.meta["val"].shape[sh.dim])
     if k == stride[i] and padding[i] == 0 and sh.divisible(stride[i]):

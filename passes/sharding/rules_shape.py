@@ -24,7 +24,7 @@ from xdit_compile.passes.sharding.engine import (
     register_rule,
     tensor_args,
 )
-from xdit_compile.passes.sharding.placement import Placement, Replicate, Shard, text_split
+from xdit_compile.placement import Placement, Replicate, Shard, text_split
 from xdit_compile.runtime.reshard import gather_shard, slice_shard
 
 aten = torch.ops.aten

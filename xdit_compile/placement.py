@@ -1,5 +1,8 @@
 """Placements: how a tensor of the global graph is laid out over the sequence-parallel ranks.
 
+Shared vocabulary of ``passes`` (which decide placements) and ``runtime`` (which moves data by
+them): it imports neither.
+
 ``Replicate()``: every rank holds the whole tensor.
 ``Partial()``: pending sum over ranks (all-reduced where a consumer needs the value).
 ``Shard(dim, split, outer, inner)``: dimension ``dim`` is viewed as ``[outer, N, inner]`` and the
