@@ -169,6 +169,9 @@ DIT_SAMPLES: dict[str, list[Sample]] = {
                (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1), _g(1, 2, 6, 4, seed=2))),
         Sample("dit.sdpa_cross", lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
                (_g(1, 2, 6, 4), _g(1, 2, 3, 4, seed=1), _g(1, 2, 3, 4, seed=2))),
+        Sample("dit.sdpa_frames_joint", lambda t, x: F.scaled_dot_product_attention(
+            *[torch.cat([t, x.flatten(1, 2)], 1).unflatten(-1, (2, 2)).transpose(1, 2)] * 3),
+            (_g(1, 3, 4), _g(1, 2, 6, 4))),
         Sample("dit.sdpa_mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
                (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1), _g(1, 2, 6, 4, seed=2), _g(1, 1, 6, 6, seed=3))),
     ],
@@ -182,7 +185,13 @@ DIT_SAMPLES: dict[str, list[Sample]] = {
     "group_norm": [Sample("dit.group_norm", lambda x: F.group_norm(x, 2), (_g(2, 4, 6, 4),))],
     "embedding": [Sample("dit.embedding", lambda i, w: F.embedding(i, w),
                          (torch.tensor([[0, 3, 1, 2], [2, 2, 0, 1]]), _g(4, 5)))],
-    "cat": [Sample("dit.cat_text_image", lambda t, x: torch.cat([t, x], 1), (_g(1, 3, 4), _g(1, 6, 4)))],
+    # Fewer frames than ranks: rows of every frame on each rank (a shard merged with the frame
+    # dim), joined to text rows and attended over.
+    "cat": [Sample("dit.cat_text_image", lambda t, x: torch.cat([t, x], 1), (_g(1, 3, 4), _g(1, 6, 4))),
+            Sample("dit.cat_text_frames", lambda t, x: torch.cat([t, x.flatten(1, 2)], 1),
+                   (_g(1, 3, 4), _g(1, 2, 6, 4)))],
+    "split_with_sizes": [Sample("dit.split_text_frames", lambda t, x: torch.cat([t, x.flatten(1, 2)], 1).split(
+        [3, 12], 1)[1] * 2, (_g(1, 3, 4), _g(1, 2, 6, 4)))],
     "matmul": [Sample("dit.matmul_qk", lambda q, k: q @ k.transpose(-1, -2), (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1)))],
     "bmm": [Sample("dit.bmm_contract", lambda a, b: torch.bmm(a.transpose(1, 2), b), (_g(2, 6, 3), _g(2, 6, 4)))],
     "repeat_interleave": [Sample("dit.repeat_interleave", lambda x: x.repeat_interleave(2, dim=0), (_g(2, 6, 3),))],

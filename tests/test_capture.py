@@ -61,3 +61,29 @@ def test_data_dependent_shapes_are_named_with_their_line():
     ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0))
     with pytest.raises(ValueError, match=r"data-dependent shape.*test_capture.py.*nonzero"):
         run_passes(gm, build_passes(plan), ctx)
+
+
+class _CachedTable(torch.nn.Module):
+    """A positional table computed for the input's size and kept on the module (a cache), and
+    a joint table written through ``.data`` (CogVideoX's patch embedding at a new size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "pos", None) is None or self.pos.shape[1] != x.shape[1]:
+            self.register_buffer("pos", torch.arange(x.shape[1], dtype=x.dtype)[None, :, None].sin(), persistent=False)
+        joint = x.new_zeros(1, x.shape[1] + 2, x.shape[2])
+        joint.data[:, 2:].copy_(self.pos.expand_as(x))
+        return self.lin(x + self.pos) + joint[:, 2:]
+
+
+def test_capture_copes_with_tables_cached_on_the_model() -> None:
+    m, x = _CachedTable(), torch.randn(1, 6, 4)
+    gm = capture(m, (x,), {})
+    x_before = x.clone()
+    got = gm(x)
+    assert torch.equal(x, x_before)  # the graph does not write to its input
+    torch.testing.assert_close(got, m(x))
+    assert all(not isinstance(b, torch._subclasses.FakeTensor) for b in m.buffers())

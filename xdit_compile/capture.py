@@ -10,8 +10,10 @@ signature is a new capture.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,24 +42,93 @@ def _summary(exc: BaseException) -> str:
     return lines[0][:400] if lines else type(exc).__name__
 
 
+@contextlib.contextmanager
+def _data_as_detach() -> Iterator[None]:
+    """``x.data`` read as ``x.detach()`` while tracing: the same values without autograd
+    (capture runs under ``no_grad``), but a traced op export can follow. Writes through ``.data``
+    (``pos.data[:, T:].copy_(emb)``, CogVideoX's positional table) become functional updates."""
+    base = torch._C.TensorBase.data
+    torch.Tensor.data = property(lambda self: self.detach(), lambda self, v: base.__set__(self, v))  # type: ignore[method-assign,assignment,attr-defined]
+    try:
+        yield
+    finally:
+        del torch.Tensor.data
+
+
+def _snapshot(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    return [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters)) for m in model.modules()]
+
+
+def _changed_attributes(snap: list[Any]) -> list[str]:
+    """Tensor attributes the forward set on its modules (``self.cache = tensor``), by name."""
+    names = {id(m): n for n, m in snap[0][0].named_modules()} if snap else {}
+    out = []
+    for m, attrs, bufs, _ in snap:
+        for k, v in list(m.__dict__.items()) + list(m._buffers.items()):
+            before = attrs.get(k, bufs.get(k))
+            if isinstance(v, torch.Tensor) and v is not before:
+                out.append(f"{names.get(id(m), '?')}.{k}".lstrip("."))
+    return out
+
+
+def _restore(snap: list[Any]) -> None:
+    """Undo attributes a failed trace left on the modules (fake tensors in caches)."""
+    for m, attrs, bufs, params in snap:
+        for k in set(m.__dict__) - set(attrs):
+            del m.__dict__[k]
+        m.__dict__.update(attrs)
+        m._buffers.clear()
+        m._buffers.update(bufs)
+        m._parameters.clear()
+        m._parameters.update(params)
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], strict: bool) -> fx.GraphModule:
+    with torch.no_grad(), _data_as_detach():
+        ep = torch.export.export(model, args, kwargs, strict=strict)
+        ep = ep.run_decompositions({})
+    gm = ep.module()
+    assert isinstance(gm, fx.GraphModule)
+    return gm
+
+
 def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
-    """Export ``model(*args, **kwargs)``; returns a GraphModule taking the same arguments."""
+    """Export ``model(*args, **kwargs)``; returns a GraphModule taking the same arguments.
+
+    A forward that stores tensors on its modules (``self.pos = table`` or ``register_buffer`` for
+    a new input size) cannot be traced faithfully: the stored values are fake, and export may
+    even turn the store into a write to an input. Such a trace is discarded (the model is left as
+    it was), the model runs once eagerly to fill its caches with real tensors, and the capture is
+    tried again; a forward that stores tensors on every call is refused, naming them.
+    """
     errors: list[str] = []
-    for strict in (False, True):
+    stored: list[str] = []
+    for attempt in ("non-strict", "after an eager call that fills the model's caches", "strict"):
+        if attempt.startswith("after") and not stored:
+            continue
+        if attempt == "strict" and stored:
+            break
         try:
-            with torch.no_grad():
-                ep = torch.export.export(model, args, kwargs, strict=strict)
-                ep = ep.run_decompositions({})
-            gm = ep.module()
-            assert isinstance(gm, fx.GraphModule)
-            if strict:
-                logger.info("captured %s with strict export", type(model).__name__)
+            if attempt.startswith("after"):
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            snap = _snapshot(model)
+            try:
+                gm = _export(model, args, kwargs, strict=attempt == "strict")
+            finally:  # tracing may leave fake tensors on the modules: the model stays as it was
+                changed = _changed_attributes(snap)
+                stored = stored or changed
+                _restore(snap)
+            if changed:
+                stored = changed
+                raise RuntimeError(f"the forward stores tensors on the model: {', '.join(changed[:5])}")
+            if attempt != "non-strict":
+                logger.info("captured %s %s", type(model).__name__, attempt)
             return gm
         except Exception as e:  # noqa: BLE001  (export raises many kinds; we report them all)
-            mode = "strict" if strict else "non-strict"
-            errors.append(f"  {mode} export: {type(e).__name__}: {_summary(e)}\n    at {_user_frame(e)}")
-            logger.debug("%s export failed", mode, exc_info=True)
-    raise CaptureError(
-        f"could not capture {type(model).__name__} as one graph:\n" + "\n".join(errors)
-        + "\nRemove data-dependent Python control flow at that line, or report the op."
-    )
+            errors.append(f"  {attempt} export: {type(e).__name__}: {_summary(e)}\n    at {_user_frame(e)}")
+            logger.debug("%s export failed", attempt, exc_info=True)
+    hint = ("\nThe forward stores tensors on the model (" + ", ".join(stored[:5]) + ") on every call: "
+            "compute them in __init__ (register a buffer there), or pass them as inputs."
+            if stored else "\nRemove data-dependent Python control flow at that line, or report the op.")
+    raise CaptureError(f"could not capture {type(model).__name__} as one graph:\n" + "\n".join(errors) + hint)

@@ -44,9 +44,9 @@ class Shard:
     outer: int = 1
     inner: int = 1
     head: int = 0
-    """Replicated rows before the sharded body (only with ``outer == 1``)."""
+    """Replicated rows before the sharded body (which may be merged: ``outer``/``inner``)."""
     tail: int = 0
-    """Replicated rows after the sharded body (only with ``outer == 1``)."""
+    """Replicated rows after the sharded body."""
     text: bool = False
     """Head/tail rows (or, with neither, all rows) are text rows cut evenly over the ranks."""
     text_to: int = -1

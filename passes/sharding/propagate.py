@@ -64,6 +64,7 @@ def source_line(node: fx.Node) -> str:
 
 
 _LINEAR = (aten.linear.default,)
+_STRIDED_VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
 def attention_projections(gm: fx.GraphModule, limit: int = 200) -> set[fx.Node]:
@@ -153,6 +154,11 @@ class _Propagator:
     def _call(self, node: fx.Node) -> None:
         if node.target is redistribute:
             return
+        if node.target in _STRIDED_VIEWS:
+            # A view needs strides it can reinterpret; a gathered or sliced input may have
+            # others than the captured one, so every view becomes a reshape (the graph is
+            # functional: copying where a view is impossible changes nothing).
+            node.target = aten.reshape.default
         ins = tensor_args(node)
         for a in ins:
             if isinstance(self.rc.spec(a), Partial):  # consumers see the summed value

@@ -210,8 +210,9 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     wants: dict[fx.Node, Placement] = {}
     if isinstance(mask, fx.Node) and not isinstance(rc.spec(mask), Replicate):
         wants[mask] = R
-    if not isinstance(pq, Shard) or pq.dim != nd - 2 or pq.outer != 1 or pq.inner != 1:
+    if not isinstance(pq, Shard) or pq.dim != nd - 2:
         raise Break("attention with a sharded head or feature dim")
+    merged = (pq.outer, pq.inner) != (1, 1)  # e.g. rows of every frame: [F, rows/N, W] per rank
     if isinstance(pk, Replicate) and isinstance(pv, Replicate):
         if is_causal:  # the causal mask depends on each query row's global position
             raise Break("causal attention with sharded query rows")
@@ -231,6 +232,10 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
         )
     if pq.text and not pq.joint:
         raise Break("attention over text rows only")
+    if merged and mask is not None:
+        # Without a mask, attention does not depend on the order of the keys, so a rank's rows
+        # need not be contiguous in the sequence; a mask addresses keys by position.
+        raise Break("attention mask with a sequence shard merged with another dim")
     # Query text rows may come cut (``text=True``: Ulysses sends them with the image rows, Ring
     # keeps its own); K/V text rows must be whole on every rank: text K/V are never sent.
     # With text rows owned by one rank (``text_to``, PipeFusion's patches), K/V may hold them
@@ -247,7 +252,8 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     shard_text = pq.joint and "shard_text_rows" not in rc.options.get("disabled", ())
     if pq.text and not shard_text:
         wants[q] = whole  # type: ignore[index]
-    meta = {"xdit_attention": "usp", "xdit_split": pq.split, "xdit_joint": (pq.head, pq.tail),
+    rows = tuple(s * pq.outer * pq.inner for s in pq.split)  # each rank's local rows
+    meta = {"xdit_attention": "usp", "xdit_split": rows, "xdit_joint": (pq.head, pq.tail),
             "xdit_shard_text": shard_text, "xdit_q_text_cut": pq.text and shard_text}
     out = replace(pq, text=shard_text, text_to=owner if shard_text else -1)
     return Decision(out=out, inputs=wants, meta=meta)

@@ -239,9 +239,8 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
     replicated (with ``text``, only the whole head or tail, which stays cut evenly); one from a
     boundary to a boundary keeps the body sharded; others cut the body.
     """
-    if sh.outer != 1:
-        return (sh, 0, sh.local_size(rank)) if (start, end) == (0, sh.total) else None
-    body, mine = sum(sh.split), sh.split[rank]
+    unit = sh.outer * sh.inner  # a merged body (rows of every frame) is cut only as a whole
+    body, mine = unit * sum(sh.split), unit * sh.split[rank]
     head_end, tail_start = sh.head, sh.head + body
     my_head, my_tail = sh.text_rows(rank)
     n = len(sh.split)
@@ -264,7 +263,7 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
         local_start = 0 if start == 0 else my_head
         local_end = my_head + mine + (my_tail if end == sh.total else 0)
         text = sh.text and bool(head or tail)
-        return Shard(sh.dim, sh.split, head=head, tail=tail, text=text, text_to=sh.text_to if text else -1), \
+        return replace(sh, head=head, tail=tail, text=text, text_to=sh.text_to if text else -1), \
             local_start, local_end
     return None
 
@@ -355,8 +354,6 @@ def _cat_sharded_dim(node: fx.Node, rc: RuleCtx, dim: int) -> Decision:
     i = bodies[0]
     sh = specs[i]
     assert isinstance(sh, Shard)
-    if sh.outer != 1:
-        raise Break("concatenation along a merged sharded dim")
     before = sum(rc.shape(t)[dim] for t in tensors[:i])
     after = sum(rc.shape(t)[dim] for t in tensors[i + 1:])
     texts = [j for j, p in enumerate(specs) if j != i and isinstance(p, Shard)]
@@ -366,12 +363,13 @@ def _cat_sharded_dim(node: fx.Node, rc: RuleCtx, dim: int) -> Decision:
         and p.split == text_split(rc.shape(t)[dim], n, owner)
         for j, (t, p) in enumerate(zip(tensors, specs, strict=True)) if j != i
     ):
-        return Decision(out=Shard(dim, sh.split, head=before, tail=after, text=True, text_to=owner))
+        return Decision(out=replace(sh, dim=dim, head=before, tail=after, text=True, text_to=owner))
     # Mixed or several text pieces: gather the sharded text rows, keep the text replicated.
     wants: dict[fx.Node, Placement] = {tensors[j]: R for j in texts}
     if sh.text:
         wants[tensors[i]] = replace(sh, text=False)
-    return Decision(out=Shard(dim, sh.split, head=sh.head + before, tail=sh.tail + after), inputs=wants)
+    return Decision(out=replace(sh, dim=dim, head=sh.head + before, tail=sh.tail + after, text=False, text_to=-1),
+                    inputs=wants)
 
 
 @register_rule(*ops("stack"))
