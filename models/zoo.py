@@ -32,6 +32,7 @@ from .inputs import (
     sana_inputs,
 )
 from .zoo_joint import JOINT_ENTRIES
+from .zoo_more import MORE_ENTRIES
 
 __all__ = [
     "SIZES",
@@ -320,12 +321,14 @@ _ENTRIES: tuple[ZooEntry, ...] = (
 )
 
 # Cross-attention DiTs first, then the joint text+image/video attention DiTs of zoo_joint.py.
-_REGISTRY: dict[str, ZooEntry] = {entry.name: entry for entry in (*_ENTRIES, *JOINT_ENTRIES)}
+# Then the coverage entries of zoo_more.py (not in the default list).
+_REGISTRY: dict[str, ZooEntry] = {entry.name: entry for entry in (*_ENTRIES, *JOINT_ENTRIES, *MORE_ENTRIES)}
 
 
-def list_models() -> list[str]:
-    """Names of all zoo models, in registry order."""
-    return list(_REGISTRY)
+def list_models(coverage: bool = False) -> list[str]:
+    """Names of the zoo models, in registry order; with ``coverage``, also the coverage entries
+    (more diffusers classes with configs of our own, see ``zoo_more.py``)."""
+    return [n for n, e in _REGISTRY.items() if coverage or e.group == "zoo"]
 
 
 def get_entry(name: str) -> ZooEntry:

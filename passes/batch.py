@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from xdit_compile.driver import PassContext, PassFn, PassResult
+from xdit_compile.latent import SeedError
 from xdit_compile.passes.fake import fake_run
 from xdit_compile.passes.seed import graph_latent
 from xdit_compile.placement import Shard, even_split
@@ -51,7 +52,7 @@ def _batch_inputs(gm: fx.GraphModule, name: str | None = None) -> tuple[int, lis
     entries = [_entry(n) for n in gm.graph.find_nodes(op="placeholder")]
     found = graph_latent(gm, name)
     if found is None:
-        raise ValueError("no latent input found: batch parallelism splits dim 0 of hidden_states "
+        raise SeedError("no latent input found: batch parallelism splits dim 0 of hidden_states "
                          "(name it with Plan(seed='name'))")
     latent = _entry(found)
     batch = int(latent.meta["val"].shape[0])
@@ -68,7 +69,7 @@ def seed_batch_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if batch < degree:
         what = ("CFG parallel needs both branches in one call (batch 2: [uncond, cond])"
                 if ctx.axis == "cfg" else "data parallel needs a batch of at least dp")
-        raise ValueError(f"the latent batch is {batch}, {ctx.axis}={degree} cannot split it: {what}")
+        raise SeedError(f"the latent batch is {batch}, {ctx.axis}={degree} cannot split it: {what}")
     split = even_split(batch, degree)
     for n in nodes:
         n.meta["xdit_seed"] = Shard(0, split)

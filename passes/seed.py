@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from xdit_compile.driver import PassContext, PassResult
-from xdit_compile.latent import find_latent
+from xdit_compile.latent import SeedError, find_latent
 from xdit_compile.passes.sharding.engine import Break
 from xdit_compile.passes.sharding.rules_nn import conv_params
 from xdit_compile.placement import Shard, even_split
@@ -94,6 +94,47 @@ def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: in
     raise AssertionError("unreachable")
 
 
+def _ambiguous_video(shape: tuple[int, ...], channels: int | None) -> bool:
+    """``[B, C, F, H, W]`` or ``[B, F, C, H, W]``: the config's channel count does not tell
+    (both dims have that size, or neither does)."""
+    return len(shape) == 5 and (channels is None or (shape[1] == channels) == (shape[2] == channels))
+
+
+def _trial_breaks(gm: fx.GraphModule, ctx: PassContext, name: str, shard: Shard) -> int:
+    """Sharding breaks of propagating ``shard`` of input ``name`` (on a copy of the graph)."""
+    import copy
+    from dataclasses import replace as dc_replace
+
+    from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
+
+    trial = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    node = next(n for n in trial.graph.nodes if n.name == name)
+    node.meta["xdit_seed"] = shard
+    tctx = dc_replace(ctx, breaks=[], collectives=[], stats=[], graphs={}, seed={}, hints=dict(ctx.hints))
+    propagate_sharding_pass(trial, tctx)
+    return len(tctx.breaks)
+
+
+def _video_dim(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, shape: tuple[int, ...],
+               degree: int) -> tuple[int, int]:
+    """Frames-first or channels-first, decided by propagation: of the token-grid dims with
+    enough rows (dim 1 or 2 as frames, then H, W), the one whose cut breaks least."""
+    best: tuple[int, int, int] | None = None
+    for dim in (2, 1, 3, 4):
+        g = patch_stride(node, 5 - dim)
+        g = g if shape[dim] % g == 0 else 1
+        if shape[dim] // g < degree:
+            continue
+        n = _trial_breaks(gm, ctx, node.name, Shard(dim, even_split(shape[dim] // g, degree, g)))
+        if best is None or n < best[0]:
+            best = (n, dim, g)
+        if n == 0:
+            break
+    if best is None:
+        return _choose_dim(shape, node, degree, None)
+    return best[1], best[2]
+
+
 def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Seed the latent on the current axis: the sequence axes, or PipeFusion's virtual ``patch``
     axis (which seeds even with one patch: the warmup graph runs the whole sequence as one)."""
@@ -102,20 +143,24 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False)
     node = _latent_input(gm, ctx.plan.seed, piece=ctx.axis == "sp" and "patch_seed" in ctx.hints)
     if node is None:
-        raise ValueError(
+        raise SeedError(
             "no latent input found: sequence parallelism splits the latent being denoised (a "
             "floating-point input with >= 3 dims, hidden_states); pass it as a tensor, or name it "
             "with Plan(seed='name')"
         )
     shape = tuple(int(s) for s in node.meta["val"].shape)
-    dim, g = _choose_dim(shape, node, degree, ctx.hints.get("channels"), ctx.plan.seed_dim)
+    channels = ctx.hints.get("channels")
+    if ctx.plan.seed_dim is None and _ambiguous_video(shape, channels) and node.op == "placeholder":
+        dim, g = _video_dim(gm, ctx, node, shape, degree)
+    else:
+        dim, g = _choose_dim(shape, node, degree, channels, ctx.plan.seed_dim)
     units = shape[dim] // g
     if units < degree:
         what = (f"{degree} PipeFusion patches need at least {degree}: use fewer patches"
                 if ctx.axis == "patch" else
                 f"sequence parallel degree {degree} needs at least {degree}: use a larger "
                 f"resolution or a smaller ulysses x ring")
-        raise ValueError(
+        raise SeedError(
             f"input {node.name} has {units} token rows along dim {dim} (size {shape[dim]}, patch "
             f"{g}); {what}"
         )

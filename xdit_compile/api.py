@@ -20,9 +20,10 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
-from xdit_compile.capture import capture
+from xdit_compile.capture import CaptureError, capture
 from xdit_compile.cfg_pairs import CfgPairs, latent, latent_batch
 from xdit_compile.driver import PassContext, PassFn, run_passes
+from xdit_compile.latent import SeedError
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.collectives import count
 from xdit_compile.runtime.displaced import DisplacedState, new_state
@@ -32,6 +33,10 @@ from xdit_compile.specialize import Probe, find_data_dependence, specialize_grap
 __all__ = ["CompiledGraph", "ParallelModule", "build_passes", "init_distributed", "parallelize"]
 
 logger = logging.getLogger(__name__)
+
+
+class _InRegions(Exception):
+    """This module runs in regions (or eagerly): there is no one graph to run."""
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int]:
@@ -113,11 +118,21 @@ class CompiledGraph:
 class ParallelModule(torch.nn.Module):
     """A model parallelized by xdit_compile: same call signature and outputs as the model."""
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, mesh: ParallelMesh) -> None:
+    def __init__(self, model: torch.nn.Module, plan: Plan, mesh: ParallelMesh, region: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.plan = plan
         self.mesh = mesh
+        self.region = region
+        """Set for a region of a model that could not be captured whole: its name in the model."""
+        self.regions: list[ParallelModule] | None = None
+        """Set when this module could not be captured whole: the regions its children became
+        (each captured and parallelized on its own, the glue between them run eagerly)."""
+        self.region_error: str = ""
+        """Why this module runs in regions (or, for a region, eagerly): the capture error."""
+        self.eager = False
+        """A region that runs eagerly on every rank: no latent input to cut (embeddings, routers)."""
+        self.eager_flops = 0
         self._cache: dict[tuple[Any, ...], CompiledGraph] = {}
         self._probes: dict[tuple[Any, ...], Probe | None] = {}
         self._last: CompiledGraph | None = None
@@ -146,14 +161,18 @@ class ParallelModule(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def prepare(self, *args: Any, **kwargs: Any) -> CompiledGraph:
+    def prepare(self, *args: Any, **kwargs: Any) -> CompiledGraph | None:
         """Capture and rewrite for this input signature without running (cached).
 
         The signature is the inputs' shapes, dtypes and non-tensor values, plus the values of
         any data-dependent sizes (e.g. Mochi's number of valid text tokens), see
-        :mod:`xdit_compile.specialize`.
+        :mod:`xdit_compile.specialize`. None for a model that runs in regions (its regions
+        compile when first called).
         """
-        return self._prepare(args, kwargs, self._plan_for(args, kwargs))
+        try:
+            return self._prepare(args, kwargs, self._plan_for(args, kwargs))
+        except _InRegions:
+            return None
 
     def _plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
         """The plan a call compiles with: without the cfg batch round when the batch cannot be
@@ -167,7 +186,11 @@ class ParallelModule(torch.nn.Module):
         probe = self._probes.get(sig)
         key = sig + probe(args, kwargs) if probe is not None else sig
         if key not in self._cache:
-            gm = capture(self.model, args, kwargs)
+            try:
+                gm = capture(self.model, args, kwargs)
+            except CaptureError as e:
+                self._enter_regions(e, plan)
+                raise _InRegions from None
             if self._latent_name is None:  # later calls find the latent by the name seeded here
                 from xdit_compile.passes.seed import graph_latent
 
@@ -181,9 +204,58 @@ class ParallelModule(torch.nn.Module):
                 specialize_graph(gm, probe, values, flat)
                 key = sig + values
                 logger.info("specialized %s to data-dependent sizes %s", type(self.model).__name__, values)
-            self._cache[key] = self._compile(gm, plan)
+            try:
+                self._cache[key] = self._compile(gm, plan)
+            except SeedError:
+                if self.region is None:
+                    raise
+                self.eager = True  # nothing to cut in this region: it runs whole on every rank
+                from xdit_compile.passes.flops import node_flops
+
+                self.eager_flops = sum(node_flops(n) for n in gm.graph.nodes)
+                raise _InRegions from None
         self._last = self._cache[key]
         return self._last
+
+    def _enter_regions(self, error: CaptureError, plan: Plan) -> None:
+        """Capture below the failing point: each child module (each element of a module list)
+        becomes a region of its own, captured and parallelized when first called; this
+        module's own forward (the glue, with its data-dependent Python) runs eagerly. Regions
+        take whole tensors and return whole tensors (their outputs are gathered)."""
+        if plan.displaced_patches > 1 or plan.distrifusion > 1:
+            raise CaptureError(f"{error}\nPipeFusion and DistriFusion need the model captured whole; "
+                               f"use ulysses/ring/cfg/dp for this model") from None
+        self.region_error = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        self.regions = []
+        prefix = f"{self.region}." if self.region else ""
+
+        def wrap(name: str, child: torch.nn.Module) -> torch.nn.Module:
+            if isinstance(child, ParallelModule) or not any(True for _ in child.parameters()):
+                return child
+            region = ParallelModule(child, self.plan, self.mesh, region=prefix + name)
+            assert self.regions is not None
+            self.regions.append(region)
+            return region
+
+        for name, child in list(self.model.named_children()):
+            if isinstance(child, torch.nn.ModuleList | torch.nn.Sequential):
+                for i, sub in enumerate(list(child)):
+                    child[i] = wrap(f"{name}.{i}", sub)
+            elif isinstance(child, torch.nn.ModuleDict):
+                for k, sub in list(child.items()):
+                    child[k] = wrap(f"{name}.{k}", sub)
+            else:
+                setattr(self.model, name, wrap(name, child))
+        logger.info("%s could not be captured whole: %d regions (%s)", self.region or type(self.model).__name__,
+                    len(self.regions), self.region_error)
+
+    def all_regions(self) -> list[ParallelModule]:
+        """Every region below this module, depth first (regions that split further included)."""
+        out: list[ParallelModule] = []
+        for r in self.regions or []:
+            out.append(r)
+            out += r.all_regions()
+        return out
 
     def _compile(self, gm: fx.GraphModule, plan: Plan) -> CompiledGraph:
         groups = {axis: self.mesh.group_name(axis) for axis in ("sp", "cfg", "dp")
@@ -240,7 +312,7 @@ class ParallelModule(torch.nn.Module):
         if self.kv_state is not None:  # every call counts, also those CFG pairing skips here
             self.kv_state.begin_call(x)
         plan = self._plan_for(args, kwargs)
-        if plan.cfg != self.plan.cfg:  # one CFG branch per call: pair the calls over cfg ranks
+        if plan.cfg != self.plan.cfg and self.region is None:  # one CFG branch per call: pair the calls
             if self.plan.cfg != 2:
                 raise ValueError(f"cfg={self.plan.cfg} with one CFG branch per transformer call: "
                                  f"pairing calls needs cfg=2")
@@ -250,7 +322,16 @@ class ParallelModule(torch.nn.Module):
         return self._run(args, kwargs, plan)
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], plan: Plan) -> Any:
-        entry = self._prepare(args, kwargs, plan)
+        if self.regions is None and not self.eager:
+            try:
+                entry = self._prepare(args, kwargs, plan)
+            except _InRegions:
+                entry = None
+        else:
+            entry = None
+        if entry is None:  # regions (children parallel, glue eager) or an eager region
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
         with torch.no_grad():
             out = entry.runner(*args, **kwargs)
         for op, axis, calls, nbytes in entry.static_comm:

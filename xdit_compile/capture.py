@@ -103,11 +103,12 @@ def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     """
     errors: list[str] = []
     stored: list[str] = []
+    data_dependent = False
     for attempt in ("non-strict", "after an eager call that fills the model's caches", "strict"):
         if attempt.startswith("after") and not stored:
             continue
-        if attempt == "strict" and stored:
-            break
+        if attempt == "strict" and (stored or data_dependent):
+            break  # strict tracing fails the same way on data-dependent Python (and is slow)
         try:
             if attempt.startswith("after"):
                 with torch.no_grad():
@@ -123,9 +124,11 @@ def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                 stored = changed
                 raise RuntimeError(f"the forward stores tensors on the model: {', '.join(changed[:5])}")
             if attempt != "non-strict":
-                logger.info("captured %s %s", type(model).__name__, attempt)
+                how = "with strict export" if attempt == "strict" else attempt
+                logger.info("captured %s %s", type(model).__name__, how)
             return gm
         except Exception as e:  # noqa: BLE001  (export raises many kinds; we report them all)
+            data_dependent = data_dependent or "DataDependent" in type(e).__name__ or "data-dependent" in str(e)
             errors.append(f"  {attempt} export: {type(e).__name__}: {_summary(e)}\n    at {_user_frame(e)}")
             logger.debug("%s export failed", attempt, exc_info=True)
     hint = ("\nThe forward stores tensors on the model (" + ", ".join(stored[:5]) + ") on every call: "

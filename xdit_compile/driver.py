@@ -172,7 +172,7 @@ def run_passes(
             ran = ", ".join(done) or "none"
             msg = f"xdit_compile pass '{name}' failed (passes run before it: {ran}): {e}"
             if isinstance(e, ValueError):  # a plan/input the model cannot take: keep the type
-                raise ValueError(msg) from e
+                raise type(e)(msg) from e
             raise RuntimeError(msg) from e
         dt = time.perf_counter() - t0
         ctx.stats.append(

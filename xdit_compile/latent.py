@@ -21,9 +21,13 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["PREFERRED_NAMES", "call_inputs", "find_latent", "follows"]
+__all__ = ["PREFERRED_NAMES", "SeedError", "call_inputs", "find_latent", "follows"]
 
 PREFERRED_NAMES: tuple[str, ...] = ("hidden_states", "latents", "sample", "x")
+
+
+class SeedError(ValueError):
+    """Nothing to cut: no latent input, or fewer token rows (or batch entries) than ranks."""
 
 
 def follows(shape: Sequence[int], out: Sequence[int]) -> bool:

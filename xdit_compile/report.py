@@ -43,6 +43,9 @@ class Report:
     """PipeFusion's stages, patches, buffers and schedule (``PipeInfo``), if the plan has it."""
     displaced: list[tuple[str, tuple[int, ...], int]] = field(default_factory=list)
     """DistriFusion's displaced-K/V buffers on this rank: (layer, K shape, bytes of K and V)."""
+    regions: list[tuple[str, str]] = field(default_factory=list)
+    """For a model that could not be captured whole: (region, how it runs) for every region."""
+    region_error: str = ""
 
     @property
     def bytes_per_forward(self) -> int:
@@ -82,6 +85,11 @@ class Report:
         out.append(f"  sharding breaks: {len(self.breaks)}")
         for b in self.breaks:
             out.append(f"    {b.node} ({b.op}): {b.reason}\n      at {b.source}")
+        if self.regions:
+            out.append(f"  captured in {len(self.regions)} regions (the model is not one graph: "
+                       f"{self.region_error}); glue between regions runs eagerly:")
+            for name, how in self.regions:
+                out.append(f"    {name:<40} {how}")
         if self.pipefusion is not None:
             out += self.pipefusion.summary()
         if self.displaced:
@@ -127,6 +135,8 @@ def estimate_flops(gm: fx.GraphModule, rank: int) -> tuple[int, int]:
 
 def build_report(pm: Any) -> Report:
     """Report for ``pm`` (a ParallelModule) on its last compiled input signature."""
+    if pm.regions is not None:
+        return _region_report(pm)
     entry = pm.last
     if entry is None:
         raise RuntimeError("nothing compiled yet: call the module (or pm.prepare(**inputs)) first")
@@ -169,3 +179,40 @@ def _distrifusion_buffers(gm: fx.GraphModule) -> list[tuple[str, tuple[int, ...]
             out.append((str(n.args[6]), tuple(int(x) for x in shape),
                         int(numel * k.element_size() * (1 + v.shape[-1] / k.shape[-1]))))
     return out
+
+
+def _region_report(pm: Any) -> Report:
+    """A model run in regions: every region's breaks, collectives and FLOPs added up (a region
+    that runs eagerly counts as replicated with the FLOPs of its captured graph, if any)."""
+    from dataclasses import replace as dc_replace
+
+    from xdit_compile.pipefusion import parameter_bytes
+
+    regions: list[tuple[str, str]] = []
+    breaks: list[ShardingBreak] = []
+    collectives: list[CollectiveSite] = []
+    flops = serial = 0
+    for r in pm.all_regions():
+        entry = r.last
+        if r.regions is not None:
+            how = f"split into {len(r.regions)} regions ({r.region_error})"
+        elif r.eager:
+            how = "eager on every rank (no latent input to cut)"
+            f = r.eager_flops
+            flops, serial = flops + f, serial + f
+        elif entry is None:
+            how = "not called yet"
+        else:
+            n = len(entry.ctx.breaks)
+            how = f"one graph, {n} sharding break{'s' if n != 1 else ''}"
+            local, ser = estimate_flops(entry.gm, entry.ctx.mesh.sp_rank)
+            flops, serial = flops + local, serial + ser
+            breaks += [dc_replace(b, node=f"{r.region}/{b.node}") for b in entry.ctx.breaks]
+            collectives += [dc_replace(c, node=f"{r.region}/{c.node}") for c in entry.ctx.collectives]
+        regions.append((str(r.region), how))
+    return Report(
+        model=type(pm.model).__name__, plan=str(pm.plan), mesh=pm.plan.degrees(), rank=pm.mesh.info.rank,
+        seed={}, passes=[], collectives=collectives, breaks=breaks,
+        param_bytes=parameter_bytes(pm.pipeline_modules()), flops=flops, serial_flops=serial, graph="",
+        regions=regions, region_error=pm.region_error,
+    )

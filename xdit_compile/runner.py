@@ -36,6 +36,11 @@ class CompareResult:
     comm: dict[str, dict[str, int]] = field(default_factory=dict)
     breaks: list[str] = field(default_factory=list)
     seed: dict[str, Any] = field(default_factory=dict)
+    flops_share: float = 1.0
+    """This rank's estimated share of the forward's FLOPs (1.0: all of them, as serial)."""
+    regions: int = 0
+    """Regions the model was captured in (0: one whole graph)."""
+    region_error: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +127,24 @@ def compare_zoo_model(
         bytes_per_forward=per_fwd,
         comm={k: {"calls": v["calls"] // iters, "bytes": v["bytes"] // iters}
               for k, v in stats.as_dict().items()},
-        breaks=[f"{b.op} at {b.source}: {b.reason}" for b in entry.ctx.breaks],
-        seed={k: v for k, v in entry.ctx.seed.items() if k != "shape"},
+        breaks=[f"{b.op} at {b.source}: {b.reason}" for b in _breaks(pm, entry)],
+        seed={k: v for k, v in entry.ctx.seed.items() if k != "shape"} if entry is not None else {},
+        flops_share=_flops_share(pm),
+        regions=len(pm.all_regions()) if pm.regions is not None else 0,
+        region_error=pm.region_error,
     )
+
+
+def _breaks(pm: Any, entry: Any) -> list[Any]:
+    if entry is not None:
+        return list(entry.ctx.breaks)
+    from xdit_compile.report import build_report
+
+    return build_report(pm).breaks
+
+
+def _flops_share(pm: Any) -> float:
+    from xdit_compile.report import build_report
+
+    rep = build_report(pm)
+    return rep.flops / rep.serial_flops if rep.serial_flops else 1.0
