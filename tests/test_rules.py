@@ -329,8 +329,9 @@ def test_view_that_splits_a_piece_breaks() -> None:
     for rank in (0, 1):
         gm, ctx = case.compile({0: Shard(1, (5, 3))}, rank, passes=FRONT_NO_SEED)
         (brk,) = ctx.breaks
-        assert brk.op == "aten.view.default" and "splits the sharded dim" in brk.reason
-        view = one(gm, aten.view.default)
+        # every view becomes a reshape (inputs moved by the passes may have other strides)
+        assert brk.op == "aten.reshape.default" and "splits the sharded dim" in brk.reason
+        view = one(gm, aten.reshape.default)
         assert view.meta["xdit_placement"] == R
         assert view.args[0].target is redistribute and view.args[0].meta["xdit_dst"] == R
 
