@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="")
     ap.add_argument("--out", default="benchmarks/results/coverage")
+    ap.add_argument("--merge", action="store_true", help="replace these models' rows in an existing result")
     a = ap.parse_args()
     names = a.models.split(",") if a.models else list_models(coverage=True)
     pools: dict[int, WorkerPool] = {}
@@ -78,6 +79,10 @@ def main() -> None:
         p.close()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.merge and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        new = {(r["model"], r["plan"]): r for r in rows}
+        rows = [new.pop((r["model"], r["plan"]), r) for r in old] + list(new.values())
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     out.with_suffix(".md").write_text(_markdown(rows, time.time() - t0))
     print(f"wrote {out}.md / .json")
@@ -88,7 +93,7 @@ def _markdown(rows: list[dict[str, Any]], seconds: float) -> str:
 
     lines = ["# Coverage: every zoo and coverage model at ulysses=2, ring=2, ulysses=2 x ring=2", "",
              f"`python benchmarks/coverage.py` (torch {torch.__version__}, gloo on CPU, tiny configs, fp32, "
-             f"{seconds:.0f} s). Exact: relative error < {EXACT}. Share: this rank's estimated share of the "
+             f"{seconds:.0f} s for the last run; `--merge` reruns some models). Exact: relative error < {EXACT}. Share: this rank's estimated share of the "
              f"forward's FLOPs (1/N is perfectly parallel). Parallel: exact and share <= {PARALLEL}. Breaks: "
              "sharding breaks (inputs gathered, exact, slower) by op. Coverage entries (`models/zoo_more.py`) "
              "are classes the project was not tuned on.", ""]

@@ -201,6 +201,8 @@ DIT_SAMPLES: dict[str, list[Sample]] = {
         (_g(1, 6, 2, 4), _g(6, 1, 2, 2, seed=1)))],
     "slice_scatter": [Sample("dit.rope_on_image_part", lambda q: torch.slice_scatter(q, q[:, 2:] * 2, 1, 2),
                              (_g(1, 8, 4),))],
+    "sum": [Sample("dit.sum_over_tokens", lambda x: x.sum(1) * 2, (_g(2, 6, 4),)),
+            Sample("dit.sum_over_tokens_and_channels", lambda x: x.sum((1, 2), keepdim=True), (_g(2, 6, 4),))],
     "prelu": [Sample("dit.prelu_channels_like_tokens", lambda x, w: F.prelu(x, w), (_g(2, 4, 4), _g(4) - 0.5))],
     "dropout": [Sample("dit.dropout_eval", lambda x: F.dropout(x, 0.1, training=False), (_g(2, 6, 3),))],
 }

@@ -145,3 +145,26 @@ def test_a_rule_that_fails_gathers_and_reports(monkeypatch: pytest.MonkeyPatch) 
     gm = capture(_Boom(), (x,), {})
     _, ctx = compile_for(gm, 0, ALL_NO_SEED, Plan(ulysses=2), seeds={0: Shard(1, (3, 3))})
     assert [b.reason for b in ctx.breaks] == ["rule failed: IndexError: unforeseen form"]
+
+
+def _expert_choice(x: torch.Tensor, gate: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Expert-choice routing: each expert picks its top-k tokens (top-k over the token dim),
+    gathers them, and scatters its outputs back: every step reads across tokens."""
+    b, s, c = x.shape
+    e, k = gate.shape[0], s // 2
+    probs = (x @ gate.t()).softmax(-1).transpose(1, 2)  # [B, E, S]
+    weight, idx = torch.topk(probs, k, dim=-1)  # [B, E, k]
+    picked = torch.gather(x.unsqueeze(1).expand(b, e, s, c), 2, idx[..., None].expand(b, e, k, c))
+    ys = (picked @ w[None]) * weight[..., None]
+    return torch.zeros_like(x).scatter_add(1, idx.reshape(b, e * k)[..., None].expand(b, e * k, c),
+                                           ys.reshape(b, e * k, c))
+
+
+def test_expert_choice_router_is_exact() -> None:
+    """The class of model reported silently wrong: tokens cut on any dim, the router's result
+    equals the single-device one (its cross-token steps break and gather)."""
+    g = torch.Generator().manual_seed(0)
+    s = Sample("router.expert_choice", _expert_choice,
+               (torch.randn(2, 8, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(4, 6, 6, generator=g)))
+    res = check_sample("topk", s, PLANS, 100)
+    assert res.cases > 10 and not res.failures, res.failures[:3]

@@ -740,6 +740,14 @@ def test_reduction_over_the_sharded_dim_breaks(fn: Callable[..., Any], reason: s
         assert reasons(ctx) == [reason]
 
 
+def test_sum_over_the_sharded_dim_is_a_partial_sum() -> None:
+    """Each rank sums its own rows; the all-reduce that completes the sum comes before the
+    first consumer (here the output)."""
+    for gm, ctx in Case(lambda x: x.sum(1) * 2, X).check({0: S1}):
+        assert ctx.breaks == []
+        assert one(gm, aten.sum.dim_IntList).meta["xdit_placement"] == Partial()
+
+
 def test_var_with_unbiased_and_keepdim() -> None:
     case = Case(lambda x: x.var(0, unbiased=False, keepdim=True), X)
     gm, _ = case.compile({0: S1}, passes=FRONT_NO_SEED)

@@ -24,7 +24,7 @@ from xdit_compile.passes.sharding.engine import (
     register_rule,
     tensor_args,
 )
-from xdit_compile.placement import Placement, Replicate, Shard, text_split
+from xdit_compile.placement import Partial, Placement, Replicate, Shard, text_split
 from xdit_compile.runtime.reshard import gather_shard, slice_shard
 
 aten = torch.ops.aten
@@ -478,6 +478,10 @@ def _reduced(node: fx.Node, rc: RuleCtx, dims: Any, keepdim: bool) -> Decision:
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [norm_dim(int(d), nd) for d in dims]
     if sh.dim in dims:
+        if node.target.overloadpacket is aten.sum and not sh.joint and not sh.text:  # type: ignore[union-attr]
+            # Each rank sums its own rows: the sum over all rows is the sum of the ranks'
+            # results, a pending all-reduce (linear attention's sum over tokens).
+            return Decision(out=Partial())
         raise Break("reduction over the sharded dim")
     out = sh if keepdim else sh.with_dim(sh.dim - sum(1 for d in dims if d < sh.dim))
     val = node.meta.get("val")
