@@ -300,7 +300,9 @@ def _breaks_at(ctx: Any, packet_name: str) -> bool:
     return any(b.op.split(".")[1] == packet_name for b in ctx.breaks if b.op.startswith("aten."))
 
 
-def check_sample(packet: str, s: Sample, plans: list[Plan], limit: int = 24) -> Result:
+def check_sample(packet: str, s: Sample, plans: list[Plan], limit: int = 24, first_failure: bool = False) -> Result:
+    """Every placement case of sample ``s`` on every plan (``first_failure``: stop at the first
+    failing case)."""
     res = Result(packet, s.name)
     if not s.tensors:
         res.skipped = s.name.split(": ", 1)[-1] if ": " in s.name else "no tensor inputs"
@@ -328,6 +330,8 @@ def check_sample(packet: str, s: Sample, plans: list[Plan], limit: int = 24) -> 
         return res
     for plan in plans:
         for seeds in _seedings(s.tensors, plan.sp_degree, limit):
+            if first_failure and res.failures:
+                return res
             res.cases += 1
             broke = False
             partials: list[dict[str, torch.Tensor]] = []

@@ -28,9 +28,9 @@ from xdit_compile.plan import Plan
 
 aten = torch.ops.aten
 PLANS = [Plan(ulysses=2), Plan(ring=3)]
-# CI budget: 2 OpInfo samples per OpInfo, 5 samples per op, 10 placements per sample and mesh
+# CI budget: 2 OpInfo samples per OpInfo, 4 samples per op, 8 placements per sample and mesh
 # (``python tests/conformance.py`` runs 3, 12 and 24).
-PER_OP, MOST, LIMIT = 2, 5, 10
+PER_OP, MOST, LIMIT = 2, 4, 8
 
 
 @pytest.fixture(autouse=True)
@@ -78,8 +78,8 @@ def test_harness_catches_cross_token_ops_treated_as_local(op: str, monkeypatch: 
     monkeypatch.setitem(engine.RULES, packet, _local)
     for o in packet.overloads():
         monkeypatch.delitem(engine.RULES, getattr(packet, o), raising=False)
-    failures = [f for s in _samples(op) for f in check_sample(op, s, PLANS, LIMIT).failures]
-    assert failures, f"a local rule for {op} was not caught"
+    caught = any(check_sample(op, s, PLANS, LIMIT, first_failure=True).failures for s in _samples(op))
+    assert caught, f"a local rule for {op} was not caught"
 
 
 def _topk_k_as_size(node: fx.Node, rc: RuleCtx) -> Decision:
