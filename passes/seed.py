@@ -71,7 +71,7 @@ def patch_stride(node: fx.Node, dim_from_end: int, depth: int = 12) -> int:
 
 
 def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: int | None,
-                dim: int | None = None) -> tuple[int, int]:
+                dim: int | None = None, outermost: bool = False) -> tuple[int, int]:
     """The token-grid dim to cut (outermost first, the next one where it has fewer token rows
     than ``degree``; ``dim`` forces one) and its patch size."""
     nd = len(shape)
@@ -86,6 +86,8 @@ def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: in
     candidates = [2, 3] if nd == 4 else [2, 3, 4] if nd == 5 else [nd - 2]
     if nd == 5 and channels is not None and shape[1] != channels and shape[2] == channels:
         candidates = [1, 3, 4]  # frames first: [B, F, C, H, W]
+    if outermost:  # PipeFusion's patches: rows (frames, then rows of a video) only
+        candidates = candidates[:2] if nd == 5 else candidates[:1]
     for dim in candidates:
         g = patch_stride(node, nd - dim)
         g = g if shape[dim] % g == 0 else 1
@@ -150,10 +152,11 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         )
     shape = tuple(int(s) for s in node.meta["val"].shape)
     channels = ctx.hints.get("channels")
-    if ctx.plan.seed_dim is None and _ambiguous_video(shape, channels) and node.op == "placeholder":
+    patches = ctx.axis == "patch"
+    if ctx.plan.seed_dim is None and _ambiguous_video(shape, channels) and node.op == "placeholder" and not patches:
         dim, g = _video_dim(gm, ctx, node, shape, degree)
     else:
-        dim, g = _choose_dim(shape, node, degree, channels, ctx.plan.seed_dim)
+        dim, g = _choose_dim(shape, node, degree, channels, ctx.plan.seed_dim, outermost=patches)
     units = shape[dim] // g
     if units < degree:
         what = (f"{degree} PipeFusion patches need at least {degree}: use fewer patches"
