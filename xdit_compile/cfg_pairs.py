@@ -78,8 +78,8 @@ class CfgPairs:
     def call(self, run: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
              x: torch.Tensor | None = None) -> Any:
         """``run(args, kwargs)`` computes one call on this rank's sequence-parallel group; ``x``
-        is the call's latent input."""
-        ident = _identity(x)
+        is the call's latent input (found by :func:`latent` if not given)."""
+        ident = _identity(x if x is not None else latent(args, kwargs))
         if self.mode == "learn":
             self.seen.append(ident)
             if len(self.seen) == 2:
