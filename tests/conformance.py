@@ -29,12 +29,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.utils._pytree as pytree
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from graph_harness import ALL_NO_SEED, RankRun, compile_for, reference  # noqa: E402
+from graph_harness import ALL_NO_SEED, Fn, RankRun, compile_for, reference  # noqa: E402
 
 from xdit_compile.capture import capture  # noqa: E402
 from xdit_compile.passes.sharding import propagate  # noqa: E402,F401  (registers the rules)
@@ -81,15 +80,6 @@ class Result:
     breaks: int = 0
     failures: list[str] = dataclasses.field(default_factory=list)
     skipped: str = ""
-
-
-class _Fn(nn.Module):
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs: Any) -> Any:
-        return self.fn(*xs)
 
 
 def rule_ops() -> dict[str, list[Any]]:
@@ -310,7 +300,7 @@ def check_sample(packet: str, s: Sample, plans: list[Plan], limit: int = 24, fir
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            gm = capture(_Fn(s.fn).eval(), s.tensors, {})
+            gm = capture(Fn(s.fn).eval(), s.tensors, {})
             ref = reference(gm, *s.tensors)
             again = reference(gm, *s.tensors)["output"]
     except Exception as e:  # noqa: BLE001  (a sample the capture path cannot take)

@@ -19,6 +19,7 @@ from unittest import mock
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 from xdit_compile.driver import PassContext, PassFn, run_passes
@@ -56,6 +57,17 @@ ALL = [*REWRITE, ("lower_collectives", lower_collectives_pass)]
 # for graphs whose inputs the test seeds by hand (``xdit_seed`` on placeholders): no seed pass
 FRONT_NO_SEED = [p for p in FRONT if p[0] != "seed"]
 ALL_NO_SEED = [p for p in ALL if p[0] != "seed"]
+
+
+class Fn(nn.Module):
+    """A module calling ``fn(*xs)``: how tests capture a function."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs: Any) -> Any:
+        return self.fn(*xs)
 
 
 # --------------------------------------------------------------------------- graph queries

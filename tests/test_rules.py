@@ -27,6 +27,7 @@ from graph_harness import (
     FRONT_NO_SEED,
     HALO,
     USP,
+    Fn,
     RankRun,
     calls,
     compile_for,
@@ -57,15 +58,6 @@ aten = torch.ops.aten
 R = Replicate()
 
 # --------------------------------------------------------------------------- harness
-
-
-class Fn(nn.Module):
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs: Any) -> Any:
-        return self.fn(*xs)
 
 
 class Case:

@@ -308,7 +308,9 @@ class ParallelModule(torch.nn.Module):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        x = latent(args, kwargs, self.model.forward, self._latent_name)
+        # The latent tells steps and CFG branches apart; plain plans do not need it.
+        x = (latent(args, kwargs, self.model.forward, self._latent_name)
+             if self.kv_state is not None or self.plan.cfg > 1 else None)
         if self.kv_state is not None:  # every call counts, also those CFG pairing skips here
             self.kv_state.begin_call(x)
         plan = self._plan_for(args, kwargs)
