@@ -78,17 +78,17 @@ _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def _t5_vocab() -> list[tuple[str, float]]:
+def _t5_vocab(words: tuple[str, ...] = _WORDS) -> list[tuple[str, float]]:
     """Pieces and log-probability scores of the tiny T5 Unigram model (whole words score higher
     than their spelling, so known words stay one piece)."""
     vocab: list[tuple[str, float]] = [(s, 0.0) for s in _T5_SPECIALS]
     vocab.append(("\u2581", -2.0))
-    vocab += [("\u2581" + w, -3.0) for w in _WORDS]
+    vocab += [("\u2581" + w, -3.0) for w in words]
     vocab += [(c, -6.0) for c in string.ascii_letters + string.digits + string.punctuation]
     return vocab
 
 
-def _t5_backend() -> Any:
+def _t5_backend(words: tuple[str, ...] = _WORDS) -> Any:
     """A T5-style Unigram ``tokenizers.Tokenizer``: ``<pad>``, ``</s>``, ``<unk>`` (ids 0-2),
     ``"▁"``, the ``"▁word"`` pieces of :data:`_WORDS`, then single ASCII characters.
 
@@ -97,7 +97,7 @@ def _t5_backend() -> Any:
     from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
-    backend = Tokenizer(Unigram(_t5_vocab(), unk_id=2, byte_fallback=False))
+    backend = Tokenizer(Unigram(_t5_vocab(words), unk_id=2, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.WhitespaceSplit(),
@@ -111,13 +111,14 @@ def _t5_backend() -> Any:
     return backend
 
 
-def _t5_tokenizer() -> Any:
-    """A ``T5TokenizerFast`` over :func:`_t5_backend` (no ``<extra_id_*>`` sentinels)."""
+def _t5_tokenizer(words: tuple[str, ...] = _WORDS) -> Any:
+    """A ``T5TokenizerFast`` over :func:`_t5_backend` (no ``<extra_id_*>`` sentinels) whose
+    whole-word pieces are ``words``."""
     # transformers 5 resolves the *TokenizerFast names to T5Tokenizer / CLIPTokenizer (which
     # are tokenizers-backed there) without exporting them statically.
     from transformers import T5TokenizerFast  # type: ignore[attr-defined]
 
-    return T5TokenizerFast(tokenizer_object=_t5_backend(), extra_ids=0, model_max_length=512)
+    return T5TokenizerFast(tokenizer_object=_t5_backend(words), extra_ids=0, model_max_length=512)
 
 
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -30,13 +30,46 @@ from xdit_compile.runtime import attention as _rt_attention  # noqa: F401  (regi
 from xdit_compile.runtime.attention import usp_comm_bytes
 from xdit_compile.runtime.displaced import distrifusion_comm_bytes
 
-__all__ = ["rewrite_attention_pass"]
+__all__ = ["expand_gqa", "rewrite_attention_pass"]
 
 aten = torch.ops.aten
 
 
 def _arg(node: fx.Node, i: int, name: str, default: object) -> object:
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _repeat_heads(gm: fx.GraphModule, node: fx.Node, kv: fx.Node, groups: int) -> fx.Node:
+    with gm.graph.inserting_before(node):
+        rep = gm.graph.call_function(aten.repeat_interleave.self_int, (kv, groups, -3))
+    rep.meta.update(kv.meta)  # same placement: the head dim is never the sharded one here
+    val = kv.meta["val"].repeat_interleave(groups, dim=-3)
+    rep.meta["val"] = val
+    if "xdit_shape" in kv.meta:
+        shape = list(kv.meta["xdit_shape"])
+        shape[-3] *= groups
+        rep.meta["xdit_shape"] = tuple(shape)
+    rep.meta["xdit_pass"] = "expand_gqa"
+    return rep
+
+
+def expand_gqa(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """K and V of SDPA ``node`` with as many heads as Q.
+
+    ``enable_gqa=True`` lets K/V have fewer heads than Q (each K/V head serves a group of query
+    heads). The parallel attention ops take equal heads, so under GQA each K/V head is repeated
+    for its group first (``repeat_interleave`` on the head dim, as SDPA pairs them): the same
+    attention, with K/V sent at the query's head count.
+    """
+    q, k, v = node.args[:3]
+    if not _arg(node, 7, "enable_gqa", False):
+        return k, v  # type: ignore[return-value]
+    hq, hk = int(q.meta["val"].shape[-3]), int(k.meta["val"].shape[-3])  # type: ignore[union-attr]
+    if hq == hk:
+        return k, v  # type: ignore[return-value]
+    if hq % hk:
+        raise ValueError(f"{node.name}: enable_gqa with {hq} query heads and {hk} K/V heads")
+    return _repeat_heads(gm, node, k, hq // hk), _repeat_heads(gm, node, v, hq // hk)  # type: ignore[arg-type]
 
 
 def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -46,7 +79,8 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if node.meta.get("xdit_attention") != "usp":
             continue
-        q, k, v = node.args[:3]
+        q = node.args[0]
+        k, v = expand_gqa(gm, node)
         mask = _arg(node, 3, "attn_mask", None)
         if _arg(node, 4, "dropout_p", 0.0):
             raise ValueError(f"{node.name}: attention dropout > 0 is not supported (inference only)")

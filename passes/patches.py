@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from xdit_compile.driver import CollectiveSite, PassContext, PassFn, PassResult
+from xdit_compile.passes.attention import expand_gqa
 from xdit_compile.passes.batch import on_axis, restage_pass
 from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, register_rule
 from xdit_compile.placement import Placement, Replicate, Shard
@@ -56,7 +57,8 @@ def rewrite_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassRe
     for node in list(gm.graph.nodes):
         if node.target is not aten.scaled_dot_product_attention.default or node.meta.get("xdit_attention") != "usp":
             continue
-        q, k, v = node.args[:3]
+        q = node.args[0]
+        k, v = expand_gqa(gm, node)
         if _arg(node, 4, "dropout_p", 0.0):
             raise ValueError(f"{node.name}: attention dropout > 0 is not supported (inference only)")
         head, tail = node.meta.get("xdit_joint", (0, 0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -446,6 +447,8 @@ def parallelize(model: torch.nn.Module, plan: Plan, *, broadcast_weights: bool =
         raise TypeError(f"plan must be an xdit_compile.Plan, got {type(plan).__name__}")
     if isinstance(model, ParallelModule):
         raise TypeError("model is already parallelized")
+    config = getattr(model, "config", None)
+    plan.check_model(config if isinstance(config, Mapping) else None, type(model).__name__)
     mesh = build_mesh(plan)
     if broadcast_weights:
         _broadcast_weights(model)

@@ -142,7 +142,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
            "size": a.size, "uneven": a.uneven, "iters": a.iters, "warmup": a.warmup, "config": _config(a)}
     from xdit_compile.models import get_entry
 
-    get_entry(a.model)  # unknown names fail here, before any worker starts
+    entry = get_entry(a.model)  # unknown names fail here, before any worker starts
+    plan.check_model({**entry.config(a.size), **_config(a)}, a.model)  # heads vs ulysses
     results = _launch(_worker_run, job, plan, a)
     if results is None:
         return 1
@@ -154,15 +155,23 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from xdit_compile.generate import GenerateOptions, check_model, generate_job
+    from xdit_compile.generate import (
+        GenerateOptions,
+        check_model,
+        generate_job,
+        transformer_configs,
+    )
 
     plan = _plan(a)
     check_model(a.model)  # a bad path fails here, before any worker starts
+    for name, config in transformer_configs(a.model):
+        plan.check_model(config, f"{a.model}'s {name}")
     opts = GenerateOptions(
         model=a.model, prompt=a.prompt, plan=_plan_kwargs(a),
         negative_prompt=a.negative_prompt, steps=a.steps, height=a.height, width=a.width,
         frames=a.frames, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype,
         output=a.output, compare_serial=a.compare_serial, warmup=a.warmup,
+        resolution_binning=a.resolution_binning,
     )
     results = _launch(generate_job, opts, plan, a)
     if results is None:
@@ -171,6 +180,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if r0.rank != 0:
         return 0
     print(f"{a.model}: {plan}, {len(results)} process(es); output {r0.shape}")
+    if r0.call:
+        print("  call: " + ", ".join(f"{k}={v}" for k, v in r0.call.items()))
     if r0.first_call_s is not None:
         print(f"  first call (capture + compile + run): {r0.first_call_s:.3f} s")
     steps = r0.step_s
@@ -183,11 +194,26 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         sst = r0.serial_step_s
         per = f", {1e3 * sum(sst) / len(sst):.1f} ms/step" if sst else ""
         print(f"  serial  : {r0.serial_total_s:.3f} s total{per}; speedup {r0.serial_total_s / r0.total_s:.2f}x; "
-              f"max relative difference {r0.rel_error:.2e}")
+              f"max relative difference {r0.rel_error:.2e} (expected below {r0.tolerance:.0e} in {a.dtype})")
     print(f"  rank 0 sent {r0.bytes_sent:,} bytes")
     for path in r0.saved:
         print(f"  wrote {path}")
     return 0
+
+
+def _print_demo() -> None:
+    """What ``--model demo`` draws (its subjects, backgrounds, sizes and positions)."""
+    import textwrap
+
+    from xdit_compile.models import demo
+
+    state = "trained" if demo.demo_path().is_dir() else "not trained yet"
+    print(f"\ngenerate --model demo: a PixArt-Sigma pipeline trained here on Noto Color Emoji ({state}, "
+          f"{demo.demo_path()}), 64x64 pixels. Prompts: 'a[n] [small] SUBJECT [on the left|on the right] "
+          f"[BACKGROUND]', e.g. '{demo.caption(demo.SUBJECTS[0], 'in the snow')}'.")
+    subjects = ", ".join(demo.subject_name(s) for s in demo.SUBJECTS)
+    print(textwrap.fill(f"  subjects ({len(demo.SUBJECTS)}): {subjects}", 100, subsequent_indent="    "))
+    print("  backgrounds: " + ", ".join(b for b in demo.BACKGROUNDS if b) + " (none: white)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -208,7 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=1800.0, help="seconds before workers are stopped")
     r.add_argument("--json", default=None, help="write per-rank results to this file")
     g = sub.add_parser("generate", help="run a whole pipeline in parallel and write the image/video")
-    g.add_argument("--model", required=True, help="a saved pipeline directory, or a tiny pipeline name")
+    g.add_argument("--model", required=True,
+                   help="a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline name")
     g.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (data parallel cuts a list)")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
@@ -218,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    g.add_argument("--resolution-binning", action="store_true",
+                   help="let PixArt/HunyuanDiT pipelines snap the size to their resolution bins")
     for axis in ("ulysses", "ring", "cfg", "dp"):
         g.add_argument(f"--{axis}", type=int, default=1)
     _displaced_args(g)
@@ -244,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for n in list_models():
                 print(f"{n:<14} {get_entry(n).description}")
+            _print_demo()
             return 0
         return {"explain": _cmd_explain, "run": _cmd_run, "generate": _cmd_generate}[args.cmd](args)
     except (ValueError, KeyError, TypeError) as e:

@@ -1,10 +1,16 @@
 """``xdit-compile generate``: a whole text-to-image/video pipeline, in parallel, on one node.
 
 :func:`generate_job` runs on every rank (worker processes launched by the CLI, or torchrun):
-load the pipeline (a local ``save_pretrained`` directory or a tiny pipeline name), parallelize
+load the pipeline (a local ``save_pretrained`` directory, ``demo`` - the trained emoji pipeline
+committed under ``models/demo`` - or a tiny pipeline name), parallelize
 its transformer(s), run it with the same seed on every rank (progress bar on rank 0 only),
 optionally the plain pipeline on rank 0 alone for comparison, and have rank 0 write the result
 (PNG for images; mp4 when a video writer is installed, else a directory of PNG frames).
+
+A saved pipeline runs with its own call defaults (steps, size, guidance, text length) except
+where the user sets them; resolution binning (PixArt, HunyuanDiT) is off unless
+``resolution_binning`` is set, so the image has the requested size (binning knows only the
+1024-px family's sizes and rejects other transformers).
 """
 
 from __future__ import annotations
@@ -20,11 +26,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["GenerateOptions", "GenerateResult", "check_model", "generate_job", "load_pipeline", "run_timed", "save_output"]
+__all__ = ["DEMO", "GenerateOptions", "GenerateResult", "TOLERANCE", "check_model", "generate_job", "load_pipeline",
+           "model_path", "run_timed", "save_output", "transformer_configs"]
+
+DEMO = "demo"
+"""``--model demo``: the trained emoji pipeline (:func:`xdit_compile.models.demo.demo_path`)."""
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
+#: Largest max-abs relative difference between the parallel and the plain pipeline's images
+#: expected per dtype: fp32 reorders sums only; in half precision each reordered matmul or
+#: attention rounds differently (bf16: 8 mantissa bits, fp16: 11) and the sampler carries
+#: those differences through the steps. Measured on the demo pipeline (tests/test_demo.py).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.02}
 
 @dataclass
 class GenerateOptions:
@@ -41,6 +56,8 @@ class GenerateOptions:
     dtype: str = "float32"
     output: str | None = None
     compare_serial: bool = False
+    resolution_binning: bool = False
+    """Let pipelines with resolution binning (PixArt, HunyuanDiT) snap the size to their bins."""
     warmup: int = 1
     """Untimed calls first (the first one captures and compiles the transformer)."""
 
@@ -56,6 +73,10 @@ class GenerateResult:
     serial_total_s: float | None = None
     serial_step_s: list[float] = field(default_factory=list)
     rel_error: float | None = None
+    tolerance: float | None = None
+    """The expected bound on ``rel_error`` for the run's dtype (:data:`TOLERANCE`)."""
+    call: dict[str, Any] = field(default_factory=dict)
+    """The pipeline call's arguments (prompt and output type left out)."""
     bytes_sent: int = 0
     saved: list[str] = field(default_factory=list)
 
@@ -63,37 +84,65 @@ class GenerateResult:
         return asdict(self)
 
 
+def model_path(model: str) -> str:
+    """``model`` with ``demo`` resolved to the committed demo pipeline's directory."""
+    if model == DEMO:
+        from xdit_compile.models.demo import demo_path
+
+        return str(demo_path())
+    return model
+
+
 def check_model(model: str) -> None:
-    """Fail fast, before any worker starts: ``model`` must be a pipeline directory or a tiny
-    pipeline name."""
+    """Fail fast, before any worker starts: ``model`` must be a pipeline directory, ``demo`` or
+    a tiny pipeline name."""
     from xdit_compile.models.pipelines import list_pipelines
 
+    if model == DEMO and not os.path.isdir(model_path(model)):
+        raise ValueError(f"the demo pipeline is missing ({model_path(model)}); train it with "
+                         f"`python -m xdit_compile.models.train_demo`")
+    model = model_path(model)
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ValueError(f"{model} is a directory without model_index.json: not a saved diffusers pipeline")
         return
     if model not in list_pipelines():
-        raise ValueError(f"--model {model!r}: no such directory, and not a tiny pipeline name "
-                         f"({', '.join(list_pipelines())})")
+        raise ValueError(f"--model {model!r}: no such directory, and neither {DEMO!r} nor a tiny "
+                         f"pipeline name ({', '.join(list_pipelines())})")
+
+
+def transformer_configs(model: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, config) of the transformer(s) ``model`` would run, read without loading weights:
+    ``transformer*/config.json`` of a saved pipeline, the zoo config of a tiny one."""
+    import json
+
+    from xdit_compile.models import get_entry
+    from xdit_compile.models.pipelines import list_pipelines, pipeline_info
+
+    path = model_path(model)
+    if os.path.isdir(path):
+        out = []
+        for sub in ("transformer", "transformer_2"):
+            cfg = Path(path, sub, "config.json")
+            if cfg.is_file():
+                out.append((f"{sub} ({json.loads(cfg.read_text()).get('_class_name', '?')})",
+                            json.loads(cfg.read_text())))
+        return out
+    if model in list_pipelines():
+        return [("transformer", get_entry(pipeline_info(model).zoo_name).config("tiny"))]
+    return []
 
 
 def load_pipeline(model: str, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
-    """The pipeline and its default call arguments (a tiny pipeline's, matched by class for a
-    saved one)."""
-    from xdit_compile.models.pipelines import (
-        build_pipeline,
-        list_pipelines,
-        pipeline_defaults,
-        pipeline_info,
-    )
+    """The pipeline and its default call arguments: none for a saved pipeline (``demo`` or a
+    directory: the pipeline's own defaults apply), the tiny call's for a tiny pipeline name."""
+    from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
 
-    if os.path.isdir(model):
+    path = model_path(model)
+    if os.path.isdir(path):
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-        cls = type(pipe).__name__
-        names = [n for n in list_pipelines() if pipeline_info(n).cls_name == cls]
-        return pipe, pipeline_defaults(names[0]) if names else {}
+        return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype), {}
     return build_pipeline(model, dtype=dtype), pipeline_defaults(model)
 
 
@@ -102,12 +151,29 @@ def _call_kwargs(pipe: Any, o: GenerateOptions, defaults: dict[str, Any]) -> dic
     given = {"num_inference_steps": o.steps, "height": o.height, "width": o.width,
              "num_frames": o.frames, "guidance_scale": o.guidance_scale, "negative_prompt": o.negative_prompt}
     kw.update({k: v for k, v in given.items() if v is not None})
+    kw.setdefault("use_resolution_binning", o.resolution_binning)
     params = inspect.signature(pipe.__call__).parameters
     if "num_frames" in kw and "num_frames" not in params:
         raise ValueError(f"{type(pipe).__name__} makes images: --frames does not apply")
     kw["prompt"] = o.prompt if len(o.prompt) > 1 else o.prompt[0]
     kw["output_type"] = "np"
     return {k: v for k, v in kw.items() if k in params}
+
+
+def _shown_call(pipe: Any, kw: dict[str, Any]) -> dict[str, Any]:
+    """The call's effective size/steps/guidance: given values, else the signature's defaults."""
+    params = inspect.signature(pipe.__call__).parameters
+    shown = {}
+    for key in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "max_sequence_length"):
+        if key in kw:
+            shown[key] = kw[key]
+        elif key in params and params[key].default is not inspect.Parameter.empty:
+            shown[key] = params[key].default
+    if shown.get("height") is None and hasattr(pipe, "transformer") and hasattr(pipe, "vae_scale_factor"):
+        size = getattr(pipe.transformer.config, "sample_size", None)
+        if isinstance(size, int):  # PixArt-style: sample_size x vae_scale_factor
+            shown["height"] = shown["width"] = size * pipe.vae_scale_factor
+    return {k: v for k, v in shown.items() if v is not None}
 
 
 def run_timed(pipe: Any, kw: dict[str, Any], seed: int) -> tuple[np.ndarray, float, list[float]]:
@@ -183,7 +249,8 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
         raise ValueError(f"--dtype {o.dtype!r}: choose one of {', '.join(_DTYPES)}")
     pipe, defaults = load_pipeline(o.model, dtype)
     kw = _call_kwargs(pipe, o, defaults)
-    result = GenerateResult(rank=rank, shape=[], total_s=0.0)
+    result = GenerateResult(rank=rank, shape=[], total_s=0.0, tolerance=TOLERANCE[dtype],
+                            call=_shown_call(pipe, kw))
     serial = None
     if o.compare_serial:  # the plain pipeline, on rank 0 alone
         if rank == 0:

@@ -9,13 +9,49 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["MeshAxis", "Plan", "BUILT_AXES", "OPTIONAL_PASSES"]
+__all__ = ["MeshAxis", "Plan", "BUILT_AXES", "OPTIONAL_PASSES", "config_heads"]
+
+#: Config keys that name a model's attention (query) heads, by diffusers family.
+_HEAD_KEYS = ("num_attention_heads", "num_heads", "heads_num", "n_heads", "attention_heads")
 
 
-class MeshAxis(enum.StrEnum):
+def config_heads(config: Mapping[str, Any] | None) -> int | None:
+    """The attention (query) heads a model's config states, or None where it says nothing."""
+    if not config:
+        return None
+    for key in _HEAD_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+class MeshAxis(str, enum.Enum):  # enum.StrEnum is Python 3.11+
     """Named mesh axes, slowest to fastest (the fastest gets neighbouring ranks)."""
+
+    def check_model(self, config: Mapping[str, Any] | None, name: str = "the model") -> None:
+        """Raise ``ValueError`` where ``config`` (a model's config) states its attention heads
+        and ``ulysses`` does not divide them; a config that does not tell is left to the
+        attention rule at the first call."""
+        heads = config_heads(config)
+        if heads is None or self.ulysses == 1 or heads % self.ulysses == 0:
+            return
+        fits = [d for d in range(1, heads + 1) if heads % d == 0 and d <= self.sp_degree]
+        u = math.gcd(self.ulysses, heads)
+        raise ValueError(
+            f"Plan(ulysses={self.ulysses}): {name} has {heads} attention heads, not divisible by "
+            f"{self.ulysses} (Ulysses gives each rank whole heads); use a ulysses degree in {fits} "
+            f"and the rest of the degree as ring, e.g. Plan(ulysses={u}, ring={self.sp_degree // u})")
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
     DP = "dp"
     CFG = "cfg"
@@ -167,6 +203,20 @@ class Plan:
                 f"{world_size}; choose degrees whose product is {world_size}, e.g. "
                 f"Plan(ulysses={world_size}) or Plan(ring={world_size})"
             )
+
+    def check_model(self, config: Mapping[str, Any] | None, name: str = "the model") -> None:
+        """Raise ``ValueError`` where ``config`` (a model's config) states its attention heads
+        and ``ulysses`` does not divide them; a config that does not tell is left to the
+        attention rule at the first call."""
+        heads = config_heads(config)
+        if heads is None or self.ulysses == 1 or heads % self.ulysses == 0:
+            return
+        fits = [d for d in range(1, heads + 1) if heads % d == 0 and d <= self.sp_degree]
+        u = math.gcd(self.ulysses, heads)
+        raise ValueError(
+            f"Plan(ulysses={self.ulysses}): {name} has {heads} attention heads, not divisible by "
+            f"{self.ulysses} (Ulysses gives each rank whole heads); use a ulysses degree in {fits} "
+            f"and the rest of the degree as ring, e.g. Plan(ulysses={u}, ring={self.sp_degree // u})")
 
     def __str__(self) -> str:
         degrees = ", ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1) or "serial"
