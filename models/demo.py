@@ -34,9 +34,12 @@ __all__ = [
     "Sample",
     "build_components",
     "caption",
+    "committed_references",
     "demo_path",
     "font_path",
+    "image_distance",
     "render",
+    "retrieval_accuracy",
     "reference_images",
     "samples",
     "subject_name",
@@ -283,3 +286,49 @@ def build_components(seed: int = 0) -> dict[str, Any]:
 def demo_path() -> Path:
     """Directory of the committed trained pipeline (``save_pretrained`` format)."""
     return Path(__file__).resolve().parent / "demo" / "emoji-pixart"
+
+
+# ---------------------------------------------------------------------------------------------
+# The retrieval metric
+# ---------------------------------------------------------------------------------------------
+
+#: The fixed image distance: mean squared difference of 4x4 average-pooled images (16x16x3),
+#: so a blurry but right picture stays nearer to its subject than a sharp wrong one.
+POOL = 4
+
+
+def image_distance(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """``[N, M]`` distances between ``images`` ``[N, 3, H, W]`` and ``refs`` ``[M, 3, H, W]``
+    (both in the same range; pooled by :data:`POOL`)."""
+    a = torch.nn.functional.avg_pool2d(images.float(), POOL).flatten(1)
+    b = torch.nn.functional.avg_pool2d(refs.float(), POOL).flatten(1)
+    return torch.cdist(a, b).pow(2) / a.shape[1]
+
+
+def retrieval_accuracy(images: torch.Tensor, labels: torch.Tensor, refs: torch.Tensor) -> float:
+    """Share of ``images`` whose nearest reference (:func:`image_distance`) is ``refs[label]``."""
+    nearest = image_distance(images, refs).argmin(dim=1)
+    return float((nearest == labels).float().mean())
+
+
+def references_path() -> Path:
+    """The committed strip of :func:`reference_images` (one 64x64 tile per subject, in order)."""
+    return Path(__file__).resolve().parent / "demo" / "references.png"
+
+
+def committed_references() -> torch.Tensor:
+    """:func:`reference_images` read from :func:`references_path` (no font needed)."""
+    from PIL import Image
+
+    strip = to_tensor(Image.open(references_path()))
+    return torch.stack(strip.split(SIZE, dim=2))
+
+
+def write_references() -> None:
+    """Render :func:`reference_images` into :func:`references_path`."""
+    from PIL import Image
+
+    strip = torch.cat(list(reference_images()), dim=2)
+    array = ((strip.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    references_path().parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(references_path())

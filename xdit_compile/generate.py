@@ -152,12 +152,21 @@ def _call_kwargs(pipe: Any, o: GenerateOptions, defaults: dict[str, Any]) -> dic
              "num_frames": o.frames, "guidance_scale": o.guidance_scale, "negative_prompt": o.negative_prompt}
     kw.update({k: v for k, v in given.items() if v is not None})
     kw.setdefault("use_resolution_binning", o.resolution_binning)
+    if not _caption_cleaning():  # what PixArt pipelines fall back to, with a warning per rank
+        kw.setdefault("clean_caption", False)
     params = inspect.signature(pipe.__call__).parameters
     if "num_frames" in kw and "num_frames" not in params:
         raise ValueError(f"{type(pipe).__name__} makes images: --frames does not apply")
     kw["prompt"] = o.prompt if len(o.prompt) > 1 else o.prompt[0]
     kw["output_type"] = "np"
     return {k: v for k, v in kw.items() if k in params}
+
+
+def _caption_cleaning() -> bool:
+    """Whether PixArt-style ``clean_caption=True`` can work (beautifulsoup4 and ftfy)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("bs4", "ftfy"))
 
 
 def _shown_call(pipe: Any, kw: dict[str, Any]) -> dict[str, Any]:
