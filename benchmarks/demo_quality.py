@@ -46,10 +46,14 @@ def generate(path: str, plan: dict[str, Any] | None, prompts: list[str], seeds: 
              components: dict[str, Any] | None = None) -> np.ndarray:
     """Images ``[len(seeds) * len(prompts), H, W, 3]`` in [0, 1]; image i of seed s is drawn
     from the generator seeded ``1000 * s + i`` (the same on every rank and in every method)."""
+    import diffusers
+    import transformers
     from diffusers import DiffusionPipeline
 
     import xdit_compile as xc
 
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     pipe: Any = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
     if components:
         pipe = type(pipe)(**{**pipe.components, **components})
@@ -115,6 +119,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="1 seed, 3 methods")
     p.add_argument("--out", type=Path, default=RESULTS / "demo_quality")
+    p.add_argument("--model", default=None, help="pipeline directory (default: the committed demo)")
+    p.add_argument("--subjects", type=int, default=None, help="first N subjects only (a smoke run)")
     args = p.parse_args()
     from tqdm import tqdm
 
@@ -122,12 +128,12 @@ def main() -> None:
     from xdit_compile.testing import WorkerPool
 
     torch.set_num_threads(2)
-    path = str(demo.demo_path())
+    path = args.model or str(demo.demo_path())
     seeds = [0] if args.quick else list(range(args.seeds))
     methods = METHODS[::5] if args.quick else METHODS
-    prompts = [demo.caption(s) for s in demo.SUBJECTS]
+    prompts = [demo.caption(s) for s in demo.SUBJECTS[: args.subjects]]
     labels = torch.arange(len(prompts)).repeat(len(seeds))
-    refs = demo.committed_references()
+    refs = demo.committed_references()[: len(prompts)]
     t0 = time.perf_counter()
     serial = generate(path, None, prompts, seeds)
     serial_s = time.perf_counter() - t0

@@ -32,8 +32,8 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _images() -> tuple[list[demo.Sample], torch.Tensor]:
-    samples = demo.samples()
+def _images(subjects: int | None = None) -> tuple[list[demo.Sample], torch.Tensor]:
+    samples = demo.samples(demo.SUBJECTS[:subjects])
     images = torch.stack([demo.to_tensor(s.image(seed=i)) for i, s in enumerate(samples)])
     return samples, images
 
@@ -51,6 +51,7 @@ def train_vae(vae: Any, images: torch.Tensor, work: Path, args: argparse.Namespa
         opt.load_state_dict(state["opt"])
         step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
         torch.set_rng_state(state["rng"])
+        print(f"vae: resumed at step {step} from {ckpt}")
     vae.train()
     bar = tqdm(total=args.vae_steps, initial=step, desc="vae", dynamic_ncols=True)
     start = time.perf_counter() - elapsed
@@ -117,6 +118,7 @@ def train_dit(components: dict[str, Any], samples: list[demo.Sample], mean: torc
         ema = state["ema"]
         step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
         torch.set_rng_state(state["rng"])
+        print(f"dit+t5: resumed at step {step} from {ckpt}")
     dit.train()
     te.train()
     alphas = noise.alphas_cumprod
@@ -205,13 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--uncond", type=float, default=0.1, help="share of empty captions")
     p.add_argument("--text-len", type=int, default=16)
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--subjects", type=int, default=None, help="first N subjects only (smoke runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     components = demo.build_components(args.seed)
     log: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-    samples, images = _images()
+    samples, images = _images(args.subjects)
     print(f"{len(samples)} training images of {len(demo.SUBJECTS)} subjects; "
           f"font {demo.font_path()}")
     vae = components["vae"]

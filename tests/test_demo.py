@@ -77,6 +77,15 @@ def test_demo_loads_offline_and_draws(monkeypatch):
     assert acc >= 0.7, acc
 
 
+def test_demo_heads_refused_before_launch(capsys: pytest.CaptureFixture) -> None:
+    from xdit_compile.generate import transformer_configs
+
+    [(name, config)] = transformer_configs("demo")
+    assert name == "transformer (PixArtTransformer2DModel)" and config["num_attention_heads"] == 4
+    assert main(["generate", "--model", "demo", "--prompt", "x", "--ulysses", "3"]) == 2
+    assert "demo's transformer (PixArtTransformer2DModel) has 4 attention heads" in capsys.readouterr().err
+
+
 @pytest.mark.dist
 def test_generate_saved_demo_uses_its_defaults(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """No --steps/--height: the saved pipeline's own defaults (20 steps, 64x64, guidance 4.5,
@@ -111,3 +120,30 @@ def test_generate_demo_bf16(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
         images[dtype] = torch.tensor(list(Image.open(out).getdata()), dtype=torch.float32)
     assert not torch.equal(images["bfloat16"], images["float32"])
+
+
+def test_training_script_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The training script on 2 subjects for a few steps, then again with more steps: it
+    resumes from its checkpoints (step counts carry over) and saves a loadable pipeline."""
+    try:
+        demo.font_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from diffusers import DiffusionPipeline
+
+    from xdit_compile.models.train_demo import main as train
+
+    work, out = tmp_path / "work", tmp_path / "pipe" / "p"
+    common = ["--work", str(work), "--out", str(out), "--subjects", "2", "--vae-batch", "4", "--batch", "4",
+              "--checkpoint-every", "1", "--threads", "1"]
+    train([*common, "--vae-steps", "2", "--dit-steps", "2"])
+    assert "resumed" not in capsys.readouterr().out
+    train([*common, "--vae-steps", "3", "--dit-steps", "4"])
+    text = capsys.readouterr().out
+    assert "vae: resumed at step 2" in text and "dit+t5: resumed at step 2" in text, text
+    log = __import__("json").loads((out.parent / "training.json").read_text())
+    assert log["vae"]["steps"] == 3 and log["dit"]["steps"] == 4
+    assert torch.load(work / "dit.pt", weights_only=False)["step"] == 4
+    assert (out.parent / "training_loss.png").is_file()
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "PixArtSigmaPipeline"
