@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe: Any = PixArtSigmaPipeline(**components)
     pipe.to(torch.float16)
+    # transformers loads a model in its saved dtype while diffusers loads float32 by default: a
+    # float16 text encoder would make `from_pretrained(path)` a mixed-precision pipeline. Its
+    # weights keep the float16 rounding (1.4 MB as float32).
+    pipe.text_encoder.to(torch.float32)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out)
     _plot(log, args.out.parent / "training_loss.png")
