@@ -127,8 +127,8 @@ def transformer_configs(model: str) -> list[tuple[str, dict[str, Any]]]:
         for sub in ("transformer", "transformer_2"):
             cfg = Path(path, sub, "config.json")
             if cfg.is_file():
-                out.append((f"{sub} ({json.loads(cfg.read_text()).get('_class_name', '?')})",
-                            json.loads(cfg.read_text())))
+                config = json.loads(cfg.read_text())
+                out.append((f"{sub} ({config.get('_class_name', '?')})", config))
         return out
     if model in list_pipelines():
         return [("transformer", get_entry(pipeline_info(model).zoo_name).config("tiny"))]
@@ -172,18 +172,15 @@ def _caption_cleaning() -> bool:
 
 
 def _shown_call(pipe: Any, kw: dict[str, Any]) -> dict[str, Any]:
-    """The call's effective size/steps/guidance: given values, else the signature's defaults."""
+    """The call's steps/guidance/text length: given values, else the signature's defaults (the
+    size is read from the output, since pipelines derive a ``None`` default in their own ways)."""
     params = inspect.signature(pipe.__call__).parameters
     shown = {}
-    for key in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "max_sequence_length"):
+    for key in ("num_frames", "num_inference_steps", "guidance_scale", "max_sequence_length"):
         if key in kw:
             shown[key] = kw[key]
         elif key in params and params[key].default is not inspect.Parameter.empty:
             shown[key] = params[key].default
-    if shown.get("height") is None and hasattr(pipe, "transformer") and hasattr(pipe, "vae_scale_factor"):
-        size = getattr(pipe.transformer.config, "sample_size", None)
-        if isinstance(size, int):  # PixArt-style: sample_size x vae_scale_factor
-            shown["height"] = shown["width"] = size * pipe.vae_scale_factor
     return {k: v for k, v in shown.items() if v is not None}
 
 
@@ -280,6 +277,7 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
     arr, result.total_s, result.step_s = run_timed(pipe, kw, o.seed)
     result.bytes_sent = comm_stats().total_bytes
     result.shape = list(arr.shape)
+    result.call = {"height": int(arr.shape[-3]), "width": int(arr.shape[-2]), **result.call}
     if not np.isfinite(arr).all():
         raise RuntimeError("the parallel pipeline produced non-finite values")
     if serial is not None:
