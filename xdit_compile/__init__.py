@@ -2,7 +2,8 @@
 
 from xdit_compile.api import ParallelModule, init_distributed, parallelize
 from xdit_compile.pipeline import parallelize_pipeline
-from xdit_compile.plan import MeshAxis, Plan
+from xdit_compile.plan import _AUTO, MeshAxis, Plan
+from xdit_compile.planner import auto as _auto
 from xdit_compile.report import Report, build_report
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "parallelize_pipeline",
 ]
 __version__ = "0.1.0"
+_AUTO[:] = [_auto]  # Plan.auto (plan.py imports nothing of the package)
 
 
 def explain(pm: ParallelModule) -> Report:

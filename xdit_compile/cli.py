@@ -1,4 +1,4 @@
-"""Command line: ``xdit-compile explain``, ``run`` and ``generate``.
+"""Command line: ``xdit-compile explain``, ``run``, ``generate`` and ``plan``.
 
 ``explain`` rewrites a zoo model for a plan in one process, with a fake process group of the
 plan's world size (no workers, no GPUs), and prints the report and rewritten graph.
@@ -6,6 +6,8 @@ plan's world size (no workers, no GPUs), and prints the report and rewritten gra
 serially and in parallel on the zoo's inputs, and prints latency, bytes per rank and the error.
 ``generate`` runs a whole pipeline (saved directory or tiny name) in parallel and writes the
 image or video (see :mod:`xdit_compile.generate`).
+``plan`` ranks every valid plan of a zoo model on N GPUs of a hardware profile by the cost model
+(see :mod:`xdit_compile.planner`), with no GPUs and no weights.
 """
 
 from __future__ import annotations
@@ -201,6 +203,53 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from xdit_compile import cost, planner
+
+    if a.calibrate:
+        print("calibrating this machine (matmul, attention, memory, dispatch, gloo link) ...", flush=True)
+        hw = cost.calibrate(threads=a.threads)
+        if a.save_profile:
+            with open(a.save_profile, "w") as f:
+                json.dump(hw.as_dict(), f, indent=1)
+            print(f"  wrote {a.save_profile}")
+    else:
+        hw = cost.get_hardware(a.hardware)
+    gpus = a.gpus * a.nodes if a.per_node else a.gpus
+    if gpus < 1 or a.nodes < 1 or gpus % a.nodes:
+        raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {a.nodes}")
+    steps = a.steps or planner.zoo_steps(a.model)
+    load = planner.zoo_workload(a.model, height=a.height, width=a.width, frames=a.frames, size=a.size)
+    ranked = planner.rank_plans(load, gpus, hw, steps=steps, nodes=a.nodes, approximate=not a.exact,
+                                compile=a.compile)
+    serial = planner.rank_plans(load, 1, hw, steps=steps, compile=a.compile)[0].prediction
+    best = next((c for c in ranked if c.prediction is not None), None)
+    print(f"{load.name}: {gpus} x {hw.name} ({hw.description}), {a.nodes} node(s), {steps} steps, "
+          f"compile={a.compile}")
+    if serial is not None:
+        print(f"  one GPU: {serial.total:.2f} s ({serial.step * 1e3:.1f} ms/step, "
+              f"{serial.flops / 1e12:.1f} TFLOP per call)")
+    print("  predicted latency per request (transformer only), fastest first; per-axis columns are "
+          "exposed communication ms per step:")
+    print("\n".join("  " + ln for ln in planner.format_table(ranked, limit=a.top).splitlines()))
+    if best is None:
+        print("  no valid plan")
+        return 1
+    assert best.prediction is not None
+    exact = next((c for c in ranked if c.prediction is not None and c.exact), None)
+    speed = f", {serial.total / best.prediction.total:.2f}x one GPU" if serial else ""
+    print(f"  best: {best.plan}{speed}")
+    if exact is not None and exact is not best:
+        print(f"  best exact plan: {exact.plan} ({exact.prediction.total:.2f} s)")  # type: ignore[union-attr]
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": load.name, "gpus": gpus, "nodes": a.nodes, "hardware": hw.as_dict(), "steps": steps,
+                       "serial": serial.as_dict() if serial else None,
+                       "plans": [c.prediction.as_dict() if c.prediction else {"plan": str(c.plan), "invalid": c.invalid}
+                                 for c in ranked]}, f, indent=1)
+    return 0
+
+
 def _print_demo() -> None:
     """What ``--model demo`` draws (its subjects, backgrounds, sizes and positions)."""
     import textwrap
@@ -257,6 +306,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     g.add_argument("--timeout", type=float, default=1800.0, help="seconds before workers are stopped")
+    c = sub.add_parser("plan", help="rank every plan for N GPUs by the cost model (no GPUs needed)")
+    c.add_argument("--model", required=True, help="zoo model name (published full-size config, no weights)")
+    c.add_argument("--gpus", type=int, required=True, help="GPUs in all (see --per-node)")
+    c.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over")
+    c.add_argument("--per-node", action="store_true", help="--gpus counts the GPUs of one node")
+    c.add_argument("--hardware", default="h100-sxm",
+                   help="h100-sxm, h200-sxm, a100-sxm, l40-pcie, rtx-4090, cpu, or a calibrated JSON profile")
+    c.add_argument("--calibrate", action="store_true", help="measure this machine and use it as the hardware")
+    c.add_argument("--save-profile", default=None, help="with --calibrate: write the profile (JSON) here")
+    c.add_argument("--threads", type=int, default=1, help="with --calibrate: CPU threads per rank")
+    c.add_argument("--size", choices=["tiny", "full"], default="full", help="the zoo config (default: published)")
+    c.add_argument("--height", type=int, default=None, help="pixels (default: the zoo's input at --size)")
+    c.add_argument("--width", type=int, default=None)
+    c.add_argument("--frames", type=int, default=None, help="video frames")
+    c.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    c.add_argument("--compile", choices=["eager", "inductor"], default=None)
+    c.add_argument("--exact", action="store_true", help="only exact plans (no PipeFusion / DistriFusion)")
+    c.add_argument("--top", type=int, default=15, help="rows to print")
+    c.add_argument("--json", default=None, help="write every prediction to this file")
     sub.add_parser("models", help="list zoo models")
     return p
 
@@ -275,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n:<14} {get_entry(n).description}")
             _print_demo()
             return 0
-        return {"explain": _cmd_explain, "run": _cmd_run, "generate": _cmd_generate}[args.cmd](args)
+        cmds = {"explain": _cmd_explain, "run": _cmd_run, "generate": _cmd_generate, "plan": _cmd_plan}
+        return cmds[args.cmd](args)
     except (ValueError, KeyError, TypeError) as e:
         print(f"xdit-compile: error: {e}", file=sys.stderr)
         return 2

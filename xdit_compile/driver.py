@@ -153,7 +153,12 @@ def run_passes(
     gm: fx.GraphModule, passes: list[tuple[str, PassFn]], ctx: PassContext
 ) -> fx.GraphModule:
     """Run ``passes`` in order on ``gm``; returns the final GraphModule."""
-    debug = os.environ.get("XDIT_DEBUG", "") not in ("", "0")
+    from xdit_compile.passes.flops import node_flops
+
+    debug = os.environ.get("XDIT_DEBUG", "") not in ("", "0") and ctx.hints.get("verify", True)
+    # The serial model's FLOPs, before any round cuts the batch or the sequence (what a rank's
+    # share is reported against).
+    ctx.hints.setdefault("serial_flops", sum(node_flops(n) for n in gm.graph.nodes))
     ctx.graphs["capture"] = gm.print_readable(print_output=False)
     done: list[str] = []
     for name, fn in passes:

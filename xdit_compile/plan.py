@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,10 @@ BUILT_AXES: tuple[MeshAxis, ...] = tuple(MeshAxis)
 OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows")
 
 _BACKENDS = (None, "eager", "inductor")
+
+#: The planner behind :meth:`Plan.auto` (``xdit_compile.planner.auto``, registered when the
+#: package is imported: this module stays pure data and imports nothing of the package).
+_AUTO: list[Callable[..., Plan]] = []
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -160,6 +164,18 @@ class Plan:
         if self.distrifusion > 1 and self.displaced_patches > 1:
             raise ValueError("Plan: DistriFusion and PipeFusion cannot be combined; choose one "
                              "(pipefusion x ulysses/ring, or distrifusion x cfg/dp)")
+
+    @classmethod
+    def auto(cls, model: Any, example_inputs: Mapping[str, Any], world_size: int, hardware: Any = "h100-sxm",
+             **options: Any) -> Plan:
+        """The plan the cost model predicts fastest for ``model(**example_inputs)`` on
+        ``world_size`` GPUs of ``hardware`` (a profile name of :mod:`xdit_compile.cost`, a
+        calibrated JSON file, or a ``Hardware``). Exact plans only unless ``approximate=True``;
+        other options: ``steps``, ``nodes``, ``compile``, ``cfg_in_batch`` (the batch holds both
+        CFG branches). See :func:`xdit_compile.planner.auto` and ``xdit-compile plan``."""
+        if not _AUTO:  # importing xdit_compile.plan runs xdit_compile/__init__.py, which registers it
+            raise RuntimeError("the planner is not registered: import xdit_compile")
+        return _AUTO[0](model, dict(example_inputs), world_size, hardware, **options)
 
     @property
     def displaced_patches(self) -> int:

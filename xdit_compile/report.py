@@ -19,7 +19,7 @@ from xdit_compile.driver import CollectiveSite, PassStat, ShardingBreak
 from xdit_compile.passes.flops import node_flops
 from xdit_compile.placement import Shard
 
-__all__ = ["Report", "build_report", "estimate_flops"]
+__all__ = ["Report", "build_report", "estimate_flops", "local_fraction"]
 
 aten = torch.ops.aten
 
@@ -116,7 +116,8 @@ def _op_delta(before: dict[str, int], after: dict[str, int]) -> str:
     return ", ".join(parts[:8]) + (" ..." if len(parts) > 8 else "")
 
 
-def _local_fraction(node: fx.Node, rank: int) -> float:
+def local_fraction(node: fx.Node, rank: int) -> float:
+    """The share of ``node``'s (global) value that ``rank`` holds under its placement."""
     p = node.meta.get("xdit_placement")
     if isinstance(p, Shard):
         return p.local_size(rank) / p.total
@@ -129,7 +130,7 @@ def estimate_flops(gm: fx.GraphModule, rank: int) -> tuple[int, int]:
     for node in gm.graph.nodes:
         f = node_flops(node)
         serial += f
-        local += int(f * _local_fraction(node, rank))
+        local += int(f * local_fraction(node, rank))
     return local, serial
 
 
@@ -144,6 +145,7 @@ def build_report(pm: Any) -> Report:
 
     ctx = entry.ctx
     flops, serial = estimate_flops(entry.gm, ctx.mesh.sp_rank)
+    serial = ctx.hints.get("serial_flops", serial)  # before the CFG / data-parallel rounds
     info = ctx.hints.get("pipefusion")
     if info is not None:  # this rank's stage of every patch (local shapes)
         progs = entry.runner.main.programs
@@ -206,6 +208,7 @@ def _region_report(pm: Any) -> Report:
             n = len(entry.ctx.breaks)
             how = f"one graph, {n} sharding break{'s' if n != 1 else ''}"
             local, ser = estimate_flops(entry.gm, entry.ctx.mesh.sp_rank)
+            ser = entry.ctx.hints.get("serial_flops", ser)
             flops, serial = flops + local, serial + ser
             breaks += [dc_replace(b, node=f"{r.region}/{b.node}") for b in entry.ctx.breaks]
             collectives += [dc_replace(c, node=f"{r.region}/{c.node}") for c in entry.ctx.collectives]

@@ -1,0 +1,411 @@
+"""The cost model: predicted latency of a plan from its accounting and a hardware profile.
+
+A plan's accounting (:class:`Work`, built by :mod:`xdit_compile.planner` from the rewritten graph,
+the same numbers ``explain`` reports) says, for the busiest rank and one transformer call: matmul
+and attention FLOPs, the bytes that memory-bound ops move, how many ops are dispatched, and every
+collective (op, mesh axis, calls, bytes sent). A :class:`Hardware` profile turns them into time:
+
+- compute: matmul FLOPs / sustained matmul rate + attention FLOPs / sustained attention rate +
+  memory-bound bytes / sustained memory bandwidth. Eager mode moves every pointwise op's inputs and
+  output through memory and dispatches every op; ``compile="inductor"`` moves only the tensors a
+  fused kernel must materialize and launches one kernel per fused group. On GPUs dispatch runs
+  ahead of the device (the step takes the larger of the two); on CPUs it adds.
+- communication per mesh axis: ``calls x latency + bytes / bandwidth`` of the link that axis
+  crosses. Axes are laid out slowest to fastest (``dp, cfg, pipefusion, distrifusion, ring,
+  ulysses``), so an axis of degree ``d`` whose faster axes multiply to ``s`` spans ``d x s``
+  neighbouring ranks: the link is that of the smallest level of the topology (NVLink island,
+  PCIe switch, CPU socket, node) holding ``d x s`` ranks.
+- overlap where the method allows it: Ring's K/V passes hide behind the attention of the blocks
+  already received; DistriFusion's gathers of stale K/V hide behind the whole step after its
+  warmup steps; PipeFusion's sends to the next stage are asynchronous. Ulysses' all-to-alls and
+  graph-level gathers are on the critical path.
+
+Datasheet profiles state peak numbers; sustained rates are peak x an efficiency that is the same
+for every GPU (:data:`EFFICIENCY`, typical of large cuBLAS GEMMs, FlashAttention forward and NCCL
+bus bandwidth as their authors publish them). No constant here is fitted to end-to-end latencies:
+the published ones in ``benchmarks/validate_cost_model.py`` are only compared against.
+:func:`calibrate` measures the machine it runs on instead (matmul, attention, memory, dispatch,
+and the gloo link between two local processes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from xdit_compile.plan import MeshAxis, Plan
+
+__all__ = [
+    "EFFICIENCY",
+    "HARDWARE",
+    "Hardware",
+    "Link",
+    "Prediction",
+    "Work",
+    "axis_span",
+    "calibrate",
+    "get_hardware",
+    "predict",
+]
+
+#: Sustained / peak, the same for every GPU profile (not fitted to end-to-end latencies):
+#: large bf16 GEMMs reach about 70% of the tensor-core peak, FlashAttention-2/3 forward
+#: 50-75% (we take 50%), HBM/GDDR streams about 80%, and NCCL's bus bandwidth about 80% of the
+#: link's.
+EFFICIENCY = {"matmul": 0.70, "attention": 0.50, "memory": 0.80, "link": 0.80}
+
+
+@dataclass(frozen=True)
+class Link:
+    """One level of the interconnect: per-rank bandwidth (bytes/s, one direction, sustained) and
+    the latency of one collective call (s)."""
+
+    name: str
+    bandwidth: float
+    latency: float
+
+    def time(self, calls: int, nbytes: int) -> float:
+        return calls * self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A device and its interconnect, with sustained rates (see :data:`EFFICIENCY`)."""
+
+    name: str
+    description: str
+    matmul: float
+    """Sustained matmul FLOP/s (bf16 on GPUs; the dtype of ``--calibrate`` on CPUs)."""
+    attention: float
+    """Sustained attention FLOP/s."""
+    memory: float
+    """Sustained memory bandwidth, bytes/s."""
+    op_overhead: float
+    """Seconds to dispatch one eager op (framework + launch)."""
+    kernel_overhead: float
+    """Seconds to launch one kernel of a compiled graph."""
+    levels: tuple[tuple[int, Link], ...]
+    """Interconnect levels, innermost first: (ranks per group at this level, link). A group
+    larger than the last level crosses nodes (:attr:`network`)."""
+    network: Link
+    """The link between nodes."""
+    gpus_per_node: int = 8
+    sockets: int = 1
+    """CPU sockets per node the GPUs are spread over (PCIe boxes: a node's GPUs sit half on
+    each socket, and traffic between the halves crosses the socket link, ``levels[-1]``)."""
+    async_dispatch: bool = True
+    """GPUs queue kernels: dispatch overlaps device time. CPUs run ops as they are dispatched."""
+    overlap: float = 1.0
+    """Fraction of overlappable communication that actually hides behind compute."""
+    source: str = ""
+
+    def link(self, span: int, nodes: int = 1, world: int = 1) -> Link:
+        """The slowest link inside a group of ``span`` neighbouring ranks of ``world`` ranks
+        spread evenly over ``nodes`` nodes (and, where a node has several CPU sockets, evenly
+        over its sockets)."""
+        per_node = max(1, world // max(nodes, 1))
+        if span > per_node:
+            return self.network
+        if self.sockets > 1:
+            return self.levels[0][1] if span <= max(1, per_node // self.sockets) else self.levels[-1][1]
+        for size, link in self.levels:
+            if span <= size:
+                return link
+        return self.levels[-1][1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Hardware:
+        d = dict(d)
+        d["levels"] = tuple((int(s), Link(**lk)) for s, lk in d["levels"])
+        d["network"] = Link(**d["network"])
+        return cls(**d)
+
+
+def _gpu(name: str, description: str, *, bf16_tflops: float, mem_tbs: float, levels: list[tuple[int, str, float, float]],
+         net_gbs: float, source: str, gpus_per_node: int = 8, sockets: int = 1) -> Hardware:
+    e = EFFICIENCY
+    return Hardware(
+        name=name, description=description,
+        matmul=bf16_tflops * 1e12 * e["matmul"], attention=bf16_tflops * 1e12 * e["attention"],
+        memory=mem_tbs * 1e12 * e["memory"], op_overhead=8e-6, kernel_overhead=4e-6,
+        levels=tuple((size, Link(lname, gbs * 1e9 * e["link"], lat)) for size, lname, gbs, lat in levels),
+        network=Link("network", net_gbs * 1e9 * e["link"], 10e-6), gpus_per_node=gpus_per_node, sockets=sockets,
+        async_dispatch=True, overlap=1.0, source=source)
+
+
+#: Datasheet profiles. Bandwidths are per GPU and direction; bf16 tensor-core peaks are dense.
+HARDWARE: dict[str, Hardware] = {
+    "h100-sxm": _gpu("h100-sxm", "NVIDIA H100 SXM5 80GB, NVLink 4 + NVSwitch, 8 per node, InfiniBand NDR",
+                     bf16_tflops=989, mem_tbs=3.35, levels=[(8, "nvlink", 450, 5e-6)], net_gbs=50,
+                     source="NVIDIA H100 datasheet: 989 TFLOPS bf16 dense, 3.35 TB/s HBM3, NVLink 900 GB/s "
+                            "(450 each way); ConnectX-7 400 Gb/s per GPU"),
+    "h200-sxm": _gpu("h200-sxm", "NVIDIA H200 SXM 141GB, NVLink 4 + NVSwitch, 8 per node, InfiniBand NDR",
+                     bf16_tflops=989, mem_tbs=4.8, levels=[(8, "nvlink", 450, 5e-6)], net_gbs=50,
+                     source="NVIDIA H200 datasheet: 989 TFLOPS bf16 dense, 4.8 TB/s HBM3e, NVLink 900 GB/s"),
+    "a100-sxm": _gpu("a100-sxm", "NVIDIA A100 SXM4 80GB, NVLink 3 + NVSwitch, 8 per node, InfiniBand HDR",
+                     bf16_tflops=312, mem_tbs=2.04, levels=[(8, "nvlink", 300, 5e-6)], net_gbs=25,
+                     source="NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 2.04 TB/s HBM2e, NVLink 600 GB/s"),
+    "l40-pcie": _gpu("l40-pcie", "NVIDIA L40 48GB, PCIe Gen4 x16, half of a node's GPUs on each of 2 CPU sockets",
+                     bf16_tflops=181, mem_tbs=0.864,
+                     levels=[(4, "pcie", 32, 10e-6), (8, "upi", 20, 20e-6)], net_gbs=25, sockets=2,
+                     source="NVIDIA L40 datasheet: 181 TFLOPS bf16 dense, 864 GB/s GDDR6, PCIe Gen4 x16 "
+                            "(32 GB/s each way); Xeon UPI about 20 GB/s each way between sockets"),
+    "rtx-4090": _gpu("rtx-4090", "NVIDIA GeForce RTX 4090 24GB, PCIe Gen4 x16 without peer-to-peer, 2 sockets",
+                     bf16_tflops=165, mem_tbs=1.008, levels=[(4, "pcie-host", 16, 15e-6), (8, "upi", 12, 25e-6)],
+                     net_gbs=12.5, sockets=2, source="Ada whitepaper: 165 TFLOPS bf16 dense (fp32 accumulate), 1008 GB/s "
+                                          "GDDR6X; no P2P, so traffic goes through host memory"),
+    "cpu": Hardware(
+        name="cpu", description="a generic CPU core per rank, gloo over loopback (run --calibrate for yours)",
+        matmul=50e9, attention=25e9, memory=8e9, op_overhead=15e-6, kernel_overhead=10e-6,
+        levels=((1 << 20, Link("loopback", 1.0e9, 60e-6)),), network=Link("network", 1.0e9, 100e-6),
+        gpus_per_node=1 << 20, async_dispatch=False, overlap=0.0,
+        source="rough defaults; xdit-compile plan --calibrate measures this machine"),
+}
+
+
+def get_hardware(name: str | Hardware) -> Hardware:
+    """A profile by name (``HARDWARE``), a path to a calibrated JSON profile, or a profile."""
+    if isinstance(name, Hardware):
+        return name
+    if name in HARDWARE:
+        return HARDWARE[name]
+    if os.path.exists(name):
+        return Hardware.from_dict(json.loads(Path(name).read_text()))
+    raise ValueError(f"unknown hardware {name!r}; choose one of {sorted(HARDWARE)} or a calibrated JSON file")
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+@dataclass
+class Work:
+    """One transformer call on the busiest rank of a plan (see :mod:`xdit_compile.planner`)."""
+
+    matmul_flops: float = 0.0
+    attention_flops: float = 0.0
+    eager_bytes: float = 0.0
+    """Bytes pointwise/reduction ops read and write when each runs as its own kernel."""
+    fused_bytes: float = 0.0
+    """Bytes that must be materialized when pointwise ops are fused into their neighbours."""
+    ops: float = 0.0
+    """Ops dispatched in eager mode."""
+    kernels: float = 0.0
+    """Kernels of the compiled graph (matmuls, attention, fused groups)."""
+    comm: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    """(op, axis) -> [calls, bytes sent] per call."""
+    ring_steps: int = 1
+    """Ring degree: its K/V passes overlap with r-1 of r attention blocks."""
+    stage_bytes: float = 0.0
+    """PipeFusion: bytes sent to the next stage per call (asynchronous)."""
+    serial_flops: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        return self.matmul_flops + self.attention_flops
+
+    def scaled(self, k: float) -> Work:
+        return Work(self.matmul_flops * k, self.attention_flops * k, self.eager_bytes * k, self.fused_bytes * k,
+                    self.ops * k, self.kernels * k, {a: [c * k, b * k] for a, (c, b) in self.comm.items()},
+                    self.ring_steps, self.stage_bytes * k, self.serial_flops * k)
+
+    def __add__(self, o: Work) -> Work:
+        comm = {a: list(v) for a, v in self.comm.items()}
+        for a, (c, b) in o.comm.items():
+            cur = comm.setdefault(a, [0.0, 0.0])
+            cur[0], cur[1] = cur[0] + c, cur[1] + b
+        return Work(self.matmul_flops + o.matmul_flops, self.attention_flops + o.attention_flops,
+                    self.eager_bytes + o.eager_bytes, self.fused_bytes + o.fused_bytes, self.ops + o.ops,
+                    self.kernels + o.kernels, comm, max(self.ring_steps, o.ring_steps),
+                    self.stage_bytes + o.stage_bytes, self.serial_flops + o.serial_flops)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def axis_span(plan: Plan, axis: str) -> int:
+    """Neighbouring ranks one group of ``axis`` spans ("sp": the sequence axes together)."""
+    order = [a.value for a in MeshAxis]  # slowest first
+    degrees = plan.degrees()
+    if axis == "sp":
+        return degrees["distrifusion"] * degrees["ring"] * degrees["ulysses"]
+    if axis not in degrees:
+        return plan.world_size
+    faster = math.prod(degrees[a] for a in order[order.index(axis) + 1:])
+    return degrees[axis] * faster
+
+
+@dataclass
+class Prediction:
+    """Predicted seconds of one plan, split by where the time goes."""
+
+    plan: Plan
+    hardware: str
+    steps: int
+    compute: float
+    """Per call: device time of matmuls, attention and memory-bound ops (or dispatch, if larger)."""
+    comm: dict[str, float]
+    """Per call: exposed communication seconds per mesh axis."""
+    hidden: float
+    """Per call: communication seconds hidden behind compute."""
+    warmup_extra: float
+    """Extra seconds of a request's warmup steps (PipeFusion/DistriFusion run them exactly)."""
+    calls_per_step: int
+    flops: float
+    comm_bytes: float
+    step: float = 0.0
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.step = self.calls_per_step * (self.compute + sum(self.comm.values()))
+        self.total = self.steps * self.step + self.warmup_extra
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"plan": str(self.plan), "hardware": self.hardware, "steps": self.steps, "total_s": self.total,
+                "step_s": self.step, "compute_s": self.compute, "comm_s": self.comm, "hidden_s": self.hidden,
+                "warmup_extra_s": self.warmup_extra, "flops": self.flops, "comm_bytes": self.comm_bytes}
+
+
+def _compute(w: Work, hw: Hardware, compiled: bool) -> tuple[float, float]:
+    """(compute seconds, attention seconds) of ``w``."""
+    attn = w.attention_flops / hw.attention
+    device = w.matmul_flops / hw.matmul + attn + (w.fused_bytes if compiled else w.eager_bytes) / hw.memory
+    dispatch = (w.kernels * hw.kernel_overhead) if compiled else (w.ops * hw.op_overhead)
+    return (max(device, dispatch) if hw.async_dispatch else device + dispatch), attn
+
+
+def predict(plan: Plan, work: Work, hardware: str | Hardware, *, steps: int = 28, nodes: int = 1,
+            calls_per_step: int = 1) -> Prediction:
+    """Predicted latency of ``steps`` denoising steps under ``plan`` (``work``: one call on its
+    busiest rank; ``calls_per_step``: transformer calls per step, e.g. 2 for CFG run as two calls)."""
+    hw = get_hardware(hardware)
+    world = plan.world_size
+    compiled = plan.compile == "inductor"
+    compute, attn = _compute(work, hw, compiled)
+    exposed: dict[str, float] = {}
+    hidden = 0.0
+    df_time = 0.0
+    for (op, axis), (calls, nbytes) in work.comm.items():
+        link = hw.link(axis_span(plan, axis), nodes, world)
+        t = link.time(int(round(calls)), int(nbytes))
+        if op == "send_recv" and axis == "ring" and work.ring_steps > 1:
+            room = hw.overlap * attn * (work.ring_steps - 1) / work.ring_steps
+            hide = min(t, room)
+        elif axis == "distrifusion":
+            df_time += t
+            hide = min(t, hw.overlap * compute)
+        else:
+            hide = 0.0
+        hidden += hide
+        exposed[axis] = exposed.get(axis, 0.0) + t - hide
+    warm = 0.0
+    if plan.distrifusion > 1:  # warmup steps gather fresh K/V synchronously: nothing hides
+        warm += plan.warmup_steps * calls_per_step * min(df_time, hw.overlap * compute)
+    if plan.pipefusion > 1:
+        p, m = plan.pipefusion, plan.displaced_patches
+        stage = hw.link(axis_span(plan, "pipefusion"), nodes, world)
+        send = stage.time(m, int(work.stage_bytes))
+        hide = min(send, hw.overlap * compute)
+        hidden += hide
+        exposed["pipefusion"] = exposed.get("pipefusion", 0.0) + send - hide
+        # The pipeline fills and drains within each call: (M + P - 1) slots of one patch-stage each.
+        bubble = compute * (p - 1) / m
+        exposed["pipefusion"] += bubble
+        # Warmup steps run the whole sequence as one patch through the stages one after another.
+        warm += plan.warmup_steps * calls_per_step * (compute * p - compute - bubble)
+    comm_bytes = sum(b for _, b in work.comm.values()) + (work.stage_bytes if plan.pipefusion > 1 else 0.0)
+    return Prediction(plan, hw.name, steps, compute, exposed, hidden, warm, calls_per_step, work.flops, comm_bytes)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _best(fn: Any, reps: int = 5) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _link_worker(rank: int, world: int, port: int, sizes: list[int], q: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    out = []
+    for n in sizes:
+        x = torch.ones(2, n // 8, dtype=torch.float32)  # n bytes sent per rank
+        y = torch.empty_like(x)
+        out.append(_best(lambda x=x, y=y: dist.all_to_all_single(y, x), reps=5))
+    dist.destroy_process_group()
+    if rank == 0:
+        q.put(out)
+
+
+def _measure_link() -> Link:
+    """gloo all-to-all between two local processes: latency and bandwidth by a two-point fit."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sizes = [1 << 10, 16 << 20]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_link_worker, args=(r, 2, port, sizes, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    small, large = q.get(timeout=300)
+    for p in procs:
+        p.join()
+    bw = (sizes[1] - sizes[0]) / max(large - small, 1e-9)
+    return Link("loopback", bw, max(small - sizes[0] / bw, 1e-6))
+
+
+def calibrate(*, threads: int = 1, link: bool = True, dtype: str = "float32") -> Hardware:
+    """Measure this machine (one rank = ``threads`` CPU threads, or the current CUDA device):
+    matmul and attention FLOP/s, memory bandwidth, per-op dispatch, and (``link``) the gloo
+    all-to-all between two local processes. Returns a profile named ``"calibrated"``."""
+    import torch
+    import torch.nn.functional as F
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dt = getattr(torch, dtype)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    try:
+        n = 4096 if cuda else 512
+        a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+        t_mm = _best(lambda: (a @ b, sync()))
+        q = torch.randn(1, 4 if not cuda else 24, 1024 if not cuda else 4096, 64 if not cuda else 128, device=dev, dtype=dt)
+        t_at = _best(lambda: (F.scaled_dot_product_attention(q, q, q), sync()))
+        big = torch.randn(16 << 20 if cuda else 4 << 20, device=dev, dtype=torch.float32)
+        t_mem = _best(lambda: (big.mul_(1.0), sync()))
+        tiny = torch.randn(8, device=dev)
+        t_op = _best(lambda: [tiny.add(1.0) for _ in range(200)] and sync()) / 200
+    finally:
+        torch.set_num_threads(old)
+    base = HARDWARE["h100-sxm"] if cuda else HARDWARE["cpu"]
+    measured_link = _measure_link() if link and not cuda else base.levels[0][1]
+    return replace(
+        base, name="calibrated",
+        description=f"measured on this machine ({dev}, {threads} thread(s) per rank, {dtype})",
+        matmul=2 * n ** 3 / t_mm, attention=4 * q.numel() * q.shape[-2] / t_at,
+        memory=2 * big.numel() * 4 / t_mem, op_overhead=t_op, kernel_overhead=t_op,
+        levels=((base.levels[0][0], measured_link),), network=measured_link if not cuda else base.network,
+        source="xdit_compile.cost.calibrate()")

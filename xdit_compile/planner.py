@@ -1,0 +1,503 @@
+"""The planner: every valid plan for a model, input and world size, ranked by the cost model.
+
+For each candidate plan the real pass pipeline rewrites the captured graph for rank 0 (the
+busiest rank: uneven splits give the first ranks the larger pieces), with no processes, and the
+rewritten graph is accounted (:func:`account`): matmul and attention FLOPs with every round
+counted (CFG, data parallel, sequence), memory-bound bytes, ops, and every collective with its
+static bytes (the numbers ``explain`` reports and the runtime counter is tested against). A plan
+the passes refuse (heads not divisible by ``ulysses``, too few token rows) is invalid, with the
+reason. :mod:`xdit_compile.cost` turns the accounting into predicted seconds.
+
+Full-size models are captured on the ``meta`` device (no weights) with each stack of blocks cut
+to two layers, and once more per stack with one: every quantity is linear in the layer count of
+each stack, so the full model's accounting is ``W(2,..,2) + sum_i (n_i - 2) (W(2,..,2) -
+W(.., 1_i, ..))``. PipeFusion (blocks cut into stages, patches streamed through them) is accounted
+from its sequence-parallel part: each stage does ``1/P`` of the work of every patch, the
+activations leaving a block go to the next stage, and the fill/drain bubble and warmup steps
+are the cost model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from xdit_compile.cost import Hardware, Prediction, Work, get_hardware, predict
+from xdit_compile.plan import Plan
+
+__all__ = ["Candidate", "Workload", "account", "auto", "enumerate_plans", "format_table", "rank_plans",
+           "workload"]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+_FREE = {"view", "_unsafe_view", "reshape", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
+         "t", "transpose", "alias", "detach", "lift_fresh_copy", "sym_size", "split", "split_with_sizes",
+         "unbind", "chunk", "narrow", "as_strided", "unflatten", "flatten", "view_as_real", "view_as_complex",
+         "movedim", "_assert_tensor_metadata", "sym_numel", "specialized"}
+_MATMUL = {"linear", "mm", "bmm", "matmul", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "baddbmm",
+           "einsum"}
+
+
+def _kind(node: fx.Node) -> str:
+    if node.op != "call_function":
+        return "none"
+    if node.target is operator.getitem:
+        return "free"
+    name = str(getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
+               or getattr(node.target, "__name__", str(node.target)))
+    ns = str(getattr(node.target, "namespace", ""))
+    if name.endswith("attention"):  # SDPA and the parallel attention ops
+        return "attention"
+    if ns in ("_c10d_functional", "c10d_functional") or name in ("wait_tensor",):
+        return "comm"
+    if name in _MATMUL:
+        return "matmul"
+    if name in _FREE:
+        return "free"
+    return "pointwise"
+
+
+def _nbytes(val: Any) -> int:
+    if isinstance(val, torch.Tensor):
+        return int(val.numel()) * val.element_size()
+    if isinstance(val, (list, tuple)):
+        return sum(_nbytes(v) for v in val)
+    return 0
+
+
+def account(gm: fx.GraphModule, ctx: Any) -> Work:
+    """The accounting of one rewritten graph for the rank of ``ctx`` (a ``PassContext``)."""
+    from xdit_compile.passes.flops import node_flops
+    from xdit_compile.report import local_fraction
+
+    rank = ctx.mesh.sp_rank
+    w = Work(serial_flops=float(ctx.hints.get("serial_flops", 0)))
+
+    def local_bytes(n: Any) -> float:
+        if not isinstance(n, fx.Node):
+            return 0.0
+        return _nbytes(n.meta.get("val")) * local_fraction(n, rank)
+
+    for node in gm.graph.nodes:
+        kind = _kind(node)
+        if kind in ("none", "free", "comm"):
+            continue
+        frac = local_fraction(node, rank)
+        if kind == "matmul":
+            w.matmul_flops += node_flops(node) * frac
+        elif kind == "attention":
+            w.attention_flops += node_flops(node) * frac
+            if node.target is torch.ops.xdit.usp_attention.default and ctx.mesh.ring > 1:
+                # Ring merges its r partial results in fp32 (out and lse): read the running
+                # output and the block's, write the sum, inside the op (no fusion reaches it).
+                merge = ctx.mesh.ring * 16 * local_bytes(node) / max(node.meta["val"].element_size(), 1)
+                w.eager_bytes += merge
+                w.fused_bytes += merge
+        else:
+            out = local_bytes(node)
+            ins = sum(local_bytes(a) for a in node.all_input_nodes)
+            w.eager_bytes += out + ins
+            if any(_kind(u) not in ("pointwise", "free") for u in node.users) or not node.users:
+                w.fused_bytes += 2 * out  # materialized: written once, read once
+        w.ops += 1
+        if kind != "pointwise" or any(_kind(u) not in ("pointwise", "free") for u in node.users):
+            w.kernels += 1
+        if kind in ("matmul", "attention") and any(_kind(u) == "pointwise" for u in node.users):
+            w.fused_bytes += local_bytes(node)  # the fused epilogue reads it
+    for c in ctx.collectives:
+        cur = w.comm.setdefault((c.op, c.axis), [0.0, 0.0])
+        cur[0] += c.calls
+        cur[1] += c.bytes_per_forward
+    w.ring_steps = ctx.mesh.ring
+    return w
+
+
+def _stage_bytes(gm: fx.GraphModule, ctx: Any) -> float:
+    """Bytes (this rank's piece) of the values one block hands to later blocks: what a
+    PipeFusion stage sends to the next, per call, all patches together (the largest boundary)."""
+    from xdit_compile.report import local_fraction
+
+    rank = ctx.mesh.sp_rank
+    order: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        b = n.meta.get("xdit_block")
+        if b is not None and b not in order:
+            order[b] = len(order)
+    crossing: dict[int, float] = {}
+    for n in gm.graph.nodes:
+        b = n.meta.get("xdit_block")
+        if b is None:
+            continue
+        later = [order[u.meta["xdit_block"]] for u in n.users
+                 if u.meta.get("xdit_block") is not None and order[u.meta["xdit_block"]] > order[b]]
+        if later:
+            crossing[order[b]] = crossing.get(order[b], 0.0) + _nbytes(n.meta.get("val")) * local_fraction(n, rank)
+    return max(crossing.values(), default=0.0)
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    """A model at one input, captured for accounting: the graphs to rewrite per plan and how
+    their accountings combine into the full model's."""
+
+    name: str
+    graphs: list[tuple[fx.GraphModule, dict[str, Any]]]
+    """(captured graph, pass hints) per capture."""
+    coefficients: list[float]
+    """Weight of each capture's accounting in the full model's (linear in the layer counts)."""
+    heads: int | None
+    blocks: int
+    """Blocks of the full model (PipeFusion stages cannot exceed it)."""
+    cfg_in_batch: bool
+    """The example batch holds both CFG branches (a ``cfg=2`` plan cuts them)."""
+    batch: int
+    """Batch of the example inputs (both CFG branches together when ``cfg_in_batch``)."""
+    dtype: torch.dtype
+    _cache: dict[Plan, Work | str] = field(default_factory=dict, repr=False)
+
+    def work(self, plan: Plan) -> Work | str:
+        """The full model's accounting under ``plan`` (its busiest rank), or why it is invalid."""
+        key = replace(plan, compile=None)
+        if key not in self._cache:
+            self._cache[key] = self._work(key)
+        return self._cache[key]
+
+    def _work(self, plan: Plan) -> Work | str:
+        if plan.pipefusion > 1:
+            if plan.pipefusion > self.blocks:
+                return f"{plan.pipefusion} stages but {self.blocks} blocks"
+            base = self.work(replace(plan, pipefusion=1, patches=None))
+            if isinstance(base, str):
+                return base
+            # Each stage runs 1/P of the layers for every one of the M patches.
+            w = base.scaled(1.0 / plan.pipefusion)
+            m = plan.displaced_patches
+            w.comm = {a: [c * m, b] for a, (c, b) in w.comm.items()}
+            w.stage_bytes, w.serial_flops = base.stage_bytes, base.serial_flops
+            return w
+        total: Work | None = None
+        for (gm0, hints), k in zip(self.graphs, self.coefficients, strict=True):
+            got = _rewrite(gm0, hints, plan)
+            if isinstance(got, str):
+                return got
+            if total is None:
+                total = got.scaled(k)
+                total.stage_bytes = got.stage_bytes  # one block boundary, whatever the layer count
+            else:
+                total = total + replace(got.scaled(k), stage_bytes=0.0)
+        assert total is not None
+        return total
+
+
+def _rewrite(gm0: fx.GraphModule, hints: dict[str, Any], plan: Plan) -> Work | str:
+    from xdit_compile.api import build_passes
+    from xdit_compile.driver import PassContext, run_passes
+    from xdit_compile.runtime.mesh import MeshInfo
+
+    gm = fx.GraphModule(gm0, copy.deepcopy(gm0.graph))
+    if plan.distrifusion > 1:
+        plan = replace(plan, disable_passes=(*plan.disable_passes, "shard_text_rows"))
+    # Accounting only: the graph never runs, so XDIT_DEBUG's shape verifier is skipped.
+    ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="planner"), hints={**hints, "verify": False})
+    try:
+        gm = run_passes(gm, build_passes(plan), ctx)
+    except (ValueError, RuntimeError) as e:
+        msg = str(e).split(": ", 1)[-1] if "pass '" in str(e) else str(e)
+        return msg.splitlines()[0][:200]
+    w = account(gm, ctx)
+    w.stage_bytes = _stage_bytes(gm, ctx)
+    return w
+
+
+class _MetaAutocast(torch.autocast):
+    """``torch.autocast`` that accepts the ``meta`` device (as a no-op), for models that open an
+    autocast region on their inputs' device (Mochi's rotary tables)."""
+
+    def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+        if device_type == "meta":
+            device_type, kwargs["enabled"] = "cpu", False
+        super().__init__(device_type, *args, **kwargs)
+
+
+def _capture_for_accounting(model: torch.nn.Module, real: dict[str, Any]) -> fx.GraphModule:
+    """Capture ``model`` at ``real`` inputs; a model on ``meta`` gets meta copies of them, and
+    data-dependent sizes (valid text tokens from a mask) are probed on the real ones."""
+    from xdit_compile.capture import capture
+    from xdit_compile.specialize import find_data_dependence, specialize_graph
+
+    meta = next(model.parameters()).device.type == "meta"
+    inputs = _to_meta(real) if meta else real
+    saved = torch.autocast
+    torch.autocast = _MetaAutocast  # type: ignore[misc]
+    try:
+        gm = capture(model, (), inputs)
+    finally:
+        torch.autocast = saved  # type: ignore[misc]
+    probe = find_data_dependence(gm)
+    if probe is not None:
+        real_cpu = pytree.tree_map(lambda x: x.to("cpu") if isinstance(x, torch.Tensor) else x, real)
+        values = probe((), real_cpu)
+        flat = tuple(pytree.tree_leaves(((), inputs)))
+        specialize_graph(gm, probe, values, flat)
+    return gm
+
+
+def _layer_keys(config: Mapping[str, Any]) -> dict[str, int]:
+    return {k: int(v) for k, v in config.items()
+            if k.startswith("num_") and k.endswith("layers") and isinstance(v, int) and not isinstance(v, bool)
+            and v > 0}
+
+
+def _to_meta(inputs: dict[str, Any]) -> dict[str, Any]:
+    return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, inputs)
+
+
+def workload(model: torch.nn.Module | Callable[..., torch.nn.Module], example_inputs: dict[str, Any] | Callable[..., dict[str, Any]],
+             *, cfg_in_batch: bool = False, name: str | None = None) -> Workload:
+    """Capture ``model`` at ``example_inputs`` for accounting.
+
+    A diffusers model (a ``config`` with ``num_*layers`` entries) is rebuilt on the ``meta``
+    device with each stack cut to one and two layers (cheap at any size). ``model`` may also be
+    a function ``overrides -> model`` (and ``example_inputs`` a function ``model -> inputs``),
+    for configs built from scratch. Any other module is captured whole.
+    """
+    from xdit_compile.passes.flops import node_flops
+    from xdit_compile.plan import config_heads
+
+    build: Callable[[dict[str, int]], torch.nn.Module] | None = None
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        build = model
+        probe = build({})
+    else:
+        probe = model
+        config = getattr(model, "config", None)
+        if config is not None and _layer_keys(config) and hasattr(type(model), "from_config"):
+            cls, base = type(model), dict(config)
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+            def build(overrides: dict[str, int], cls: Any = cls, base: Any = base, dtype: Any = dtype) -> Any:
+                with torch.device("meta"):
+                    m = cls.from_config({**base, **overrides})
+                return m.to(dtype).eval()
+    config = dict(getattr(probe, "config", None) or {})
+    heads = config_heads(config)
+    layers = _layer_keys(config)
+    dtype = next((p.dtype for p in probe.parameters() if p.is_floating_point()), torch.float32)
+
+    def inputs_for(m: torch.nn.Module) -> dict[str, Any]:
+        return example_inputs(m) if callable(example_inputs) else example_inputs
+
+    def hints_for(m: torch.nn.Module) -> dict[str, Any]:
+        return {"channels": getattr(getattr(m, "config", None), "in_channels", None)}
+
+    graphs: list[tuple[fx.GraphModule, dict[str, Any]]] = []
+    coeffs: list[float] = []
+    if build is not None and layers:
+        # Base: every stack at min(n, 2) layers; per stack longer than 2, one more capture with
+        # that stack at 1 layer gives its per-layer increment (models of <= 2 layers per stack:
+        # the base is the model itself).
+        base = {k: min(n, 2) for k, n in layers.items()}
+        longer = [k for k, n in layers.items() if n > 2]
+        variants = [base] + [{**base, k: 1} for k in longer]
+        for ov in variants:
+            m = build(ov)
+            gm = _capture_for_accounting(m, inputs_for(m))
+            graphs.append((gm, {**hints_for(m), "serial_flops": sum(node_flops(n) for n in gm.graph.nodes)}))
+        # W(n) = W(base) + sum_k (n_k - 2) * (W(base) - W(base with k at 1))
+        coeffs = [1.0 + sum(layers[k] - 2 for k in longer)] + [-float(layers[k] - 2) for k in longer]
+        blocks = sum(layers.values())
+    else:
+        inp = inputs_for(probe)
+        gm = _capture_for_accounting(probe, inp)
+        graphs.append((gm, {**hints_for(probe), "serial_flops": sum(node_flops(n) for n in gm.graph.nodes)}))
+        coeffs = [1.0]
+        blocks = len({n.meta.get("xdit_block") for n in gm.graph.nodes} - {None}) or sum(layers.values()) or 1
+    batch = _batch(graphs[0][0])
+    return Workload(name or type(probe).__name__, graphs, coeffs, heads, blocks, cfg_in_batch, batch, dtype)
+
+
+def _batch(gm: fx.GraphModule) -> int:
+    """The batch of the latent input of ``gm`` (1 where it cannot tell)."""
+    from xdit_compile.passes.seed import graph_latent
+
+    node = graph_latent(gm)
+    if node is not None and isinstance(node.meta.get("val"), torch.Tensor):
+        return int(node.meta["val"].shape[0])
+    return 1
+
+
+# --------------------------------------------------------------------------- enumeration
+
+
+def _factorizations(n: int, k: int) -> list[tuple[int, ...]]:
+    if k == 1:
+        return [(n,)]
+    out = []
+    for d in range(1, n + 1):
+        if n % d == 0:
+            out += [(d, *rest) for rest in _factorizations(n // d, k - 1)]
+    return out
+
+
+def enumerate_plans(world_size: int, *, batch: int = 1, cfg_in_batch: bool = False, blocks: int = 1 << 30,
+                    approximate: bool = True, compile: str | None = None) -> list[Plan]:
+    """Every plan of ``world_size`` ranks the degrees allow (the model's heads and rows are
+    checked by rewriting): dp x cfg x pipefusion x (ring x ulysses | distrifusion)."""
+    per_branch = batch // 2 if cfg_in_batch else batch
+    plans: list[Plan] = []
+    for dp, cfg, pf, ring, uly in _factorizations(world_size, 5):
+        if cfg > (2 if cfg_in_batch else 1) or dp > max(per_branch, 1):
+            continue
+        if pf > 1 and (not approximate or ring > 1 or pf > blocks):
+            continue
+        plans.append(Plan(dp=dp, cfg=cfg, pipefusion=pf, ring=ring, ulysses=uly, compile=compile))
+        if pf > 1:  # more patches than stages: smaller bubble, more (smaller) steps
+            plans.append(Plan(dp=dp, cfg=cfg, pipefusion=pf, patches=2 * pf, ring=ring, ulysses=uly, compile=compile))
+        if approximate and uly > 1 and ring == 1 and pf == 1:
+            plans.append(Plan(dp=dp, cfg=cfg, distrifusion=uly, compile=compile))
+    return plans
+
+
+@dataclass
+class Candidate:
+    plan: Plan
+    prediction: Prediction | None
+    invalid: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return self.plan.pipefusion == 1 and self.plan.distrifusion == 1
+
+
+def rank_plans(load: Workload, world_size: int, hardware: str | Hardware = "h100-sxm", *, steps: int = 28,
+               nodes: int = 1, approximate: bool = True, compile: str | None = None,
+               plans: list[Plan] | None = None) -> list[Candidate]:
+    """Every candidate plan with its prediction, fastest first; invalid plans last, with why."""
+    hw = get_hardware(hardware)
+    plans = plans if plans is not None else enumerate_plans(
+        world_size, batch=load.batch, cfg_in_batch=load.cfg_in_batch, blocks=load.blocks,
+        approximate=approximate, compile=compile)
+    out: list[Candidate] = []
+    for plan in plans:
+        w = load.work(plan)
+        if isinstance(w, str):
+            out.append(Candidate(plan, None, w))
+            continue
+        out.append(Candidate(plan, predict(plan, w, hw, steps=steps, nodes=nodes)))
+    out.sort(key=lambda c: (c.prediction is None, c.prediction.total if c.prediction else math.inf))
+    return out
+
+
+def auto(model: torch.nn.Module, example_inputs: dict[str, Any], world_size: int, hardware: str | Hardware = "h100-sxm",
+         *, steps: int = 28, nodes: int = 1, approximate: bool = False, compile: str | None = None,
+         cfg_in_batch: bool = False) -> Plan:
+    """The fastest predicted plan (exact methods only unless ``approximate``)."""
+    load = workload(model, example_inputs, cfg_in_batch=cfg_in_batch)
+    ranked = rank_plans(load, world_size, hardware, steps=steps, nodes=nodes, approximate=approximate,
+                        compile=compile)
+    best = next((c for c in ranked if c.prediction is not None), None)
+    if best is None:
+        reasons = "; ".join(f"{c.plan}: {c.invalid}" for c in ranked[:4])
+        raise ValueError(f"no valid plan for {world_size} ranks: {reasons}")
+    return best.plan
+
+
+def short(plan: Plan) -> str:
+    """``ulysses=4`` / ``cfg=2 x ring=2`` / ``serial``, plus patches and backend."""
+    parts = [f"{k}={v}" for k, v in plan.degrees().items() if v > 1]
+    s = " x ".join(parts) or "serial"
+    if plan.pipefusion > 1 and plan.displaced_patches != plan.pipefusion:
+        s += f" (M={plan.displaced_patches})"
+    return s
+
+
+def format_table(ranked: list[Candidate], *, limit: int = 20, unit: str = "s") -> str:
+    """The ranked plans as a text table: total, per step, compute, exposed comm per axis."""
+    rows = [c for c in ranked if c.prediction is not None][:limit]
+    axes = sorted({a for c in rows for a in c.prediction.comm if c.prediction.comm[a] > 0})  # type: ignore[union-attr]
+    head = f"{'#':>2}  {'plan':<32} {'exact':<5} {'total ' + unit:>9} {'step ms':>9} {'compute':>9} " + " ".join(
+        f"{a:>11}" for a in axes) + f" {'hidden':>8} {'GB/rank':>8}"
+    lines = [head, "-" * len(head)]
+    for i, c in enumerate(rows, 1):
+        p = c.prediction
+        assert p is not None
+        lines.append(f"{i:>2}  {short(c.plan):<32} {'yes' if c.exact else 'no':<5} {p.total:>9.2f} "
+                     f"{p.step * 1e3:>9.1f} {p.compute * 1e3 * p.calls_per_step:>9.1f} "
+                     + " ".join(f"{p.comm.get(a, 0.0) * 1e3 * p.calls_per_step:>11.1f}" for a in axes)
+                     + f" {p.hidden * 1e3:>8.1f} {p.comm_bytes / 1e9:>8.2f}")
+    bad = [c for c in ranked if c.prediction is None]
+    if bad:
+        lines.append(f"invalid ({len(bad)}):")
+        seen: set[str] = set()
+        for c in bad:
+            if c.invalid not in seen:
+                seen.add(c.invalid)
+                lines.append(f"    {short(c.plan):<32} {c.invalid}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- zoo models
+
+#: Pipeline facts the transformer's config does not state: the VAE's spatial and temporal
+#: compression (pixels -> latents), whether the pipeline runs classifier-free guidance as two
+#: batch halves (guidance-distilled models do not), and its default steps.
+_VAE_SPATIAL = {"sana": 32, "dit-xl-2": 8}
+_VAE_TEMPORAL = {"mochi": 6, "latte": 1}
+_NO_CFG = {"flux-dev", "flux-schnell", "hunyuan-video"}
+_STEPS = {"flux-dev": 28, "flux-schnell": 4, "sd3": 28, "sd3.5": 28, "pixart-sigma": 20, "pixart-alpha": 20,
+          "mochi": 64}
+
+
+def zoo_steps(name: str) -> int:
+    """The pipeline's default denoising steps for zoo model ``name``."""
+    return _STEPS.get(name, 50)
+
+
+def zoo_workload(name: str, *, height: int | None = None, width: int | None = None, frames: int | None = None,
+                 size: str = "full", dtype: torch.dtype = torch.bfloat16) -> Workload:
+    """The workload of zoo model ``name`` (published config, no weights) at ``height`` x
+    ``width`` pixels (and ``frames`` video frames); defaults: the zoo's input at ``size``."""
+    import diffusers
+
+    from xdit_compile.models.inputs import InputSpec
+    from xdit_compile.models.zoo import get_entry
+
+    entry = get_entry(name)
+    spatial = _VAE_SPATIAL.get(name, 8)
+    temporal = _VAE_TEMPORAL.get(name, 4)
+    lat_h = height // spatial if height else None
+    lat_w = width // spatial if width else None
+    lat_f = ((frames - 1) // temporal + 1 if temporal > 1 else frames) if frames else None
+    cfg = name not in _NO_CFG
+    base = entry.config(size)
+
+    def build(overrides: dict[str, int]) -> torch.nn.Module:
+        with torch.device("meta"):
+            m = getattr(diffusers, entry.cls_name)(**{**base, **overrides})
+        torch.nn.Module.to(m, dtype=dtype)
+        return m.eval()
+
+    def inputs(m: torch.nn.Module) -> dict[str, Any]:
+        # Real (CPU) inputs: data-dependent sizes are probed on them; the capture gets meta copies.
+        geo = entry.latent_size(size)
+        f = lat_f if lat_f is not None else (int(getattr(m, "config", {}).get("video_length", geo.frames or 1))
+                                             if entry.video else None)
+        spec = InputSpec(batch=2 if cfg else 1, height=lat_h or geo.height, width=lat_w or geo.width,
+                         frames=f, text_len=geo.text_len, dtype=dtype, device=torch.device("cpu"))
+        return entry.input_builder(m, spec, torch.Generator().manual_seed(0))
+
+    label = f"{name} ({height or '?'}x{width or '?'}{f'x{frames}f' if frames else ''})"
+    return workload(build, inputs, cfg_in_batch=cfg, name=label)
