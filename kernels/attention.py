@@ -145,11 +145,13 @@ def merge_partial(
     With ``lse = log(sum exp(scores))`` per block, the full softmax is the lse-weighted mix:
     ``out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse)`` where ``lse = logaddexp(lse1, lse2)``.
     """
-    blk_out = torch.nan_to_num(blk_out.float())  # a fully masked block yields NaN rows
+    # ``out`` is this merge's own running buffer and ``blk_out`` a fresh kernel output: both are
+    # updated in place (one fp32 copy of a low-precision block, none of an fp32 one).
+    blk_out = torch.nan_to_num_(blk_out.float())  # a fully masked block yields NaN rows
     if out is None or lse is None:
         return blk_out, blk_lse
     new_lse = torch.logaddexp(lse, blk_lse)
     # Rows masked out in both blocks have lse = -inf; keep them at zero instead of NaN.
-    w1 = torch.nan_to_num(torch.exp(lse - new_lse)).unsqueeze(-1)
-    w2 = torch.nan_to_num(torch.exp(blk_lse - new_lse)).unsqueeze(-1)
-    return out * w1 + blk_out * w2, new_lse
+    w1 = torch.nan_to_num_(torch.exp(lse - new_lse)).unsqueeze(-1)
+    w2 = torch.nan_to_num_(torch.exp(blk_lse - new_lse)).unsqueeze(-1)
+    return out.mul_(w1).add_(blk_out.mul_(w2)), new_lse

@@ -4,9 +4,10 @@ Layout: q, k, v are ``[..., H, head + S_local + tail, D]``: optional replicated 
 and this rank's contiguous slice of the sharded sequence; ``split`` lists every sequence-parallel rank's slice length (ring-major,
 ulysses-minor, so a Ulysses group holds one contiguous block). Uneven splits are exact.
 
-- Ulysses: an all-to-all over the ``ulysses`` axis trades the sequence split for a head split,
-  so each rank attends over its Ulysses group's whole block for H/U heads; a second all-to-all
-  returns the output to the sequence split. Same arithmetic as one device.
+- Ulysses: one all-to-all over the ``ulysses`` axis trades the sequence split of Q, K and V
+  (packed together) for a head split, so each rank attends over its Ulysses group's whole block
+  for H/U heads; a second all-to-all returns the output to the sequence split. Same arithmetic
+  as one device.
 - Ring: each rank keeps its queries and passes its K/V block around the ``ring`` axis; each
   step's partial result is merged with the log-sum-exp in fp32 (exact up to fp32 rounding).
 - USP: Ulysses inside, Ring across Ulysses groups.
@@ -35,6 +36,10 @@ from xdit_compile.runtime.mesh import MeshInfo, ParallelMesh, get_mesh
 
 __all__ = ["usp_attention", "usp_comm_bytes"]
 
+#: Q, K and V travel in one all-to-all (True), or one each (False: the earlier path, kept so
+#: ``benchmarks/profile_breakdown.py`` can measure both in one run; the byte counts are equal).
+FUSE_QKV = True
+
 
 def _offsets(split: Sequence[int]) -> list[int]:
     out = [0]
@@ -53,6 +58,27 @@ def _ulysses_in(x: torch.Tensor, group_split: list[int], me: int, group: dist.Pr
                       group, "ulysses")
     parts = flat.split([per_seq * n for n in group_split])
     return torch.cat([p.reshape(*lead, h // u, n, d) for p, n in zip(parts, group_split, strict=True)], dim=-2)
+
+
+def _ulysses_in_fused(xs: Sequence[torch.Tensor], group_split: list[int], me: int,
+                      group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """:func:`_ulysses_in` of several ``[..., H, s_me, D_i]`` tensors (same rows and heads) in
+    one all-to-all: each peer's heads of every tensor are packed side by side on the last dim
+    (one copy, as for one tensor), sent together, and split again."""
+    if len(xs) == 1:
+        return [_ulysses_in(xs[0], group_split, me, group)]
+    u = len(group_split)
+    *lead, h, s, _ = xs[0].shape
+    dims = [int(x.shape[-1]) for x in xs]
+    # [U, ..., H/U, s, sum(D_i)]: peer-major, every tensor's heads for that peer side by side.
+    chunks = torch.cat([x.reshape(*lead, u, h // u, s, x.shape[-1]).movedim(-4, 0) for x in xs], dim=-1)
+    per_seq = chunks[0].numel() // s
+    flat = all_to_all(chunks.reshape(-1), [per_seq * n for n in group_split], [per_seq * s] * u,
+                      group, "ulysses")
+    parts = flat.split([per_seq * n for n in group_split])
+    rows = torch.cat([p.reshape(*lead, h // u, n, sum(dims)) for p, n in zip(parts, group_split, strict=True)],
+                     dim=-2)
+    return list(rows.split(dims, dim=-1))
 
 
 def _ulysses_out(x: torch.Tensor, group_split: list[int], me: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -161,12 +187,15 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     h_rng = (0, h)
     if u > 1:
         ug = pm.group("ulysses")
-        kb, vb = (_ulysses_in(t, groups[me], info.ulysses_rank, ug) for t in (kb, vb))
-        if q_cut:  # the text query pieces travel with the image rows
+        if q_cut:  # the text query pieces travel with the image rows (other rows than K/V's)
+            kb, vb = (_ulysses_in_fused([kb, vb], groups[me], info.ulysses_rank, ug) if FUSE_QKV else
+                      [_ulysses_in(t, groups[me], info.ulysses_rank, ug) for t in (kb, vb)])
             qh, qb, qt = _ulysses_in_text(qh, qb, qt, groups[me], hs[first:first + u], ts[first:first + u],
                                           info.ulysses_rank, ug)
+        elif FUSE_QKV:  # Q, K and V in one all-to-all
+            qb, kb, vb = _ulysses_in_fused([qb, kb, vb], groups[me], info.ulysses_rank, ug)
         else:
-            qb = _ulysses_in(qb, groups[me], info.ulysses_rank, ug)
+            qb, kb, vb = (_ulysses_in(t, groups[me], info.ulysses_rank, ug) for t in (qb, kb, vb))
         h_rng = (info.ulysses_rank * (h // u), (info.ulysses_rank + 1) * (h // u))
         # Text rows are on every rank: each takes its heads' slice, nothing is sent.
         kh, kt, vh, vt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (kh, kt, vh, vt))
@@ -288,7 +317,8 @@ def usp_comm_bytes(
             hs, ts = even_split(text[0], n), even_split(text[1], n)
             send_out += per_tok * v_dim * sum(hs[first + k] + ts[first + k]
                                               for k in range(u) if k != info.ulysses_rank)
-        out[("all_to_all", "ulysses")] = (4, send_in + send_out)
+        calls = (3 if q_cut else 2) if FUSE_QKV else 4  # Q, K, V fused (K, V only with q_cut)
+        out[("all_to_all", "ulysses")] = (calls, send_in + send_out)
         if sum(text) and not shard_text:  # text outputs gathered over heads; text K/V never sent
             out[("all_gather", "ulysses")] = (1, per_tok * v_dim * sum(text) * (u - 1))
     if r > 1:

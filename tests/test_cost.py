@@ -81,7 +81,7 @@ def test_bytes_equal_the_closed_forms(pixart_cfg, n):
     uly = load.work(xc.Plan(ulysses=n)).comm
     # Per self-attention layer: q, k, v in and the output back, each a [B, S/N, hs] shard of which
     # (N-1)/N leaves the rank: (4/N) * S * hs * (N-1)/N per sample. Cross-attention sends nothing.
-    assert uly[("all_to_all", "ulysses")] == [4 * layers, layers * 4 * b * (tokens // n) * hs * (n - 1) // n * item]
+    assert uly[("all_to_all", "ulysses")] == [2 * layers, layers * 4 * b * (tokens // n) * hs * (n - 1) // n * item]
     ring = load.work(xc.Plan(ring=n)).comm
     # K and V blocks pass N-1 times: 2 * S * hs * (N-1)/N per sample.
     assert ring[("send_recv", "ring")] == [(n - 1) * layers, layers * 2 * b * (tokens // n) * hs * (n - 1) * item]

@@ -408,7 +408,7 @@ def test_rewrite_attention_ulysses(tiny: Any) -> None:
     per_tok = 1 * (4 // 2) * 4
     want = per_tok * 8 * 1 * (2 * 8 + 8) + per_tok * 8 * (16 - 8)
     assert ctx.collectives == [
-        CollectiveSite(usp.name, "all_to_all", "ulysses", 4, want, "usp_attention")
+        CollectiveSite(usp.name, "all_to_all", "ulysses", 2, want, "usp_attention")
     ]
     assert ctx.stats[-1].name == "rewrite_attention" and ctx.stats[-1].modified
     assert ctx.stats[-1].ops_after.get("xdit.usp_attention") == 1
