@@ -79,7 +79,11 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--profile", default=None, help="use this calibrated profile instead of measuring")
+    ap.add_argument("--predict-only", action="store_true",
+                    help="keep the measurements and profile of results/cost_vs_measured_cpu.json, redo the predictions")
     a = ap.parse_args()
+    if a.predict_only:
+        return _repredict()
     os.environ.setdefault("XDIT_WORKER_THREADS", "1")
     import torch
 
@@ -130,6 +134,33 @@ def main() -> int:
     return 0
 
 
+def _repredict() -> int:
+    """The predictions again (after a change to the accounting or the cost model) for the
+    measured rows of the last run, with its calibrated profile."""
+    from xdit_compile import cost
+
+    res = json.loads((OUT / "cost_vs_measured_cpu.json").read_text())
+    hw = cost.Hardware.from_dict(res["profile"])
+    if not hw.shared:  # a profile from before calibrate() measured the ranks running together
+        hw = cost.calibrate(threads=1)
+        res["profile"] = hw.as_dict()
+        (OUT / "cpu_profile.json").write_text(json.dumps(hw.as_dict(), indent=1))
+    for name in res["models"]:
+        spec = MODELS[name]
+        pred = _predict(name, spec, PLANS, hw)
+        for r in res["rows"]:
+            if r["model"] == name:
+                p = pred[r["plan"]]
+                r["predicted_ms"] = p["step_s"] * 1e3 if p else None
+                r["predicted_bytes"] = p["comm_bytes"] if p else None
+                r["serial_predicted_ms"] = pred["Plan(serial, compile=None)"]["step_s"] * 1e3
+    (OUT / "cost_vs_measured_cpu.json").write_text(json.dumps(res, indent=1, default=str))
+    (OUT / "cost_vs_measured_cpu.md").write_text(_markdown(res))
+    _plot(res, OUT / "cost_vs_measured_cpu.png")
+    print(_markdown(res))
+    return 0
+
+
 def _same(plan_str: str, kw: dict[str, Any]) -> bool:
     from xdit_compile.plan import Plan
 
@@ -143,7 +174,11 @@ def _markdown(res: dict[str, Any]) -> str:
            "Script: `benchmarks/cost_vs_measured_cpu.py`. Profile from `xdit_compile.cost.calibrate()`: "
            f"matmul {hw['matmul'] / 1e9:.1f} GFLOP/s, attention {hw['attention'] / 1e9:.1f} GFLOP/s, memory "
            f"{hw['memory'] / 1e9:.1f} GB/s, {hw['op_overhead'] * 1e6:.1f} us per op, gloo link "
-           f"{link['bandwidth'] / 1e9:.2f} GB/s + {link['latency'] * 1e6:.0f} us per call.", ""]
+           f"{link['bandwidth'] / 1e9:.2f} GB/s + {link['latency'] * 1e6:.0f} us per call"
+           + (f"; with {hw['shared_ranks']} ranks computing at once, per rank: matmul "
+              f"{hw['shared']['matmul'] / 1e9:.1f} GFLOP/s, attention {hw['shared']['attention'] / 1e9:.1f} GFLOP/s, "
+              f"memory {hw['shared']['memory'] / 1e9:.1f} GB/s (what parallel plans are predicted with)"
+              if hw.get("shared") else "") + ".", ""]
     for k, d in res["models"].items():
         out.append(f"- **{k}**: {d}")
     out += ["", "| model | plan | measured ms | predicted ms | error | serial measured / predicted ms | "

@@ -118,3 +118,42 @@ def test_dead_worker_does_not_hang(pools):
         pools(2).run(_die_on_rank_1, timeout=120)
     assert time.monotonic() - t0 < 20  # noticed when the process dies, not at the timeout
     assert pools(2).run(int, 1) == [1, 1]
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    """A pool whose parent dies without closing it (a killed pytest) leaves no orphans behind:
+    each worker watches its parent and exits."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os\n"
+        "from xdit_compile.testing import WorkerPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = WorkerPool(2)\n"
+        "    print(*pool.run(os.getpid), flush=True)\n"
+        "    os._exit(0)  # no pool.close(): the workers are orphaned\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stderr[-2000:]
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in pids if _running(p)]
+    assert not alive, f"workers {alive} outlived their parent"
+
+
+def _running(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

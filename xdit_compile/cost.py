@@ -102,6 +102,11 @@ class Hardware:
     """GPUs queue kernels: dispatch overlaps device time. CPUs run ops as they are dispatched."""
     overlap: float = 1.0
     """Fraction of overlappable communication that actually hides behind compute."""
+    shared: dict[str, float] = field(default_factory=dict)
+    """Rates per rank ("matmul", "attention", "memory") when ``shared_ranks`` ranks compute at
+    once on one machine (measured by :func:`calibrate` on CPUs, whose ranks share memory
+    bandwidth and caches); empty where ranks do not slow each other (GPUs)."""
+    shared_ranks: int = 1
     source: str = ""
 
     def link(self, span: int, nodes: int = 1, world: int = 1) -> Link:
@@ -287,6 +292,10 @@ def predict(plan: Plan, work: Work, hardware: str | Hardware, *, steps: int = 28
     busiest rank; ``calls_per_step``: transformer calls per step, e.g. 2 for CFG run as two calls)."""
     hw = get_hardware(hardware)
     world = plan.world_size
+    if hw.shared and world > 1:  # ranks on one CPU slow each other down: their measured rates
+        sh = hw.shared
+        hw = replace(hw, matmul=sh.get("matmul", hw.matmul), attention=sh.get("attention", hw.attention),
+                     memory=sh.get("memory", hw.memory))
     compiled = plan.compile == "inductor"
     compute, attn = _compute(work, hw, compiled)
     exposed: dict[str, float] = {}
@@ -355,30 +364,14 @@ def _link_worker(rank: int, world: int, port: int, sizes: list[int], q: Any) -> 
 
 def _measure_link() -> Link:
     """gloo all-to-all between two local processes: latency and bandwidth by a two-point fit."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     sizes = [1 << 10, 16 << 20]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_link_worker, args=(r, 2, port, sizes, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    small, large = q.get(timeout=300)
-    for p in procs:
-        p.join()
+    small, large = _spawn(_link_worker, 2, sizes)[0]
     bw = (sizes[1] - sizes[0]) / max(large - small, 1e-9)
     return Link("loopback", bw, max(small - sizes[0] / bw, 1e-6))
 
 
-def calibrate(*, threads: int = 1, link: bool = True, dtype: str = "float32") -> Hardware:
-    """Measure this machine (one rank = ``threads`` CPU threads, or the current CUDA device):
-    matmul and attention FLOP/s, memory bandwidth, per-op dispatch, and (``link``) the gloo
-    all-to-all between two local processes. Returns a profile named ``"calibrated"``."""
+def _measure_compute(threads: int, dtype: str) -> dict[str, float]:
+    """Sustained matmul / attention FLOP/s, memory bytes/s and seconds per eager op, here."""
     import torch
     import torch.nn.functional as F
 
@@ -392,20 +385,67 @@ def calibrate(*, threads: int = 1, link: bool = True, dtype: str = "float32") ->
         n = 4096 if cuda else 512
         a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
         t_mm = _best(lambda: (a @ b, sync()))
-        q = torch.randn(1, 4 if not cuda else 24, 1024 if not cuda else 4096, 64 if not cuda else 128, device=dev, dtype=dt)
+        q = torch.randn(1, 24 if cuda else 4, 4096 if cuda else 1024, 128 if cuda else 64, device=dev, dtype=dt)
         t_at = _best(lambda: (F.scaled_dot_product_attention(q, q, q), sync()))
-        big = torch.randn(16 << 20 if cuda else 4 << 20, device=dev, dtype=torch.float32)
+        big = torch.randn(64 << 20, device=dev, dtype=torch.float32)  # 256 MB: well past any cache
         t_mem = _best(lambda: (big.mul_(1.0), sync()))
         tiny = torch.randn(8, device=dev)
         t_op = _best(lambda: [tiny.add(1.0) for _ in range(200)] and sync()) / 200
     finally:
         torch.set_num_threads(old)
+    return {"matmul": 2 * n ** 3 / t_mm, "attention": 4 * q.numel() * q.shape[-2] / t_at,
+            "memory": 2 * big.numel() * 4 / t_mem, "op": t_op}
+
+
+def _compute_worker(rank: int, world: int, port: int, threads: int, dtype: str, q: Any) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.barrier()  # every rank measures at the same time
+    q.put(_measure_compute(threads, dtype))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(target: Any, world: int, *args: Any) -> list[Any]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = [q.get(timeout=600) for _ in range(world if target is _compute_worker else 1)]
+    for p in procs:
+        p.join()
+    return out
+
+
+def calibrate(*, threads: int = 1, link: bool = True, dtype: str = "float32", ranks: int = 2) -> Hardware:
+    """Measure this machine (one rank = ``threads`` CPU threads, or the current CUDA device):
+    matmul and attention FLOP/s, memory bandwidth, per-op dispatch, and (``link``, CPUs) the
+    gloo all-to-all between two local processes and the same compute rates measured in
+    ``ranks`` processes at once (CPU ranks share memory bandwidth and caches: a parallel plan's
+    ranks run at those). Returns a profile named ``"calibrated"``."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    solo = _measure_compute(threads, dtype)
     base = HARDWARE["h100-sxm"] if cuda else HARDWARE["cpu"]
     measured_link = _measure_link() if link and not cuda else base.levels[0][1]
+    shared: dict[str, float] = {}
+    if link and not cuda and ranks > 1:
+        each = _spawn(_compute_worker, ranks, threads, dtype)
+        shared = {k: min(m[k] for m in each) for k in ("matmul", "attention", "memory")}
     return replace(
         base, name="calibrated",
-        description=f"measured on this machine ({dev}, {threads} thread(s) per rank, {dtype})",
-        matmul=2 * n ** 3 / t_mm, attention=4 * q.numel() * q.shape[-2] / t_at,
-        memory=2 * big.numel() * 4 / t_mem, op_overhead=t_op, kernel_overhead=t_op,
-        levels=((base.levels[0][0], measured_link),), network=measured_link if not cuda else base.network,
+        description=f"measured on this machine ({'cuda' if cuda else 'cpu'}, {threads} thread(s) per rank, {dtype})",
+        matmul=solo["matmul"], attention=solo["attention"], memory=solo["memory"], op_overhead=solo["op"],
+        kernel_overhead=solo["op"], levels=((base.levels[0][0], measured_link),),
+        network=measured_link if not cuda else base.network, shared=shared, shared_ranks=ranks if shared else 1,
         source="xdit_compile.cost.calibrate()")

@@ -97,12 +97,31 @@ def account(gm: fx.GraphModule, ctx: Any) -> Work:
             w.matmul_flops += node_flops(node) * frac
         elif kind == "attention":
             w.attention_flops += node_flops(node) * frac
-            if node.target is torch.ops.xdit.usp_attention.default and ctx.mesh.ring > 1:
-                # Ring merges its r partial results in fp32 (out and lse): read the running
-                # output and the block's, write the sum, inside the op (no fusion reaches it).
-                merge = ctx.mesh.ring * 16 * local_bytes(node) / max(node.meta["val"].element_size(), 1)
-                w.eager_bytes += merge
-                w.fused_bytes += merge
+            # Data the parallel attention ops move themselves (no fusion reaches inside them).
+            inner = 0.0
+            if node.target is torch.ops.xdit.usp_attention.default:
+                qkv_out = sum(local_bytes(a) for a in node.args[:3]) + local_bytes(node)
+                kv = sum(local_bytes(a) for a in node.args[1:3])
+                joint = any(node.args[7:9]) if len(node.args) > 8 else False
+                if ctx.mesh.ulysses > 1:  # pack for the all-to-alls and unpack: 2 copies of each
+                    inner += 4 * qkv_out
+                if joint:  # text K/V joined to the body's (a copy), and with Ring a copy of the
+                    inner += 2 * kv  # non-contiguous body block before its first send
+                    inner += 2 * kv if ctx.mesh.ring > 1 else 0
+                if ctx.mesh.ring > 1:
+                    # Ring merges its r partial outputs in fp32 (kernels/attention.py
+                    # merge_partial), bytes per output element: each block is converted to fp32
+                    # (none for fp32) and cleaned of NaN in place (8); every later block also
+                    # scales the running output and itself (8 + 8) and adds them (12).
+                    item = max(node.meta["val"].element_size(), 1)
+                    conv = 0 if item == 4 else item + 4
+                    per_elem = (conv + 8) + (ctx.mesh.ring - 1) * (conv + 36)
+                    inner += per_elem * local_bytes(node) / item
+            elif node.target is torch.ops.xdit.distrifusion_attention.default:
+                # The whole (stale) K/V is assembled from the gathered pieces and stored: 2 copies.
+                inner += 4 * sum(_nbytes(a.meta.get("val")) for a in node.args[1:3] if isinstance(a, fx.Node))
+            w.eager_bytes += inner
+            w.fused_bytes += inner
         else:
             out = local_bytes(node)
             ins = sum(local_bytes(a) for a in node.all_input_nodes)

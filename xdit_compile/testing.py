@@ -32,8 +32,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, path: list[str], inbox: Any, outbox: Any) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Exit this worker when the process that started it is gone (killed without closing its
+    pool): an orphaned worker would otherwise wait, or spin in a collective, forever."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="xdit-parent-watch").start()
+
+
+def _worker(rank: int, world: int, port: int, path: list[str], inbox: Any, outbox: Any,
+            parent: int | None = None) -> None:
     sys.path[:] = path
+    if parent is not None:
+        _exit_with_parent(parent)
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch pytree deprecation noise
@@ -69,8 +86,8 @@ class WorkerPool:
         self._out = ctx.Queue()
         self._ins = [ctx.Queue() for _ in range(self.world_size)]
         self._procs = [
-            ctx.Process(target=_worker, args=(r, self.world_size, port, list(sys.path), self._ins[r], self._out),
-                        daemon=True)
+            ctx.Process(target=_worker, args=(r, self.world_size, port, list(sys.path), self._ins[r], self._out,
+                                              os.getpid()), daemon=True)
             for r in range(self.world_size)
         ]
         for p in self._procs:
