@@ -95,3 +95,37 @@ def test_parallelize_needs_a_process_group():
 def test_parallelize_rejects_non_plan():
     with pytest.raises(TypeError, match="Plan"):
         xc.parallelize(torch.nn.Linear(2, 2), {"ulysses": 2})  # type: ignore[arg-type]
+
+
+def _auto_plan():
+    import torch.distributed as dist
+
+    model = build_model("flux-dev")
+    inputs = example_inputs("flux-dev", model)
+    pm = xc.parallelize(model, xc.Plan(auto=True, hardware="h100-sxm"))
+    out, ref = pm(**inputs)[0], model(**inputs)[0]
+    # The plan every rank received is the one the cost model gives for these inputs (computed
+    # again here, on each rank, independently of rank 0's choice).
+    direct = xc.Plan.auto(model, inputs, dist.get_world_size(), "h100-sxm")
+    return {"plan": pm.plan, "direct": direct, "err": float((out - ref).abs().max() / ref.abs().max()),
+            "text": str(xc.Plan(auto=True, hardware="h100-sxm"))}
+
+
+@pytest.mark.dist
+def test_auto_plan_is_chosen_at_the_first_call_and_exact(pools):
+    res = pools(2).run(_auto_plan, timeout=300)
+    assert res[0]["plan"] == res[1]["plan"] == res[0]["direct"] == res[1]["direct"]
+    plan = res[0]["plan"]
+    assert not plan.auto and plan.world_size == 2 and plan.pipefusion == plan.distrifusion == 1
+    assert all(r["err"] < 1e-4 for r in res)  # fp32, tiny Flux: parallel vs the same model serial
+    assert res[0]["text"] == "Plan(auto, hardware=h100-sxm, compile=None)"
+
+
+def test_auto_plan_options_are_checked():
+    with pytest.raises(ValueError, match="auto chooses the degrees"):
+        xc.Plan(auto=True, ulysses=2)
+    with pytest.raises(ValueError, match="set auto=True"):
+        xc.Plan(hardware="h100-sxm")
+    xc.Plan(auto=True).check_world_size(8)  # any world size: the degrees are chosen for it
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        xc.parallelize(torch.nn.Linear(2, 2), xc.Plan(auto=True))

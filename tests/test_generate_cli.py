@@ -43,6 +43,25 @@ def test_generate_saved_pipeline_cfg2(saved_pixart: Path, tmp_path: Path, capsys
 
 
 @pytest.mark.dist
+def test_generate_auto_plan(saved_pixart: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--auto``: the cost model picks an exact plan for 2 processes; same image as serial."""
+    rc = main(["generate", "--model", str(saved_pixart), "--prompt", "a red fox", "--auto", "--nproc", "2",
+               "--hardware", "cpu", "--steps", "2", "--height", "32", "--width", "32", "--compare-serial",
+               "--timeout", "300"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    m = re.search(r": Plan\(([^)]*)\) \(chosen by the cost model\), 2 process", text)
+    assert m and "auto" not in m.group(1) and "compile=None" in m.group(1), text
+    diff = float(re.search(r"max relative difference ([0-9.e+-]+)", text).group(1))  # type: ignore[union-attr]
+    assert diff < 1e-4, text
+
+
+def test_generate_auto_needs_nproc(capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--model", "demo", "--prompt", "x", "--auto"]) == 2
+    assert "--auto needs --nproc" in capsys.readouterr().err
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("plan", [["--pipefusion", "2", "--patches", "4"], ["--distrifusion", "2"]],
                          ids=["pipefusion", "distrifusion"])
 def test_generate_displaced_kv(saved_pixart: Path, tmp_path: Path, capsys: pytest.CaptureFixture, plan) -> None:

@@ -119,11 +119,13 @@ class CompiledGraph:
 class ParallelModule(torch.nn.Module):
     """A model parallelized by xdit_compile: same call signature and outputs as the model."""
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, mesh: ParallelMesh, region: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, plan: Plan, mesh: ParallelMesh | None,
+                 region: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.plan = plan
-        self.mesh = mesh
+        """The plan (for ``Plan(auto=True)``: the one the cost model chose, after the first call)."""
+        self.mesh: ParallelMesh = mesh  # type: ignore[assignment]  # None only until auto chooses
         self.region = region
         """Set for a region of a model that could not be captured whole: its name in the model."""
         self.regions: list[ParallelModule] | None = None
@@ -170,10 +172,44 @@ class ParallelModule(torch.nn.Module):
         :mod:`xdit_compile.specialize`. None for a model that runs in regions (its regions
         compile when first called).
         """
+        self._choose_plan(args, kwargs)
         try:
             return self._prepare(args, kwargs, self._plan_for(args, kwargs))
         except _InRegions:
             return None
+
+    def _choose_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """``Plan(auto=True)``: rank 0 asks the cost model for the fastest exact plan at these
+        inputs and the world size (:func:`xdit_compile.planner.auto`), every rank receives it
+        (one broadcast), and the mesh is built for it. Runs once, at the first call."""
+        if not self.plan.auto:
+            return
+        import inspect
+
+        from xdit_compile.cost import detect
+        from xdit_compile.planner import auto
+
+        world = dist.get_world_size()
+        chosen: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                bound = inspect.signature(self.model.forward).bind(*args, **kwargs)
+                inputs = {**{k: v for k, v in bound.arguments.items() if k != "kwargs"},
+                          **bound.arguments.get("kwargs", {})}
+                hardware = self.plan.hardware or detect(next(self.model.parameters()).device)
+                chosen[0] = auto(self.model, inputs, world, hardware, compile=self.plan.compile)
+                logger.info("Plan(auto=True) on %d ranks of %s: %s", world, hardware, chosen[0])
+            except Exception as e:  # every rank must learn that the choice failed
+                chosen[0] = f"Plan(auto=True) found no plan: {type(e).__name__}: {e}"
+        if world > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        if isinstance(chosen[0], str):
+            raise ValueError(chosen[0])
+        plan = replace(chosen[0], compile=self.plan.compile, disable_passes=self.plan.disable_passes,
+                       seed=self.plan.seed, seed_dim=self.plan.seed_dim)
+        config = getattr(self.model, "config", None)
+        plan.check_model(config if isinstance(config, Mapping) else None, type(self.model).__name__)
+        self.plan, self.mesh = plan, build_mesh(plan)
 
     def _plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
         """The plan a call compiles with: without the cfg batch round when the batch cannot be
@@ -309,6 +345,7 @@ class ParallelModule(torch.nn.Module):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._choose_plan(args, kwargs)
         # The latent tells steps and CFG branches apart; plain plans do not need it.
         x = (latent(args, kwargs, self.model.forward, self._latent_name)
              if self.kv_state is not None or self.plan.cfg > 1 else None)
@@ -441,7 +478,8 @@ def parallelize(model: torch.nn.Module, plan: Plan, *, broadcast_weights: bool =
     Returns a module with the model's call signature and outputs; outputs are gathered and
     identical on every rank. Capture and compilation happen on the first call. Every rank must
     hold the same weights (checked); ``broadcast_weights=True`` copies rank 0's to the others
-    first (for models that create parameters with ``torch.empty``).
+    first (for models that create parameters with ``torch.empty``). ``Plan(auto=True)`` lets
+    the cost model choose the degrees at the first call (see :class:`~xdit_compile.Plan`).
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an xdit_compile.Plan, got {type(plan).__name__}")
@@ -449,7 +487,10 @@ def parallelize(model: torch.nn.Module, plan: Plan, *, broadcast_weights: bool =
         raise TypeError("model is already parallelized")
     config = getattr(model, "config", None)
     plan.check_model(config if isinstance(config, Mapping) else None, type(model).__name__)
-    mesh = build_mesh(plan)
+    if plan.auto and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("xdit_compile.parallelize needs an initialized default process group; call "
+                           "xdit_compile.init_distributed() or torch.distributed.init_process_group() first")
+    mesh = None if plan.auto else build_mesh(plan)  # auto: built when the first call chooses
     if broadcast_weights:
         _broadcast_weights(model)
     _check_same_parameters(model)

@@ -55,7 +55,8 @@ def _plan(a: argparse.Namespace) -> Any:
 def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(ulysses=a.ulysses, ring=a.ring, cfg=a.cfg, pipefusion=a.pipefusion, dp=a.dp,
                 distrifusion=a.distrifusion, patches=a.patches, warmup_steps=a.warmup_steps,
-                stage_blocks=tuple(a.stage_blocks or ()), compile=a.compile)
+                stage_blocks=tuple(a.stage_blocks or ()), compile=a.compile,
+                auto=getattr(a, "auto", False), hardware=getattr(a, "hardware", None))
 
 
 def _config(a: argparse.Namespace) -> dict[str, Any]:
@@ -165,6 +166,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     )
 
     plan = _plan(a)
+    if plan.auto and not a.nproc and "WORLD_SIZE" not in os.environ:
+        print("xdit-compile generate: --auto needs --nproc N (the plan is chosen for N processes)",
+              file=sys.stderr)
+        return 2
     check_model(a.model)  # a bad path fails here, before any worker starts
     for name, config in transformer_configs(a.model):
         plan.check_model(config, f"{a.model}'s {name}")
@@ -181,7 +186,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     r0 = results[0]
     if r0.rank != 0:
         return 0
-    print(f"{a.model}: {plan}, {len(results)} process(es); output {r0.shape}")
+    chosen = f"{r0.plan} (chosen by the cost model)" if plan.auto else str(plan)
+    print(f"{a.model}: {chosen}, {len(results)} process(es); output {r0.shape}")
     if r0.call:
         print("  call: " + ", ".join(f"{k}={v}" for k, v in r0.call.items()))
     if r0.first_call_s is not None:
@@ -300,6 +306,10 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{axis}", type=int, default=1)
     _displaced_args(g)
     g.add_argument("--compile", choices=["eager", "inductor"], default=None)
+    g.add_argument("--auto", action="store_true",
+                   help="let the cost model choose the degrees for --nproc processes (exact plans)")
+    g.add_argument("--hardware", default=None,
+                   help="with --auto: the hardware profile (default: this machine's device)")
     g.add_argument("--output", default=None, help="image .png, or video .mp4 / frame directory")
     g.add_argument("--compare-serial", action="store_true", help="also time the plain pipeline on rank 0")
     g.add_argument("--warmup", type=int, default=1, help="untimed calls first (the first compiles)")

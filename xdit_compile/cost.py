@@ -49,6 +49,7 @@ __all__ = [
     "Work",
     "axis_span",
     "calibrate",
+    "detect",
     "get_hardware",
     "predict",
 ]
@@ -185,6 +186,28 @@ def get_hardware(name: str | Hardware) -> Hardware:
     if os.path.exists(name):
         return Hardware.from_dict(json.loads(Path(name).read_text()))
     raise ValueError(f"unknown hardware {name!r}; choose one of {sorted(HARDWARE)} or a calibrated JSON file")
+
+
+#: Substrings of ``torch.cuda.get_device_name()`` -> profile, most specific first.
+_DEVICE_NAMES = (("H200", "h200-sxm"), ("H100", "h100-sxm"), ("A100", "a100-sxm"), ("L40", "l40-pcie"),
+                 ("4090", "rtx-4090"))
+
+
+def detect(device: Any = None) -> str:
+    """The profile name for ``device`` (default: CUDA if available, else CPU): the closest
+    datasheet profile by the GPU's name; ``"cpu"`` for CPUs and unknown GPUs are reported."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(dev)
+    for key, profile in _DEVICE_NAMES:
+        if key in name:
+            return profile
+    raise ValueError(f"no hardware profile for {name!r}; pass Plan(auto=True, hardware=...) with one of "
+                     f"{sorted(HARDWARE)} or a file from `xdit-compile plan --calibrate --save-profile`")
 
 
 # --------------------------------------------------------------------------- accounting

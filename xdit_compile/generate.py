@@ -80,6 +80,8 @@ class GenerateResult:
     call: dict[str, Any] = field(default_factory=dict)
     """The pipeline call's arguments (prompt and output type left out)."""
     bytes_sent: int = 0
+    plan: str = ""
+    """The plan the transformer ran with (with ``--auto``: the one the cost model chose)."""
     saved: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -276,6 +278,7 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
     comm_stats().reset()
     arr, result.total_s, result.step_s = run_timed(pipe, kw, o.seed)
     result.bytes_sent = comm_stats().total_bytes
+    result.plan = str(getattr(getattr(pipe, "transformer", None), "plan", xc.Plan(**o.plan)))
     result.shape = list(arr.shape)
     result.call = {"height": int(arr.shape[-3]), "width": int(arr.shape[-2]), **result.call}
     if not np.isfinite(arr).all():

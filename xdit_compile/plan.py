@@ -99,6 +99,13 @@ class Plan:
     of videos; ``S`` of packed ``[B,S,C]``)."""
     compile: str | None = None
     """Backend for the rewritten graph: None/"eager" (GraphModule) or "inductor" (torch.compile)."""
+    auto: bool = False
+    """Choose the degrees with the cost model at the first call (:meth:`Plan.auto` on that call's
+    inputs and the process group's world size), exact methods only; leave every degree at 1.
+    The plan chosen for the first input signature serves every later one."""
+    hardware: str | None = None
+    """``auto``: the hardware profile to predict for (a name of ``xdit_compile.cost.HARDWARE`` or
+    a calibrated JSON file); default: the local device's profile (:func:`xdit_compile.cost.detect`)."""
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     """Names of optional passes or rewrites to skip: "canonicalize"; "rewrite_attention" (keep
     gathers + plain SDPA); "shard_text_rows" (keep joint attention's text rows replicated on
@@ -116,6 +123,14 @@ class Plan:
                     f"use {built} (set {axis.value}=1)"
                 )
         self._check_displaced()
+        if not isinstance(self.auto, bool):
+            raise ValueError(f"Plan.auto must be True or False, got {self.auto!r}")
+        if self.auto and self.world_size > 1:
+            set_ = ", ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1)
+            raise ValueError(f"Plan(auto=True, {set_}): auto chooses the degrees; leave them at 1, or "
+                             f"drop auto=True to use these degrees")
+        if self.hardware is not None and not self.auto:
+            raise ValueError("Plan.hardware is what Plan(auto=True) predicts for; set auto=True too")
         if self.compile not in _BACKENDS:
             raise ValueError(
                 f"Plan.compile={self.compile!r} is unknown; choose one of None, 'eager', 'inductor'"
@@ -166,7 +181,7 @@ class Plan:
                              "(pipefusion x ulysses/ring, or distrifusion x cfg/dp)")
 
     @classmethod
-    def auto(cls, model: Any, example_inputs: Mapping[str, Any], world_size: int, hardware: Any = "h100-sxm",
+    def _auto(cls, model: Any, example_inputs: Mapping[str, Any], world_size: int, hardware: Any = "h100-sxm",
              **options: Any) -> Plan:
         """The plan the cost model predicts fastest for ``model(**example_inputs)`` on
         ``world_size`` GPUs of ``hardware`` (a profile name of :mod:`xdit_compile.cost`, a
@@ -197,7 +212,10 @@ class Plan:
         return {a.value: getattr(self, a.value) for a in MeshAxis}
 
     def check_world_size(self, world_size: int) -> None:
-        """Raise ``ValueError`` if the plan does not fit ``world_size`` processes."""
+        """Raise ``ValueError`` if the plan does not fit ``world_size`` processes (an ``auto``
+        plan fits any: its degrees are chosen for the world size at the first call)."""
+        if self.auto:
+            return
         if self.world_size != world_size:
             parts = " x ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1) or "1"
             raise ValueError(
@@ -221,9 +239,31 @@ class Plan:
             f"and the rest of the degree as ring, e.g. Plan(ulysses={u}, ring={self.sp_degree // u})")
 
     def __str__(self) -> str:
+        if self.auto:
+            hw = f", hardware={self.hardware}" if self.hardware else ""
+            return f"Plan(auto{hw}, compile={self.compile})"
         degrees = ", ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1) or "serial"
         if self.displaced_patches > 1:
             degrees += f", patches={self.displaced_patches}"
         if self.displaced_patches > 1 or self.distrifusion > 1:
             degrees += f", warmup_steps={self.warmup_steps}"
         return f"Plan({degrees}, compile={self.compile})"
+
+
+class _FieldAndClassmethod:
+    """``Plan.auto`` is both a field (``Plan(auto=True)``: choose at the first call) and a
+    classmethod (``Plan.auto(model, inputs, world_size)``: choose now): on the class it is the
+    method, on an instance the field's slot."""
+
+    def __init__(self, slot: Any, method: Any) -> None:
+        self.slot, self.method = slot, method
+        self.__doc__ = method.__doc__
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        return self.method.__get__(cls, cls) if obj is None else self.slot.__get__(obj, cls)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        self.slot.__set__(obj, value)
+
+
+Plan.auto = _FieldAndClassmethod(Plan.__dict__["auto"], Plan.__dict__["_auto"])  # type: ignore[assignment,method-assign,misc]
