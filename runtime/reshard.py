@@ -17,7 +17,8 @@ from xdit_compile.runtime.collectives import send_recv
 from xdit_compile.runtime.mesh import get_mesh
 
 __all__ = [
-    "all_reduce_sum", "all_reduce_bytes", "gather_bytes", "gather_shard", "gather_text", "halo_pad", "slice_shard",
+    "SPLIT", "all_reduce_finish", "all_reduce_start", "gather_shard_finish", "gather_shard_start",
+    "gather_text_finish", "gather_text_start", "all_reduce_sum", "all_reduce_bytes", "gather_bytes", "gather_shard", "gather_text", "halo_pad", "slice_shard",
     "slice_text",
 ]
 
@@ -42,12 +43,30 @@ def gather_text(x: torch.Tensor, dim: int, head: int, tail: int, n: int, group_n
                 text_rank: int) -> torch.Tensor:
     """Joint rows ``[head piece, body, tail piece]`` -> ``[head, body, tail]``: one all-gather of
     every rank's text pieces (evenly cut head and tail rows); the body stays as it is."""
+    return gather_text_finish(gather_text_start(x, dim, head, tail, n, group_name, text_rank),
+                              x, dim, head, tail, n, group_name, text_rank)
+
+
+def gather_text_start(x: torch.Tensor, dim: int, head: int, tail: int, n: int, group_name: str,
+                      text_rank: int) -> torch.Tensor:
+    """The first half of :func:`gather_text`: starts the all-gather of the text pieces and
+    returns its (not yet waited for) result."""
+    h, t = _text_rows(head, tail, n, text_rank)
+    hp, _, tp = _three(x, dim, h, t)
+    hs, ts = even_split(head, n), even_split(tail, n)
+    return gather_shard_start(torch.cat([hp, tp], dim), dim, 1, 1, [a + b for a, b in zip(hs, ts, strict=True)],
+                              group_name)
+
+
+def gather_text_finish(g: torch.Tensor, x: torch.Tensor, dim: int, head: int, tail: int, n: int,
+                       group_name: str, text_rank: int) -> torch.Tensor:
+    """The second half of :func:`gather_text`: waits for ``g`` and joins the text to ``x``'s body."""
     h, t = _text_rows(head, tail, n, text_rank)
     hp, body, tp = _three(x, dim, h, t)
     hs, ts = even_split(head, n), even_split(tail, n)
-    text = gather_shard(torch.cat([hp, tp], dim), dim, 1, 1, [a + b for a, b in zip(hs, ts, strict=True)],
-                        group_name)
-    pieces = text.split([a + b for a, b in zip(hs, ts, strict=True)], dim)
+    sizes = [a + b for a, b in zip(hs, ts, strict=True)]
+    text = gather_shard_finish(g, hp, dim, 1, 1, sizes, group_name)  # hp: for the other dims' sizes
+    pieces = text.split(sizes, dim)
     heads = [p.narrow(dim, 0, a) for p, a in zip(pieces, hs, strict=True)]
     tails = [p.narrow(dim, a, b) for p, a, b in zip(pieces, hs, ts, strict=True)]
     return torch.cat([*heads, body, *tails], dim)
@@ -75,13 +94,27 @@ def gather_shard(
             x = gather_text(x, dim, head, tail, len(split), group_name, text_rank)
         hp, body, tp = _three(x, dim, head, tail)
         return torch.cat([hp, gather_shard(body, dim, outer, inner, split, group_name), tp], dim=dim)
+    return gather_shard_finish(gather_shard_start(x, dim, outer, inner, split, group_name),
+                               x, dim, outer, inner, split, group_name)
+
+
+def gather_shard_start(x: torch.Tensor, dim: int, outer: int, inner: int, split: list[int],
+                       group_name: str) -> torch.Tensor:
+    """The first half of :func:`gather_shard` (no text rows): pads this rank's piece and starts
+    the all-gather; returns its (not yet waited for) result, ``[n * max(split), ...]``."""
     n, m = len(split), max(split)
     v = _factor_view(x, dim, outer, inner).movedim(dim + 1, 0)  # [s_r, ..., outer, inner, ...]
     if v.shape[0] < m:
         v = torch.cat([v, v.new_zeros((m - v.shape[0], *v.shape[1:]))])
-    g = fc.wait_tensor(
-        torch.ops._c10d_functional.all_gather_into_tensor(v.contiguous(), n, group_name)
-    )
+    return torch.ops._c10d_functional.all_gather_into_tensor(v.contiguous(), n, group_name)
+
+
+def gather_shard_finish(g: torch.Tensor, x: torch.Tensor, dim: int, outer: int, inner: int, split: list[int],
+                        group_name: str) -> torch.Tensor:
+    """The second half of :func:`gather_shard`: waits for ``g`` and cuts it to the global tensor
+    (``x``: this rank's piece, or any tensor with its sizes in the dims other than ``dim``)."""
+    m = max(split)
+    g = fc.wait_tensor(g)
     if len(set(split)) > 1:
         g = torch.cat([p[:s] for p, s in zip(g.split(m), split, strict=True)])
     g = g.movedim(0, dim + 1)
@@ -91,7 +124,19 @@ def gather_shard(
 
 def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """Sum of every rank's partial ``x`` (functional all-reduce)."""
-    return fc.wait_tensor(torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", group_name))
+    return all_reduce_finish(all_reduce_start(x, group_name))
+
+
+def all_reduce_start(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Starts :func:`all_reduce_sum`; returns its (not yet waited for) result."""
+    return torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", group_name)
+
+
+def all_reduce_finish(g: torch.Tensor) -> torch.Tensor:
+    """Waits for an :func:`all_reduce_start`."""
+    return fc.wait_tensor(g)
+
+
 
 
 def all_reduce_bytes(nbytes: int, n: int) -> int:
@@ -179,3 +224,14 @@ def _(x, dim, pad, mesh_key):  # type: ignore[no-untyped-def]
 def halo_bytes(local_numel: int, rows: int, pad: int, itemsize: int) -> int:
     """Bytes one ``halo_pad`` call sends: ``pad`` rows each way."""
     return 2 * (local_numel // rows) * pad * itemsize
+
+
+#: Graph-level collectives the ``overlap_collectives`` pass splits into a start (as early as its
+#: input allows) and a finish (just before the first use): collective -> (start, finish, number
+#: of leading arguments the start takes, whether the finish takes those arguments too, after
+#: the started result).
+SPLIT: dict[object, tuple[object, object, int, bool]] = {
+    gather_shard: (gather_shard_start, gather_shard_finish, 6, True),
+    gather_text: (gather_text_start, gather_text_finish, 7, True),
+    all_reduce_sum: (all_reduce_start, all_reduce_finish, 2, False),
+}

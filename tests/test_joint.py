@@ -103,3 +103,42 @@ def test_text_kv_never_sent_with_whole_text_rows(pools, plan, world):
             assert grow == 2 * (22 - 6) * 2 * 8 * 4
         else:
             assert "all_gather@ulysses" not in b["comm"]
+
+
+def _overlap_on_and_off():
+    model, inputs = _flux(12)
+    outs, orders = {}, {}
+    for label, off in (("on", ()), ("off", ("overlap_collectives",))):
+        pm = xc.parallelize(model, xc.Plan(ulysses=2, disable_passes=off))
+        outs[label] = pm(**inputs)[0]
+        nodes = list(pm.last.gm.graph.nodes)
+        orders[label] = [(n.name, n.op if n.op != "call_function" else getattr(n.target, "__name__", str(n.target)),
+                          sorted(u.name for u in n.users), [str(a) for a in n.all_input_nodes]) for n in nodes]
+    return {"same": torch.equal(outs["on"], outs["off"]), "orders": orders}
+
+
+@pytest.mark.dist
+def test_overlap_collectives_start_early_finish_late_same_result(pools):
+    """The split collectives compute the same bits as the single call (same ops, reordered); each
+    start sits right after its input's producer, each finish right before the first use, and in
+    Flux's single block the text-row gather has the MLP and Q projections in flight over it."""
+    for r in pools(2).run(_overlap_on_and_off):
+        assert r["same"]
+        on = r["orders"]["on"]
+        assert sum(t in ("gather_shard", "gather_text") for _, t, _, _ in r["orders"]["off"]) == 2
+        pos = {name: i for i, (name, *_) in enumerate(on)}
+        starts = [(i, e) for i, e in enumerate(on) if e[1].endswith("_start")]
+        assert {e[1] for _, e in starts} == {"gather_text_start", "gather_shard_start"}
+        assert not any(e[1] in ("gather_shard", "gather_text") for e in on)
+        for i, (_name, _, users, inputs) in starts:
+            (finish,) = users
+            j = pos[finish]
+            # right after the producer of its input (or the last placeholder); the finish right
+            # before its first user
+            assert on[i - 1][0] in inputs or (on[i - 1][1] == "placeholder" and on[i][1] != "placeholder")
+            first_use = min(pos[u] for u in on[j][2])
+            assert first_use == j + 1
+        text = next(i for i, e in starts if e[1] == "gather_text_start")
+        finish = pos[on[text][2][0]]
+        between = [on[k][1] for k in range(text + 1, finish)]
+        assert between.count("linear.default") >= 2, between  # proj_mlp and to_q run during the gather

@@ -68,6 +68,7 @@ def build_passes(plan: Plan, part: str = "all") -> list[tuple[str, PassFn]]:
     from xdit_compile.passes.batch import batch_round
     from xdit_compile.passes.canonicalize import canonicalize_graph_pass
     from xdit_compile.passes.lower import lower_collectives_pass
+    from xdit_compile.passes.overlap import overlap_collectives_pass
     from xdit_compile.passes.patches import patch_round, patch_sequence_round
     from xdit_compile.passes.seed import seed_inputs_pass
     from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
@@ -89,6 +90,7 @@ def build_passes(plan: Plan, part: str = "all") -> list[tuple[str, PassFn]]:
             ("propagate_sharding", propagate_sharding_pass),
             ("rewrite_attention", rewrite_attention_pass),
             ("lower_collectives", lower_collectives_pass),
+            ("overlap_collectives", overlap_collectives_pass),
         ]
     return [(n, p) for n, p in passes if n not in plan.disable_passes]
 

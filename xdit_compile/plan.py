@@ -51,7 +51,7 @@ class MeshAxis(str, enum.Enum):  # enum.StrEnum is Python 3.11+
 BUILT_AXES: tuple[MeshAxis, ...] = tuple(MeshAxis)
 
 #: Passes and rewrites a plan may switch off (``Plan.disable_passes``).
-OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows")
+OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows", "overlap_collectives")
 
 _BACKENDS = (None, "eager", "inductor")
 
@@ -109,7 +109,8 @@ class Plan:
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     """Names of optional passes or rewrites to skip: "canonicalize"; "rewrite_attention" (keep
     gathers + plain SDPA); "shard_text_rows" (keep joint attention's text rows replicated on
-    every rank after attention instead of cutting them over the ranks)."""
+    every rank after attention instead of cutting them over the ranks); "overlap_collectives"
+    (start and wait for each graph-level collective in one place, where its result is used)."""
 
     def __post_init__(self) -> None:
         for axis in MeshAxis:

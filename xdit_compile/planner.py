@@ -48,6 +48,10 @@ _MATMUL = {"linear", "mm", "bmm", "matmul", "addmm", "conv1d", "conv2d", "conv3d
            "einsum"}
 
 
+#: Collective starts of the ``overlap_collectives`` pass (their finishes copy like the gathers they were).
+_SPLIT_NAMES = {"gather_shard_start", "gather_text_start", "all_reduce_start"}
+
+
 def _kind(node: fx.Node) -> str:
     if node.op != "call_function":
         return "none"
@@ -58,7 +62,7 @@ def _kind(node: fx.Node) -> str:
     ns = str(getattr(node.target, "namespace", ""))
     if name.endswith("attention"):  # SDPA and the parallel attention ops
         return "attention"
-    if ns in ("_c10d_functional", "c10d_functional") or name in ("wait_tensor",):
+    if ns in ("_c10d_functional", "c10d_functional") or name in ("wait_tensor",) or name in _SPLIT_NAMES:
         return "comm"
     if name in _MATMUL:
         return "matmul"
