@@ -41,7 +41,7 @@ def test_lazy_capture_is_cached_per_signature(pools):
         assert r["dc_err"] < 1e-4
         assert r["graphs"] == sorted(
             ["capture", "canonicalize", "annotate", "seed", "propagate_sharding",
-             "rewrite_attention", "lower_collectives", "overlap_collectives"]
+             "rewrite_attention", "lower_collectives", "text_heads", "overlap_collectives"]
         )
 
 

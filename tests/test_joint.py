@@ -142,3 +142,84 @@ def test_overlap_collectives_start_early_finish_late_same_result(pools):
         finish = pos[on[text][2][0]]
         between = [on[k][1] for k in range(text + 1, finish)]
         assert between.count("linear.default") >= 2, between  # proj_mlp and to_q run during the gather
+
+
+def _text_heads_on_and_off():
+    import torch.distributed as dist
+
+    model, inputs = _flux(12)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    res = {"rank": dist.get_rank()}
+    for label, off in (("on", ()), ("off", ("text_heads",))):
+        pm = xc.parallelize(model, xc.Plan(ulysses=2, disable_passes=off))
+        out = pm(**inputs)[0]
+        rep = xc.explain(pm)
+        pads = [n.args[1] for n in pm.last.gm.graph.nodes if "constant_pad_nd" in str(n.target)]
+        res[label] = {"err": float((out - ref).abs().max() / ref.abs().max()), "out": out,
+                      "flops": rep.flops, "pads": pads}
+    return res
+
+
+@pytest.mark.dist
+def test_text_heads_projects_only_this_ranks_heads(pools):
+    """Ulysses=2 on joint attention: the text K/V projections (add_k_proj, add_v_proj; and
+    add_q_proj of the first block, whose text query rows are on every rank) compute only this
+    rank's 2 of 4 heads (the rest are zeros the attention never reads); the output matches
+    serial as before, and each rank's FLOPs drop by exactly half of those projections."""
+    text_len, width = 12, 32  # joint_attention_dim -> inner dim 4 heads x 8
+    saved = 3 * (2 * text_len * width * width) // 2  # Q, K and V, half of the heads, 1 dual block
+    for r in pools(2).run(_text_heads_on_and_off):
+        assert r["on"]["err"] < 1e-5 and r["off"]["err"] < 1e-5
+        assert torch.allclose(r["on"]["out"], r["off"]["out"], rtol=0, atol=1e-6)
+        assert r["off"]["flops"] - r["on"]["flops"] == saved
+        own = [[0, 16]] * 3 if r["rank"] == 0 else [[16, 0]] * 3  # features of heads 0-1 / 2-3
+        assert r["on"]["pads"] == own and r["off"]["pads"] == []
+
+
+class _LeakyJoint(torch.nn.Module):
+    """Joint attention whose text K is also used outside attention (``leak``): the text K
+    projection must then keep every head."""
+
+    def __init__(self, leak: bool) -> None:
+        super().__init__()
+        self.leak = leak
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+        self.tq, self.tk, self.tv = (torch.nn.Linear(16, 16) for _ in range(3))
+        self.out = torch.nn.Linear(16, 16)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        b, s, _ = hidden_states.shape
+        t = encoder_hidden_states.shape[1]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, x.shape[1], 4, 4).transpose(1, 2)
+
+        tk = self.tk(encoder_hidden_states)
+        q = torch.cat([heads(self.tq(encoder_hidden_states)), heads(self.q(hidden_states))], dim=2)
+        k = torch.cat([heads(tk), heads(self.k(hidden_states))], dim=2)
+        v = torch.cat([heads(self.tv(encoder_hidden_states)), heads(self.v(hidden_states))], dim=2)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s + t, 16)
+        o = self.out(o[:, t:])
+        return o + tk.mean() if self.leak else o
+
+
+@pytest.fixture
+def fake_pg2():
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_text_heads_leaves_text_kv_used_elsewhere(fake_pg2, leak):
+    torch.manual_seed(0)
+    model = _LeakyJoint(leak).eval()
+    inputs = {"hidden_states": torch.randn(1, 8, 16), "encoder_hidden_states": torch.randn(1, 4, 16)}
+    pm = xc.parallelize(model, xc.Plan(ulysses=2, seed="hidden_states"))
+    pm.prepare(**inputs)
+    assert any("usp_attention" in str(n.target) for n in pm.last.gm.graph.nodes)  # joint, text rows kept
+    assert pm.last.ctx.hints["text_heads_localized"] == (2 if leak else 3)  # Q and V only when K leaks

@@ -697,10 +697,12 @@ def test_build_passes_order_and_disable() -> None:
         "propagate_sharding",
         "rewrite_attention",
         "lower_collectives",
+        "text_heads",
         "overlap_collectives",
     ]
     # shard_text_rows is a rewrite inside propagate_sharding, not a pass of its own
-    assert set(OPTIONAL_PASSES) == {"canonicalize", "rewrite_attention", "shard_text_rows", "overlap_collectives"}
+    assert set(OPTIONAL_PASSES) == {"canonicalize", "rewrite_attention", "shard_text_rows", "overlap_collectives",
+                                    "text_heads"}
     assert "shard_text_rows" in Plan(disable_passes="shard_text_rows").disable_passes
     plan = Plan(ulysses=2, disable_passes="rewrite_attention")
     assert plan.disable_passes == ("rewrite_attention",)
@@ -711,5 +713,6 @@ def test_build_passes_order_and_disable() -> None:
         "seed",
         "propagate_sharding",
         "lower_collectives",
+        "text_heads",
         "overlap_collectives",
     ]

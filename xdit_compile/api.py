@@ -72,6 +72,7 @@ def build_passes(plan: Plan, part: str = "all") -> list[tuple[str, PassFn]]:
     from xdit_compile.passes.patches import patch_round, patch_sequence_round
     from xdit_compile.passes.seed import seed_inputs_pass
     from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
+    from xdit_compile.passes.text_heads import text_heads_pass
 
     passes: list[tuple[str, PassFn]] = []
     if part in ("all", "common"):
@@ -90,8 +91,10 @@ def build_passes(plan: Plan, part: str = "all") -> list[tuple[str, PassFn]]:
             ("propagate_sharding", propagate_sharding_pass),
             ("rewrite_attention", rewrite_attention_pass),
             ("lower_collectives", lower_collectives_pass),
-            ("overlap_collectives", overlap_collectives_pass),
         ]
+        if plan.ulysses > 1:
+            passes.append(("text_heads", text_heads_pass))
+        passes.append(("overlap_collectives", overlap_collectives_pass))
     return [(n, p) for n, p in passes if n not in plan.disable_passes]
 
 

@@ -51,7 +51,8 @@ class MeshAxis(str, enum.Enum):  # enum.StrEnum is Python 3.11+
 BUILT_AXES: tuple[MeshAxis, ...] = tuple(MeshAxis)
 
 #: Passes and rewrites a plan may switch off (``Plan.disable_passes``).
-OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows", "overlap_collectives")
+OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows", "overlap_collectives",
+                                     "text_heads")
 
 _BACKENDS = (None, "eager", "inductor")
 
@@ -110,7 +111,8 @@ class Plan:
     """Names of optional passes or rewrites to skip: "canonicalize"; "rewrite_attention" (keep
     gathers + plain SDPA); "shard_text_rows" (keep joint attention's text rows replicated on
     every rank after attention instead of cutting them over the ranks); "overlap_collectives"
-    (start and wait for each graph-level collective in one place, where its result is used)."""
+    (start and wait for each graph-level collective in one place, where its result is used);
+    "text_heads" (under Ulysses, project every head of joint attention's text K/V on every rank)."""
 
     def __post_init__(self) -> None:
         for axis in MeshAxis:
