@@ -8,7 +8,9 @@ import pytest
 
 from xdit_compile.testing import WorkerPool
 
-os.environ.setdefault("XDIT_DEBUG", "1")  # verify local shapes after every pass in tests
+# Verify local shapes of every rewritten graph after its last pass (XDIT_DEBUG=1: after every
+# pass, to find the pass that broke one; test_passes checks that mode).
+os.environ.setdefault("XDIT_DEBUG", "final")
 
 
 @pytest.fixture(scope="session")

@@ -201,7 +201,9 @@ def test_auto_picks_cfg_for_a_cfg_pipeline(pixart_cfg):
     model, inputs, _ = pixart_cfg
     # Cutting the CFG branches sends one output gather; every sequence plan sends per layer.
     assert xc.Plan.auto(model, inputs, 2, "l40-pcie", cfg_in_batch=True) == xc.Plan(cfg=2)
-    plan = xc.Plan.auto(model, inputs, 4, "h100-sxm", cfg_in_batch=True, compile="inductor")
+    # 4 ranks over PCIe: the CFG cut plus a 2-way sequence cut beats any 4-way sequence cut. (On
+    # NVLink this tiny model's plans are all within a few microseconds of each other.)
+    plan = xc.Plan.auto(model, inputs, 4, "l40-pcie", cfg_in_batch=True, compile="inductor")
     assert plan.cfg == 2 and plan.world_size == 4 and plan.compile == "inductor"
     assert plan.pipefusion == plan.distrifusion == 1  # exact plans unless approximate=True
 

@@ -157,7 +157,8 @@ def test_generate_under_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "fox.png"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "xdit_compile.cli", "generate", "--model", "pixart-sigma",
-           "--prompt", "a red fox", "--ulysses", "2", "--output", str(out)]
+           "--prompt", "a red fox", "--ulysses", "2", "--steps", "2", "--height", "32", "--width", "32",
+           "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -648,6 +648,11 @@ def test_run_passes_verifies_under_debug(
             [("mislabel", mislabel)],
             PassContext(plan=plan, mesh=MeshInfo.of(plan, 1, key="k")),
         )
+    # "final": only after the last pass, which then fails for what an earlier pass mislabelled.
+    monkeypatch.setenv("XDIT_DEBUG", "final")
+    with pytest.raises(RuntimeError, match="pass 'last' failed.*local shapes wrong after last"):
+        run_passes(lin_gm, [("mislabel", mislabel), ("last", _noop)],
+                   PassContext(plan=plan, mesh=MeshInfo.of(plan, 1, key="k")))
 
 
 # --------------------------------------------------------------------------- plan / pass list
@@ -713,6 +718,5 @@ def test_build_passes_order_and_disable() -> None:
         "seed",
         "propagate_sharding",
         "lower_collectives",
-        "text_heads",
-        "overlap_collectives",
+        "overlap_collectives",  # text_heads only with ulysses > 1
     ]

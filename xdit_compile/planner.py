@@ -234,7 +234,8 @@ def _rewrite(gm0: fx.GraphModule, hints: dict[str, Any], plan: Plan) -> Work | s
     if plan.distrifusion > 1:
         plan = replace(plan, disable_passes=(*plan.disable_passes, "shard_text_rows"))
     # Accounting only: the graph never runs, so XDIT_DEBUG's shape verifier is skipped.
-    ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="planner"), hints={**hints, "verify": False})
+    ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="planner"),
+                      hints={**hints, "verify": False, "keep_graphs": False})
     try:
         gm = run_passes(gm, build_passes(plan), ctx)
     except (ValueError, RuntimeError) as e:
