@@ -43,7 +43,7 @@ _POINTWISE = {aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten._to_copy, a
               aten.reciprocal, aten.square, aten.exp, aten.tanh, aten.sigmoid, aten.silu, aten.gelu}
 #: Reductions over trailing dims (keepdim): a decomposed RMSNorm / LayerNorm over the head dim.
 _REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.var}
-_VIEWS = {aten.view, aten.reshape, aten._unsafe_view}
+_VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.view_as_real, aten.view_as_complex}
 _NORMS = {aten.rms_norm, aten.layer_norm}
 
 
@@ -100,7 +100,7 @@ class _Walk:
             a, b = (int(d) % len(out) for d in args[1:3])  # type: ignore[arg-type]
             swap = {a: b, b: a}
             self._in(n, args[0], swap.get(hd, hd), swap.get(sd, sd))
-        elif pk in _VIEWS:
+        elif pk in _VIEWS:  # (complex RoPE's view_as_complex / view_as_real reshape the last dim)
             src = _shape(args[0])
             if src[:hd + 1] == out[:hd + 1]:  # only dims after the heads change
                 self._in(n, args[0], hd, sd)  # type: ignore[arg-type]
