@@ -90,3 +90,20 @@ def _measure(plan: xc.Plan) -> tuple[int, int]:
 def test_static_bytes_equal_measured(pools, plan, world):
     for measured, static in pools(world).run(_measure, xc.Plan(**plan)):
         assert measured == static > 0
+
+
+@pytest.mark.parametrize("fake_pg", [1, 2], indirect=True)
+def test_peak_activation_bytes(fake_pg):
+    """Static liveness of an MLP ``x [1, S, C] -> linear 4C -> relu -> linear C``: the input is
+    held throughout, the hidden value and its relu are alive together. Serial: (1 + 4 + 4)·S·C
+    floats. ulysses=2: the whole input plus this rank's S/2 rows of the two hidden values."""
+    s, c = 8, 16
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(c, 4 * c), torch.nn.ReLU(), torch.nn.Linear(4 * c, c)).eval()
+    plan = xc.Plan(ulysses=fake_pg) if fake_pg > 1 else xc.Plan()
+    pm = xc.parallelize(model, plan)
+    pm.prepare(torch.randn(1, s, c))
+    report = xc.explain(pm)
+    want = 4 * (s * c + 2 * 4 * c * s // fake_pg)
+    assert report.activation_bytes == want
+    assert f"peak activation bytes on this rank: {want:,}" in report.summary()

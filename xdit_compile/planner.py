@@ -34,8 +34,8 @@ import torch.utils._pytree as pytree
 from xdit_compile.cost import Hardware, Prediction, Work, get_hardware, predict
 from xdit_compile.plan import Plan
 
-__all__ = ["Candidate", "Workload", "account", "auto", "enumerate_plans", "format_table", "rank_plans",
-           "workload"]
+__all__ = ["Candidate", "Workload", "account", "auto", "enumerate_plans", "format_table", "peak_activation_bytes",
+           "rank_plans", "workload"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -525,3 +525,46 @@ def zoo_workload(name: str, *, height: int | None = None, width: int | None = No
 
     label = f"{name} ({height or '?'}x{width or '?'}{f'x{frames}f' if frames else ''})"
     return workload(build, inputs, cfg_in_batch=cfg, name=label)
+
+
+def peak_activation_bytes(gm: fx.GraphModule, rank: int = 0) -> int:
+    """Peak bytes of the graph's values alive at once on ``rank``, run in graph order (static
+    liveness): inputs count for the whole run (the caller holds them), parameters not at all,
+    views share their base's storage and keep it alive, every other value lives from the node
+    that makes it to its last use (the outputs to the end). Buffers inside opaque ops (the
+    attention ops' packing, a collective's received buffer before it is cut) are not counted."""
+    from xdit_compile.report import local_fraction
+
+    nodes = list(gm.graph.nodes)
+    end_of_run = len(nodes)
+    root: dict[fx.Node, fx.Node] = {}
+    size: dict[fx.Node, float] = {}
+    end: dict[fx.Node, int] = {}
+    for i, n in enumerate(nodes):
+        if n.op in ("get_attr", "output"):
+            continue
+        src = next((a for a in n.all_input_nodes if a in root), None)
+        if _kind(n) == "free" and src is not None:
+            root[n] = root[src]
+        else:
+            root[n] = n
+            size[n] = _nbytes(n.meta.get("val")) * local_fraction(n, rank)
+            end[n] = end_of_run if n.op == "placeholder" else i
+        for a in n.all_input_nodes:
+            if a in root:
+                end[root[a]] = max(end[root[a]], i)
+        end[root[n]] = max(end[root[n]], i)
+    for a in gm.graph.output_node().all_input_nodes:
+        if a in root:
+            end[root[a]] = end_of_run
+    frees: dict[int, list[fx.Node]] = {}
+    for r, e in end.items():
+        frees.setdefault(e, []).append(r)
+    live = peak = 0.0
+    for i, n in enumerate(nodes):
+        if n in size:  # a value with its own storage
+            live += size[n]
+            peak = max(peak, live)
+        for r in frees.get(i, []):
+            live -= size[r]
+    return int(peak)

@@ -2,7 +2,7 @@
 
 The report covers the plan and mesh, the seed, the passes (node and op counts before/after),
 every collective (axis, op, calls and bytes per rank per forward), sharding breaks with their
-source lines, parameter bytes and estimated FLOPs per rank, and the rewritten graph with a
+source lines, parameter bytes, peak activation bytes and estimated FLOPs per rank, and the rewritten graph with a
 placement per node.
 """
 
@@ -46,6 +46,9 @@ class Report:
     regions: list[tuple[str, str]] = field(default_factory=list)
     """For a model that could not be captured whole: (region, how it runs) for every region."""
     region_error: str = ""
+    activation_bytes: int = 0
+    """Peak bytes of the rewritten graph's values alive at once on this rank (static liveness,
+    :func:`xdit_compile.planner.peak_activation_bytes`)."""
 
     @property
     def bytes_per_forward(self) -> int:
@@ -98,6 +101,9 @@ class Report:
             for layer, shape, nbytes in self.displaced:
                 out.append(f"      {layer:<40} K/V {list(shape)}  {nbytes:,} B")
         out.append(f"  parameters held by this rank: {self.param_bytes:,} bytes (distinct storages, measured)")
+        if self.activation_bytes:
+            out.append(f"  peak activation bytes on this rank: {self.activation_bytes:,} (graph values alive at "
+                       f"once, static; not counting buffers inside attention and collectives)")
         ratio = self.flops / self.serial_flops if self.serial_flops else 1.0
         out.append(f"  estimated FLOPs per rank: {self.flops:,} ({ratio:.2f} of serial)")
         return "\n".join(out)
@@ -142,6 +148,7 @@ def build_report(pm: Any) -> Report:
     if entry is None:
         raise RuntimeError("nothing compiled yet: call the module (or pm.prepare(**inputs)) first")
     from xdit_compile.pipefusion import parameter_bytes
+    from xdit_compile.planner import peak_activation_bytes
 
     ctx = entry.ctx
     flops, serial = estimate_flops(entry.gm, ctx.mesh.sp_rank)
@@ -168,6 +175,7 @@ def build_report(pm: Any) -> Report:
         graphs=dict(ctx.graphs),
         pipefusion=info,
         displaced=_distrifusion_buffers(entry.gm),
+        activation_bytes=0 if info is not None else peak_activation_bytes(entry.gm, ctx.mesh.sp_rank),
     )
 
 
