@@ -7,11 +7,12 @@ own heads only (``runtime/attention.py``). A separate text projection (``add_k_p
 rank does ``(U - 1) / U`` of that matmul for nothing.
 
 This pass finds, for the K and V inputs of every ``usp_attention`` with text rows and
-``ulysses > 1`` (and Q, where its text rows are on every rank), a replicated ``linear`` whose output reaches the attention only as those text
-rows, through ops that keep rows and heads in place: the view that splits features into
-``(heads, head_dim)``, norms over the head dim, pointwise ops (RoPE's multiply-adds, casts),
-permutes and transposes, ``unbind``/``stack`` of the last dims, and the one ``cat`` along the sequence that
-puts the text in front of (or behind) the image rows. Every value derived from that linear
+``ulysses > 1`` (and Q, where its text rows are on every rank), a replicated ``linear`` whose
+output reaches the attention only as those text rows, through ops that keep rows and heads in
+place: the view that splits features into ``(heads, head_dim)``, norms over the head dim,
+pointwise ops (RoPE's multiply-adds, casts), permutes and transposes, ``unbind``/``stack`` of
+the last dims, and the one ``cat`` along the sequence that puts the text in front of (or
+behind) the image rows. Every value derived from that linear
 must flow only there (checked forwards). The linear then multiplies only this rank's rows of
 the weight (``W[h0*D:h1*D]``, a view) and the other heads' features are zeros
 (``constant_pad_nd``): values the attention never reads. Exact: the heads it reads are computed
@@ -41,8 +42,8 @@ _USP = torch.ops.xdit.usp_attention.default
 _POINTWISE = {aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten._to_copy, aten.to, aten.clone,
               aten.alias, aten.detach, aten.type_as, aten.contiguous, aten.pow, aten.rsqrt, aten.sqrt,
               aten.reciprocal, aten.square, aten.exp, aten.tanh, aten.sigmoid, aten.silu, aten.gelu}
-#: Reductions over trailing dims (keepdim): a decomposed RMSNorm / LayerNorm over the head dim.
-_REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.var}
+#: Reductions over trailing dims (keepdim): a decomposed RMSNorm over the head dim.
+_REDUCTIONS = {aten.mean, aten.sum, aten.amax}
 _VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.view_as_real, aten.view_as_complex}
 _NORMS = {aten.rms_norm, aten.layer_norm}
 
@@ -156,7 +157,6 @@ class _Walk:
                 # should it derive from the linears after all, _closed refuses the walk
         else:
             raise _Abort
-
 
     def _in(self, user: fx.Node, a: Any, hd: int | None, sd: int, head_dim: int | None = None) -> None:
         if not isinstance(a, fx.Node):

@@ -17,9 +17,9 @@ from xdit_compile.runtime.collectives import send_recv
 from xdit_compile.runtime.mesh import get_mesh
 
 __all__ = [
-    "SPLIT", "all_reduce_finish", "all_reduce_start", "gather_shard_finish", "gather_shard_start",
-    "gather_text_finish", "gather_text_start", "all_reduce_sum", "all_reduce_bytes", "gather_bytes", "gather_shard", "gather_text", "halo_pad", "slice_shard",
-    "slice_text",
+    "SPLIT", "all_reduce_bytes", "all_reduce_finish", "all_reduce_start", "all_reduce_sum", "gather_bytes",
+    "gather_shard", "gather_shard_finish", "gather_shard_start", "gather_text", "gather_text_finish",
+    "gather_text_start", "halo_pad", "slice_shard", "slice_text",
 ]
 
 

@@ -198,9 +198,11 @@ class ParallelModule(torch.nn.Module):
         chosen: list[Any] = [None]
         if dist.get_rank() == 0:
             try:
-                bound = inspect.signature(self.model.forward).bind(*args, **kwargs)
-                inputs = {**{k: v for k, v in bound.arguments.items() if k != "kwargs"},
-                          **bound.arguments.get("kwargs", {})}
+                sig = inspect.signature(self.model.forward)
+                bound = sig.bind(*args, **kwargs)
+                var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+                inputs = {k: v for k, v in bound.arguments.items() if k != var_kw}
+                inputs.update(bound.arguments.get(var_kw, {}) if var_kw else {})
                 hardware = self.plan.hardware or detect(next(self.model.parameters()).device)
                 chosen[0] = auto(self.model, inputs, world, hardware, compile=self.plan.compile)
                 logger.info("Plan(auto=True) on %d ranks of %s: %s", world, hardware, chosen[0])

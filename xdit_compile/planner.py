@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree
 
 from xdit_compile.cost import Hardware, Prediction, Work, get_hardware, predict
 from xdit_compile.plan import Plan
+from xdit_compile.runtime.reshard import SPLIT
 
 __all__ = ["Candidate", "Workload", "account", "auto", "enumerate_plans", "format_table", "peak_activation_bytes",
            "rank_plans", "workload"]
@@ -48,8 +49,10 @@ _MATMUL = {"linear", "mm", "bmm", "matmul", "addmm", "conv1d", "conv2d", "conv3d
            "einsum"}
 
 
+
+
 #: Collective starts of the ``overlap_collectives`` pass (their finishes copy like the gathers they were).
-_SPLIT_NAMES = {"gather_shard_start", "gather_text_start", "all_reduce_start"}
+_STARTS = {start for start, *_ in SPLIT.values()}
 
 
 def _kind(node: fx.Node) -> str:
@@ -62,7 +65,7 @@ def _kind(node: fx.Node) -> str:
     ns = str(getattr(node.target, "namespace", ""))
     if name.endswith("attention"):  # SDPA and the parallel attention ops
         return "attention"
-    if ns in ("_c10d_functional", "c10d_functional") or name in ("wait_tensor",) or name in _SPLIT_NAMES:
+    if ns in ("_c10d_functional", "c10d_functional") or name in ("wait_tensor",) or node.target in _STARTS:
         return "comm"
     if name in _MATMUL:
         return "matmul"
