@@ -42,6 +42,7 @@ import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,18 @@ METHODS: list[tuple[str, str]] = [
     ("diffusers_cp", "ring"),
     ("diffusers_cp", "ring_lse_patch"),
 ]
+#: ``--compile``: the same methods compiled (xdit_compile: ``compile="inductor"``; diffusers:
+#: ``torch.compile`` of the model after ``enable_parallelism``), in the same interleaved rounds.
+COMPILED_METHODS: list[tuple[str, str]] = [
+    ("xdit_compile", "ulysses@compile"),
+    ("diffusers_cp", "ulysses@compile"),
+    ("xdit_compile", "ring@compile"),
+    ("diffusers_cp", "ring_lse_patch@compile"),
+]
+
+
+def _base(mode: str) -> str:
+    return mode.split("@")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +312,9 @@ class Variant:
     def __init__(self, label: str, impl: str, mode: str, solo: bool = False) -> None:
         self.label, self.impl, self.mode, self.solo = label, impl, mode, solo
         self.fn: Callable[[], Any] | None = None
-        self.counter = CommCounter() if impl == "diffusers_cp" else None
+        # Compiled diffusers: no counting wrappers (dynamo would trace them into its graph and
+        # guard on them); its collectives are those of the eager row.
+        self.counter = CommCounter() if impl == "diffusers_cp" and "@" not in mode else None
         self.times: list[float] = []
         self.bytes: list[int] = []
         self.comm: dict[str, dict[str, int]] = {}
@@ -317,9 +332,12 @@ class Variant:
             stats.reset()
             out = self.fn()
             return out, stats.total_bytes, stats.as_dict()
+        if self.impl == "diffusers_cp" and self.counter is None:
+            with _lse_patch(_base(self.mode) == "ring_lse_patch"):
+                return self.fn(), -1, {}
         if self.counter is not None:
             self.counter.reset()
-            with _lse_patch(self.mode == "ring_lse_patch"), self.counter.installed():
+            with _lse_patch(_base(self.mode) == "ring_lse_patch"), self.counter.installed():
                 out = self.fn()
             comm = {k: {"calls": self.counter.calls[k], "bytes": self.counter.bytes[k]}
                     for k in sorted(self.counter.calls)}
@@ -349,15 +367,18 @@ def _setup(v: Variant, name: str, spec: dict[str, Any]) -> None:
         from xdit_compile import Plan, parallelize
 
         plan = {"ulysses": Plan(ulysses=2), "ring": Plan(ring=2),
-                "ulysses_wholetext": Plan(ulysses=2, disable_passes=("shard_text_rows",))}[v.mode]
+                "ulysses_wholetext": Plan(ulysses=2, disable_passes=("shard_text_rows",))}[_base(v.mode)]
+        if "@" in v.mode:
+            plan = replace(plan, compile="inductor")
         pm = parallelize(model, plan)
         entry = pm.prepare(**kwargs)
         v.info["sharding_breaks"] = [f"{b.op} at {b.source}: {b.reason}" for b in entry.ctx.breaks]
         v.info["plan"] = str(plan)
         v.fn = lambda: pm(**kwargs)
     else:
-        _enable_diffusers_cp(model, "ulysses" if v.mode == "ulysses" else "ring")
-        v.fn = lambda: model(**kwargs)
+        _enable_diffusers_cp(model, "ulysses" if _base(v.mode) == "ulysses" else "ring")
+        fwd = torch.compile(model) if "@" in v.mode else model
+        v.fn = lambda: fwd(**kwargs)
     v.info["setup_s"] = time.perf_counter() - t0
 
 
@@ -421,6 +442,8 @@ def job_model(name: str, spec: dict[str, Any], methods: list[tuple[str, str]], i
 # Driver
 
 MODE_LABEL = {"ulysses": "ulysses=2", "ring": "ring=2", "ring_lse_patch": "ring=2 (lse patch)",
+              "ulysses@compile": "ulysses=2, compiled", "ring@compile": "ring=2, compiled",
+              "ring_lse_patch@compile": "ring=2 (lse patch), compiled",
               "ulysses_wholetext": "ulysses=2, text rows whole"}
 
 
@@ -431,7 +454,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--quick", action="store_true", help="tiny shapes; results not written")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
+    ap.add_argument("--compile", action="store_true",
+                    help="also the compiled methods (xdit_compile inductor, diffusers torch.compile)")
     args = ap.parse_args()
+    methods = METHODS + (COMPILED_METHODS if args.compile else [])
     os.environ["XDIT_WORKER_THREADS"] = "1"
     from xdit_compile.testing import WorkerError, WorkerPool
 
@@ -448,13 +474,13 @@ def main() -> None:
         for name in args.models:
             t0 = time.time()
             try:
-                res = pool.run(job_model, name, specs[name], METHODS, args.iters, args.warmup,
+                res = pool.run(job_model, name, specs[name], methods, args.iters, args.warmup,
                                timeout=args.timeout)
             except WorkerError as e:  # a hang or a one-sided failure: the pool restarts
                 emit({"model": name, "method": "serial", "error": str(e)[:2000]})
                 continue
             wall_s = round(time.time() - t0, 1)
-            for row in _rows(name, res):
+            for row in _rows(name, res, methods):
                 row["model_wall_s"] = wall_s
                 emit(row)
     finally:
@@ -466,7 +492,7 @@ def main() -> None:
     _write(rows, args, specs, total_s)
 
 
-def _rows(name: str, res: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rows(name: str, res: list[dict[str, Any]], methods: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Table rows of one model from the per-rank results of ``job_model``."""
     per = [r["variants"] for r in res]
     s0 = per[0]["serial"]
@@ -480,7 +506,7 @@ def _rows(name: str, res: list[dict[str, Any]]) -> list[dict[str, Any]]:
     }]
     xdit_ms: dict[str, float] = {}
     diffusers_ms: dict[str, float] = {}
-    for impl, mode in METHODS:
+    for impl, mode in methods:
         label = f"{impl}:{mode}"
         row: dict[str, Any] = {"model": name, "method": impl, "mode": MODE_LABEL[mode],
                                "degree": 2}
@@ -504,7 +530,7 @@ def _rows(name: str, res: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "rel_error": max(v["rel_error"] for v in vs),
             "setup_s": round(max(v["setup_s"] for v in vs), 1),
         })
-        kind = mode.split("_")[0]  # ulysses / ring
+        kind = mode.split("_")[0].split("@")[0] + ("@compile" if "@" in mode else "")  # ulysses / ring [compiled]
         if impl == "xdit_compile":
             row["sharding_breaks"] = vs[0]["sharding_breaks"]
             if mode == kind:
@@ -566,7 +592,8 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"same forward on both ranks at once: {conc} ms |")
             continue
         b = r["bytes_per_rank_per_forward"]
-        bytes_s = f"{b[0]:,}" if len(set(b)) == 1 else " / ".join(f"{x:,}" for x in b)
+        bytes_s = ("not counted (compiled; the eager row's collectives)" if min(b) < 0 else
+                   f"{b[0]:,}" if len(set(b)) == 1 else " / ".join(f"{x:,}" for x in b))
         note = ""
         if method == "xdit_compile":
             note = f"{len(r.get('sharding_breaks', []))} sharding breaks"

@@ -1,15 +1,16 @@
 """Predicted vs measured latency of every plan this machine can run (2 gloo processes x 1 thread).
 
-1. ``xdit_compile.cost.calibrate()`` measures this machine (matmul, attention, memory, op
-   dispatch, and the gloo all-to-all between two local processes): ``results/cpu_profile.json``.
-2. For mid-size PixArt-Sigma, SD3 and Flux configs (hidden 512, a CFG batch of 2 where the
+1. For mid-size PixArt-Sigma, SD3 and Flux configs (hidden 512, a CFG batch of 2 where the
    pipeline uses CFG) every plan of 2 ranks is run for real (``compare_zoo_model``: median of
-   ``--iters`` forwards after a warmup, serial timed alone on rank 0) and predicted by the cost
-   model from the planner's accounting of the same model and inputs.
+   ``--iters`` forwards after a warmup, serial timed alone on rank 0).
+2. Right after each row's timing, the same two processes calibrate the machine
+   (``xdit_compile.cost.measure_group``: matmul, attention, memory, op dispatch alone and with
+   both ranks at once, the gloo all-to-all), and the cost model predicts the row from the
+   planner's accounting of the same model and inputs under that profile.
 3. Writes ``results/cost_vs_measured_cpu.{json,md}`` and ``cost_vs_measured_cpu.png`` (measured
    and predicted per plan, the serial time as a line).
 
-    python benchmarks/cost_vs_measured_cpu.py [--iters 3] [--models pixart-sigma sd3 flux-dev]
+    python benchmarks/cost_vs_measured_cpu.py [--iters 5] [--models pixart-sigma sd3 flux-dev]
 
 PipeFusion and DistriFusion forwards are steady-state steps (after the warmup step); the
 prediction is the cost model's per-step time for them.
@@ -50,135 +51,155 @@ PLANS: list[dict[str, Any]] = [
 
 
 def _job(name: str, plan_kw: dict[str, Any], spec: dict[str, Any], iters: int) -> Any:
+    from xdit_compile import cost
     from xdit_compile.plan import Plan
     from xdit_compile.runner import compare_zoo_model
 
     inputs = {**spec["inputs"], "batch": 2 if spec["cfg"] else 1}
-    return compare_zoo_model(name, Plan(**plan_kw), size="full", iters=iters, warmup=1, config=spec["config"],
-                             inputs=inputs).as_dict()
+    out = compare_zoo_model(name, Plan(**plan_kw), size="full", iters=iters, warmup=1, config=spec["config"],
+                            inputs=inputs).as_dict()
+    # Calibrate right here, right after the timing, in the same two processes: this shared
+    # machine's speed drifts by tens of percent within minutes, so a profile measured once at
+    # the start of a long run describes none of its rows.
+    out["profile"] = cost.measure_group(threads=1).as_dict()
+    return out
 
 
-def _predict(name: str, spec: dict[str, Any], plans: list[dict[str, Any]], hw: Any) -> dict[str, Any]:
-    from xdit_compile import cost, planner
+def _workload(name: str, spec: dict[str, Any]) -> Any:
+    from xdit_compile import planner
     from xdit_compile.models import build_model, example_inputs
-    from xdit_compile.plan import Plan
 
     model = build_model(name, "full", **spec["config"])
     inputs = example_inputs(name, model, size="full", batch=2 if spec["cfg"] else 1, **spec["inputs"])
-    load = planner.workload(model, inputs, cfg_in_batch=spec["cfg"])
-    out: dict[str, Any] = {}
-    for kw in [{}] + plans:
-        plan = Plan(**kw)
+    return planner.workload(model, inputs, cfg_in_batch=spec["cfg"])
+
+
+def _predict_row(row: dict[str, Any], load: Any, hw: Any) -> None:
+    """Fill ``row``'s predictions (its plan and serial) from ``load`` under profile ``hw``."""
+    from xdit_compile import cost
+    from xdit_compile.plan import Plan
+
+    for key, plan in (("predicted", _plan_of(row["plan"])), ("serial_predicted", Plan())):
         w = load.work(plan)
-        out[str(plan)] = None if isinstance(w, str) else cost.predict(plan, w, hw, steps=1).as_dict()
-    return out
+        p = None if isinstance(w, str) else cost.predict(plan, w, hw, steps=1)
+        row[f"{key}_ms"] = p.step * 1e3 if p else None
+        if key == "predicted":
+            row["predicted_bytes"] = p.comm_bytes if p else None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--profile", default=None, help="use this calibrated profile instead of measuring")
+    ap.add_argument("--profile", default=None,
+                    help="predict every row with this calibrated profile instead of the one measured with it")
     ap.add_argument("--predict-only", action="store_true",
-                    help="keep the measurements and profile of results/cost_vs_measured_cpu.json, redo the predictions")
+                    help="keep the measurements and profiles of results/cost_vs_measured_cpu.json, redo the predictions")
     a = ap.parse_args()
     if a.predict_only:
-        return _repredict()
+        return _repredict(a.profile)
     os.environ.setdefault("XDIT_WORKER_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
     from xdit_compile import cost
+    from xdit_compile.plan import Plan
     from xdit_compile.testing import WorkerPool
 
     OUT.mkdir(exist_ok=True)
-    if a.profile:
-        hw = cost.get_hardware(a.profile)
-    else:
-        hw = cost.calibrate(threads=1)
-        (OUT / "cpu_profile.json").write_text(json.dumps(hw.as_dict(), indent=1))
-    print(f"profile: matmul {hw.matmul / 1e9:.1f} GFLOP/s, attention {hw.attention / 1e9:.1f} GFLOP/s, memory "
-          f"{hw.memory / 1e9:.1f} GB/s, op {hw.op_overhead * 1e6:.1f} us, link {hw.levels[0][1].bandwidth / 1e9:.2f} "
-          f"GB/s + {hw.levels[0][1].latency * 1e6:.0f} us", flush=True)
+    fixed = cost.get_hardware(a.profile) if a.profile else None
     pool = WorkerPool(2)
     rows: list[dict[str, Any]] = []
     try:
         for name in a.models:
             spec = MODELS[name]
-            pred = _predict(name, spec, PLANS, hw)
-            serial_pred = pred["Plan(serial, compile=None)"]
+            load = _workload(name, spec)
             for kw in PLANS:
                 if kw.get("cfg") and not spec["cfg"]:
                     continue
                 res = pool.run(_job, name, kw, spec, a.iters, timeout=1800)
-                plan_s = next(k for k in pred if k != "Plan(serial, compile=None)" and _same(k, kw))
-                p = pred[plan_s]
-                measured = max(r["parallel_ms"] for r in res)
-                serial = res[0]["serial_ms"]
-                row = {"model": name, "plan": plan_s, "measured_ms": measured, "serial_ms": serial,
-                       "predicted_ms": p["step_s"] * 1e3 if p else None,
-                       "serial_predicted_ms": serial_pred["step_s"] * 1e3,
-                       "rel_error": max(r["rel_error"] for r in res), "bytes": res[0]["bytes_per_forward"],
-                       "predicted_bytes": p["comm_bytes"] if p else None}
+                hw = fixed or cost.Hardware.from_dict(res[0]["profile"])
+                row = {"model": name, "plan": str(Plan(**kw)), "measured_ms": max(r["parallel_ms"] for r in res),
+                       "serial_ms": res[0]["serial_ms"], "rel_error": max(r["rel_error"] for r in res),
+                       "bytes": res[0]["bytes_per_forward"], "profile": hw.as_dict()}
+                _predict_row(row, load, hw)
                 rows.append(row)
-                err = (row["predicted_ms"] / measured - 1) * 100 if row["predicted_ms"] else float("nan")
-                print(f"{name:<13} {plan_s:<55} measured {measured:8.1f} ms  predicted {row['predicted_ms']:8.1f} ms "
-                      f"({err:+.0f}%)  serial {serial:8.1f} / {row['serial_predicted_ms']:8.1f} ms", flush=True)
+                err = (row["predicted_ms"] / row["measured_ms"] - 1) * 100 if row["predicted_ms"] else float("nan")
+                print(f"{name:<13} {row['plan']:<55} measured {row['measured_ms']:8.1f} ms  predicted "
+                      f"{row['predicted_ms']:8.1f} ms ({err:+.0f}%)  serial {row['serial_ms']:8.1f} / "
+                      f"{row['serial_predicted_ms']:8.1f} ms  [{_rates(hw)}]", flush=True)
     finally:
         pool.close()
-    res_all = {"profile": hw.as_dict(), "models": {k: MODELS[k]["desc"] for k in a.models}, "rows": rows}
-    (OUT / "cost_vs_measured_cpu.json").write_text(json.dumps(res_all, indent=1, default=str))
-    (OUT / "cost_vs_measured_cpu.md").write_text(_markdown(res_all))
-    _plot(res_all, OUT / "cost_vs_measured_cpu.png")
-    print(_markdown(res_all))
+    res_all = {"models": {k: MODELS[k]["desc"] for k in a.models}, "iters": a.iters,
+               "fixed_profile": a.profile, "rows": rows}
+    _write(res_all)
     return 0
 
 
-def _repredict() -> int:
-    """The predictions again (after a change to the accounting or the cost model) for the
-    measured rows of the last run, with its calibrated profile."""
-    from xdit_compile import cost
+def _rates(hw: Any) -> str:
+    sh = hw.shared or {}
+    return (f"mm {hw.matmul / 1e9:.0f}/{sh.get('matmul', 0) / 1e9:.0f} GFLOP/s, attn {hw.attention / 1e9:.0f}/"
+            f"{sh.get('attention', 0) / 1e9:.0f}, mem {hw.memory / 1e9:.0f}/{sh.get('memory', 0) / 1e9:.0f} GB/s, "
+            f"op {hw.op_overhead * 1e6:.1f} us, link {hw.levels[0][1].bandwidth / 1e9:.2f} GB/s + "
+            f"{hw.levels[0][1].latency * 1e6:.0f} us")
 
-    res = json.loads((OUT / "cost_vs_measured_cpu.json").read_text())
-    hw = cost.Hardware.from_dict(res["profile"])
-    if not hw.shared:  # a profile from before calibrate() measured the ranks running together
-        hw = cost.calibrate(threads=1)
-        res["profile"] = hw.as_dict()
-        (OUT / "cpu_profile.json").write_text(json.dumps(hw.as_dict(), indent=1))
-    for name in res["models"]:
-        spec = MODELS[name]
-        pred = _predict(name, spec, PLANS, hw)
-        for r in res["rows"]:
-            if r["model"] == name:
-                p = pred[r["plan"]]
-                r["predicted_ms"] = p["step_s"] * 1e3 if p else None
-                r["predicted_bytes"] = p["comm_bytes"] if p else None
-                r["serial_predicted_ms"] = pred["Plan(serial, compile=None)"]["step_s"] * 1e3
+
+def _write(res: dict[str, Any]) -> None:
     (OUT / "cost_vs_measured_cpu.json").write_text(json.dumps(res, indent=1, default=str))
     (OUT / "cost_vs_measured_cpu.md").write_text(_markdown(res))
     _plot(res, OUT / "cost_vs_measured_cpu.png")
     print(_markdown(res))
+
+
+def _repredict(profile: str | None) -> int:
+    """The predictions again (after a change to the accounting or the cost model) for the
+    measured rows of the last run, each with the profile measured with it (or ``profile``)."""
+    from xdit_compile import cost
+
+    res = json.loads((OUT / "cost_vs_measured_cpu.json").read_text())
+    fixed = cost.get_hardware(profile) if profile else None
+    for name in res["models"]:
+        load = _workload(name, MODELS[name])
+        for r in res["rows"]:
+            if r["model"] == name:
+                hw = fixed or cost.Hardware.from_dict(r["profile"])
+                r["profile"] = hw.as_dict()
+                _predict_row(r, load, hw)
+    res["fixed_profile"] = profile
+    _write(res)
     return 0
 
 
-def _same(plan_str: str, kw: dict[str, Any]) -> bool:
+def _plan_of(plan_str: str) -> Any:
     from xdit_compile.plan import Plan
 
-    return plan_str == str(Plan(**kw))
+    for kw in [{}] + PLANS:
+        if str(Plan(**kw)) == plan_str:
+            return Plan(**kw)
+    raise ValueError(f"no plan of this benchmark prints as {plan_str}")
 
 
 def _markdown(res: dict[str, Any]) -> str:
-    hw = res["profile"]
-    link = hw["levels"][0][1]
+    rows = res["rows"]
+
+    def span(get: Any, scale: float) -> str:
+        v = [get(r["profile"]) / scale for r in rows]
+        return f"{min(v):.1f}-{max(v):.1f}" if v else "-"
+
     out = ["# Cost model vs measured latency on this CPU (2 gloo processes x 1 thread)", "",
-           "Script: `benchmarks/cost_vs_measured_cpu.py`. Profile from `xdit_compile.cost.calibrate()`: "
-           f"matmul {hw['matmul'] / 1e9:.1f} GFLOP/s, attention {hw['attention'] / 1e9:.1f} GFLOP/s, memory "
-           f"{hw['memory'] / 1e9:.1f} GB/s, {hw['op_overhead'] * 1e6:.1f} us per op, gloo link "
-           f"{link['bandwidth'] / 1e9:.2f} GB/s + {link['latency'] * 1e6:.0f} us per call"
-           + (f"; with {hw['shared_ranks']} ranks computing at once, per rank: matmul "
-              f"{hw['shared']['matmul'] / 1e9:.1f} GFLOP/s, attention {hw['shared']['attention'] / 1e9:.1f} GFLOP/s, "
-              f"memory {hw['shared']['memory'] / 1e9:.1f} GB/s (what parallel plans are predicted with)"
-              if hw.get("shared") else "") + ".", ""]
+           "Script: `benchmarks/cost_vs_measured_cpu.py` "
+           f"(median of {res.get('iters', '?')} forwards after a warmup; serial timed alone on rank 0). "
+           + (f"Every row predicted with the fixed profile `{res['fixed_profile']}`." if res.get("fixed_profile") else
+              "Each row is predicted with a profile measured by `xdit_compile.cost.measure_group()` in the same two "
+              "processes right after that row's timing (this shared machine's speed drifts by tens of percent "
+              "within minutes; medians of micro-benchmarks, never the model's own forwards). Across the rows: "
+              f"matmul {span(lambda h: h['matmul'], 1e9)} GFLOP/s alone and "
+              f"{span(lambda h: h['shared']['matmul'], 1e9)} per rank with both ranks computing, attention "
+              f"{span(lambda h: h['attention'], 1e9)} / {span(lambda h: h['shared']['attention'], 1e9)} GFLOP/s, "
+              f"memory {span(lambda h: h['memory'], 1e9)} / {span(lambda h: h['shared']['memory'], 1e9)} GB/s, "
+              f"{span(lambda h: h['op_overhead'], 1e-6)} us per op, gloo all-to-all "
+              f"{span(lambda h: h['levels'][0][1]['bandwidth'], 1e9)} GB/s + "
+              f"{span(lambda h: h['levels'][0][1]['latency'], 1e-6)} us per call."), ""]
     for k, d in res["models"].items():
         out.append(f"- **{k}**: {d}")
     out += ["", "| model | plan | measured ms | predicted ms | error | serial measured / predicted ms | "

@@ -180,7 +180,54 @@ def test_calibrate_measures_this_machine():
     hw = cost.calibrate(link=False)
     assert hw.name == "calibrated" and hw.matmul > 1e8 and hw.attention > 1e7 and hw.memory > 1e8
     assert 0 < hw.op_overhead < 1e-2
+    assert set(hw.elementwise) == set(cost.ELEMENTWISE) and min(hw.elementwise.values()) > 1e6
+    assert not hw.shared  # one process: no shared rates
     assert cost.Hardware.from_dict(hw.as_dict()) == hw
+
+
+def test_calibrate_two_ranks_measures_them_together_and_the_link():
+    hw = cost.calibrate(ranks=2)
+    assert hw.shared_ranks == 2
+    assert {"matmul", "attention", "memory"} <= set(hw.shared)
+    assert {f"elementwise.{k}" for k in cost.ELEMENTWISE} <= set(hw.shared)
+    link = hw.levels[0][1]
+    assert link.bandwidth > 1e6 and 0 < link.latency < 0.1
+    assert cost.Hardware.from_dict(hw.as_dict()) == hw
+
+
+class _Gelus(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 64)
+
+    def forward(self, x):
+        h = self.lin(x)
+        # A permuted tensor reshaped: no view of it has this shape, so the reshape copies.
+        y = h.permute(0, 2, 1).reshape(x.shape[0], -1)
+        z = h.reshape(x.shape[0], -1)  # contiguous: a view, free
+        return torch.nn.functional.gelu(y, approximate="tanh") + torch.nn.functional.gelu(z) + torch.sigmoid(z)
+
+
+def test_transcendentals_and_copying_reshapes_are_accounted():
+    x = torch.randn(2, 8, 16)
+    load = planner.workload(_Gelus(), {"x": x})
+    w = load.work(xc.Plan())
+    n = 2 * 8 * 64  # elements of every pointwise output here
+    assert w.elementwise["gelu_tanh"][0] == n and w.elementwise["gelu"][0] == n
+    assert w.elementwise["sigmoid"][0] == n
+    assert w.elementwise["gelu_tanh"][1] == 2 * 4 * n  # read and written once, fp32
+    # linear out + its view read by the reshape copy (out+in), then 3 ops out+in, 2 adds.
+    assert w.eager_bytes == 4 * n * (2 + 3 * 2 + 2 * 3)
+    hw = dataclasses.replace(cost.get_hardware("cpu"), elementwise={"gelu_tanh": 1e6})
+    fast = dataclasses.replace(hw, elementwise={"gelu_tanh": 1e15})
+    base = cost.predict(xc.Plan(), w, fast, steps=1).step
+    slow = cost.predict(xc.Plan(), w, hw, steps=1).step
+    # The slow op costs its arithmetic instead of its memory traffic; a fast one never less.
+    assert slow - base == pytest.approx(n / 1e6 - 2 * 4 * n / hw.memory, rel=1e-9)
+    assert base == cost.predict(xc.Plan(), w, dataclasses.replace(hw, elementwise={}), steps=1).step
+    # Compiled graphs fuse pointwise ops into vectorized kernels: no eager arithmetic term.
+    assert cost.predict(xc.Plan(compile="inductor"), w, hw, steps=1).step == \
+        cost.predict(xc.Plan(compile="inductor"), w, fast, steps=1).step
 
 
 # --------------------------------------------------------------------------- planner

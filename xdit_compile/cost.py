@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from xdit_compile.plan import MeshAxis, Plan
 
 __all__ = [
     "EFFICIENCY",
+    "ELEMENTWISE",
     "HARDWARE",
     "Hardware",
     "Link",
@@ -51,6 +53,7 @@ __all__ = [
     "calibrate",
     "detect",
     "get_hardware",
+    "measure_group",
     "predict",
 ]
 
@@ -59,6 +62,15 @@ __all__ = [
 #: 50-75% (we take 50%), HBM/GDDR streams about 80%, and NCCL's bus bandwidth about 80% of the
 #: link's.
 EFFICIENCY = {"matmul": 0.70, "attention": 0.50, "memory": 0.80, "link": 0.80}
+
+
+#: Pointwise ops whose arithmetic (transcendentals) can take longer than their memory traffic
+#: on a CPU core, each timed by :func:`calibrate`: key -> (aten op name, keyword arguments).
+ELEMENTWISE: dict[str, tuple[str, dict[str, Any]]] = {
+    "gelu_tanh": ("gelu", {"approximate": "tanh"}), "gelu": ("gelu", {}), "silu": ("silu", {}),
+    "tanh": ("tanh", {}), "sigmoid": ("sigmoid", {}), "exp": ("exp", {}), "sin": ("sin", {}),
+    "cos": ("cos", {}), "erf": ("erf", {}),
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,10 @@ class Hardware:
     once on one machine (measured by :func:`calibrate` on CPUs, whose ranks share memory
     bandwidth and caches); empty where ranks do not slow each other (GPUs)."""
     shared_ranks: int = 1
+    elementwise: dict[str, float] = field(default_factory=dict)
+    """Elements per second of the pointwise ops in :data:`ELEMENTWISE` as eager kernels (measured
+    by :func:`calibrate`). An op takes the longer of its memory traffic and its arithmetic; empty
+    where memory always dominates (datasheet GPU profiles)."""
     source: str = ""
 
     def link(self, span: int, nodes: int = 1, world: int = 1) -> Link:
@@ -234,6 +250,9 @@ class Work:
     stage_bytes: float = 0.0
     """PipeFusion: bytes sent to the next stage per call (asynchronous)."""
     serial_flops: float = 0.0
+    elementwise: dict[str, list[float]] = field(default_factory=dict)
+    """Pointwise ops whose arithmetic can outlast their memory traffic (:data:`ELEMENTWISE`):
+    op -> [elements written, bytes moved]."""
 
     @property
     def flops(self) -> float:
@@ -242,17 +261,22 @@ class Work:
     def scaled(self, k: float) -> Work:
         return Work(self.matmul_flops * k, self.attention_flops * k, self.eager_bytes * k, self.fused_bytes * k,
                     self.ops * k, self.kernels * k, {a: [c * k, b * k] for a, (c, b) in self.comm.items()},
-                    self.ring_steps, self.stage_bytes * k, self.serial_flops * k)
+                    self.ring_steps, self.stage_bytes * k, self.serial_flops * k,
+                    {o: [e * k, b * k] for o, (e, b) in self.elementwise.items()})
 
     def __add__(self, o: Work) -> Work:
         comm = {a: list(v) for a, v in self.comm.items()}
         for a, (c, b) in o.comm.items():
             cur = comm.setdefault(a, [0.0, 0.0])
             cur[0], cur[1] = cur[0] + c, cur[1] + b
+        ew = {a: list(v) for a, v in self.elementwise.items()}
+        for op, (e, b) in o.elementwise.items():
+            acc = ew.setdefault(op, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + e, acc[1] + b
         return Work(self.matmul_flops + o.matmul_flops, self.attention_flops + o.attention_flops,
                     self.eager_bytes + o.eager_bytes, self.fused_bytes + o.fused_bytes, self.ops + o.ops,
                     self.kernels + o.kernels, comm, max(self.ring_steps, o.ring_steps),
-                    self.stage_bytes + o.stage_bytes, self.serial_flops + o.serial_flops)
+                    self.stage_bytes + o.stage_bytes, self.serial_flops + o.serial_flops, ew)
 
 
 # --------------------------------------------------------------------------- the model
@@ -305,6 +329,10 @@ def _compute(w: Work, hw: Hardware, compiled: bool) -> tuple[float, float]:
     """(compute seconds, attention seconds) of ``w``."""
     attn = w.attention_flops / hw.attention
     device = w.matmul_flops / hw.matmul + attn + (w.fused_bytes if compiled else w.eager_bytes) / hw.memory
+    if not compiled:  # an eager transcendental op may take longer than its memory traffic
+        for op, (elems, nbytes) in w.elementwise.items():
+            if hw.elementwise.get(op):
+                device += max(0.0, elems / hw.elementwise[op] - nbytes / hw.memory)
     dispatch = (w.kernels * hw.kernel_overhead) if compiled else (w.ops * hw.op_overhead)
     return (max(device, dispatch) if hw.async_dispatch else device + dispatch), attn
 
@@ -318,7 +346,8 @@ def predict(plan: Plan, work: Work, hardware: str | Hardware, *, steps: int = 28
     if hw.shared and world > 1:  # ranks on one CPU slow each other down: their measured rates
         sh = hw.shared
         hw = replace(hw, matmul=sh.get("matmul", hw.matmul), attention=sh.get("attention", hw.attention),
-                     memory=sh.get("memory", hw.memory))
+                     memory=sh.get("memory", hw.memory),
+                     elementwise={k: sh.get(f"elementwise.{k}", v) for k, v in hw.elementwise.items()})
     compiled = plan.compile == "inductor"
     compute, attn = _compute(work, hw, compiled)
     exposed: dict[str, float] = {}
@@ -359,44 +388,25 @@ def predict(plan: Plan, work: Work, hardware: str | Hardware, *, steps: int = 28
 # --------------------------------------------------------------------------- calibration
 
 
-def _best(fn: Any, reps: int = 5) -> float:
+def _median(fn: Any, reps: int = 7, before: Any = None) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs after one warm-up (``before`` runs untimed
+    ahead of each: a barrier keeps ranks measuring in lockstep). The median, not the best run:
+    a model's forward is timed by its median too, and on a shared machine the best run of a
+    micro-benchmark is a moment of luck the forward does not get."""
     fn()
-    best = math.inf
+    times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
-def _link_worker(rank: int, world: int, port: int, sizes: list[int], q: Any) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    out = []
-    for n in sizes:
-        x = torch.ones(2, n // 8, dtype=torch.float32)  # n bytes sent per rank
-        y = torch.empty_like(x)
-        out.append(_best(lambda x=x, y=y: dist.all_to_all_single(y, x), reps=5))
-    dist.destroy_process_group()
-    if rank == 0:
-        q.put(out)
-
-
-def _measure_link() -> Link:
-    """gloo all-to-all between two local processes: latency and bandwidth by a two-point fit."""
-    sizes = [1 << 10, 16 << 20]
-    small, large = _spawn(_link_worker, 2, sizes)[0]
-    bw = (sizes[1] - sizes[0]) / max(large - small, 1e-9)
-    return Link("loopback", bw, max(small - sizes[0] / bw, 1e-6))
-
-
-def _measure_compute(threads: int, dtype: str) -> dict[str, float]:
+def _measure_compute(threads: int, dtype: str, before: Any = None) -> dict[str, float]:
     """Sustained matmul / attention FLOP/s, memory bytes/s and seconds per eager op, here."""
     import torch
-    import torch.nn.functional as F
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -404,33 +414,94 @@ def _measure_compute(threads: int, dtype: str) -> dict[str, float]:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    aten = torch.ops.aten
     try:
         n = 4096 if cuda else 512
         a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-        t_mm = _best(lambda: (a @ b, sync()))
+        t_mm = _median(lambda: (aten.mm.default(a, b), sync()), before=before)
         q = torch.randn(1, 24 if cuda else 4, 4096 if cuda else 1024, 128 if cuda else 64, device=dev, dtype=dt)
-        t_at = _best(lambda: (F.scaled_dot_product_attention(q, q, q), sync()))
+        t_at = _median(lambda: (aten.scaled_dot_product_attention.default(q, q, q), sync()), before=before)
         big = torch.randn(64 << 20, device=dev, dtype=torch.float32)  # 256 MB: well past any cache
-        t_mem = _best(lambda: (big.mul_(1.0), sync()))
+        t_mem = _median(lambda: (big.mul_(1.0), sync()), before=before)
+        # Dispatch as a rewritten graph does it: an OpOverload call per node.
         tiny = torch.randn(8, device=dev)
-        t_op = _best(lambda: [tiny.add(1.0) for _ in range(200)] and sync()) / 200
+        t_op = _median(lambda: [aten.add.Tensor(tiny, 1.0) for _ in range(200)] and sync(), before=before) / 200
+        # Transcendentals on an activation-sized tensor (4 MB in fp32 on CPUs).
+        x = torch.randn(1 << (24 if cuda else 20), device=dev, dtype=dt)
+        ew = {}
+        for key, (op, kw) in ELEMENTWISE.items():
+            fn = getattr(aten, op).default
+            ew[f"elementwise.{key}"] = x.numel() / _median(lambda fn=fn, kw=kw: (fn(x, **kw), sync()), before=before)
     finally:
         torch.set_num_threads(old)
     return {"matmul": 2 * n ** 3 / t_mm, "attention": 4 * q.numel() * q.shape[-2] / t_at,
-            "memory": 2 * big.numel() * 4 / t_mem, "op": t_op}
+            "memory": 2 * big.numel() * 4 / t_mem, "op": t_op, **ew}
 
 
-def _compute_worker(rank: int, world: int, port: int, threads: int, dtype: str, q: Any) -> None:
+def _measure_link_here(sizes: tuple[int, int] = (1 << 10, 16 << 20)) -> Link:
+    """gloo all-to-all in the current process group, ranks in lockstep: latency and bandwidth
+    from a two-point fit (``sizes``: bytes each rank sends)."""
+    import torch
+    import torch.distributed as dist
+
+    t = []
+    for n in sizes:
+        x = torch.ones(dist.get_world_size(), n // 4 // max(dist.get_world_size() - 1, 1), dtype=torch.float32)
+        y = torch.empty_like(x)
+        t.append(_median(lambda x=x, y=y: dist.all_to_all_single(y, x), reps=15, before=dist.barrier))
+    bw = (sizes[1] - sizes[0]) / max(t[1] - t[0], 1e-9)
+    return Link("loopback", bw, max(t[0], 1e-6))  # a 1 KB call: its latency, nearly all of it
+
+
+def measure_group(*, threads: int = 1, dtype: str = "float32", link: bool = True) -> Hardware:
+    """Calibrate in the current (gloo) process group; call on every rank, all get the same
+    profile. Rank 0 measures alone (the others wait at a barrier): the serial rates. Then every
+    rank measures at once, in lockstep: the rates a parallel plan's ranks get while they share
+    the machine (the slowest rank's). Then the gloo all-to-all between them."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()
+    solo = _measure_compute(threads, dtype) if rank == 0 else {}
+    dist.barrier()
+    mine = _measure_compute(threads, dtype, before=dist.barrier)
+    each: list[Any] = [None] * world
+    dist.all_gather_object(each, mine)
+    measured_link = _measure_link_here() if link else None
+    box: list[Any] = [solo, measured_link]
+    dist.broadcast_object_list(box, src=0)
+    solo, measured_link = box[0], box[1]
+    shared = {k: min(m[k] for m in each) for k in mine if k != "op"}
+    cuda = torch.cuda.is_available()
+    return _profile(solo, shared if world > 1 else {}, world, measured_link, threads, dtype, cuda)
+
+
+def _profile(solo: dict[str, float], shared: dict[str, float], ranks: int, measured_link: Link | None,
+             threads: int, dtype: str, cuda: bool) -> Hardware:
+    base = HARDWARE["h100-sxm"] if cuda else HARDWARE["cpu"]
+    lk = measured_link if measured_link is not None else base.levels[0][1]
+    return replace(
+        base, name="calibrated",
+        description=f"measured on this machine ({'cuda' if cuda else 'cpu'}, {threads} thread(s) per rank, {dtype})",
+        matmul=solo["matmul"], attention=solo["attention"], memory=solo["memory"], op_overhead=solo["op"],
+        kernel_overhead=solo["op"], levels=((base.levels[0][0], lk),),
+        network=lk if not cuda else base.network, shared=shared, shared_ranks=ranks if shared else 1,
+        elementwise={k.split(".", 1)[1]: v for k, v in solo.items() if k.startswith("elementwise.")},
+        source="xdit_compile.cost.calibrate()")
+
+
+def _group_worker(rank: int, world: int, port: int, threads: int, dtype: str, link: bool, q: Any) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    dist.barrier()  # every rank measures at the same time
-    q.put(_measure_compute(threads, dtype))
-    dist.barrier()
+    hw = measure_group(threads=threads, dtype=dtype, link=link)
     dist.destroy_process_group()
+    if rank == 0:
+        q.put(hw.as_dict())
 
 
-def _spawn(target: Any, world: int, *args: Any) -> list[Any]:
+def _spawn(target: Any, world: int, *args: Any) -> Any:
     import socket
 
     import torch.multiprocessing as mp
@@ -443,7 +514,7 @@ def _spawn(target: Any, world: int, *args: Any) -> list[Any]:
     procs = [ctx.Process(target=target, args=(r, world, port, *args, q)) for r in range(world)]
     for p in procs:
         p.start()
-    out = [q.get(timeout=600) for _ in range(world if target is _compute_worker else 1)]
+    out = q.get(timeout=600)
     for p in procs:
         p.join()
     return out
@@ -452,23 +523,13 @@ def _spawn(target: Any, world: int, *args: Any) -> list[Any]:
 def calibrate(*, threads: int = 1, link: bool = True, dtype: str = "float32", ranks: int = 2) -> Hardware:
     """Measure this machine (one rank = ``threads`` CPU threads, or the current CUDA device):
     matmul and attention FLOP/s, memory bandwidth, per-op dispatch, and (``link``, CPUs) the
-    gloo all-to-all between two local processes and the same compute rates measured in
-    ``ranks`` processes at once (CPU ranks share memory bandwidth and caches: a parallel plan's
-    ranks run at those). Returns a profile named ``"calibrated"``."""
+    gloo all-to-all between local processes and the same compute rates measured in ``ranks``
+    processes at once (CPU ranks share memory bandwidth and caches: a parallel plan's ranks run
+    at those); see :func:`measure_group`, which does it inside a running process group.
+    Every rate is the median of several runs. Returns a profile named ``"calibrated"``."""
     import torch
 
     cuda = torch.cuda.is_available()
-    solo = _measure_compute(threads, dtype)
-    base = HARDWARE["h100-sxm"] if cuda else HARDWARE["cpu"]
-    measured_link = _measure_link() if link and not cuda else base.levels[0][1]
-    shared: dict[str, float] = {}
     if link and not cuda and ranks > 1:
-        each = _spawn(_compute_worker, ranks, threads, dtype)
-        shared = {k: min(m[k] for m in each) for k in ("matmul", "attention", "memory")}
-    return replace(
-        base, name="calibrated",
-        description=f"measured on this machine ({'cuda' if cuda else 'cpu'}, {threads} thread(s) per rank, {dtype})",
-        matmul=solo["matmul"], attention=solo["attention"], memory=solo["memory"], op_overhead=solo["op"],
-        kernel_overhead=solo["op"], levels=((base.levels[0][0], measured_link),),
-        network=measured_link if not cuda else base.network, shared=shared, shared_ranks=ranks if shared else 1,
-        source="xdit_compile.cost.calibrate()")
+        return Hardware.from_dict(_spawn(_group_worker, ranks, threads, dtype, True))
+    return _profile(_measure_compute(threads, dtype), {}, 1, None, threads, dtype, cuda)

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from xdit_compile.cost import Hardware, Prediction, Work, get_hardware, predict
+from xdit_compile.cost import ELEMENTWISE, Hardware, Prediction, Work, get_hardware, predict
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.reshard import SPLIT
 
@@ -74,6 +74,31 @@ def _kind(node: fx.Node) -> str:
     return "pointwise"
 
 
+def _elementwise_key(node: fx.Node) -> str | None:
+    """The :data:`cost.ELEMENTWISE` key of a pointwise node, if its arithmetic is timed."""
+    name = str(getattr(getattr(node.target, "overloadpacket", None), "__name__", ""))
+    if name == "gelu":
+        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return "gelu_tanh" if approx == "tanh" else "gelu"
+    return name if name in ELEMENTWISE else None
+
+
+def _reshape_copies(node: fx.Node) -> bool:
+    """Whether a reshape-like node copies: its input's strides admit no view of the new shape
+    (e.g. a reshape after a permute), so it runs as a copy kernel."""
+    name = str(getattr(getattr(node.target, "overloadpacket", None), "__name__", ""))
+    if name not in ("reshape", "flatten", "unflatten") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    inp, out = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(inp, torch.Tensor) or not isinstance(out, torch.Tensor) or inp.is_contiguous():
+        return False
+    try:
+        torch.empty_strided(tuple(inp.shape), tuple(inp.stride()), device="meta").view(tuple(out.shape))
+    except (RuntimeError, TypeError):
+        return True
+    return False
+
+
 def _nbytes(val: Any) -> int:
     if isinstance(val, torch.Tensor):
         return int(val.numel()) * val.element_size()
@@ -97,6 +122,8 @@ def account(gm: fx.GraphModule, ctx: Any) -> Work:
 
     for node in gm.graph.nodes:
         kind = _kind(node)
+        if kind == "free" and _reshape_copies(node):
+            kind = "pointwise"  # a copy kernel
         if kind in ("none", "free", "comm"):
             continue
         frac = local_fraction(node, rank)
@@ -133,6 +160,12 @@ def account(gm: fx.GraphModule, ctx: Any) -> Work:
             out = local_bytes(node)
             ins = sum(local_bytes(a) for a in node.all_input_nodes)
             w.eager_bytes += out + ins
+            key = _elementwise_key(node)
+            if key is not None:
+                val = node.meta.get("val")
+                elems = float(val.numel()) * local_fraction(node, rank) if isinstance(val, torch.Tensor) else 0.0
+                cur = w.elementwise.setdefault(key, [0.0, 0.0])
+                cur[0], cur[1] = cur[0] + elems, cur[1] + out + ins
             if any(_kind(u) not in ("pointwise", "free") for u in node.users) or not node.users:
                 w.fused_bytes += 2 * out  # materialized: written once, read once
         w.ops += 1
