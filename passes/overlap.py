@@ -29,20 +29,18 @@ from xdit_compile.runtime.reshard import SPLIT, gather_shard
 __all__ = ["overlap_collectives_pass"]
 
 
-def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(gm.graph.nodes)}
-
-
 def overlap_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     sites = {s.node: i for i, s in enumerate(ctx.collectives)}
     moved = 0
+    # Node positions, kept up to date as starts and finishes are inserted (each gets the
+    # midpoint of its neighbours), so the graph is numbered once, not once per collective.
+    order = {n: float(i) for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SPLIT or node.kwargs or not node.users:
             continue
         start_fn, finish_fn, k, full = SPLIT[node.target]
         if node.target is gather_shard and any(node.args[6:8]):
             continue  # text rows around the body: two gathers in one call, kept as it is
-        order = _order(gm)
         deps = [a for a in node.args[:k] if isinstance(a, fx.Node)]
         anchor = max(deps, key=order.__getitem__)
         if anchor.op == "placeholder":  # after every placeholder: they are the signature
@@ -50,8 +48,10 @@ def overlap_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult
         first_use = min(node.users, key=order.__getitem__)
         with gm.graph.inserting_after(anchor):
             start = gm.graph.call_function(start_fn, tuple(node.args[:k]))  # type: ignore[arg-type]
+        order[start] = (order[anchor] + order[start.next]) / 2
         with gm.graph.inserting_before(first_use):
             finish = gm.graph.call_function(finish_fn, (start, *node.args[:k]) if full else (start,))  # type: ignore[arg-type]
+        order[finish] = (order[finish.prev] + order[first_use]) / 2
         for key in ("stack_trace", "nn_module_stack", "xdit_block"):
             if key in node.meta:
                 start.meta[key] = node.meta[key]

@@ -275,7 +275,9 @@ def usp_attention(
     ``text_rank`` (this rank's sequence-parallel index) the output holds only this rank's
     even piece of them; with ``q_cut`` too, so does ``q`` (K/V always hold all text rows).
     """
-    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail, text_rank >= 0, q_cut)
+    # Contiguous, as the fake says: compiled graphs assert the real strides against the fake's
+    # (Ring without text rows would return the attention kernel's [B, S, H, D]-ordered output).
+    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail, text_rank >= 0, q_cut).contiguous()
 
 
 @usp_attention.register_fake

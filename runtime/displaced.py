@@ -229,7 +229,8 @@ def distrifusion_attention(
     """Attention of this rank's query rows over the whole sequence: its own body K/V fresh, the
     other ranks' from the previous step (after warmup). ``q``/``k``/``v`` hold all ``head``/``tail``
     text rows and this rank's body rows; the output has ``q``'s rows."""
-    return _distrifusion(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head, tail)
+    # Contiguous, as the fake says (compiled graphs assert the real strides against it).
+    return _distrifusion(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head, tail).contiguous()
 
 
 @distrifusion_attention.register_fake
@@ -349,9 +350,11 @@ def pipefusion_attention(
     ``sp_split`` of the patch over the ``ulysses`` axis (and so are the output's)."""
     if mesh_key:
         assert sp_split is not None
-        return _pipefusion_ulysses(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail,
-                                   out_text, mesh_key, list(sp_split))
-    return _pipefusion(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail, out_text)
+        out = _pipefusion_ulysses(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail,
+                                  out_text, mesh_key, list(sp_split))
+    else:
+        out = _pipefusion(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail, out_text)
+    return out.contiguous()  # as the fake says (compiled graphs assert the real strides against it)
 
 
 @pipefusion_attention.register_fake

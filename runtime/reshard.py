@@ -211,7 +211,8 @@ def halo_pad(x: torch.Tensor, dim: int, pad: int, mesh_key: str) -> torch.Tensor
         w.wait()
     if me < n - 1:
         from_next = recv[0]
-    return torch.cat([from_prev, x, from_next], dim=dim)
+    # Contiguous, as the fake says (cat keeps a channels-last input's layout).
+    return torch.cat([from_prev, x, from_next], dim=dim).contiguous()
 
 
 @halo_pad.register_fake
