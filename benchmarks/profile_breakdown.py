@@ -10,8 +10,9 @@ warmup forwards) with ``torch.profiler`` and sorts every op's *self* CPU time in
 - other ops (elementwise, norms, copies, cat/split of the all-to-all packing),
 - framework and Python overhead: wall time minus every op's self time.
 
-Two variants in one run: "before" (``FUSE_QKV = False``: Q, K and V in three all-to-alls, the
-path before this change) and "after" (one all-to-all). Writes
+Variants in one run, each twice: xdit_compile's Ulysses (and once "before", ``FUSE_QKV = False``:
+Q, K and V in three all-to-alls, the path before that change), diffusers' own Ulysses context
+parallelism on the same model, and xdit_compile's Ring. Writes
 ``results/profile_flux_ulysses2.{json,md}``.
 
     python benchmarks/profile_breakdown.py [--iters 5]
@@ -50,7 +51,10 @@ def _category(name: str) -> str:
     return "other ops"
 
 
-def _job(fused: bool, iters: int) -> dict[str, Any]:
+def _job(variant: str, iters: int) -> dict[str, Any]:
+    """``variant``: "before" (xdit_compile Ulysses, Q/K/V in three all-to-alls), "ulysses"
+    (xdit_compile), "ring" (xdit_compile), "diffusers" (diffusers' own Ulysses context
+    parallelism on the same model, as in ``bench_vs_diffusers_cp.py``)."""
     import torch
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
@@ -60,10 +64,19 @@ def _job(fused: bool, iters: int) -> dict[str, Any]:
     from xdit_compile.runtime import attention
     from xdit_compile.runtime.collectives import comm_stats
 
-    attention.FUSE_QKV = fused
+    attention.FUSE_QKV = variant != "before"
     model = build_model("flux-dev", "full", **CONFIG)
     inputs = example_inputs("flux-dev", model, size="full", **INPUTS)
-    pm = xc.parallelize(model, xc.Plan(ulysses=2))
+    if variant == "diffusers":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_vs_diffusers_cp import CommCounter, _enable_diffusers_cp
+
+        _enable_diffusers_cp(model, "ulysses")
+        counter = CommCounter()
+        pm = model
+    else:
+        counter = None
+        pm = xc.parallelize(model, xc.Plan(ring=2) if variant == "ring" else xc.Plan(ulysses=2))
     with torch.no_grad():
         for _ in range(2):
             pm(**inputs)
@@ -73,7 +86,11 @@ def _job(fused: bool, iters: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             for _ in range(iters):
                 dist.barrier()
-                pm(**inputs)
+                if counter is not None:
+                    with counter.installed():
+                        pm(**inputs)
+                else:
+                    pm(**inputs)
             wall = (time.perf_counter() - t0) / iters
     cats: dict[str, float] = {}
     for ev in prof.key_averages():
@@ -84,8 +101,9 @@ def _job(fused: bool, iters: int) -> dict[str, Any]:
     barrier = cats.pop("barrier", 0.0)
     wall_ms = wall * 1e3 - barrier
     cats["framework + Python"] = max(wall_ms - sum(cats.values()), 0.0)
-    return {"rank": dist.get_rank(), "fused": fused, "wall_ms": wall_ms, "categories": cats,
-            "calls": comm_stats().as_dict()}
+    calls = ({"all_to_all@ulysses": {"calls": counter.calls.get("funcol.all_to_all_single", 0)}}
+             if counter is not None else comm_stats().as_dict())
+    return {"rank": dist.get_rank(), "variant": variant, "wall_ms": wall_ms, "categories": cats, "calls": calls}
 
 
 def main() -> int:
@@ -98,9 +116,11 @@ def main() -> int:
     pool = WorkerPool(2)
     res: dict[str, Any] = {}
     try:
-        for label, fused in (("before (Q, K, V: 3 all-to-alls)", False), ("after (1 all-to-all)", True),
-                             ("before, again", False), ("after, again", True)):
-            res[label] = pool.run(_job, fused, a.iters, timeout=1800)
+        for label, variant in (("xdit_compile ulysses=2, Q/K/V in 3 all-to-alls (before)", "before"),
+                               ("xdit_compile ulysses=2", "ulysses"), ("diffusers CP ulysses=2", "diffusers"),
+                               ("xdit_compile ring=2", "ring"), ("xdit_compile ulysses=2, again", "ulysses"),
+                               ("diffusers CP ulysses=2, again", "diffusers"), ("xdit_compile ring=2, again", "ring")):
+            res[label] = pool.run(_job, variant, a.iters, timeout=1800)
             print(label, [round(r["wall_ms"], 1) for r in res[label]], flush=True)
     finally:
         pool.close()
@@ -117,7 +137,8 @@ def _markdown(res: dict[str, Any], iters: int) -> str:
     out = ["# Where the time goes: Flux mid-size, ulysses=2, 2 gloo processes x 1 thread", "",
            f"`benchmarks/profile_breakdown.py`: torch profiler, self CPU time per op category, ms per forward "
            f"(mean of {iters} forwards after 2 warmup forwards; barriers excluded). Communication is gloo's "
-           "transfer and the wait for the peer together (gloo runs collectives synchronously).", "",
+           "transfer and the wait for the peer together. diffusers' attention wrappers (Python) count as "
+           "other ops; Ring's send/recv run while its local block attends.", "",
            "| variant | rank | wall ms | " + " | ".join(cats) + " | all-to-all calls |",
            "|---|---|---|" + "---|" * len(cats) + "---|"]
     for label, ranks in res.items():
