@@ -209,6 +209,41 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from xdit_compile.generate import check_model, transformer_configs
+    from xdit_compile.serve import ServeOptions, parse_size, serve_job, serve_main
+
+    plan = _plan(a)
+    check_model(a.model)
+    for name, config in transformer_configs(a.model):
+        plan.check_model(config, f"{a.model}'s {name}")
+    for size in a.sizes:
+        try:
+            parse_size(size)
+        except Exception as e:  # noqa: BLE001  (an ApiError: a CLI error here)
+            raise ValueError(f"--sizes: {e}") from None
+    opts = ServeOptions(model=a.model, plan=_plan_kwargs(a), host=a.host, port=a.port, dtype=a.dtype,
+                        sizes=list(a.sizes), default_steps=a.steps, max_steps=a.max_steps, max_n=a.max_n,
+                        max_batch=a.max_batch, max_queue=a.max_queue, max_prompt_chars=a.max_prompt_chars,
+                        timeout_s=a.request_timeout,
+                        warmup=not a.no_warmup)
+    print(f"xdit-compile serve: {a.model}, {plan}, http://{a.host}:{a.port} (POST /admin/shutdown from "
+          f"this machine stops it)", flush=True)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun: every rank serves its part
+        a.timeout = 10 * 365 * 86400.0  # a service runs until it is stopped
+        results = _launch(serve_job, opts, plan, a)
+        if results is None:
+            return 1
+        stats = results[0]
+    else:  # this process is rank 0 and restarts the other ranks when one dies
+        nproc = a.nproc or plan.world_size
+        plan.check_world_size(nproc)
+        stats = serve_main(opts, nproc, a.threads)
+    if stats.rank == 0:
+        print(f"xdit-compile serve: stopped after {stats.batches} batches, {stats.images} images")
+    return 0
+
+
 def _cmd_plan(a: argparse.Namespace) -> int:
     from xdit_compile import cost, planner
 
@@ -335,6 +370,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--exact", action="store_true", help="only exact plans (no PipeFusion / DistriFusion)")
     c.add_argument("--top", type=int, default=15, help="rows to print")
     c.add_argument("--json", default=None, help="write every prediction to this file")
+    v = sub.add_parser("serve", help="an HTTP service (OpenAI-style images API) over one parallel process group")
+    v.add_argument("--model", required=True,
+                   help="a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline name")
+    for axis in ("ulysses", "ring", "cfg", "dp"):
+        v.add_argument(f"--{axis}", type=int, default=1)
+    _displaced_args(v)
+    v.add_argument("--compile", choices=["eager", "inductor"], default=None)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    v.add_argument("--sizes", nargs="+", default=[],
+                   help="sizes WxH a request may ask for (the first is the default; each compiled at start)")
+    v.add_argument("--steps", type=int, default=None, help="default denoising steps")
+    v.add_argument("--max-steps", type=int, default=100)
+    v.add_argument("--max-n", type=int, default=4, help="images per request")
+    v.add_argument("--max-batch", type=int, default=4, help="images per pipeline call (same-signature requests)")
+    v.add_argument("--max-queue", type=int, default=16, help="queued requests before 429")
+    v.add_argument("--max-prompt-chars", type=int, default=2000)
+    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (queue + run)")
+    v.add_argument("--no-warmup", action="store_true", help="do not compile the served sizes at start")
+    v.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
+    v.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     sub.add_parser("models", help="list zoo models")
     return p
 
@@ -353,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n:<14} {get_entry(n).description}")
             _print_demo()
             return 0
-        cmds = {"explain": _cmd_explain, "run": _cmd_run, "generate": _cmd_generate, "plan": _cmd_plan}
+        cmds = {"explain": _cmd_explain, "run": _cmd_run, "generate": _cmd_generate, "plan": _cmd_plan,
+                "serve": _cmd_serve}
         return cmds[args.cmd](args)
     except (ValueError, KeyError, TypeError) as e:
         print(f"xdit-compile: error: {e}", file=sys.stderr)

@@ -1,0 +1,255 @@
+"""``xdit-compile serve``: the HTTP service over 2 gloo ranks (tiny PixArt-Sigma pipeline, cfg=2),
+on 127.0.0.1 only. Images are compared with what ``generate`` writes for the same seed."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from xdit_compile.generate import GenerateOptions, generate_job  # noqa: E402
+from xdit_compile.serve import ServeOptions, serve_job  # noqa: E402
+from xdit_compile.testing import free_port  # noqa: E402
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+MODEL = "pixart-sigma"
+PLAN = {"cfg": 2}
+SEED = 7
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 120.0) -> tuple[int, dict[str, str], bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def _png(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+class Server:
+    def __init__(self, url: str, reference: np.ndarray, seed: int) -> None:
+        self.url, self.reference, self.seed = url, reference, seed
+
+    def post(self, body: dict[str, Any], timeout: float = 120.0) -> tuple[int, dict[str, str], dict[str, Any]]:
+        code, headers, raw = _http("POST", self.url + "/v1/images/generations", body, timeout)
+        return code, headers, json.loads(raw)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        code, _, raw = _http("GET", self.url + path)
+        return code, raw
+
+    def metric(self, name: str) -> float:
+        text = self.get("/metrics")[1].decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+
+def _wait_healthy(url: str, alive: Any, timeout: float = 300.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if _http("GET", url + "/health", timeout=2)[0] == 200:
+                return time.monotonic() - t0
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
+            pass
+        assert alive(), "the service exited"
+        time.sleep(0.2)
+    pytest.fail("the service did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def reference(pools, tmp_path_factory):
+    """What `xdit-compile generate` makes for the prompt and seed, with the same plan."""
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("serve") / "ref.png"
+    pools(2).run(generate_job, GenerateOptions(model=MODEL, prompt=["a red apple"], plan=PLAN, seed=SEED,
+                                               output=str(out), warmup=0), timeout=600)
+    return np.asarray(Image.open(out))
+
+
+@pytest.fixture(scope="module")
+def server(reference):
+    """`xdit-compile serve` as its own process: rank 0 (HTTP, queue) starts rank 1 itself."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "xdit_compile.cli", "serve", "--model", MODEL, "--cfg", "2", "--port", str(port),
+           "--max-queue", "2", "--max-batch", "4", "--max-n", "4", "--max-steps", "400", "--max-prompt-chars", "200"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, lambda: proc.poll() is None)
+        yield Server(url, reference, SEED)
+        code, _, raw = _http("POST", url + "/admin/shutdown")
+        assert code == 200, raw
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "stopped after" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_health_models_metrics(server):
+    code, raw = server.get("/health")
+    health = json.loads(raw)
+    assert code == 200 and health["status"] == "ok" and health["plan"]["cfg"] == 2
+    code, raw = server.get("/v1/models")
+    assert code == 200 and json.loads(raw)["data"][0]["id"] == MODEL
+    code, raw = server.get("/metrics")
+    text = raw.decode()
+    assert code == 200 and "xdit_queue_length 0" in text and "# TYPE xdit_request_seconds histogram" in text
+
+
+def test_image_equals_generate_for_the_same_seed(server):
+    code, _, body = server.post({"prompt": "a red apple", "seed": server.seed})
+    assert code == 200, body
+    assert body["seed"] == server.seed and len(body["data"]) == 1
+    img = _png(body["data"][0]["b64_json"])
+    assert img.shape == server.reference.shape
+    assert np.array_equal(img, server.reference)  # same plan, seed and call: the same PNG
+    # A different seed gives a different image (the comparison above can fail).
+    other = _png(server.post({"prompt": "a red apple", "seed": server.seed + 1})[2]["data"][0]["b64_json"])
+    assert not np.array_equal(other, server.reference)
+
+
+def test_n_images_use_consecutive_seeds(server):
+    code, _, body = server.post({"prompt": "a red apple", "seed": server.seed - 1, "n": 2})
+    assert code == 200 and len(body["data"]) == 2
+    # The second image of seed s is the first image of seed s + 1 (one generator per image).
+    assert np.array_equal(_png(body["data"][1]["b64_json"]), server.reference)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "size": "48x48"}, "size"),           # a size that is not served
+    ({"prompt": "x", "size": "big"}, "size"),             # not WxH
+    ({"prompt": "x", "steps": 401}, "steps"),              # too many steps
+    ({"prompt": "x" * 201}, "prompt"),                    # prompt too long
+    ({"prompt": ""}, "prompt"),                           # empty prompt
+    ({"prompt": 3}, "prompt"),                            # wrong type
+    ({"prompt": "x", "n": "two"}, "n"),                   # wrong type
+    ({"prompt": "x", "n": 5}, "n"),                       # too many images
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "x", "response_format": "url"}, "response_format"),
+    ({"n": 1}, "prompt"),                                 # missing prompt
+])
+def test_bad_input_is_a_4xx_with_a_message(server, body, param):
+    code, _, out = server.post(body)
+    assert code == 400, out
+    assert out["error"]["param"] == param and out["error"]["message"]
+
+
+def test_unknown_model_is_404(server):
+    code, _, out = server.post({"prompt": "x", "model": "not-this-one"})
+    assert code == 404 and "not served" in out["error"]["message"]
+
+
+def test_same_signature_requests_are_batched_and_keep_their_seeds(server):
+    batches0, images0 = server.metric("xdit_batches_total"), server.metric("xdit_batch_images_total")
+    with ThreadPoolExecutor(4) as ex:
+        # A long request of another signature keeps the engine busy while the others queue.
+        slow = ex.submit(server.post, {"prompt": "a slow one", "steps": 300})
+        time.sleep(0.3)
+        quick = [ex.submit(server.post, {"prompt": "a red apple", "seed": s}) for s in (server.seed, server.seed + 1)]
+        results = [f.result() for f in [slow, *quick]]
+    assert [r[0] for r in results] == [200, 200, 200], results
+    batches = server.metric("xdit_batches_total") - batches0
+    images = server.metric("xdit_batch_images_total") - images0
+    assert images == 3 and batches == 2  # the two quick requests shared one pipeline call
+    # In a batch of 2 the matmuls may round differently: at most one PNG level apart.
+    img = _png(results[1][2]["data"][0]["b64_json"]).astype(int)
+    assert np.abs(img - server.reference.astype(int)).max() <= 1
+    assert results[1][2]["seed"] == server.seed and results[2][2]["seed"] == server.seed + 1
+
+
+def test_full_queue_is_429_with_retry_after(server):
+    with ThreadPoolExecutor(5) as ex:
+        slow = ex.submit(server.post, {"prompt": "busy", "steps": 300})
+        time.sleep(0.3)
+        # max_queue=2: two wait, the rest are turned away.
+        more = [ex.submit(server.post, {"prompt": f"p{i}", "steps": 2 + i}) for i in range(4)]
+        codes = [f.result()[0] for f in more]
+        rejected = [f.result() for f in more if f.result()[0] == 429]
+    assert slow.result()[0] == 200
+    assert codes.count(200) == 2 and codes.count(429) == 2, codes
+    assert all(int(r[1]["retry-after"]) >= 1 and "queue is full" in r[2]["error"]["message"] for r in rejected)
+
+
+def test_disconnect_aborts_at_a_step_boundary_and_the_next_request_runs(server):
+    aborted0 = server.metric("xdit_aborted_batches_total")
+    with pytest.raises((TimeoutError, urllib.error.URLError)):
+        server.post({"prompt": "leaving", "steps": 400}, timeout=0.5)  # the client gives up
+    deadline = time.monotonic() + 30
+    while server.metric("xdit_aborted_batches_total") == aborted0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metric("xdit_aborted_batches_total") == aborted0 + 1
+    code, _, body = server.post({"prompt": "a red apple", "seed": server.seed})
+    assert code == 200 and np.array_equal(_png(body["data"][0]["b64_json"]), server.reference)
+
+
+def test_killed_worker_gives_5xx_and_the_service_recovers(server):
+    code, raw = server.get("/health")
+    health = json.loads(raw)
+    worker = health["workers"][0]
+    with ThreadPoolExecutor(1) as ex:
+        running = ex.submit(server.post, {"prompt": "in flight", "steps": 400})
+        time.sleep(0.8)
+        t0 = time.monotonic()
+        os.kill(worker, 9)
+        code, _, body = running.result()
+    assert code == 500 and "worker" in body["error"]["message"], body
+    _wait_healthy(server.url, lambda: True, timeout=120)
+    recovery = time.monotonic() - t0
+    health = json.loads(server.get("/health")[1])
+    assert health["restarts"] >= 1 and health["workers"] != [worker] and "exit code" in health["last_failure"]
+    code, _, body = server.post({"prompt": "a red apple", "seed": server.seed})
+    assert code == 200 and np.array_equal(_png(body["data"][0]["b64_json"]), server.reference)
+    assert recovery < 120
+
+
+def test_serve_job_under_a_launcher(pools, reference):
+    """The torchrun path (every rank runs serve_job; rank 0 serves HTTP): here in the test's
+    2 gloo workers."""
+    port = free_port()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["stats"] = pools(2).run(serve_job, ServeOptions(model=MODEL, plan=PLAN, port=port), timeout=600)
+        except Exception as e:  # noqa: BLE001  (asserted below)
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, thread.is_alive)
+    code, _, raw = _http("POST", url + "/v1/images/generations", {"prompt": "a red apple", "seed": SEED})
+    body = json.loads(raw)
+    assert code == 200 and np.array_equal(_png(body["data"][0]["b64_json"]), reference)
+    assert _http("POST", url + "/admin/shutdown")[0] == 200
+    thread.join(120)
+    assert "error" not in box, box
+    assert [s.batches for s in box["stats"]] == [1, 1]
