@@ -210,6 +210,21 @@ def test_disconnect_aborts_at_a_step_boundary_and_the_next_request_runs(server):
     assert code == 200 and np.array_equal(_png(body["data"][0]["b64_json"]), server.reference)
 
 
+def test_client_command_writes_the_image(server, tmp_path):
+    out = tmp_path / "apple.png"
+    r = subprocess.run([sys.executable, "-m", "xdit_compile.cli", "client", "--url", server.url, "--prompt",
+                        "a red apple", "--seed", str(server.seed), "--output", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out)), server.reference)
+    bad = subprocess.run([sys.executable, "-m", "xdit_compile.cli", "client", "--url", server.url, "--prompt", "x",
+                          "--size", "1x1", "--output", str(tmp_path / "no.png")],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert bad.returncode == 1 and "HTTP 400" in bad.stderr and "not served" in bad.stderr
+
+
 def test_killed_worker_gives_5xx_and_the_service_recovers(server):
     code, raw = server.get("/health")
     health = json.loads(raw)

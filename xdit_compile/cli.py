@@ -244,6 +244,27 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_client(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from xdit_compile.client import ClientError, generate_images
+
+    try:
+        res = generate_images(a.url, a.prompt, n=a.n, size=a.size, steps=a.steps, seed=a.seed,
+                              guidance_scale=a.guidance_scale, negative_prompt=a.negative_prompt, timeout=a.timeout)
+    except (ClientError, OSError) as e:  # OSError: no service at --url
+        print(f"xdit-compile client: {e}", file=sys.stderr)
+        return 1
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, png in enumerate(res.images):
+        path = out.with_name(f"{out.stem}_{i}{out.suffix}") if len(res.images) > 1 else out
+        path.write_bytes(png)
+        print(f"wrote {path}")
+    print(f"seed {res.seed}, {res.seconds:.2f} s")
+    return 0
+
+
 def _cmd_plan(a: argparse.Namespace) -> int:
     from xdit_compile import cost, planner
 
@@ -392,6 +413,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-warmup", action="store_true", help="do not compile the served sizes at start")
     v.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
     v.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    k = sub.add_parser("client", help="ask a running `xdit-compile serve` for images and write them")
+    k.add_argument("--url", default="http://127.0.0.1:8000")
+    k.add_argument("--prompt", required=True)
+    k.add_argument("--n", type=int, default=1)
+    k.add_argument("--size", default=None, help="WxH (default: the service's)")
+    k.add_argument("--steps", type=int, default=None)
+    k.add_argument("--seed", type=int, default=None)
+    k.add_argument("--guidance-scale", type=float, default=None)
+    k.add_argument("--negative-prompt", default=None)
+    k.add_argument("--output", default="image.png", help="PNG path (several images: _0, _1 ... suffixes)")
+    k.add_argument("--timeout", type=float, default=600.0)
     sub.add_parser("models", help="list zoo models")
     return p
 
@@ -411,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_demo()
             return 0
         cmds = {"explain": _cmd_explain, "run": _cmd_run, "generate": _cmd_generate, "plan": _cmd_plan,
-                "serve": _cmd_serve}
+                "serve": _cmd_serve, "client": _cmd_client}
         return cmds[args.cmd](args)
     except (ValueError, KeyError, TypeError) as e:
         print(f"xdit-compile: error: {e}", file=sys.stderr)

@@ -192,6 +192,13 @@ class Scheduler:
             self.running = batch
             return batch
 
+    def requeue(self, jobs: list[Job]) -> None:
+        """Put a batch that never started back at the front, in its order."""
+        with self._cv:
+            self._queue[:0] = jobs
+            self.running = []
+            self._cv.notify_all()
+
     def stop(self) -> list[Job]:
         """No more requests; returns (and removes) the queued ones."""
         with self._cv:
@@ -505,12 +512,14 @@ def _setup(opts: ServeOptions) -> tuple[Any, dict[str, Any]]:
 
 
 def _warmup(pipe: Any, defaults: dict[str, Any], svc: "Service") -> None:
-    """Compile every served size once, before the first request (every rank, same calls)."""
-    if svc.opts.warmup:
+    """Compile every served size at every batch size once, before the first request (every
+    rank, same calls)."""
+    if svc.opts.warmup:  # every batch size too: each is an input signature of its own
         for w, h in svc.sizes:
-            spec = Job(id="warmup", prompt="warmup", n=1, seed=0, width=w, height=h, steps=svc.default_steps,
-                       guidance_scale=None, negative_prompt=None).spec()
-            _run_batch(pipe, _call_for(pipe, defaults, [spec]), lambda: None)
+            for b in range(1, svc.opts.max_batch + 1):
+                spec = Job(id="warmup", prompt="warmup", n=b, seed=0, width=w, height=h, steps=svc.default_steps,
+                           guidance_scale=None, negative_prompt=None).spec()
+                _run_batch(pipe, _call_for(pipe, defaults, [spec]), lambda: None)
     dist.barrier()
 
 
@@ -671,6 +680,9 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
             raise GroupFailure(group.dead())
         if rank == 0:
             jobs = sched.next_batch(_IDLE_S)
+            if group is not None and jobs and group.dead():  # not started: they wait for the new group
+                sched.requeue(jobs)
+                raise GroupFailure(group.dead())
             cmd: tuple[Any, ...] = ("run", [j.spec() for j in jobs]) if jobs else (
                 ("stop",) if sched.stopping else ("idle",))
         box: list[Any] = [cmd if rank == 0 else None]
