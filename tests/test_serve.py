@@ -268,3 +268,113 @@ def test_serve_job_under_a_launcher(pools, reference):
     thread.join(120)
     assert "error" not in box, box
     assert [s.batches for s in box["stats"]] == [1, 1]
+
+
+def _sse(url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    req = urllib.request.Request(url + "/v1/images/generations", data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    events, name = [], None
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for raw in r:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
+
+
+def test_progress_as_server_sent_events(server):
+    events = _sse(server.url, {"prompt": "a red apple", "seed": server.seed, "stream": True})
+    names = [n for n, _ in events]
+    assert names[-1] == "image_generation.completed" and "image_generation.progress" in names
+    steps = [d["step"] for n, d in events if n == "image_generation.progress"]
+    assert steps == sorted(steps) and steps[-1] == events[0][1]["steps"]  # every step counted, in order
+    assert np.array_equal(_png(events[-1][1]["data"][0]["b64_json"]), server.reference)
+    long = _sse(server.url, {"prompt": "longer", "steps": 150, "stream": True})
+    assert len([1 for n, _ in long if n == "image_generation.progress"]) > 1  # several steps reported
+
+
+# --------------------------------------------------------------------------- video pipelines
+
+
+VIDEO = "wan"
+
+
+@pytest.fixture(scope="module")
+def video_reference(pools, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve_video") / "ref"
+    pools(2).run(generate_job, GenerateOptions(model=VIDEO, prompt=["a fox"], plan=PLAN, seed=SEED, output=str(out),
+                                               warmup=0), timeout=600)
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(f)) for f in sorted(out.glob("frame_*.png"))])
+
+
+@pytest.fixture(scope="module")
+def video_server(video_reference):
+    port = free_port()
+    cmd = [sys.executable, "-m", "xdit_compile.cli", "serve", "--model", VIDEO, "--cfg", "2", "--port", str(port),
+           "--max-batch", "1", "--max-steps", "400"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, lambda: proc.poll() is None)
+        yield url
+        assert _http("POST", url + "/admin/shutdown")[0] == 200
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _wait_video(url: str, vid: str, timeout: float = 300.0) -> dict[str, Any]:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        obj = json.loads(_http("GET", f"{url}/v1/videos/{vid}")[2])
+        if obj["status"] in ("completed", "failed"):
+            return obj
+        time.sleep(0.2)
+    pytest.fail(f"video {vid} did not finish")
+
+
+def test_video_job_equals_generate(video_server, video_reference):
+    code, _, raw = _http("POST", video_server + "/v1/videos", {"prompt": "a fox", "seed": SEED})
+    job = json.loads(raw)
+    assert code == 200 and job["object"] == "video" and job["status"] in ("queued", "in_progress")
+    done = _wait_video(video_server, job["id"])
+    assert done["status"] == "completed" and done["progress"] == 100
+    code, headers, raw = _http("GET", f"{video_server}/v1/videos/{job['id']}/content?format=npy")
+    assert code == 200
+    frames = np.load(io.BytesIO(raw))
+    assert frames.shape == video_reference.shape and np.array_equal(frames, video_reference)
+    code, headers, raw = _http("GET", f"{video_server}/v1/videos/{job['id']}/content?format=apng")
+    assert code == 200 and headers["content-type"] == "image/apng" and raw[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_video_errors_and_delete(video_server):
+    assert _http("GET", video_server + "/v1/videos/video-999")[0] == 404
+    code, _, raw = _http("POST", video_server + "/v1/images/generations", {"prompt": "x"})
+    assert code == 400 and "makes videos" in json.loads(raw)["error"]["message"]
+    code, _, raw = _http("POST", video_server + "/v1/videos", {"prompt": "x", "frames": 1000})
+    assert code == 400 and json.loads(raw)["error"]["param"] == "frames"
+    vid = json.loads(_http("POST", video_server + "/v1/videos", {"prompt": "long", "steps": 300})[2])["id"]
+    code, _, raw = _http("GET", f"{video_server}/v1/videos/{vid}/content")
+    assert code == 409 and "poll" in json.loads(raw)["error"]["message"]  # not finished yet
+    assert _http("DELETE", f"{video_server}/v1/videos/{vid}")[0] == 200
+    assert _http("GET", f"{video_server}/v1/videos/{vid}")[0] == 404
+    # The deleted job stops at a step boundary (an aborted batch), and the next one runs.
+    deadline = time.monotonic() + 60
+
+    def aborted() -> float:
+        text = _http("GET", video_server + "/metrics")[2].decode()
+        return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("xdit_aborted_batches_total")))
+
+    while aborted() < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert aborted() == 1
+    nxt = json.loads(_http("POST", video_server + "/v1/videos", {"prompt": "next", "seed": 1})[2])["id"]
+    assert _wait_video(video_server, nxt)["status"] == "completed"

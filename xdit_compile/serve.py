@@ -67,6 +67,9 @@ class ServeOptions:
     default_steps: int | None = None
     max_steps: int = 100
     max_n: int = 4
+    max_frames: int = 129
+    max_videos_kept: int = 64
+    """Finished video jobs kept for ``GET /v1/videos/{id}`` (the oldest are dropped)."""
     max_batch: int = 4
     """Images per pipeline call (requests of one signature batched together)."""
     max_queue: int = 16
@@ -113,7 +116,7 @@ class ApiError(Exception):
 
 @dataclass
 class Job:
-    """One request: ``n`` images of one prompt."""
+    """One request: ``n`` images of one prompt, or one video (``frames``)."""
 
     id: str
     prompt: str
@@ -124,7 +127,13 @@ class Job:
     steps: int | None
     guidance_scale: float | None
     negative_prompt: str | None
+    frames: int | None = None
+    kind: str = "image"
     created: float = field(default_factory=time.monotonic)
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    step: int = 0
+    """Denoising steps done (rank 0 updates it at every step boundary)."""
+    steps_total: int = 0
     deadline: float = math.inf
     future: Future = field(default_factory=Future, repr=False)
     aborted: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -132,13 +141,13 @@ class Job:
     @property
     def signature(self) -> tuple[Any, ...]:
         """What must be equal for requests to share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt)
+        return (self.width, self.height, self.frames, self.steps, self.guidance_scale, self.negative_prompt)
 
     def spec(self) -> dict[str, Any]:
         """What the other ranks need to run it (plain data, broadcast)."""
         return {"id": self.id, "prompt": self.prompt, "n": self.n, "seed": self.seed, "width": self.width,
-                "height": self.height, "steps": self.steps, "guidance_scale": self.guidance_scale,
-                "negative_prompt": self.negative_prompt}
+                "height": self.height, "frames": self.frames, "steps": self.steps,
+                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
 
     def should_abort(self) -> bool:
         return self.aborted.is_set() or time.monotonic() > self.deadline
@@ -297,26 +306,38 @@ class Service:
         self.started = time.time()
         self.ready = threading.Event()
         self._ids = itertools.count()
-        self.shutdown_hook: Callable[[], None] | None = None
+        self.default_frames: int | None = None
+        self.video = False
+        self.videos: dict[str, Job] = {}
+        self._videos_lock = threading.Lock()
 
-    def configure(self, default_size: tuple[int, int], default_steps: int | None) -> None:
-        """The pipeline's defaults, once it is loaded: the default size (when none is given)."""
+    def configure(self, default_size: tuple[int, int], default_steps: int | None, default_frames: int | None = None,
+                  video: bool = False) -> None:
+        """The pipeline's defaults, once it is loaded: the default size (when none is given),
+        steps, and for video pipelines the default frame count."""
         self.sizes = self.sizes or [default_size]
         self.default_steps = self.opts.default_steps or default_steps
+        self.default_frames = default_frames
+        self.video = video
 
-    def make_job(self, body: Any) -> Job:
+    def make_job(self, body: Any, kind: str = "image") -> Job:
         o = self.opts
+        if kind == "image" and self.video:
+            raise ApiError(400, f"{self.name} makes videos: POST /v1/videos", kind="invalid_request_error")
+        if kind == "video" and not self.video:
+            raise ApiError(400, f"{self.name} makes images: POST /v1/images/generations")
         if body.model not in (None, "", self.name):
             raise ApiError(404, f"model {body.model!r} is not served here (this service: {self.name!r})", "model",
                            kind="not_found_error")
         if len(body.prompt) > o.max_prompt_chars:
             raise ApiError(400, f"prompt is {len(body.prompt)} characters; the limit is {o.max_prompt_chars}",
                            "prompt")
-        if body.n > o.max_n:
-            raise ApiError(400, f"n={body.n}: at most {o.max_n} images per request", "n")
-        if body.n > o.max_batch:
-            raise ApiError(400, f"n={body.n}: at most {o.max_batch} images per request (--max-batch)", "n")
-        if body.response_format != "b64_json":
+        n = getattr(body, "n", 1)
+        if n > o.max_n:
+            raise ApiError(400, f"n={n}: at most {o.max_n} images per request", "n")
+        if n > o.max_batch:
+            raise ApiError(400, f"n={n}: at most {o.max_batch} images per request (--max-batch)", "n")
+        if getattr(body, "response_format", "b64_json") != "b64_json":
             raise ApiError(400, f"response_format {body.response_format!r}: only 'b64_json' is served", "response_format")
         w, h = parse_size(body.size) if body.size else self.sizes[0]
         if (w, h) not in self.sizes:
@@ -325,10 +346,74 @@ class Service:
         steps = body.steps if body.steps is not None else self.default_steps
         if steps is not None and steps > o.max_steps:
             raise ApiError(400, f"steps={steps}: at most {o.max_steps}", "steps")
+        frames = None
+        if kind == "video":
+            frames = body.frames if body.frames is not None else self.default_frames
+            if frames is not None and frames > o.max_frames:
+                raise ApiError(400, f"frames={frames}: at most {o.max_frames}", "frames")
         seed = body.seed if body.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        return Job(id=f"img-{next(self._ids)}", prompt=body.prompt, n=body.n, seed=seed, width=w, height=h,
+        prefix = "video" if kind == "video" else "img"
+        return Job(id=f"{prefix}-{next(self._ids)}", prompt=body.prompt, n=n, seed=seed, width=w, height=h,
                    steps=steps, guidance_scale=body.guidance_scale, negative_prompt=body.negative_prompt,
-                   deadline=time.monotonic() + o.timeout_s)
+                   frames=frames, kind=kind, deadline=time.monotonic() + o.timeout_s)
+
+    def keep_video(self, job: Job) -> None:
+        with self._videos_lock:
+            self.videos[job.id] = job
+            done = [k for k, j in self.videos.items() if j.future.done()]
+            for k in done[:max(0, len(done) - self.opts.max_videos_kept)]:
+                del self.videos[k]
+
+
+def video_object(svc: Service, job: Job) -> dict[str, Any]:
+    """A video job as ``GET /v1/videos/{id}`` shows it (OpenAI's fields where they exist)."""
+    f = job.future
+    if f.done():
+        err = f.exception()
+        status = "failed" if err is not None else "completed"
+    else:
+        err = None
+        status = "in_progress" if job.step or job in svc.scheduler.running else "queued"
+    out: dict[str, Any] = {"id": job.id, "object": "video", "model": svc.name, "status": status,
+                           "progress": 100 if status == "completed" else
+                           int(100 * job.step / job.steps_total) if job.steps_total else 0,
+                           "created_at": job.created_at, "size": f"{job.width}x{job.height}", "frames": job.frames,
+                           "seed": job.seed, "step": job.step, "steps": job.steps_total}
+    if err is not None:
+        out["error"] = {"message": getattr(err, "message", str(err)), "code": getattr(err, "status", 500)}
+    return out
+
+
+def encode_video(frames: np.ndarray, fmt: str) -> tuple[bytes, str]:
+    """``frames`` ([F, H, W, C] uint8) as ``fmt``: "mp4" (needs imageio-ffmpeg), "apng", or
+    "npy" (the exact frames). Returns (bytes, media type)."""
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, frames)
+        return buf.getvalue(), "application/octet-stream"
+    if fmt == "mp4":
+        import tempfile
+
+        from xdit_compile.generate import _video_writer
+
+        if not _video_writer():
+            raise ApiError(400, "mp4 needs imageio and imageio-ffmpeg on the server; ask for format=apng or npy",
+                           "format")
+        from diffusers.utils import export_to_video
+
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/v.mp4"
+            export_to_video([f.astype(np.float32) / 255.0 for f in frames], path, fps=8)
+            with open(path, "rb") as fh:
+                return fh.read(), "video/mp4"
+    if fmt == "apng":
+        from PIL import Image
+
+        buf = io.BytesIO()
+        imgs = [Image.fromarray(f) for f in frames]
+        imgs[0].save(buf, format="PNG", save_all=True, append_images=imgs[1:], duration=125, loop=0)
+        return buf.getvalue(), "image/apng"
+    raise ApiError(400, f"format {fmt!r}: choose mp4, apng or npy", "format")
 
 
 def build_app(svc: Service) -> Any:
@@ -347,6 +432,20 @@ def build_app(svc: Service) -> Any:
         n: int = Field(1, ge=1)
         size: str | None = None
         response_format: Literal["b64_json", "url"] = "b64_json"
+        model: str | None = None
+        steps: int | None = Field(None, ge=1)
+        guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
+        seed: int | None = Field(None, ge=0, le=2**63 - 1)
+        negative_prompt: str | None = None
+        stream: bool = False
+        """Server-sent events: ``image_generation.progress`` at every step, then
+        ``image_generation.completed`` with the images (or ``error``)."""
+
+    class VideoRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        prompt: str = Field(min_length=1)
+        size: str | None = None
+        frames: int | None = Field(None, ge=1)
         model: str | None = None
         steps: int | None = Field(None, ge=1)
         guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
@@ -399,6 +498,8 @@ def build_app(svc: Service) -> Any:
         t0 = time.monotonic()
         svc.scheduler.submit(job)
         fut = asyncio.wrap_future(job.future)
+        if body.stream:
+            return _stream(job, fut, request, t0)
         while True:  # wait, watching for the client leaving and the deadline
             done, _ = await asyncio.wait({fut}, timeout=0.2)
             if done:
@@ -414,6 +515,93 @@ def build_app(svc: Service) -> Any:
         svc.metrics.request(200, time.monotonic() - t0)
         return JSONResponse({"created": int(time.time()), "model": svc.name, "seed": job.seed,
                              "data": [{"b64_json": b} for b in images]})
+
+    def _stream(job: Job, fut: Any, request: Request, t0: float) -> Any:
+        import json
+
+        from fastapi.responses import StreamingResponse
+
+        def event(name: str, data: dict[str, Any]) -> str:
+            return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+        async def events() -> Any:
+            last = -1
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=0.1)
+                if job.step != last and job.steps_total:
+                    last = job.step
+                    yield event("image_generation.progress", {"id": job.id, "step": job.step,
+                                                              "steps": job.steps_total})
+                if done:
+                    break
+                if await request.is_disconnected():
+                    job.aborted.set()
+                    svc.metrics.request(499)
+                    return
+                if time.monotonic() > job.deadline:
+                    job.aborted.set()
+                    svc.metrics.request(504)
+                    yield event("error", {"message": f"the request took longer than {svc.opts.timeout_s:g} s",
+                                           "code": 504})
+                    return
+            err = fut.exception()
+            if err is not None:
+                code = getattr(err, "status", 500)
+                svc.metrics.request(code)
+                yield event("error", {"message": getattr(err, "message", str(err)), "code": code})
+                return
+            svc.metrics.request(200, time.monotonic() - t0)
+            yield event("image_generation.completed", {"id": job.id, "created": int(time.time()), "model": svc.name,
+                                                       "seed": job.seed,
+                                                       "data": [{"b64_json": b} for b in fut.result()]})
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    def _video(video_id: str) -> Job:
+        job = svc.videos.get(video_id)
+        if job is None:
+            raise ApiError(404, f"no video {video_id!r}", "video_id", kind="not_found_error")
+        return job
+
+    @app.post("/v1/videos")
+    async def create_video(body: VideoRequest) -> JSONResponse:
+        if not svc.ready.is_set():
+            raise ApiError(503, "the service is not ready", kind="server_error", headers={"Retry-After": "5"})
+        job = svc.make_job(body, kind="video")
+        job.deadline = math.inf  # nobody waits on a connection: it runs until done or deleted
+        svc.scheduler.submit(job)
+        svc.keep_video(job)
+        svc.metrics.request(200)
+        return JSONResponse(video_object(svc, job))
+
+    @app.get("/v1/videos/{video_id}")
+    async def get_video(video_id: str) -> JSONResponse:
+        return JSONResponse(video_object(svc, _video(video_id)))
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def video_content(video_id: str, format: str | None = None) -> Any:
+        from fastapi.responses import Response
+
+        from xdit_compile.generate import _video_writer
+
+        job = _video(video_id)
+        if not job.future.done():
+            raise ApiError(409, f"video {video_id} is {video_object(svc, job)['status']}; poll GET "
+                                f"/v1/videos/{video_id} until it is completed", kind="invalid_request_error")
+        if job.future.exception() is not None:
+            raise ApiError(409, f"video {video_id} failed: {video_object(svc, job)['error']['message']}")
+        fmt = format or ("mp4" if _video_writer() else "apng")
+        data, media = await asyncio.to_thread(encode_video, job.future.result(), fmt)
+        return Response(content=data, media_type=media)
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete_video(video_id: str) -> JSONResponse:
+        job = _video(video_id)
+        job.aborted.set()  # dropped from the queue, or its batch stops at the next step
+        with svc._videos_lock:
+            svc.videos.pop(video_id, None)
+        return JSONResponse({"id": video_id, "object": "video", "deleted": True})
 
     @app.post("/admin/shutdown")
     async def shutdown(request: Request) -> dict[str, Any]:
@@ -464,6 +652,8 @@ def _call_for(pipe: Any, defaults: dict[str, Any], specs: list[dict[str, Any]]) 
     s = specs[0]
     kw = dict(defaults)
     kw.update(height=s["height"], width=s["width"], use_resolution_binning=False)
+    if s.get("frames") is not None:
+        kw["num_frames"] = s["frames"]
     if s["steps"] is not None:
         kw["num_inference_steps"] = s["steps"]
     if s["guidance_scale"] is not None:
@@ -531,7 +721,7 @@ def serve_job(opts: ServeOptions) -> ServeStats:
     rank = dist.get_rank()
     pipe, defaults = _setup(opts)
     svc = Service(opts)
-    svc.configure(_default_size(pipe, defaults), defaults.get("num_inference_steps"))
+    _configure(svc, pipe, defaults)
     server = _start_http(svc)[0] if rank == 0 else None
     stats = ServeStats(rank=rank)
     try:
@@ -566,7 +756,7 @@ def _follower(rank: int, world: int, port: int, opts: ServeOptions, threads: int
     try:
         pipe, defaults = _setup(opts)
         svc = Service(opts)
-        svc.configure(_default_size(pipe, defaults), defaults.get("num_inference_steps"))
+        _configure(svc, pipe, defaults)
         _warmup(pipe, defaults, svc)
         _engine(pipe, defaults, svc, ServeStats(rank=rank))
     except Exception as e:  # noqa: BLE001  (rank 0 sees the group break and restarts it)
@@ -601,7 +791,7 @@ class _Group:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=self.world,
                                 timeout=datetime.timedelta(seconds=self.opts.collective_timeout_s))
         pipe, defaults = _setup(self.opts)
-        svc.configure(_default_size(pipe, defaults), defaults.get("num_inference_steps"))
+        _configure(svc, pipe, defaults)
         _warmup(pipe, defaults, svc)
         return pipe, defaults
 
@@ -658,6 +848,20 @@ def serve_main(opts: ServeOptions, world: int, threads: int = 1) -> ServeStats:
     return stats
 
 
+def _configure(svc: Service, pipe: Any, defaults: dict[str, Any]) -> None:
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    video = "num_frames" in params
+    frames = defaults.get("num_frames")
+    if video and frames is None and params["num_frames"].default is not inspect.Parameter.empty:
+        frames = params["num_frames"].default
+    steps = defaults.get("num_inference_steps")
+    if steps is None and "num_inference_steps" in params:
+        steps = params["num_inference_steps"].default
+    svc.configure(_default_size(pipe, defaults), steps, frames, video)
+
+
 def _default_size(pipe: Any, defaults: dict[str, Any]) -> tuple[int, int]:
     if "height" in defaults and "width" in defaults:
         return int(defaults["width"]), int(defaults["height"])
@@ -700,12 +904,18 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
             flags = torch.tensor([j.should_abort() for j in jobs] if rank == 0 else [False] * n, dtype=torch.uint8)
             dist.broadcast(flags, src=0)
             stamps.append(time.perf_counter())
+            for j in jobs:
+                j.step += 1
             if bool(flags.all()):
                 raise _Aborted
 
+        call = _call_for(pipe, defaults, specs)
+        total = call.get("num_inference_steps") or svc.default_steps or 0
+        for j in jobs:
+            j.step, j.steps_total = 0, int(total)
         t0 = time.perf_counter()
         try:
-            arr = _run_batch(pipe, _call_for(pipe, defaults, specs), on_step)
+            arr = _run_batch(pipe, call, on_step)
         except _Aborted:
             stats.aborted_batches += 1
             if rank == 0:
@@ -743,6 +953,9 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
                 if j.aborted.is_set():
                     _fail(j, ApiError(499, "aborted", kind="aborted"))
                 elif not j.future.done():
-                    j.future.set_result([_png_b64(img) for img in imgs])
+                    if j.kind == "video":  # [F, H, W, C] uint8, encoded when fetched
+                        j.future.set_result((np.clip(imgs[0], 0, 1) * 255).round().astype(np.uint8))
+                    else:
+                        j.future.set_result([_png_b64(img) for img in imgs])
     if rank == 0:
         stats.requests = dict(svc.metrics.requests)
