@@ -378,3 +378,28 @@ def test_video_errors_and_delete(video_server):
     assert aborted() == 1
     nxt = json.loads(_http("POST", video_server + "/v1/videos", {"prompt": "next", "seed": 1})[2])["id"]
     assert _wait_video(video_server, nxt)["status"] == "completed"
+
+
+def test_two_torchrun_launches_serve_as_one_replica(reference):
+    """Multi-node: one replica of 2 ranks from two `torchrun --nnodes 2` launches (one per
+    "node", here both on this machine); rank 0 (node 0) serves. Same image as one launch."""
+    master, port = free_port(), free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+         str(node), "--master_addr", "127.0.0.1", "--master_port", str(master), "-m", "xdit_compile.cli", "serve",
+         "--model", MODEL, "--cfg", "2", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for node in (0, 1)]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, lambda: all(p.poll() is None for p in procs))
+        code, _, raw = _http("POST", url + "/v1/images/generations", {"prompt": "a red apple", "seed": SEED})
+        assert code == 200, raw
+        assert np.array_equal(_png(json.loads(raw)["data"][0]["b64_json"]), reference)
+        assert _http("POST", url + "/admin/shutdown")[0] == 200
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
