@@ -19,12 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-
-from xdit_compile.generate import GenerateOptions, generate_job  # noqa: E402
-from xdit_compile.serve import ServeOptions, serve_job  # noqa: E402
-from xdit_compile.testing import free_port  # noqa: E402
+from xdit_compile.generate import GenerateOptions, generate_job
+from xdit_compile.serve import ServeOptions, serve_job
+from xdit_compile.testing import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -403,3 +400,35 @@ def test_two_torchrun_launches_serve_as_one_replica(reference):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_ray_serve_replicas_answer_behind_one_endpoint(reference):
+    """Two replicas, each a process group of 2 ranks (cfg=2), behind one Ray Serve endpoint on a
+    local Ray cluster."""
+    import ray
+    from ray import serve
+
+    from xdit_compile.ray_serve import deployment
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(ServeOptions(model=MODEL, plan=PLAN, max_batch=1), world=2, num_replicas=2),
+                  route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        seen = set()
+        for _ in range(20):  # bounded: Ray spreads requests over both replicas
+            code, headers, raw = _http("POST", url + "/v1/images/generations", {"prompt": "a red apple", "seed": SEED})
+            assert code == 200, raw
+            assert np.array_equal(_png(json.loads(raw)["data"][0]["b64_json"]), reference)
+            seen.add(headers["x-xdit-replica"])
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, seen
+        code, _, raw = _http("POST", url + "/v1/images/generations", {"prompt": "x", "size": "1x1"})
+        assert code == 400 and "not served" in json.loads(raw)["error"]["message"]  # errors pass through
+        assert _http("POST", url + "/admin/shutdown")[0] == 403  # replicas stop with Ray, not a client
+    finally:
+        serve.shutdown()
+        ray.shutdown()

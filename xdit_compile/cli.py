@@ -229,6 +229,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                         warmup=not a.no_warmup)
     print(f"xdit-compile serve: {a.model}, {plan}, http://{a.host}:{a.port} (POST /admin/shutdown from "
           f"this machine stops it)", flush=True)
+    if a.replicas > 1:
+        return _serve_ray(opts, a.nproc or plan.world_size, a)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun: every rank serves its part
         a.timeout = 10 * 365 * 86400.0  # a service runs until it is stopped
         results = _launch(serve_job, opts, plan, a)
@@ -241,6 +243,30 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         stats = serve_main(opts, nproc, a.threads)
     if stats.rank == 0:
         print(f"xdit-compile serve: stopped after {stats.batches} batches, {stats.images} images")
+    return 0
+
+
+def _serve_ray(opts: Any, world: int, a: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from xdit_compile.ray_serve import deployment
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    serve.start(http_options={"host": a.host, "port": a.port})
+    serve.run(deployment(opts, world, num_replicas=a.replicas, threads=a.threads), route_prefix="/")
+    print(f"xdit-compile serve: {a.replicas} replicas of {world} ranks behind http://{a.host}:{a.port} "
+          "(Ctrl-C stops them)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 
@@ -413,6 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-warmup", action="store_true", help="do not compile the served sizes at start")
     v.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
     v.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    v.add_argument("--replicas", type=int, default=1,
+                   help="replicas of the whole process group behind one endpoint (Ray Serve, local Ray cluster "
+                        "or RAY_ADDRESS)")
     k = sub.add_parser("client", help="ask a running `xdit-compile serve` for images and write them")
     k.add_argument("--url", default="http://127.0.0.1:8000")
     k.add_argument("--prompt", required=True)
