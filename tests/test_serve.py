@@ -247,10 +247,11 @@ def test_serve_job_under_a_launcher(pools, reference):
     2 gloo workers."""
     port = free_port()
     box: dict[str, Any] = {}
+    opts = ServeOptions(model=MODEL, plan=PLAN, port=port, timeout_s=8.0, max_steps=50000, max_batch=1)
 
     def run() -> None:
         try:
-            box["stats"] = pools(2).run(serve_job, ServeOptions(model=MODEL, plan=PLAN, port=port), timeout=600)
+            box["stats"] = pools(2).run(serve_job, opts, timeout=600)
         except Exception as e:  # noqa: BLE001  (asserted below)
             box["error"] = e
 
@@ -261,10 +262,28 @@ def test_serve_job_under_a_launcher(pools, reference):
     code, _, raw = _http("POST", url + "/v1/images/generations", {"prompt": "a red apple", "seed": SEED})
     body = json.loads(raw)
     assert code == 200 and np.array_equal(_png(body["data"][0]["b64_json"]), reference)
-    assert _http("POST", url + "/admin/shutdown")[0] == 200
+    text = _http("GET", url + "/metrics")[2].decode()
+    assert 'xdit_stage_seconds_sum{stage="run"}' in text and "xdit_stage_seconds_count 1" in text
+    # Per-request timeout (8 s here): 504, and the batch stops at a step boundary.
+    t0 = time.monotonic()
+    code, _, raw = _http("POST", url + "/v1/images/generations", {"prompt": "too slow", "steps": 50000})
+    assert code == 504 and "longer than 8 s" in json.loads(raw)["error"]["message"], raw
+    assert 7.5 < time.monotonic() - t0 < 60
+    # Graceful shutdown: the running request finishes, the queued ones get 503.
+    with ThreadPoolExecutor(3) as ex:
+        running = ex.submit(_http, "POST", url + "/v1/images/generations", {"prompt": "running", "steps": 300})
+        time.sleep(0.3)
+        queued = [ex.submit(_http, "POST", url + "/v1/images/generations", {"prompt": f"queued {i}"})
+                  for i in range(2)]
+        time.sleep(0.3)
+        code, _, raw = _http("POST", url + "/admin/shutdown")
+        assert code == 200 and json.loads(raw)["rejected"] == 2
+        assert running.result()[0] == 200
+        assert [f.result()[0] for f in queued] == [503, 503]
     thread.join(120)
     assert "error" not in box, box
-    assert [s.batches for s in box["stats"]] == [1, 1]
+    assert [s.aborted_batches for s in box["stats"]] == [1, 1]  # the timed-out one, on both ranks
+    assert [s.batches for s in box["stats"]] == [2, 2]
 
 
 def _sse(url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -134,6 +134,7 @@ class Job:
     step: int = 0
     """Denoising steps done (rank 0 updates it at every step boundary)."""
     steps_total: int = 0
+    timeout_s: float = math.inf
     deadline: float = math.inf
     future: Future = field(default_factory=Future, repr=False)
     aborted: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -151,6 +152,12 @@ class Job:
 
     def should_abort(self) -> bool:
         return self.aborted.is_set() or time.monotonic() > self.deadline
+
+    def abort_error(self) -> "ApiError":
+        """Why it stopped: its deadline (504) or its client (499: gone, or the job deleted)."""
+        if not self.aborted.is_set() and time.monotonic() > self.deadline:
+            return ApiError(504, f"the request took longer than {self.timeout_s:g} s", kind="timeout")
+        return ApiError(499, "aborted", kind="aborted")
 
 
 class Scheduler:
@@ -186,7 +193,8 @@ class Scheduler:
             if not self._queue and not self.stopping:
                 self._cv.wait(timeout)
             while self._queue and self._queue[0].should_abort():
-                _fail(self._queue.pop(0), ApiError(499, "aborted before it ran", kind="aborted"))
+                gone = self._queue.pop(0)
+                _fail(gone, gone.abort_error())
             if not self._queue:
                 return []
             head = self._queue[0]
@@ -240,6 +248,10 @@ class Metrics:
         self.aborted_batches = 0
         self.step_s_sum = 0.0
         self.steps = 0
+        self.queue_s_sum = 0.0
+        self.run_s_sum = 0.0
+        self.encode_s_sum = 0.0
+        self.timed_jobs = 0
 
     def request(self, status: int, seconds: float | None = None) -> None:
         with self._lock:
@@ -272,6 +284,12 @@ class Metrics:
                     "# TYPE xdit_aborted_batches_total counter", f"xdit_aborted_batches_total {self.aborted_batches}",
                     "# HELP xdit_step_seconds Denoising steps (rank 0).", "# TYPE xdit_step_seconds summary",
                     f"xdit_step_seconds_sum {self.step_s_sum:.6f}", f"xdit_step_seconds_count {self.steps}",
+                    "# HELP xdit_stage_seconds Time per stage of finished requests: waiting in the queue, the "
+                    "pipeline call (steps, VAE), encoding the answer.", "# TYPE xdit_stage_seconds summary",
+                    f'xdit_stage_seconds_sum{{stage="queue"}} {self.queue_s_sum:.6f}',
+                    f'xdit_stage_seconds_sum{{stage="run"}} {self.run_s_sum:.6f}',
+                    f'xdit_stage_seconds_sum{{stage="encode"}} {self.encode_s_sum:.6f}',
+                    f"xdit_stage_seconds_count {self.timed_jobs}",
                     "# HELP xdit_bytes_sent_total Bytes rank 0 sent to other ranks.",
                     "# TYPE xdit_bytes_sent_total counter", f"xdit_bytes_sent_total {bytes_sent}"]
             return "\n".join(out) + "\n"
@@ -355,7 +373,7 @@ class Service:
         prefix = "video" if kind == "video" else "img"
         return Job(id=f"{prefix}-{next(self._ids)}", prompt=body.prompt, n=n, seed=seed, width=w, height=h,
                    steps=steps, guidance_scale=body.guidance_scale, negative_prompt=body.negative_prompt,
-                   frames=frames, kind=kind, deadline=time.monotonic() + o.timeout_s)
+                   frames=frames, kind=kind, deadline=time.monotonic() + o.timeout_s, timeout_s=o.timeout_s)
 
     def keep_video(self, job: Job) -> None:
         with self._videos_lock:
@@ -913,7 +931,7 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
         total = call.get("num_inference_steps") or svc.default_steps or 0
         for j in jobs:
             j.step, j.steps_total = 0, int(total)
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.monotonic()
         try:
             arr = _run_batch(pipe, call, on_step)
         except _Aborted:
@@ -922,7 +940,7 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
                 sched.running = []
                 svc.metrics.aborted_batches += 1
                 for j in jobs:
-                    _fail(j, ApiError(499, "aborted", kind="aborted"))
+                    _fail(j, j.abort_error())
             continue
         except Exception as e:  # noqa: BLE001  (every rank ran the same call: the same error)
             if group is not None:
@@ -946,16 +964,23 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
                 m.images += len(arr)
                 m.step_s_sum += stamps[-1] - stamps[0]
                 m.steps += len(stamps) - 1
+            t_run = time.perf_counter() - t0
+            t_enc = time.perf_counter()
             i = 0
             for j in jobs:
                 imgs = arr[i:i + j.n]
                 i += j.n
-                if j.aborted.is_set():
-                    _fail(j, ApiError(499, "aborted", kind="aborted"))
+                if j.should_abort():
+                    _fail(j, j.abort_error())
                 elif not j.future.done():
                     if j.kind == "video":  # [F, H, W, C] uint8, encoded when fetched
                         j.future.set_result((np.clip(imgs[0], 0, 1) * 255).round().astype(np.uint8))
                     else:
                         j.future.set_result([_png_b64(img) for img in imgs])
+            with m._lock:
+                m.timed_jobs += len(jobs)
+                m.queue_s_sum += sum(max(0.0, started - j.created) for j in jobs)
+                m.run_s_sum += t_run * len(jobs)
+                m.encode_s_sum += time.perf_counter() - t_enc
     if rank == 0:
         stats.requests = dict(svc.metrics.requests)
