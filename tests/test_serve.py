@@ -451,3 +451,13 @@ def test_ray_serve_replicas_answer_behind_one_endpoint(reference):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_a_group_that_cannot_start_gives_up_with_the_reason():
+    """A served size the pipeline rejects (not a multiple of its VAE factor) fails the warm-up on
+    every start: after --max-start-failures starts the command exits non-zero with the reason."""
+    cmd = [sys.executable, "-m", "xdit_compile.cli", "serve", "--model", MODEL, "--cfg", "2", "--port",
+           str(free_port()), "--sizes", "33x33", "--max-start-failures", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "failed to start 2 times" in r.stderr and "divisible" in r.stderr, r.stderr[-2000:]

@@ -225,7 +225,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     opts = ServeOptions(model=a.model, plan=_plan_kwargs(a), host=a.host, port=a.port, dtype=a.dtype,
                         sizes=list(a.sizes), default_steps=a.steps, max_steps=a.max_steps, max_n=a.max_n,
                         max_batch=a.max_batch, max_queue=a.max_queue, max_prompt_chars=a.max_prompt_chars,
-                        timeout_s=a.request_timeout,
+                        timeout_s=a.request_timeout, max_start_failures=a.max_start_failures,
                         warmup=not a.no_warmup)
     print(f"xdit-compile serve: {a.model}, {plan}, http://{a.host}:{a.port} (POST /admin/shutdown from "
           f"this machine stops it)", flush=True)
@@ -437,6 +437,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-prompt-chars", type=int, default=2000)
     v.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (queue + run)")
     v.add_argument("--no-warmup", action="store_true", help="do not compile the served sizes at start")
+    v.add_argument("--max-start-failures", type=int, default=3,
+                   help="consecutive failed starts of the process group before the command gives up")
     v.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
     v.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     v.add_argument("--replicas", type=int, default=1,

@@ -78,6 +78,9 @@ class ServeOptions:
     """Per request: queued plus running. Past it the client gets 504 and the request is
     aborted at the next step boundary."""
     warmup: bool = True
+    max_start_failures: int = 3
+    """Consecutive failed starts of the group (load, parallelize, warm up) before the service
+    gives up (the command exits non-zero)."""
     collective_timeout_s: float = 300.0
     """gloo's timeout for one collective (a rank that hangs breaks the group after this)."""
     served_name: str | None = None
@@ -838,16 +841,26 @@ def serve_main(opts: ServeOptions, world: int, threads: int = 1) -> ServeStats:
     svc = Service(opts)
     server, _ = _start_http(svc)
     stats = ServeStats(rank=0)
+    failed_starts = 0
     try:
         while not svc.scheduler.stopping:
             group = _Group(opts, world, threads)
+            started = False
             try:
                 pipe, defaults = group.start(svc)
+                started = True
+                failed_starts = 0
                 svc.ready.set()
                 _engine(pipe, defaults, svc, stats, group=group)
                 break
             except Exception as e:  # noqa: BLE001  (a rank died, the group broke: start it again)
                 why = group.dead() or f"{type(e).__name__}: {e}"
+                failed_starts += 0 if started else 1
+                if failed_starts >= opts.max_start_failures:  # it will not come up: say so and stop
+                    for j in svc.scheduler.stop() + svc.scheduler.running:
+                        _fail(j, ApiError(503, f"the service could not start its workers: {why}", kind="server_error"))
+                    raise RuntimeError(f"the process group failed to start {failed_starts} times in a row; "
+                                       f"last: {why}") from e
                 svc.ready.clear()
                 svc.restarts += 1
                 svc.last_failure = why
