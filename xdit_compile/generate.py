@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DEMO", "GenerateOptions", "GenerateResult", "TOLERANCE", "check_model", "generate_job", "load_pipeline",
-           "model_path", "run_timed", "save_output", "transformer_configs"]
+           "model_path", "output_array", "run_timed", "save_output", "step_callback", "to_uint8",
+           "transformer_configs"]
 
 DEMO = "demo"
 """``--model demo``: the trained emoji pipeline (:func:`xdit_compile.models.demo.demo_path`)."""
@@ -186,27 +187,43 @@ def _shown_call(pipe: Any, kw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in shown.items() if v is not None}
 
 
+def step_callback(pipe: Any, fn: Any) -> dict[str, Any]:
+    """Call arguments that make ``pipe`` call ``fn()`` at the end of every denoising step: its
+    ``callback_on_step_end``, or the older ``callback``/``callback_steps`` (PixArt); none if
+    it has neither."""
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in params:
+        def on_step(p: Any, i: int, t: Any, cb: dict[str, Any]) -> dict[str, Any]:
+            fn()
+            return cb
+        return {"callback_on_step_end": on_step}
+    if "callback" in params and "callback_steps" in params:
+        return {"callback": lambda i, t, latents: fn(), "callback_steps": 1}
+    return {}
+
+
+def output_array(out: Any) -> np.ndarray:
+    """A pipeline output's images (``[B, H, W, C]``) or videos (``[B, F, H, W, C]``)."""
+    arr = getattr(out, "images", None)
+    return np.asarray(getattr(out, "frames", None) if arr is None else arr)
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Pixels in [0, 1] as 8-bit values (what every written PNG, video frame and served image holds)."""
+    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+
+
 def run_timed(pipe: Any, kw: dict[str, Any], seed: int) -> tuple[np.ndarray, float, list[float]]:
     """One pipeline call with a fresh generator: output array, seconds, and seconds per
     denoising step (from the pipeline's step callback, where it has one)."""
     stamps: list[float] = []
-    params = inspect.signature(pipe.__call__).parameters
-    extra: dict[str, Any] = {}
-    if "callback_on_step_end" in params:
-        def on_step(p: Any, i: int, t: Any, cb: dict[str, Any]) -> dict[str, Any]:
-            stamps.append(time.perf_counter())
-            return cb
-        extra["callback_on_step_end"] = on_step
-    elif "callback" in params and "callback_steps" in params:  # older pipelines (PixArt)
-        extra.update(callback=lambda i, t, latents: stamps.append(time.perf_counter()), callback_steps=1)
+    extra = step_callback(pipe, lambda: stamps.append(time.perf_counter()))
     t0 = time.perf_counter()
     with torch.no_grad():
         out = pipe(**kw, **extra, generator=torch.Generator().manual_seed(seed))
     total = time.perf_counter() - t0
-    arr = getattr(out, "images", None)
-    arr = getattr(out, "frames", None) if arr is None else arr
     steps = np.diff([t0, *stamps]).tolist()
-    return np.asarray(arr), total, steps
+    return output_array(out), total, steps
 
 
 def save_output(arr: np.ndarray, output: str) -> list[str]:
@@ -215,7 +232,7 @@ def save_output(arr: np.ndarray, output: str) -> list[str]:
     from PIL import Image
 
     def png(a: np.ndarray, path: Path) -> None:
-        Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)).save(path)
+        Image.fromarray(to_uint8(a)).save(path)
 
     out, written = Path(output), []
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import contextlib
 import io
 import itertools
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -659,8 +660,10 @@ class _Aborted(Exception):
 def _png_b64(img: np.ndarray) -> str:
     from PIL import Image
 
+    from xdit_compile.generate import to_uint8
+
     buf = io.BytesIO()
-    Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray(to_uint8(img)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -691,21 +694,10 @@ def _call_for(pipe: Any, defaults: dict[str, Any], specs: list[dict[str, Any]]) 
 
 
 def _run_batch(pipe: Any, call: dict[str, Any], on_step: Callable[[], None]) -> np.ndarray:
-    import inspect
+    from xdit_compile.generate import output_array, step_callback
 
-    params = inspect.signature(pipe.__call__).parameters
-    extra: dict[str, Any] = {}
-    if "callback_on_step_end" in params:
-        def cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-            on_step()
-            return kw
-        extra["callback_on_step_end"] = cb
-    elif "callback" in params and "callback_steps" in params:  # older pipelines (PixArt)
-        extra.update(callback=lambda i, t, latents: on_step(), callback_steps=1)
     with torch.no_grad():
-        out = pipe(**call, **extra)
-    arr = getattr(out, "images", None)
-    return np.asarray(getattr(out, "frames", None) if arr is None else arr)
+        return output_array(pipe(**call, **step_callback(pipe, on_step)))
 
 
 def _setup(opts: ServeOptions) -> tuple[Any, dict[str, Any]]:
@@ -766,7 +758,6 @@ def _follower(rank: int, world: int, port: int, opts: ServeOptions, threads: int
     """Ranks 1..N-1 of :func:`serve_main` (child processes of rank 0)."""
     import datetime
     import os
-    import sys
 
     from xdit_compile.testing import _exit_with_parent
 
@@ -868,8 +859,6 @@ def serve_main(opts: ServeOptions, world: int, threads: int = 1) -> ServeStats:
                     _fail(j, ApiError(500, f"a worker of the parallel group failed ({why}); the service is "
                                            "restarting its workers: retry the request", kind="server_error"))
                 svc.scheduler.running = []
-                import sys
-
                 print(f"xdit-compile serve: the group failed ({why}); restarting", file=sys.stderr, flush=True)
             finally:
                 group.close()
@@ -907,6 +896,8 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
     """The loop every rank runs: rank 0 decides (next batch, idle, stop), all follow. With
     ``group`` (rank 0 of :func:`serve_main`), a dead child rank raises :class:`GroupFailure`
     before rank 0 enters a collective it would wait in forever."""
+    from xdit_compile.generate import to_uint8
+
     rank = dist.get_rank()
     sched = svc.scheduler
     while True:
@@ -987,7 +978,7 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
                     _fail(j, j.abort_error())
                 elif not j.future.done():
                     if j.kind == "video":  # [F, H, W, C] uint8, encoded when fetched
-                        j.future.set_result((np.clip(imgs[0], 0, 1) * 255).round().astype(np.uint8))
+                        j.future.set_result(to_uint8(imgs[0]))
                     else:
                         j.future.set_result([_png_b64(img) for img in imgs])
             with m._lock:
