@@ -122,9 +122,16 @@ def _launch(fn: Any, payload: Any, plan: Any, a: argparse.Namespace) -> list[Any
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # inside torchrun
         from xdit_compile.api import init_distributed
 
+        import torch.distributed as dist
+
         init_distributed()
         plan.check_world_size(int(os.environ["WORLD_SIZE"]))
-        return [fn(payload)]
+        result = fn(payload)  # a rank that raises exits non-zero and torchrun stops the others
+        # An orderly end: no rank closes its connections while another may still read them
+        # (a gloo peer that vanishes mid-teardown can abort the other rank's process).
+        dist.barrier()
+        dist.destroy_process_group()
+        return [result]
     nproc = a.nproc or plan.world_size
     plan.check_world_size(nproc)
     os.environ.setdefault("XDIT_WORKER_THREADS", str(a.threads))
