@@ -6,7 +6,9 @@
 - ``redistribute(x, R, S)`` -> ``slice_shard``: this rank's piece, no communication;
 - ``redistribute(x, S, S')`` -> gather then slice;
 - a stride-1 "same" convolution on the sharded dim gets ``xdit::halo_pad`` in front and its
-  padding on that dim set to 0 (the halo rows are exactly the padding one device would read).
+  padding on that dim set to 0 (the halo rows are exactly the padding one device would read);
+- a ``group_norm`` over a sharded spatial dim becomes ``group_norm_sharded`` (per-rank
+  statistics, one all-gather of them, each rank normalizes its rows).
 
 Every collective is recorded with its bytes for this rank (``ctx.collectives``).
 
@@ -32,6 +34,8 @@ from xdit_compile.runtime.reshard import (
     gather_bytes,
     gather_shard,
     gather_text,
+    group_norm_bytes,
+    group_norm_sharded,
     halo_bytes,
     slice_shard,
     slice_text,
@@ -73,7 +77,7 @@ def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: Pass
     new = _new(gm, node, gather_shard, args + ((r,) if src.text else ()), node, Replicate())
     val = node.meta["val"]
     row = val.numel() // src.total
-    nbytes = gather_bytes(row * src.body().local_size(r), val.element_size(), list(src.split), r)
+    nbytes = gather_bytes(row * src.outer * src.inner, val.element_size(), list(src.split))
     if src.text and src.joint:
         nbytes += _text_bytes(src, row, val.element_size(), r)
     what = "output" if node.meta.get("xdit_output_gather") else "text rows" if src.text else "sharding break"
@@ -170,6 +174,26 @@ def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
     )
 
 
+def _lower_group_norm(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
+    """``aten.group_norm(x, groups, weight, bias, eps, cudnn)`` over sharded rows."""
+    if ctx.axis == "patch":
+        raise _refuse(node, "group_norm statistics (a normalization over token rows)", ctx, user=node)
+    del node.meta["xdit_group_norm"]
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, groups, weight, bias = args[0], int(args[1]), args[2], args[3]  # type: ignore[arg-type]
+    eps = float(args[4]) if args[4] is not None else float(node.kwargs.get("eps", 1e-5))  # type: ignore[arg-type]
+    weight = node.kwargs.get("weight", weight)
+    bias = node.kwargs.get("bias", bias)
+    new = _new(gm, node, group_norm_sharded, (x, groups, weight, bias, eps, ctx.group, ctx.degree),
+               node, node.meta["xdit_placement"])
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    batch = int(node.meta["val"].shape[0])
+    ctx.collectives.append(CollectiveSite(new.name, "all_gather", ctx.axis, 1,
+                                          group_norm_bytes(batch, groups, ctx.degree), "group_norm statistics",
+                                          graph_level=True))
+
+
 def _rescale_earlier_rounds(gm: fx.GraphModule, ctx: PassContext) -> None:
     """An earlier (batch) round's gathers now move this round's local pieces: scale their
     static byte counts by the fraction of the tensor this rank holds."""
@@ -194,5 +218,8 @@ def lower_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             changed = True
         elif "xdit_halo" in node.meta:  # the conv rule only asks this of conv1d/2d/3d
             _lower_halo(gm, node, ctx)
+            changed = True
+        elif "xdit_group_norm" in node.meta:
+            _lower_group_norm(gm, node, ctx)
             changed = True
     return PassResult(gm, changed)

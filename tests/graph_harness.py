@@ -37,6 +37,7 @@ from xdit_compile.runtime.reshard import (
     all_reduce_sum,
     gather_shard,
     gather_text,
+    group_norm_sharded,
     slice_shard,
     slice_text,
 )
@@ -127,15 +128,16 @@ def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
 
 def simulated_gather(fn: Any, x: torch.Tensor, glob: torch.Tensor, src: Shard, rank: int,
                      *args: Any) -> torch.Tensor:
-    """The real ``fn`` (``gather_shard`` or ``gather_text``) on local ``x``, its all-gathers
-    simulated: the i-th all-gather returns every rank's i-th send buffer, recorded by running
-    ``fn`` on that rank's piece of the global value (with that rank's ``text_rank``)."""
+    """The real ``fn`` (``gather_shard``, ``gather_text`` or ``group_norm_sharded``) on local
+    ``x``, its all-gathers simulated: the i-th all-gather returns every rank's i-th send buffer,
+    recorded by running ``fn`` on that rank's piece of the global value (with that rank's
+    ``text_rank``)."""
     n = len(src.split)
 
-    at = 7 if fn is gather_shard else 5  # position of text_rank after x
+    at = {gather_shard: 7, gather_text: 5}.get(fn)  # position of text_rank after x
 
     def for_rank(r: int) -> tuple[Any, ...]:
-        return (*args[:at], r) if len(args) > at and args[at] >= 0 else args
+        return (*args[:at], r) if at is not None and len(args) > at and args[at] >= 0 else args
 
     ns = torch.ops._c10d_functional
     sent: list[list[torch.Tensor]] = []
@@ -226,6 +228,15 @@ class RankRun(fx.Interpreter):
             return simulated_gather(t, self.env[n.args[0]], g, src, self.rank, *n.args[1:])
         if t is all_reduce_sum:
             return g
+        if t is group_norm_sharded:  # statistics of every rank's piece, then this rank's rows
+            x, groups, w, b, eps = (self._g(a) for a in n.args[:5])
+            self.glob[n.name] = g = F.group_norm(x, groups, w, b, eps)
+            src = n.args[0].meta["xdit_placement"]
+            local = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args[1:]]
+            out = simulated_gather(t, self.env[n.args[0]], x, src, self.rank, *local)
+            torch.testing.assert_close(out, piece(g, p, self.rank), msg=f"rank {self.rank}: {n.name}")
+            self.checked += 1
+            return out
         if t is HALO:
             _, dim, pad, _ = n.args
             full = F.pad(g.movedim(dim, -1), (pad, pad)).movedim(-1, dim)

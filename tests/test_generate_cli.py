@@ -26,13 +26,16 @@ def saved_pixart(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.dist
-def test_generate_saved_pipeline_cfg2(saved_pixart: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("vae", [[], ["--parallel-vae"]])
+def test_generate_saved_pipeline_cfg2(saved_pixart: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                      vae: list[str]) -> None:
     out = tmp_path / "fox.png"
     rc = main(["generate", "--model", str(saved_pixart), "--prompt", "a red fox", "--cfg", "2",
                "--steps", "2", "--height", "32", "--width", "32", "--seed", "3", "--output", str(out),
-               "--compare-serial", "--timeout", "300"])
+               "--compare-serial", "--timeout", "300", *vae])
     text = capsys.readouterr().out
     assert rc == 0, text
+    assert ("VAE decoder: Plan(ring=2" in text) == bool(vae), text
     assert out.is_file() and out.stat().st_size > 0
     from PIL import Image
 

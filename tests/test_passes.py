@@ -466,7 +466,7 @@ def test_lower_tiny_dit(tiny: Any, rank: int) -> None:
     gathers = [c for c in ctx.collectives if c.op == "all_gather"]
     assert gathers == [
         CollectiveSite(
-            ga.name, "all_gather", "sp", 1, gather_bytes(8 * 8, 4, [8, 8], rank), "output",
+            ga.name, "all_gather", "sp", 1, gather_bytes(8, 4, [8, 8]), "output",
             graph_level=True,
         )
     ]

@@ -516,6 +516,53 @@ def test_conv_over_sharded_channels_breaks() -> None:
         assert reasons(ctx) == ["conv contracts the sharded channel dim"]
 
 
+# --------------------------------------------------------------------------- VAE decoder ops
+
+
+@pytest.mark.parametrize("split", [(4, 4), (5, 3), (8, 0)])
+def test_group_norm_over_sharded_rows_combines_statistics(split: tuple[int, int]) -> None:
+    """A VAE's GroupNorm over rows cut across the ranks: each rank sends only its per-group
+    statistics (count, mean, squared deviations) and normalizes its own rows; every rank's
+    output equals its rows of the serial group_norm (an empty piece too)."""
+    x = torch.randn(2, 6, 8, 5) * 3 + 1.5  # an offset mean: a sum-of-squares shortcut would drift
+    case = Case(lambda x, w, b: F.group_norm(x, 3, w, b, eps=1e-6), x, torch.randn(6), torch.randn(6))
+    for gm, ctx in case.check({0: Shard(2, split)}):
+        assert ctx.breaks == []
+        assert calls(gm, aten.group_norm.default) == []
+        gn = one(gm, reshard.group_norm_sharded)
+        assert gn.args[1] == 3 and gn.args[4] == 1e-6 and gn.meta["xdit_placement"] == Shard(2, split)
+        site = next(c for c in ctx.collectives if c.what == "group_norm statistics")
+        assert (site.op, site.bytes_per_forward) == ("all_gather", 3 * 2 * 3 * 4)  # B*G floats x3, 1 peer
+
+
+def test_group_norm_over_sharded_channels_breaks() -> None:
+    case = Case(lambda x: F.group_norm(x, 2), torch.randn(1, 4, 6, 6))
+    for _, ctx in case.check({0: Shard(1, (2, 2))}):
+        assert reasons(ctx) == ["group_norm normalizes over the sharded channel dim"]
+
+
+@pytest.mark.parametrize("how", ["scale", "size", "exact"])
+def test_nearest_upsampling_keeps_the_row_shard(how: str) -> None:
+    """Output row j copies input row j // 2: each rank upsamples its own rows, and a global
+    output size in the call becomes this rank's."""
+    fns = {"scale": lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
+           "size": lambda x: F.interpolate(x, size=(14, 12), mode="nearest"),
+           "exact": lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest-exact")}
+    case = Case(fns[how], torch.randn(1, 3, 7, 6))
+    for gm, ctx in case.check({0: Shard(2, (4, 3))}):
+        assert ctx.breaks == [] and [c.op for c in ctx.collectives] == ["all_gather"]  # the output only
+        up = next(n for n in gm.graph.nodes if "upsample" in str(n.target))
+        assert up.meta["xdit_placement"] == Shard(2, (8, 6))
+        if how == "size":
+            assert up.args[1] == [8 if ctx.mesh.sp_rank == 0 else 6, 12]
+
+
+def test_nearest_resize_by_a_fraction_breaks() -> None:
+    case = Case(lambda x: F.interpolate(x, size=(10, 6), mode="nearest"), torch.randn(1, 3, 8, 6))
+    for _, ctx in case.check({0: Shard(2, (4, 4))}):
+        assert reasons(ctx) == ["nearest resize 8 -> 10 rows is not an integer upsampling"]
+
+
 def test_aten_convolution_same_padding_compiles() -> None:
     case = Case(
         lambda x, w: torch.convolution(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),

@@ -1,14 +1,14 @@
 """xdit_compile: parallel Diffusion Transformers by graph rewriting, with no per-model code."""
 
 from xdit_compile.api import ParallelModule, init_distributed, parallelize
-from xdit_compile.pipeline import parallelize_pipeline
+from xdit_compile.pipeline import parallelize_pipeline, parallelize_vae
 from xdit_compile.plan import _AUTO, MeshAxis, Plan
 from xdit_compile.planner import auto as _auto
 from xdit_compile.report import Report, build_report
 
 __all__ = [
     "MeshAxis", "ParallelModule", "Plan", "Report", "explain", "init_distributed", "parallelize",
-    "parallelize_pipeline",
+    "parallelize_pipeline", "parallelize_vae",
 ]
 __version__ = "0.1.0"
 _AUTO[:] = [_auto]  # Plan.auto (plan.py imports nothing of the package)

@@ -120,9 +120,9 @@ def _launch(fn: Any, payload: Any, plan: Any, a: argparse.Namespace) -> list[Any
     from xdit_compile.testing import WorkerError, WorkerPool
 
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # inside torchrun
-        from xdit_compile.api import init_distributed
-
         import torch.distributed as dist
+
+        from xdit_compile.api import init_distributed
 
         init_distributed()
         plan.check_world_size(int(os.environ["WORLD_SIZE"]))
@@ -185,7 +185,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         negative_prompt=a.negative_prompt, steps=a.steps, height=a.height, width=a.width,
         frames=a.frames, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype,
         output=a.output, compare_serial=a.compare_serial, warmup=a.warmup,
-        resolution_binning=a.resolution_binning,
+        resolution_binning=a.resolution_binning, parallel_vae=a.parallel_vae,
     )
     results = _launch(generate_job, opts, plan, a)
     if results is None:
@@ -197,6 +197,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     print(f"{a.model}: {chosen}, {len(results)} process(es); output {r0.shape}")
     if r0.call:
         print("  call: " + ", ".join(f"{k}={v}" for k, v in r0.call.items()))
+    if r0.vae_plan:
+        print(f"  VAE decoder: {r0.vae_plan} (its rows cut over the processes)")
     if r0.first_call_s is not None:
         print(f"  first call (capture + compile + run): {r0.first_call_s:.3f} s")
     steps = r0.step_s
@@ -230,6 +232,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001  (an ApiError: a CLI error here)
             raise ValueError(f"--sizes: {e}") from None
     opts = ServeOptions(model=a.model, plan=_plan_kwargs(a), host=a.host, port=a.port, dtype=a.dtype,
+                        parallel_vae=a.parallel_vae,
                         sizes=list(a.sizes), default_steps=a.steps, max_steps=a.max_steps, max_n=a.max_n,
                         max_batch=a.max_batch, max_queue=a.max_queue, max_prompt_chars=a.max_prompt_chars,
                         timeout_s=a.request_timeout, max_start_failures=a.max_start_failures,
@@ -395,6 +398,8 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{axis}", type=int, default=1)
     _displaced_args(g)
     g.add_argument("--compile", choices=["eager", "inductor"], default=None)
+    g.add_argument("--parallel-vae", action="store_true",
+                   help="also cut the VAE decoder's rows over every process (1/N of its activations each)")
     g.add_argument("--auto", action="store_true",
                    help="let the cost model choose the degrees for --nproc processes (exact plans)")
     g.add_argument("--hardware", default=None,
@@ -431,6 +436,8 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument(f"--{axis}", type=int, default=1)
     _displaced_args(v)
     v.add_argument("--compile", choices=["eager", "inductor"], default=None)
+    v.add_argument("--parallel-vae", action="store_true",
+                   help="also cut the VAE decoder's rows over every process (1/N of its activations each)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")

@@ -63,6 +63,8 @@ class GenerateOptions:
     """Let pipelines with resolution binning (PixArt, HunyuanDiT) snap the size to their bins."""
     warmup: int = 1
     """Untimed calls first (the first one captures and compiles the transformer)."""
+    parallel_vae: bool = False
+    """Cut the VAE decoder's rows over every rank too (``parallelize_pipeline(vae=True)``)."""
 
 
 @dataclass
@@ -83,6 +85,8 @@ class GenerateResult:
     bytes_sent: int = 0
     plan: str = ""
     """The plan the transformer ran with (with ``--auto``: the one the cost model chose)."""
+    vae_plan: str = ""
+    """The VAE decoder's plan with ``parallel_vae`` (empty: the VAE ran whole on every rank)."""
     saved: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -286,7 +290,7 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
                 run_timed(pipe, kw, o.seed)
             serial, result.serial_total_s, result.serial_step_s = run_timed(pipe, kw, o.seed)
         dist.barrier()
-    pipe = xc.parallelize_pipeline(pipe, xc.Plan(**o.plan))
+    pipe = xc.parallelize_pipeline(pipe, xc.Plan(**o.plan), vae=o.parallel_vae)
     pipe.set_progress_bar_config(disable=rank != 0)
     for i in range(o.warmup):
         t = run_timed(pipe, kw, o.seed)[1]
@@ -296,6 +300,8 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
     arr, result.total_s, result.step_s = run_timed(pipe, kw, o.seed)
     result.bytes_sent = comm_stats().total_bytes
     result.plan = str(getattr(getattr(pipe, "transformer", None), "plan", xc.Plan(**o.plan)))
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    result.vae_plan = str(decoder.plan) if isinstance(decoder, xc.ParallelModule) else ""
     result.shape = list(arr.shape)
     result.call = {"height": int(arr.shape[-3]), "width": int(arr.shape[-2]), **result.call}
     if not np.isfinite(arr).all():

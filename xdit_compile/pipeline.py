@@ -3,8 +3,11 @@
 Every rank runs the same pipeline (same prompts, same generator seed, so the same latents and
 text embeddings); each transformer component (``transformer``, ``transformer_2``...) is
 replaced by its :func:`~xdit_compile.parallelize` d version, whose outputs are gathered and
-identical on every rank, so every rank gets the same image. The VAE runs whole on every rank
-(a parallel VAE is a later issue). CFG needs no per-pipeline code: pipelines that batch both
+identical on every rank, so every rank gets the same image. With ``vae=True`` the VAE decoder
+goes through the same compiler: its rows are cut over every rank (convolutions exchange halo
+rows, GroupNorm combines per-rank statistics, the mid-block attention runs as Ring attention),
+so each rank holds 1/N of the decoder's activations; otherwise the VAE runs whole on every
+rank. CFG needs no per-pipeline code: pipelines that batch both
 branches are cut by the ``cfg`` batch round, those that call the transformer twice per step
 by call pairing (:mod:`xdit_compile.cfg_pairs`).
 """
@@ -15,11 +18,12 @@ import functools
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from xdit_compile.api import ParallelModule, parallelize
 from xdit_compile.plan import Plan
 
-__all__ = ["parallelize_pipeline", "transformer_names"]
+__all__ = ["parallelize_pipeline", "parallelize_vae", "transformer_names"]
 
 
 def transformer_names(pipe: Any) -> list[str]:
@@ -28,13 +32,24 @@ def transformer_names(pipe: Any) -> list[str]:
     return [k for k, v in comps.items() if k.startswith("transformer") and isinstance(v, torch.nn.Module)]
 
 
-def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = False) -> Any:
+def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = False,
+                         vae: bool | Plan = False) -> Any:
     """Parallelize ``pipe``'s transformer(s) with ``plan`` in place; returns ``pipe``
-    (``broadcast_weights``: see :func:`xdit_compile.parallelize`)."""
+    (``broadcast_weights``: see :func:`xdit_compile.parallelize`).
+
+    ``vae``: also parallelize the VAE decoder (``pipe.vae.decoder``): ``True`` cuts its rows
+    over every rank of ``plan`` (``Plan(ring=plan.world_size)``: the decoder's attention has
+    one head), or give the decoder's own plan. Its output is gathered, so every rank still gets
+    the whole image."""
     names = transformer_names(pipe)
     if not names:
         raise ValueError(f"{type(pipe).__name__} has no transformer component to parallelize "
                          f"(components: {sorted(getattr(pipe, 'components', {}) or {})})")
+    if vae is not False:
+        # Every rank of the group (also when the transformer's plan is chosen at its first call).
+        world = dist.get_world_size() if dist.is_initialized() else plan.world_size
+        vae_plan = vae if isinstance(vae, Plan) else Plan(ring=world, compile=plan.compile)
+        parallelize_vae(pipe.vae, vae_plan, broadcast_weights=broadcast_weights)
     for name in names:
         module = getattr(pipe, name)
         if not isinstance(module, ParallelModule):
@@ -44,6 +59,33 @@ def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = Fal
     if not isinstance(pipe, _Resetting):
         pipe.__class__ = _resetting_class(type(pipe))
     return pipe
+
+
+def parallelize_vae(vae: Any, plan: Plan, *, broadcast_weights: bool = False) -> Any:
+    """Replace ``vae.decoder`` by its :func:`~xdit_compile.parallelize` d version (in place;
+    returns ``vae``). The decoder's latent rows are the sequence the plan cuts (``ring`` and
+    ``ulysses`` axes; ``ulysses`` must divide its attention heads, usually 1).
+
+    Decoders that keep per-call state between calls (the causal video VAEs' feature caches,
+    passed as list arguments) are refused: a captured graph cannot carry that state."""
+    import inspect
+
+    decoder = getattr(vae, "decoder", None)
+    if not isinstance(decoder, torch.nn.Module):
+        raise ValueError(f"{type(vae).__name__} has no decoder module to parallelize")
+    if isinstance(decoder, ParallelModule):
+        return vae
+    if plan.cfg > 1 or plan.dp > 1 or plan.pipefusion > 1 or plan.distrifusion > 1:
+        raise ValueError(f"a VAE decoder plan cuts rows only (ring/ulysses), got {plan}; "
+                         f"use vae=True for Plan(ring=world_size)")
+    params = list(inspect.signature(decoder.forward).parameters.values())[1:]
+    stateful = [p.name for p in params if isinstance(p.default, list | dict) or "cache" in p.name]
+    if stateful:
+        raise ValueError(
+            f"{type(vae).__name__}.decoder keeps state between calls ({', '.join(stateful)}): its "
+            f"decoder cannot be captured as one graph; run it whole (vae=False)")
+    vae.decoder = parallelize(decoder, plan, broadcast_weights=broadcast_weights)
+    return vae
 
 
 class _Resetting:

@@ -84,6 +84,8 @@ class ServeOptions:
     gives up (the command exits non-zero)."""
     collective_timeout_s: float = 300.0
     """gloo's timeout for one collective (a rank that hangs breaks the group after this)."""
+    parallel_vae: bool = False
+    """Cut the VAE decoder's rows over every rank too (``parallelize_pipeline(vae=True)``)."""
     served_name: str | None = None
     """The model id in ``/v1/models`` and responses (default: ``model``)."""
 
@@ -709,7 +711,7 @@ def _setup(opts: ServeOptions) -> tuple[Any, dict[str, Any]]:
     if dtype is None:
         raise ValueError(f"--dtype {opts.dtype!r}: choose one of {', '.join(_DTYPES)}")
     pipe, defaults = load_pipeline(opts.model, dtype)
-    pipe = xc.parallelize_pipeline(pipe, xc.Plan(**opts.plan))
+    pipe = xc.parallelize_pipeline(pipe, xc.Plan(**opts.plan), vae=opts.parallel_vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe, defaults
 

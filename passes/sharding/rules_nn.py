@@ -1,7 +1,8 @@
 """Op rules for linear/matmul, normalization, convolution and attention.
 
 - linear / matmul keep a shard on any non-contracted dim of the sharded operand.
-- norms keep a shard on any dim they do not normalize over.
+- norms keep a shard on any dim they do not normalize over; group_norm over a sharded spatial
+  dim keeps it too, by combining per-rank statistics (``group_norm_sharded``).
 - convolution: a patch embedding (kernel == stride, no padding) divides the shard by the
   stride; a "same" stride-1 convolution keeps it through a halo exchange of the neighbouring
   rows (``xdit::halo_pad``), so no gather is needed.
@@ -131,13 +132,22 @@ def _norm(node: fx.Node, rc: RuleCtx) -> Decision:
 
 @register_rule(*ops("group_norm", "native_group_norm"))
 def _group_norm(node: fx.Node, rc: RuleCtx) -> Decision:
+    """A batch shard stays local. A shard of a spatial dim (a VAE's rows) keeps its shard:
+    the ``lower`` pass replaces ``group_norm`` with ``group_norm_sharded``, which combines the
+    ranks' per-group statistics (one small all-gather) instead of gathering the rows."""
     sh = rc.spec(node.args[0])
-    if not isinstance(sh, Shard) or sh.dim != 0:
-        raise Break("group_norm normalizes over the sharded dim")
-    if any(not isinstance(rc.spec(a), Replicate) for a in node.args[1:3] if isinstance(a, fx.Node)):
+    if any(not isinstance(rc.spec(a), Replicate) for a in node.args[1:4] if isinstance(a, fx.Node)):
         raise Break("group_norm weight is sharded")
     val = node.meta.get("val")
-    return Decision(out=tuple(sh for _ in val) if isinstance(val, tuple | list) else sh)
+    if isinstance(sh, Shard) and sh.dim == 0:
+        return Decision(out=tuple(sh for _ in val) if isinstance(val, tuple | list) else sh)
+    if not isinstance(sh, Shard) or sh.dim == 1:
+        raise Break("group_norm normalizes over the sharded channel dim")
+    if node.target is not aten.group_norm.default:
+        raise Break("native_group_norm over a sharded spatial dim (its mean/rstd outputs are global)")
+    if sh.joint or sh.text or sh.outer != 1 or sh.inner != 1:
+        raise Break("group_norm over a merged or joint sharded dim")
+    return Decision(out=sh, meta={"xdit_group_norm": True})
 
 
 def conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
@@ -193,6 +203,42 @@ def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
             raise Break("shard thinner than the conv halo")
         return Decision(out=sh, meta={"xdit_halo": (sh.dim, padding[i])})
     raise Break(f"conv kernel {k} stride {stride[i]} padding {padding[i]} on the sharded dim")
+
+
+_NEAREST = ops("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+               "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d")
+
+
+@register_rule(*_NEAREST)
+def _upsample_nearest(node: fx.Node, rc: RuleCtx) -> Decision:
+    """Nearest upsampling by an integer factor ``s`` of a sharded spatial dim: output row ``j``
+    copies input row ``j // s``, so each rank upsamples its own rows (split times ``s``). A
+    global output size baked into the call is rewritten to this rank's."""
+    x = node.args[0]
+    sh = rc.spec(x)
+    if not isinstance(sh, Shard) or not isinstance(x, fx.Node):
+        raise Break("unsupported upsample sharding")
+    if sh.dim < 2:  # batch (or channel) shard: every row is local
+        if sh.dim == 1:
+            raise Break("upsample with a sharded channel dim")
+        return Decision(out=sh)
+    if sh.joint or sh.text or sh.outer != 1 or sh.inner != 1:
+        raise Break("upsample of a merged or joint sharded dim")
+    n_in, n_out = rc.shape(x)[sh.dim], rc.shape(node)[sh.dim]
+    if n_out % n_in:
+        raise Break(f"nearest resize {n_in} -> {n_out} rows is not an integer upsampling")
+    factor = n_out // n_in
+    out = replace(sh, split=tuple(p * factor for p in sh.split))
+    args = None
+    size = node.args[1] if len(node.args) > 1 else None
+    if isinstance(size, list | tuple) and size:
+        local = list(size)
+        local[sh.dim - 2] = out.local_size(rc.rank)
+        args = (x, local, *node.args[2:])
+    scales = node.args[2] if len(node.args) > 2 else None
+    if isinstance(scales, list | tuple) and scales and float(scales[sh.dim - 2]) != factor:
+        raise Break("nearest upsampling with a scale that differs from its size ratio")
+    return Decision(out=out, args=args)
 
 
 @register_rule(*ops("scaled_dot_product_attention"))
