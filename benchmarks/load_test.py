@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from xdit_compile.client import wait_ready
+
 OUT = Path(__file__).parent / "results"
 PAIRS = [(f"prompt {i}: a small {c} shape", 100 + i) for i, c in
          enumerate(("red", "green", "blue", "yellow", "black", "white", "pink", "orange"))]
@@ -62,12 +64,7 @@ class Service:
                str(port), "--max-batch", str(max_batch), "--max-n", "1", "--max-queue", str(max_queue), "--max-steps", "400"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=dict(os.environ, PYTHONWARNINGS="ignore"))
-        t0 = time.monotonic()
-        while _health(self.url) is None or _health(self.url).get("status") != "ok":  # type: ignore[union-attr]
-            if self.proc.poll() is not None or time.monotonic() - t0 > 300:
-                raise RuntimeError("the service did not start")
-            time.sleep(0.3)
-        self.start_s = time.monotonic() - t0
+        self.start_s = wait_ready(self.url, timeout=300, alive=lambda: self.proc.poll() is None)
 
     def stop(self) -> None:
         try:
@@ -144,8 +141,7 @@ def _recovery(svc: Service, steps: int) -> dict[str, Any]:
     t0 = time.monotonic()
     os.kill(worker, 9)
     th.join(300)
-    while (_health(svc.url) or {}).get("status") != "ok":
-        time.sleep(0.1)
+    wait_ready(svc.url, timeout=300, interval=0.1)
     healthy = time.monotonic() - t0
     generate_images(svc.url, PAIRS[0][0], seed=PAIRS[0][1], steps=steps, timeout=300)
     served = time.monotonic() - t0

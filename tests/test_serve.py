@@ -65,16 +65,14 @@ class Server:
 
 
 def _wait_healthy(url: str, alive: Any, timeout: float = 300.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if _http("GET", url + "/health", timeout=2)[0] == 200:
-                return time.monotonic() - t0
-        except (TimeoutError, urllib.error.URLError, ConnectionError):
-            pass
-        assert alive(), "the service exited"
-        time.sleep(0.2)
-    pytest.fail("the service did not become healthy")
+    from xdit_compile.client import wait_ready
+
+    try:
+        return wait_ready(url, timeout=timeout, alive=alive, interval=0.2)
+    except RuntimeError:
+        pytest.fail("the service exited")
+    except TimeoutError:
+        pytest.fail("the service did not become healthy")
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +378,11 @@ def test_video_errors_and_delete(video_server):
     vid = json.loads(_http("POST", video_server + "/v1/videos", {"prompt": "long", "steps": 300})[2])["id"]
     code, _, raw = _http("GET", f"{video_server}/v1/videos/{vid}/content")
     assert code == 409 and "poll" in json.loads(raw)["error"]["message"]  # not finished yet
+    # Delete it while it runs (a queued job would just leave the queue: no batch to abort).
+    started = time.monotonic() + 60
+    while json.loads(_http("GET", f"{video_server}/v1/videos/{vid}")[2])["status"] == "queued":
+        assert time.monotonic() < started, "the job did not start"
+        time.sleep(0.05)
     assert _http("DELETE", f"{video_server}/v1/videos/{vid}")[0] == 200
     assert _http("GET", f"{video_server}/v1/videos/{vid}")[0] == 404
     # The deleted job stops at a step boundary (an aborted batch), and the next one runs.

@@ -15,10 +15,11 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ClientError", "ImageResult", "generate_images"]
+__all__ = ["ClientError", "ImageResult", "generate_images", "wait_ready"]
 
 
 class ClientError(RuntimeError):
@@ -27,6 +28,27 @@ class ClientError(RuntimeError):
     def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status, self.message, self.retry_after = status, message, retry_after
+
+
+def wait_ready(url: str, *, timeout: float = 300.0, alive: Callable[[], bool] = lambda: True,
+               interval: float = 0.3) -> float:
+    """Wait until ``GET {url}/health`` answers 200 (the group is up and warmed); returns the
+    seconds waited. ``alive()`` (e.g. a ``Popen.poll() is None`` check of the service process)
+    is asked between polls: RuntimeError when it says the service is gone, TimeoutError after
+    ``timeout`` seconds."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except (OSError, urllib.error.URLError):  # refused, 503 while starting, timeouts
+            pass
+        if not alive():
+            raise RuntimeError(f"the service at {url} exited before it was ready")
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"the service at {url} was not ready after {timeout:.0f} s")
+        time.sleep(interval)
 
 
 @dataclass

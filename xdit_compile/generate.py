@@ -156,18 +156,29 @@ def load_pipeline(model: str, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
 
 
 def _call_kwargs(pipe: Any, o: GenerateOptions, defaults: dict[str, Any]) -> dict[str, Any]:
+    return pipeline_call(pipe, defaults, o.prompt if len(o.prompt) > 1 else o.prompt[0], steps=o.steps,
+                         height=o.height, width=o.width, frames=o.frames, guidance_scale=o.guidance_scale,
+                         negative_prompt=o.negative_prompt, resolution_binning=o.resolution_binning)
+
+
+def pipeline_call(pipe: Any, defaults: dict[str, Any], prompt: str | list[str], *, steps: int | None = None,
+                  height: int | None = None, width: int | None = None, frames: int | None = None,
+                  guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
+                  resolution_binning: bool = False, **extra: Any) -> dict[str, Any]:
+    """The keyword arguments of one pipeline call (``generate`` and ``serve``): ``defaults``
+    updated by the values given (None: the default's or the pipeline's own), NumPy output,
+    restricted to what ``pipe.__call__`` takes. ``extra`` (e.g. ``generator``) is passed as is."""
     kw = dict(defaults)
-    given = {"num_inference_steps": o.steps, "height": o.height, "width": o.width,
-             "num_frames": o.frames, "guidance_scale": o.guidance_scale, "negative_prompt": o.negative_prompt}
+    given = {"num_inference_steps": steps, "height": height, "width": width, "num_frames": frames,
+             "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
     kw.update({k: v for k, v in given.items() if v is not None})
-    kw.setdefault("use_resolution_binning", o.resolution_binning)
+    kw.setdefault("use_resolution_binning", resolution_binning)
     if not _caption_cleaning():  # what PixArt pipelines fall back to, with a warning per rank
         kw.setdefault("clean_caption", False)
     params = inspect.signature(pipe.__call__).parameters
     if "num_frames" in kw and "num_frames" not in params:
         raise ValueError(f"{type(pipe).__name__} makes images: --frames does not apply")
-    kw["prompt"] = o.prompt if len(o.prompt) > 1 else o.prompt[0]
-    kw["output_type"] = "np"
+    kw.update(extra, prompt=prompt, output_type="np")
     return {k: v for k, v in kw.items() if k in params}
 
 

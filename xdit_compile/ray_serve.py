@@ -23,12 +23,12 @@ Or ``xdit-compile serve --replicas 4 ...``. Video jobs live in the replica that 
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict
 from typing import Any
 
+from xdit_compile.client import wait_ready
 from xdit_compile.serve import ServeOptions
 
 __all__ = ["deployment", "serve_args"]
@@ -82,19 +82,12 @@ def deployment(opts: ServeOptions, world: int, *, num_replicas: int = 1, threads
             self.replica = f"{os.uname().nodename}:{os.getpid()}"  # this replica's actor process
             self.proc = subprocess.Popen(serve_args(o, world, threads), stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-            t0 = time.monotonic()
-            while True:
-                try:
-                    with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except (OSError, urllib.error.URLError):
-                    pass
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the replica's group exited with code {self.proc.returncode}")
-                if time.monotonic() - t0 > start_timeout_s:
-                    raise RuntimeError("the replica's group did not become healthy")
-                time.sleep(0.3)
+            try:
+                wait_ready(self.url, timeout=start_timeout_s, alive=lambda: self.proc.poll() is None)
+            except RuntimeError:
+                raise RuntimeError(f"the replica's group exited with code {self.proc.returncode}") from None
+            except TimeoutError:
+                raise RuntimeError("the replica's group did not become healthy") from None
 
         def _forward(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
                      ) -> tuple[int, dict[str, str], bytes]:

@@ -670,29 +670,18 @@ def _png_b64(img: np.ndarray) -> str:
 
 
 def _call_for(pipe: Any, defaults: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The pipeline call of one batch (every spec has the same signature)."""
-    import inspect
-
-    from xdit_compile.generate import _caption_cleaning
+    """The pipeline call of one batch (every spec has the same signature): one prompt and one
+    generator (seed + i) per image."""
+    from xdit_compile.generate import pipeline_call
 
     s = specs[0]
-    kw = dict(defaults)
-    kw.update(height=s["height"], width=s["width"], use_resolution_binning=False)
-    if s.get("frames") is not None:
-        kw["num_frames"] = s["frames"]
-    if s["steps"] is not None:
-        kw["num_inference_steps"] = s["steps"]
-    if s["guidance_scale"] is not None:
-        kw["guidance_scale"] = s["guidance_scale"]
-    if s["negative_prompt"] is not None:
-        kw["negative_prompt"] = [s["negative_prompt"]] * sum(x["n"] for x in specs)
-    if not _caption_cleaning():
-        kw.setdefault("clean_caption", False)
-    kw["prompt"] = [x["prompt"] for x in specs for _ in range(x["n"])]
-    kw["generator"] = [torch.Generator().manual_seed(x["seed"] + k) for x in specs for k in range(x["n"])]
-    kw["output_type"] = "np"
-    params = inspect.signature(pipe.__call__).parameters
-    return {k: v for k, v in kw.items() if k in params}
+    images = sum(x["n"] for x in specs)
+    negative = [s["negative_prompt"]] * images if s["negative_prompt"] is not None else None
+    return pipeline_call(
+        pipe, {**defaults, "use_resolution_binning": False}, [x["prompt"] for x in specs for _ in range(x["n"])],
+        steps=s["steps"], height=s["height"], width=s["width"], frames=s.get("frames"),
+        guidance_scale=s["guidance_scale"], negative_prompt=negative,
+        generator=[torch.Generator().manual_seed(x["seed"] + k) for x in specs for k in range(x["n"])])
 
 
 def _run_batch(pipe: Any, call: dict[str, Any], on_step: Callable[[], None]) -> np.ndarray:
