@@ -5,8 +5,9 @@
 - ``redistribute(x, P, R)`` -> all-reduce (sum) of partial results;
 - ``redistribute(x, R, S)`` -> ``slice_shard``: this rank's piece, no communication;
 - ``redistribute(x, S, S')`` -> gather then slice;
-- a stride-1 "same" convolution on the sharded dim gets ``xdit::halo_pad`` in front and its
-  padding on that dim set to 0 (the halo rows are exactly the padding one device would read);
+- a convolution on the sharded dim (stride 1 "same", or strided with the output rows 1/stride
+  of the input's) gets ``xdit::halo_pad`` in front and its padding on that dim set to 0 (the
+  halo rows are exactly the rows, or the padding, one device would read);
 - a ``group_norm`` over a sharded spatial dim becomes ``group_norm_sharded`` (per-rank
   statistics, one all-gather of them, each rank normalizes its rows).
 
@@ -146,13 +147,16 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
 
 
 def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
+    """``conv`` (conv1d/2d/3d) over sharded rows: ``xdit::halo_pad`` in front of it (the
+    neighbours' rows its kernel reaches; zeros at the global edges) and its padding on the
+    sharded dim set to 0. ``xdit_halo``: (dim, top, bottom, head, rows, input body placement),
+    ``rows >= 0`` when the input carries a constant pad's zero rows (cut away first)."""
     if ctx.axis == "patch":
         raise _refuse(conv, "halo exchange (a convolution over token rows)", ctx, user=conv)
-    dim, pad = conv.meta.pop("xdit_halo")
+    dim, top, bottom, head, rows, body = conv.meta.pop("xdit_halo")
     x = conv.args[0]
     assert isinstance(x, fx.Node)
-    new = _new(gm, conv, torch.ops.xdit.halo_pad.default, (x, dim, pad, ctx.mesh.key), x,
-               conv.meta["xdit_placement"])
+    new = _new(gm, conv, torch.ops.xdit.halo_pad.default, (x, dim, top, bottom, ctx.mesh.key, head, rows), x, body)
     args = list(conv.args)
     nsp = len(x.meta["val"].shape) - 2
     pos = 4
@@ -165,13 +169,14 @@ def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
     args[pos] = padding
     args[0] = new
     conv.args = tuple(args)
-    sh = conv.meta["xdit_placement"]
     val = x.meta["val"]
-    rows = sh.local_size(ctx.axis_rank)
-    local = val.numel() // val.shape[dim] * rows
-    ctx.collectives.append(
-        CollectiveSite(new.name, "send_recv", "sp", 2, halo_bytes(local, rows, pad, val.element_size()), "conv halo")
-    )
+    row = val.numel() // val.shape[dim]
+    shifts = int(top > 0) + int(bottom > 0)
+    if shifts:  # (none: only a constant pad's rows to cut away)
+        ctx.collectives.append(
+            CollectiveSite(new.name, "send_recv", "sp", shifts, halo_bytes(row, top, bottom, val.element_size()),
+                           "conv halo")
+        )
 
 
 def _lower_group_norm(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:

@@ -4,9 +4,10 @@ The main latent input (the first floating-point input with >= 3 dims: ``hidden_s
 diffusers DiT) is split along its outermost token-grid dimension: ``H`` of ``[B,C,H,W]``,
 ``F`` of ``[B,C,F,H,W]`` (or ``[B,F,C,H,W]``, told apart by the config's ``in_channels``) when
 there are at least as many frames (in patches) as ranks, else ``H``, and ``S`` of packed
-``[B,S,C]``. Pieces are whole multiples of the patch size, read off
-the stride of the first convolution that consumes the input, so patch embedding keeps the
-shard. Uneven sizes are split as evenly as whole patches allow. Nothing else is seeded:
+``[B,S,C]``. Pieces are whole multiples of the patch size, the largest product of
+convolution strides on a path from the input (a DiT's patch embedding; a VAE encoder's
+downsamplings), so every strided convolution keeps the shard. Uneven sizes are split as evenly
+as whole patches allow. Nothing else is seeded:
 position tables and masks are computed replicated and sliced where they meet sharded data.
 """
 
@@ -49,25 +50,32 @@ def _latent_input(gm: fx.GraphModule, name: str | None, piece: bool = False) -> 
     return node
 
 
-def patch_stride(node: fx.Node, dim_from_end: int, depth: int = 12) -> int:
-    """Stride along ``dim_from_end`` of the first convolution fed (transitively) by ``node``."""
-    frontier, seen = [node], set()
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                if str(u.target) in _CONVS and u.args[0] is n:
-                    try:
-                        stride, _, _, _ = conv_params(u)
-                    except Break:  # transposed or string-padded: not a patch embedding
-                        return 1
-                    return int(stride[-dim_from_end]) if dim_from_end <= len(stride) else 1
-                nxt.append(u)
-        frontier = nxt
-    return 1
+def patch_stride(node: fx.Node, dim_from_end: int) -> int:
+    """The largest product of convolution strides along ``dim_from_end`` on any path from
+    ``node``: a DiT's patch size (its patch embedding), a VAE encoder's total downsampling.
+    Pieces cut in multiples of it keep every strided convolution's rows aligned to its stride."""
+    scale = {node: 1}
+    best = 1
+    started = False
+    for n in node.graph.nodes:  # topological order
+        if n is node:
+            started = True
+            continue
+        if not started:
+            continue
+        ins = [scale[a] for a in n.all_input_nodes if a in scale]
+        if not ins:
+            continue
+        s = max(ins)
+        if str(n.target) in _CONVS and n.args[0] in scale:
+            try:
+                stride = conv_params(n)[0]
+            except Break:  # transposed or string-padded: no downsampling to align to
+                stride = []
+            s = scale[n.args[0]] * (int(stride[-dim_from_end]) if dim_from_end <= len(stride) else 1)  # type: ignore[index]
+        scale[n] = s
+        best = max(best, s)
+    return best
 
 
 def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: int | None,

@@ -223,44 +223,52 @@ def slice_shard(
 
 
 @torch.library.custom_op("xdit::halo_pad", mutates_args=())
-def halo_pad(x: torch.Tensor, dim: int, pad: int, mesh_key: str) -> torch.Tensor:
-    """Pad ``dim`` by ``pad`` rows from each neighbouring rank (zeros at the global edges).
+def halo_pad(x: torch.Tensor, dim: int, top: int, bottom: int, mesh_key: str, head: int = 0,
+             rows: int = -1) -> torch.Tensor:
+    """This rank's rows of ``dim`` with ``top`` rows of the previous rank before them and
+    ``bottom`` rows of the next rank after them (zeros past the global edges).
 
-    A stride-1 convolution with padding ``pad`` on the sharded dim then sees exactly the rows
-    it would see on one device, with its own padding set to 0 on that dim.
+    A convolution with its padding on that dim set to 0 then computes exactly this rank's output
+    rows: stride 1 "same" convolutions take ``top == bottom == padding``; strided ones (a VAE
+    encoder's downsampling) take ``top = padding``, ``bottom = kernel - stride - padding``.
+    ``rows >= 0``: ``x`` is ``[head rows, this rank's rows, ...]`` (zero rows a constant pad
+    added at the global edges, which every rank holds): those ``rows`` after ``head`` are used.
     """
+    if rows >= 0:
+        x = x.narrow(dim, head, rows)
     pm = get_mesh(mesh_key)
     group = pm.group("sp")
     me, n = dist.get_rank(group), dist.get_world_size(group)
-    top = x.narrow(dim, 0, pad).contiguous()
-    bottom = x.narrow(dim, x.shape[dim] - pad, pad).contiguous()
-    zeros = torch.zeros_like(top)
-    from_prev, from_next = zeros, zeros
-    # Two shifts: bottom rows go down the ring, top rows go up; edges send nothing useful.
-    works, recv = send_recv([bottom], [bottom.shape], (me + 1) % n, (me - 1) % n, group, "sp")
-    for w in works:
-        w.wait()
-    if me > 0:
-        from_prev = recv[0]
-    works, recv = send_recv([top], [top.shape], (me - 1) % n, (me + 1) % n, group, "sp")
-    for w in works:
-        w.wait()
-    if me < n - 1:
-        from_next = recv[0]
+    parts = [x]
+    # Two shifts: my last `top` rows go down the ring (the next rank's top halo), my first
+    # `bottom` rows go up (the previous rank's bottom halo); the edges receive nothing useful.
+    if top:
+        last = x.narrow(dim, x.shape[dim] - top, top).contiguous()
+        works, recv = send_recv([last], [last.shape], (me + 1) % n, (me - 1) % n, group, "sp")
+        for w in works:
+            w.wait()
+        parts.insert(0, recv[0] if me > 0 else torch.zeros_like(last))
+    if bottom:
+        first = x.narrow(dim, 0, bottom).contiguous()
+        works, recv = send_recv([first], [first.shape], (me - 1) % n, (me + 1) % n, group, "sp")
+        for w in works:
+            w.wait()
+        parts.append(recv[0] if me < n - 1 else torch.zeros_like(first))
     # Contiguous, as the fake says (cat keeps a channels-last input's layout).
-    return torch.cat([from_prev, x, from_next], dim=dim).contiguous()
+    return torch.cat(parts, dim=dim).contiguous()
 
 
 @halo_pad.register_fake
-def _(x, dim, pad, mesh_key):  # type: ignore[no-untyped-def]
+def _(x, dim, top, bottom, mesh_key, head=0, rows=-1):  # type: ignore[no-untyped-def]
     shape = list(x.shape)
-    shape[dim] += 2 * pad
+    shape[dim] = (rows if rows >= 0 else shape[dim]) + top + bottom
     return x.new_empty(shape)
 
 
-def halo_bytes(local_numel: int, rows: int, pad: int, itemsize: int) -> int:
-    """Bytes one ``halo_pad`` call sends: ``pad`` rows each way."""
-    return 2 * (local_numel // rows) * pad * itemsize
+def halo_bytes(row_numel: int, top: int, bottom: int, itemsize: int) -> int:
+    """Bytes one ``halo_pad`` call sends: ``top`` rows one way, ``bottom`` rows the other
+    (``row_numel``: elements of one row of the sharded dim)."""
+    return row_numel * (top + bottom) * itemsize
 
 
 #: Graph-level collectives the ``overlap_collectives`` pass splits into a start (as early as its

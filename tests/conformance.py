@@ -168,11 +168,30 @@ DIT_SAMPLES: dict[str, list[Sample]] = {
     "conv2d": [
         Sample("dit.patch_embed", lambda x, w, b: F.conv2d(x, w, b, stride=2), (_g(1, 3, 8, 6), _g(4, 3, 2, 2), _g(4))),
         Sample("dit.same_conv", lambda x, w: F.conv2d(x, w, padding=1), (_g(1, 3, 8, 6), _g(4, 3, 3, 3))),
+        Sample("vae.downsample", lambda x, w: F.conv2d(x, w, stride=2, padding=1), (_g(1, 3, 8, 6), _g(4, 3, 3, 3))),
+        Sample("vae.pad_then_downsample", lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1)), w, stride=2),
+               (_g(1, 3, 8, 6), _g(4, 3, 3, 3))),
     ],
+    "upsample_nearest2d": [Sample("vae.upsample2x", lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
+                                  (_g(1, 3, 5, 4),)),
+                           Sample("vae.upsample_to_size", lambda x: F.interpolate(x, size=(15, 8), mode="nearest"),
+                                  (_g(1, 3, 5, 4),))],
+    "upsample_nearest1d": [Sample("vae.upsample1d", lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
+                                  (_g(1, 3, 5),))],
+    "upsample_nearest3d": [Sample("vae.upsample3d", lambda x: F.interpolate(x, scale_factor=(1.0, 2.0, 2.0),
+                                                                            mode="nearest"), (_g(1, 2, 3, 4, 3),))],
+    "_upsample_nearest_exact1d": [Sample("vae.upsample_exact1d", lambda x: F.interpolate(
+        x, scale_factor=2.0, mode="nearest-exact"), (_g(1, 3, 5),))],
+    "_upsample_nearest_exact2d": [Sample("vae.upsample_exact2d", lambda x: F.interpolate(
+        x, scale_factor=2.0, mode="nearest-exact"), (_g(1, 3, 5, 4),))],
+    "_upsample_nearest_exact3d": [Sample("vae.upsample_exact3d", lambda x: F.interpolate(
+        x, scale_factor=2.0, mode="nearest-exact"), (_g(1, 2, 3, 4, 3),))],
     "conv3d": [Sample("dit.patch_embed3d", lambda x, w: F.conv3d(x, w, stride=(1, 2, 2)),
                       (_g(1, 3, 4, 4, 4), _g(4, 3, 1, 2, 2)))],
     "layer_norm": [Sample("dit.layer_norm", lambda x: F.layer_norm(x, (6,)), (_g(2, 8, 6),))],
-    "group_norm": [Sample("dit.group_norm", lambda x: F.group_norm(x, 2), (_g(2, 4, 6, 4),))],
+    "group_norm": [Sample("dit.group_norm", lambda x: F.group_norm(x, 2), (_g(2, 4, 6, 4),)),
+                   Sample("vae.group_norm_affine", lambda x, w, b: F.group_norm(x, 2, w, b) * 1,
+                          (_g(1, 4, 6, 4) * 3 + 1, _g(4, seed=1), _g(4, seed=2)))],
     "embedding": [Sample("dit.embedding", lambda i, w: F.embedding(i, w),
                          (torch.tensor([[0, 3, 1, 2], [2, 2, 0, 1]]), _g(4, 5)))],
     # Fewer frames than ranks: rows of every frame on each rank (a shard merged with the frame

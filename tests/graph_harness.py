@@ -237,10 +237,12 @@ class RankRun(fx.Interpreter):
             torch.testing.assert_close(out, piece(g, p, self.rank), msg=f"rank {self.rank}: {n.name}")
             self.checked += 1
             return out
-        if t is HALO:
-            _, dim, pad, _ = n.args
-            full = F.pad(g.movedim(dim, -1), (pad, pad)).movedim(-1, dim)
-            return full.narrow(dim, p.offset(self.rank), p.split[self.rank] + 2 * pad)
+        if t is HALO:  # the rank's rows of the body, with top/bottom neighbour (or zero) rows
+            _, dim, top, bottom, _, head, rows = (*n.args, 0, -1)[:7]
+            if rows >= 0:  # cut the constant pad's zero rows away first
+                g = g.narrow(dim, head, sum(p.split))
+            full = F.pad(g.movedim(dim, -1), (top, bottom)).movedim(-1, dim)
+            return full.narrow(dim, p.offset(self.rank), p.split[self.rank] + top + bottom)
         out = piece(g, p, self.rank) if t is USP else super().run_node(n)
         if isinstance(out, torch.Tensor) and isinstance(g, torch.Tensor):
             if isinstance(p, Partial):

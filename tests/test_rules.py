@@ -481,13 +481,13 @@ def test_same_conv_keeps_shard_with_a_halo(split: tuple[int, int], pad: int) -> 
     case = Case(lambda x, w: F.conv2d(x, w, padding=pad), IMG, torch.randn(5, 3, 3, 3))
     gm, _ = case.compile({0: Shard(2, split)}, passes=FRONT_NO_SEED)
     conv = one(gm, aten.conv2d.default)
-    assert conv.meta["xdit_halo"] == (2, 1)
+    assert conv.meta["xdit_halo"] == (2, 1, 1, 0, -1, Shard(2, split))  # dim, top, bottom, no pad rows
     assert conv.meta["xdit_placement"] == Shard(2, split)
     for gm, ctx in case.check({0: Shard(2, split)}):
         assert ctx.breaks == []
         conv = one(gm, aten.conv2d.default)
         halo = one(gm, HALO)
-        assert conv.args[0] is halo and halo.args[1:3] == (2, 1)
+        assert conv.args[0] is halo and halo.args[1:4] == (2, 1, 1)
         assert list(conv.args[4]) == [0, 1]  # H padding comes from the neighbours now
         assert "xdit_halo" not in conv.meta
         site = next(c for c in ctx.collectives if c.op == "send_recv")
@@ -499,7 +499,57 @@ def test_conv1d_same_conv_halo() -> None:
     case = Case(lambda x, w: F.conv1d(x, w, padding=2), torch.randn(2, 3, 10), torch.randn(4, 3, 5))
     for gm, ctx in case.check({0: Shard(2, (5, 5))}):
         assert ctx.breaks == []
-        assert one(gm, HALO).args[1:3] == (2, 2)
+        assert one(gm, HALO).args[1:4] == (2, 2, 2)
+
+
+@pytest.mark.parametrize(("k", "stride", "pad", "split", "halo"), [
+    (3, 2, 1, (4, 4), (1, 0)),    # a symmetric stride-2 downsampling: one row from above
+    (3, 2, 1, (6, 2), (1, 0)),    # uneven (even pieces)
+    (4, 2, 1, (4, 4), (1, 1)),    # kernel 4: one row each way
+    (1, 2, 0, (4, 4), (0, 0)),    # every other row: no halo, just the stride
+    (5, 1, 2, (3, 5), (2, 2)),    # "same" kernel 5
+])
+def test_strided_conv_keeps_the_row_shard_with_a_halo(k, stride, pad, split, halo) -> None:
+    """Output rows 1/stride of the input's, pieces multiples of the stride: each rank computes
+    its own output rows from its rows plus `padding` rows of the previous rank and
+    `kernel - stride - padding` of the next."""
+    case = Case(lambda x, w: F.conv2d(x, w, stride=stride, padding=pad), IMG, torch.randn(4, 3, k, k))
+    for gm, ctx in case.check({0: Shard(2, split)}):
+        assert ctx.breaks == []
+        conv = one(gm, aten.conv2d.default)
+        assert conv.meta["xdit_placement"] == Shard(2, tuple(p // stride for p in split))
+        if halo == (0, 0):
+            assert calls(gm, HALO) == [] and ctx.collectives[:-1] == []  # only the output's gather
+        else:
+            assert one(gm, HALO).args[1:4] == (2, *halo)
+            site = next(c for c in ctx.collectives if c.what == "conv halo")
+            assert site.calls == sum(1 for h in halo if h) and site.bytes_per_forward == 3 * 6 * sum(halo) * 4
+
+
+def test_conv_after_a_zero_pad_of_the_rows_takes_the_pad_as_halo_padding() -> None:
+    """A VAE encoder's downsampling: F.pad(x, (0, 1, 0, 1)) then a stride-2 kernel-3 conv with
+    no padding. The pad's zero row after the last row is the conv's bottom padding: each rank
+    cuts it off again, takes one row from the next rank (zeros on the last), and no rows are
+    gathered. The W padding stays in the pad."""
+    case = Case(lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1)), w, stride=2), IMG, torch.randn(4, 3, 3, 3))
+    for gm, ctx in case.check({0: Shard(2, (4, 4))}):
+        assert ctx.breaks == []
+        halo = one(gm, HALO)
+        assert halo.args[1:4] == (2, 0, 1) and halo.args[5:] == (0, 4)  # no head rows; this rank's 4 rows
+        assert one(gm, aten.conv2d.default).meta["xdit_placement"] == Shard(2, (2, 2))
+
+
+def test_conv_after_a_nonzero_pad_of_the_rows_breaks() -> None:
+    case = Case(lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1), value=1.0), w, stride=2), IMG,
+                torch.randn(4, 3, 3, 3))
+    for _, ctx in case.check({0: Shard(2, (4, 4))}):
+        assert reasons(ctx) == ["conv on a merged or joint sharded dim"]
+
+
+def test_strided_conv_with_odd_pieces_breaks() -> None:
+    case = Case(lambda x, w: F.conv2d(x, w, stride=2, padding=1), IMG, torch.randn(4, 3, 3, 3))
+    for _, ctx in case.check({0: Shard(2, (5, 3))}):
+        assert reasons(ctx) == ["conv kernel 3 stride 2 padding 1 on the sharded dim"]
 
 
 def test_conv_shard_thinner_than_the_halo_breaks() -> None:

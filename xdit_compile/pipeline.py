@@ -4,10 +4,10 @@ Every rank runs the same pipeline (same prompts, same generator seed, so the sam
 text embeddings); each transformer component (``transformer``, ``transformer_2``...) is
 replaced by its :func:`~xdit_compile.parallelize` d version, whose outputs are gathered and
 identical on every rank, so every rank gets the same image. With ``vae=True`` the VAE decoder
-goes through the same compiler: its rows are cut over every rank (convolutions exchange halo
-rows, GroupNorm combines per-rank statistics, the mid-block attention runs as Ring attention),
-so each rank holds 1/N of the decoder's activations; otherwise the VAE runs whole on every
-rank. CFG needs no per-pipeline code: pipelines that batch both
+and encoder go through the same compiler: their rows are cut over every rank (convolutions
+exchange halo rows, GroupNorm combines per-rank statistics, the mid-block attention runs as
+Ring attention), so each rank holds 1/N of their activations; otherwise the VAE runs whole on
+every rank. CFG needs no per-pipeline code: pipelines that batch both
 branches are cut by the ``cfg`` batch round, those that call the transformer twice per step
 by call pairing (:mod:`xdit_compile.cfg_pairs`).
 """
@@ -37,10 +37,9 @@ def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = Fal
     """Parallelize ``pipe``'s transformer(s) with ``plan`` in place; returns ``pipe``
     (``broadcast_weights``: see :func:`xdit_compile.parallelize`).
 
-    ``vae``: also parallelize the VAE decoder (``pipe.vae.decoder``): ``True`` cuts its rows
-    over every rank of ``plan`` (``Plan(ring=plan.world_size)``: the decoder's attention has
-    one head), or give the decoder's own plan. Its output is gathered, so every rank still gets
-    the whole image."""
+    ``vae``: also parallelize the VAE's decoder and encoder (:func:`parallelize_vae`): ``True``
+    cuts their rows over every rank (``Plan(ring=world_size)``: their attention has one head),
+    or give their own plan. Outputs are gathered, so every rank still gets the whole image."""
     names = transformer_names(pipe)
     if not names:
         raise ValueError(f"{type(pipe).__name__} has no transformer component to parallelize "
@@ -62,29 +61,35 @@ def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = Fal
 
 
 def parallelize_vae(vae: Any, plan: Plan, *, broadcast_weights: bool = False) -> Any:
-    """Replace ``vae.decoder`` by its :func:`~xdit_compile.parallelize` d version (in place;
-    returns ``vae``). The decoder's latent rows are the sequence the plan cuts (``ring`` and
-    ``ulysses`` axes; ``ulysses`` must divide its attention heads, usually 1).
+    """Replace ``vae.decoder`` and ``vae.encoder`` by their :func:`~xdit_compile.parallelize` d
+    versions (in place; returns ``vae``). The rows of the latent (decoder) or image (encoder)
+    are the sequence the plan cuts (``ring`` and ``ulysses`` axes; ``ulysses`` must divide the
+    mid-block attention's heads, usually 1). Both capture lazily, at their first call.
 
-    Decoders that keep per-call state between calls (the causal video VAEs' feature caches,
-    passed as list arguments) are refused: a captured graph cannot carry that state."""
+    Decoders and encoders that keep per-call state between calls (the causal video VAEs'
+    feature caches, passed as list arguments) are refused: a captured graph cannot carry that
+    state."""
     import inspect
 
-    decoder = getattr(vae, "decoder", None)
-    if not isinstance(decoder, torch.nn.Module):
+    parts = {name: getattr(vae, name, None) for name in ("decoder", "encoder")}
+    parts = {k: v for k, v in parts.items() if isinstance(v, torch.nn.Module)}
+    if "decoder" not in parts:
         raise ValueError(f"{type(vae).__name__} has no decoder module to parallelize")
-    if isinstance(decoder, ParallelModule):
-        return vae
     if plan.cfg > 1 or plan.dp > 1 or plan.pipefusion > 1 or plan.distrifusion > 1:
-        raise ValueError(f"a VAE decoder plan cuts rows only (ring/ulysses), got {plan}; "
+        raise ValueError(f"a VAE plan cuts rows only (ring/ulysses), got {plan}; "
                          f"use vae=True for Plan(ring=world_size)")
-    params = list(inspect.signature(decoder.forward).parameters.values())[1:]
-    stateful = [p.name for p in params if isinstance(p.default, list | dict) or "cache" in p.name]
-    if stateful:
-        raise ValueError(
-            f"{type(vae).__name__}.decoder keeps state between calls ({', '.join(stateful)}): its "
-            f"decoder cannot be captured as one graph; run it whole (vae=False)")
-    vae.decoder = parallelize(decoder, plan, broadcast_weights=broadcast_weights)
+    for name, module in parts.items():
+        if isinstance(module, ParallelModule):
+            continue
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+        stateful = [p.name for p in params if isinstance(p.default, list | dict) or "cache" in p.name]
+        if stateful:
+            raise ValueError(
+                f"{type(vae).__name__}.{name} keeps state between calls ({', '.join(stateful)}): it "
+                f"cannot be captured as one graph; run the VAE whole (vae=False)")
+    for name, module in parts.items():
+        if not isinstance(module, ParallelModule):
+            setattr(vae, name, parallelize(module, plan, broadcast_weights=broadcast_weights))
     return vae
 
 

@@ -4,8 +4,9 @@
 - norms keep a shard on any dim they do not normalize over; group_norm over a sharded spatial
   dim keeps it too, by combining per-rank statistics (``group_norm_sharded``).
 - convolution: a patch embedding (kernel == stride, no padding) divides the shard by the
-  stride; a "same" stride-1 convolution keeps it through a halo exchange of the neighbouring
-  rows (``xdit::halo_pad``), so no gather is needed.
+  stride; other convolutions whose output rows are 1/stride of the input's ("same" stride 1,
+  a VAE's stride-2 downsampling) keep it through a halo exchange of the neighbouring rows
+  (``xdit::halo_pad``), so no gather is needed.
 - scaled_dot_product_attention: Q/K/V sharded on the sequence -> exact parallel attention
   (replaced by the ``rewrite_attention`` pass); K/V replicated (cross-attention) or a shard
   on a batch dim (e.g. Latte's temporal attention) -> plain local attention.
@@ -179,9 +180,16 @@ def conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
 
 @register_rule(*ops("conv1d", "conv2d", "conv3d", "convolution"))
 def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
+    """Output row ``o`` of a convolution (kernel ``k``, stride ``s``, dilation ``d``, padding
+    ``p`` on the sharded dim) reads input rows ``o*s - p`` to ``o*s - p + d*(k-1)``. When the
+    output has ``1/s`` of the input's rows and every piece is a multiple of ``s``, rank ``r``
+    computes the outputs of its own rows from them plus ``p`` rows of the previous rank and
+    ``d*(k-1) + 1 - s - p`` of the next (zeros past the edges, the padding): a halo exchange,
+    no gather. Zero rows that a constant pad added at the edges just before (a VAE encoder's
+    asymmetric ``F.pad(x, (0, 1, 0, 1))``) count as padding."""
     x, w = node.args[0], node.args[1]
     sh = rc.spec(x)
-    if not isinstance(sh, Shard) or not isinstance(w, fx.Node) or not all(
+    if not isinstance(sh, Shard) or not isinstance(w, fx.Node) or not isinstance(x, fx.Node) or not all(
             isinstance(rc.spec(a), Replicate) for a in node.args[1:3] if isinstance(a, fx.Node)):
         raise Break("conv weight or bias is sharded")
     if len(rc.shape(x)) != len(rc.shape(w)):
@@ -190,19 +198,42 @@ def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
         return Decision(out=sh)
     if sh.dim == 1:
         raise Break("conv contracts the sharded channel dim")
-    if sh.outer != 1 or sh.inner != 1 or sh.joint:
+    if sh.outer != 1 or sh.inner != 1 or sh.text or (sh.joint and not _zero_pad_rows(x, sh, rc)):
         raise Break("conv on a merged or joint sharded dim")
     stride, padding, dilation, _ = conv_params(node)
     i = sh.dim - 2
-    k = int(w.meta["val"].shape[sh.dim])
-    if k == stride[i] and padding[i] == 0 and sh.divisible(stride[i]):
-        return Decision(out=sh.scaled(stride[i]))
-    same = stride[i] == 1 and dilation[i] == 1 and k % 2 == 1 and padding[i] == k // 2
-    if same and node.target.overloadpacket is not aten.convolution:  # type: ignore[union-attr]
-        if min(sh.split) < padding[i]:
-            raise Break("shard thinner than the conv halo")
-        return Decision(out=sh, meta={"xdit_halo": (sh.dim, padding[i])})
-    raise Break(f"conv kernel {k} stride {stride[i]} padding {padding[i]} on the sharded dim")
+    k, s, d = int(w.meta["val"].shape[sh.dim]), stride[i], dilation[i]
+    body = sh.body()
+    if k == s and padding[i] == 0 and not sh.joint and sh.divisible(s):  # patch embedding: no halo
+        return Decision(out=sh.scaled(s))
+    rows_in, rows_out = sum(body.split), rc.shape(node)[sh.dim]
+    if rows_out * s != rows_in or not body.divisible(s):
+        raise Break(f"conv kernel {k} stride {s} padding {padding[i]} on the sharded dim")
+    if node.target.overloadpacket is aten.convolution:  # type: ignore[union-attr]
+        raise Break("aten.convolution with a halo (its padding argument is not rewritten)")
+    top = padding[i] + sh.head
+    bottom = max(d * (k - 1) + 1 - s - top, 0)
+    if max(top, bottom) > min(body.split):
+        raise Break("shard thinner than the conv halo")
+    if top == bottom == 0 and not sh.joint:  # e.g. a 1x1 stride-2 conv: its rows are all local
+        return Decision(out=body.scaled(s))
+    rows = body.split[rc.rank] if sh.joint else -1
+    return Decision(out=body.scaled(s), meta={"xdit_halo": (sh.dim, top, bottom, sh.head, rows, body)})
+
+
+def _zero_pad_rows(x: fx.Node, sh: Shard, rc: RuleCtx) -> bool:
+    """Whether the replicated head/tail rows of ``x`` (placement ``sh``) are exactly the zero
+    rows a constant pad added to an unjoined shard (so a convolution may treat them as padding)."""
+    if x.target not in (aten.constant_pad_nd.default, aten.pad.default) or not isinstance(x.args[0], fx.Node):
+        return False
+    if x.target is aten.pad.default:
+        mode = x.args[2] if len(x.args) > 2 else x.kwargs.get("mode", "constant")
+        value = x.args[3] if len(x.args) > 3 else x.kwargs.get("value")
+        if mode != "constant":
+            return False
+    else:
+        value = x.args[2] if len(x.args) > 2 else x.kwargs.get("value", 0)
+    return not value and rc.spec(x.args[0]) == sh.body()
 
 
 _NEAREST = ops("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
