@@ -1,4 +1,4 @@
-"""The parallel VAE decoder: memory and work per rank, and a measured decode on this CPU.
+"""The parallel VAE: memory and work per rank, and a measured decode on this CPU.
 
 Decoding is where a high-resolution image runs out of memory: the full-size AutoencoderKL
 decoder (Flux / SD3 / SDXL / PixArt shape: 512-channel blocks, 3 resnets per up block) holds
@@ -6,8 +6,8 @@ activations of 128 channels at full pixel resolution. ``parallelize_vae`` cuts i
 over the ranks (halo rows for convolutions, combined GroupNorm statistics, Ring attention in
 the mid block), so each rank holds 1/N of them.
 
-1. **Static** (no processes, a fake process group): ``explain`` of the full-size decoder
-   (16 latent channels, random weights) at 1024x1024 and 2048x2048 for 1, 2, 4 and 8 ranks:
+1. **Static** (no processes, a fake process group): ``explain`` of the full-size decoder and
+   encoder (16 latent channels, random weights) at 1024x1024 and 2048x2048 for 1, 2, 4 and 8 ranks:
    peak activation bytes per rank (graph values alive at once; the attention's own buffers
    not counted), FLOPs per rank and bytes each rank sends per decode.
 2. **Measured** (2 gloo processes x 1 thread, this CPU): the same decoder at ``--pixels``
@@ -53,13 +53,13 @@ def static_rows(pixels: list[int], degrees: list[int]) -> list[dict[str, Any]]:
 
     vae = _vae()
     rows = []
-    for px in pixels:
+    for part, px in [(p, x) for p in ("decoder", "encoder") for x in pixels]:
         for n in degrees:
             dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=n)
-            pm = xc.parallelize(vae.decoder, xc.Plan(ring=n))
-            pm.prepare(torch.empty(1, 16, px // 8, px // 8))
+            pm = xc.parallelize(getattr(vae, part), xc.Plan(ring=n))
+            pm.prepare(torch.empty(1, 16, px // 8, px // 8) if part == "decoder" else torch.empty(1, 3, px, px))
             r = xc.explain(pm)
-            rows.append({"pixels": px, "ranks": n, "peak_activation_bytes": r.activation_bytes,
+            rows.append({"part": part, "pixels": px, "ranks": n, "peak_activation_bytes": r.activation_bytes,
                          "flops_per_rank": r.flops, "bytes_sent": r.bytes_per_forward,
                          "breaks": len(r.breaks)})
             print(rows[-1], flush=True)
@@ -127,19 +127,20 @@ def write(static: list[dict[str, Any]], measured: list[dict[str, Any]], pixels: 
     OUT.mkdir(exist_ok=True)
     (OUT / "parallel_vae.json").write_text(json.dumps({"config": CONFIG, "static": static, "measured": measured},
                                                       indent=1, default=str) + "\n")
-    lines = ["# Parallel VAE decoder (`parallelize_vae`, `--parallel-vae`)", "",
-             "`benchmarks/parallel_vae.py`: the full-size AutoencoderKL decoder (Flux/SD3 shape: blocks "
-             "(128, 256, 512, 512), 16 latent channels, random weights), its latent rows cut over the ranks "
-             "(`Plan(ring=N)`).", "",
+    lines = ["# Parallel VAE (`parallelize_vae`, `--parallel-vae`)", "",
+             "`benchmarks/parallel_vae.py`: the full-size AutoencoderKL (Flux/SD3 shape: blocks "
+             "(128, 256, 512, 512), 16 latent channels, random weights), the decoder's latent rows and the "
+             "encoder's image rows cut over the ranks (`Plan(ring=N)`).", "",
              "## Per rank, from `explain` (static, no GPU needed)", "",
              "Peak activation bytes: graph values alive at once on one rank (the attention's own buffers "
              "and the weights, 198 MB fp32, not counted).", "",
-             "| image | ranks | peak activations MB / rank | vs 1 rank | GFLOPs / rank | sent MB / rank | breaks |",
-             "|---|---|---|---|---|---|---|"]
-    base = {r["pixels"]: r["peak_activation_bytes"] for r in static if r["ranks"] == 1}
+             "| part | image | ranks | peak activations MB / rank | vs 1 rank | GFLOPs / rank | sent MB / rank | breaks |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {(r["part"], r["pixels"]): r["peak_activation_bytes"] for r in static if r["ranks"] == 1}
     for r in static:
-        lines.append(f"| {r['pixels']}x{r['pixels']} | {r['ranks']} | {_mb(r['peak_activation_bytes'])} | "
-                     f"{r['peak_activation_bytes'] / base[r['pixels']]:.2f} | {r['flops_per_rank'] / 1e9:,.0f} | "
+        lines.append(f"| {r['part']} | {r['pixels']}x{r['pixels']} | {r['ranks']} | {_mb(r['peak_activation_bytes'])} | "
+                     f"{r['peak_activation_bytes'] / base[(r['part'], r['pixels'])]:.2f} | "
+                     f"{r['flops_per_rank'] / 1e9:,.0f} | "
                      f"{r['bytes_sent'] / 2**20:,.1f} | {r['breaks']} |")
     if measured:
         lines += ["", f"## Measured on this CPU ({pixels}x{pixels}, fp32, 1 torch thread per process, gloo)", "",

@@ -464,3 +464,22 @@ def test_a_group_that_cannot_start_gives_up_with_the_reason():
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "failed to start 2 times" in r.stderr and "divisible" in r.stderr, r.stderr[-2000:]
+
+
+def test_replica_command_line_carries_every_option() -> None:
+    """A Ray replica starts its group with `serve_args(opts)`: parsed by the CLI, the command
+    line gives back the same options (host and port are the replica's own)."""
+    from xdit_compile.cli import _parser, serve_options
+    from xdit_compile.ray_serve import serve_args
+    from xdit_compile.serve import ServeOptions
+
+    opts = ServeOptions(
+        model=MODEL, plan={"ulysses": 1, "ring": 1, "cfg": 1, "dp": 1, "pipefusion": 2, "distrifusion": 1,
+                           "patches": 4, "warmup_steps": 2, "stage_blocks": (1, 1), "compile": "inductor",
+                           "auto": False, "hardware": None},
+        port=8123, dtype="bfloat16", sizes=["32x32", "64x32"], default_steps=7, max_steps=50, max_n=3,
+        max_batch=2, max_queue=5, max_prompt_chars=99, timeout_s=12.5, warmup=False, max_start_failures=4,
+        parallel_vae=True)
+    argv = serve_args(opts, world=2)
+    assert argv[1:3] == ["-m", "xdit_compile.cli"]
+    assert serve_options(_parser().parse_args(argv[3:])) == opts

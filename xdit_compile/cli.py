@@ -218,9 +218,20 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def serve_options(a: argparse.Namespace) -> Any:
+    """The ``ServeOptions`` of parsed ``serve`` arguments (``ray_serve.serve_args`` is the inverse)."""
+    from xdit_compile.serve import ServeOptions
+
+    return ServeOptions(model=a.model, plan=_plan_kwargs(a), host=a.host, port=a.port, dtype=a.dtype,
+                        parallel_vae=a.parallel_vae, sizes=list(a.sizes), default_steps=a.steps,
+                        max_steps=a.max_steps, max_n=a.max_n, max_batch=a.max_batch, max_queue=a.max_queue,
+                        max_prompt_chars=a.max_prompt_chars, timeout_s=a.request_timeout,
+                        max_start_failures=a.max_start_failures, warmup=not a.no_warmup)
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     from xdit_compile.generate import check_model, transformer_configs
-    from xdit_compile.serve import ServeOptions, parse_size, serve_job, serve_main
+    from xdit_compile.serve import parse_size, serve_job, serve_main
 
     plan = _plan(a)
     check_model(a.model)
@@ -231,12 +242,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             parse_size(size)
         except Exception as e:  # noqa: BLE001  (an ApiError: a CLI error here)
             raise ValueError(f"--sizes: {e}") from None
-    opts = ServeOptions(model=a.model, plan=_plan_kwargs(a), host=a.host, port=a.port, dtype=a.dtype,
-                        parallel_vae=a.parallel_vae,
-                        sizes=list(a.sizes), default_steps=a.steps, max_steps=a.max_steps, max_n=a.max_n,
-                        max_batch=a.max_batch, max_queue=a.max_queue, max_prompt_chars=a.max_prompt_chars,
-                        timeout_s=a.request_timeout, max_start_failures=a.max_start_failures,
-                        warmup=not a.no_warmup)
+    opts = serve_options(a)
     print(f"xdit-compile serve: {a.model}, {plan}, http://{a.host}:{a.port} (POST /admin/shutdown from "
           f"this machine stops it)", flush=True)
     if a.replicas > 1:
@@ -399,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
     _displaced_args(g)
     g.add_argument("--compile", choices=["eager", "inductor"], default=None)
     g.add_argument("--parallel-vae", action="store_true",
-                   help="also cut the VAE decoder's rows over every process (1/N of its activations each)")
+                   help="also cut the VAE's rows (decoder and encoder) over every process (1/N of its activations each)")
     g.add_argument("--auto", action="store_true",
                    help="let the cost model choose the degrees for --nproc processes (exact plans)")
     g.add_argument("--hardware", default=None,
@@ -437,7 +443,7 @@ def _parser() -> argparse.ArgumentParser:
     _displaced_args(v)
     v.add_argument("--compile", choices=["eager", "inductor"], default=None)
     v.add_argument("--parallel-vae", action="store_true",
-                   help="also cut the VAE decoder's rows over every process (1/N of its activations each)")
+                   help="also cut the VAE's rows (decoder and encoder) over every process (1/N of its activations each)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")

@@ -71,8 +71,8 @@ def parallelize_vae(vae: Any, plan: Plan, *, broadcast_weights: bool = False) ->
     state."""
     import inspect
 
-    parts = {name: getattr(vae, name, None) for name in ("decoder", "encoder")}
-    parts = {k: v for k, v in parts.items() if isinstance(v, torch.nn.Module)}
+    parts: dict[str, torch.nn.Module] = {
+        name: m for name in ("decoder", "encoder") if isinstance(m := getattr(vae, name, None), torch.nn.Module)}
     if "decoder" not in parts:
         raise ValueError(f"{type(vae).__name__} has no decoder module to parallelize")
     if plan.cfg > 1 or plan.dp > 1 or plan.pipefusion > 1 or plan.distrifusion > 1:

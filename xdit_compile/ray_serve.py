@@ -44,12 +44,16 @@ def serve_args(opts: ServeOptions, world: int, threads: int = 1) -> list[str]:
             "--port", str(opts.port), "--nproc", str(world), "--threads", str(threads), "--dtype", opts.dtype,
             "--max-steps", str(opts.max_steps), "--max-n", str(opts.max_n), "--max-batch", str(opts.max_batch),
             "--max-queue", str(opts.max_queue), "--max-prompt-chars", str(opts.max_prompt_chars),
-            "--request-timeout", str(opts.timeout_s)]
+            "--request-timeout", str(opts.timeout_s), "--max-start-failures", str(opts.max_start_failures)]
     for axis in ("ulysses", "ring", "cfg", "dp", "pipefusion", "distrifusion"):
         if p.get(axis, 1) != 1:
             args += [f"--{axis}", str(p[axis])]
     if p.get("patches"):
         args += ["--patches", str(p["patches"])]
+    if p.get("stage_blocks"):
+        args += ["--stage-blocks", *map(str, p["stage_blocks"])]
+    if p.get("warmup_steps", 1) != 1:
+        args += ["--warmup-steps", str(p["warmup_steps"])]
     if p.get("compile"):
         args += ["--compile", str(p["compile"])]
     if opts.sizes:
@@ -58,6 +62,8 @@ def serve_args(opts: ServeOptions, world: int, threads: int = 1) -> list[str]:
         args += ["--steps", str(opts.default_steps)]
     if not opts.warmup:
         args.append("--no-warmup")
+    if opts.parallel_vae:
+        args.append("--parallel-vae")
     return args
 
 
