@@ -502,18 +502,19 @@ def test_conv1d_same_conv_halo() -> None:
         assert one(gm, HALO).args[1:4] == (2, 2, 2)
 
 
-@pytest.mark.parametrize(("k", "stride", "pad", "split", "halo"), [
-    (3, 2, 1, (4, 4), (1, 0)),    # a symmetric stride-2 downsampling: one row from above
-    (3, 2, 1, (6, 2), (1, 0)),    # uneven (even pieces)
-    (4, 2, 1, (4, 4), (1, 1)),    # kernel 4: one row each way
-    (1, 2, 0, (4, 4), (0, 0)),    # every other row: no halo, just the stride
-    (5, 1, 2, (3, 5), (2, 2)),    # "same" kernel 5
+@pytest.mark.parametrize(("k", "stride", "pad", "split", "halo", "dil"), [
+    (3, 2, 1, (4, 4), (1, 0), 1),    # a symmetric stride-2 downsampling: one row from above
+    (3, 2, 1, (6, 2), (1, 0), 1),    # uneven (even pieces)
+    (4, 2, 1, (4, 4), (1, 1), 1),    # kernel 4: one row each way
+    (1, 2, 0, (4, 4), (0, 0), 1),    # every other row: no halo, just the stride
+    (5, 1, 2, (3, 5), (2, 2), 1),    # "same" kernel 5
+    (3, 1, 2, (4, 4), (2, 2), 2),    # dilated "same": the kernel spans 5 rows
 ])
-def test_strided_conv_keeps_the_row_shard_with_a_halo(k, stride, pad, split, halo) -> None:
+def test_strided_conv_keeps_the_row_shard_with_a_halo(k, stride, pad, split, halo, dil) -> None:
     """Output rows 1/stride of the input's, pieces multiples of the stride: each rank computes
     its own output rows from its rows plus `padding` rows of the previous rank and
-    `kernel - stride - padding` of the next."""
-    case = Case(lambda x, w: F.conv2d(x, w, stride=stride, padding=pad), IMG, torch.randn(4, 3, k, k))
+    `kernel span - stride - padding` of the next."""
+    case = Case(lambda x, w: F.conv2d(x, w, stride=stride, padding=pad, dilation=dil), IMG, torch.randn(4, 3, k, k))
     for gm, ctx in case.check({0: Shard(2, split)}):
         assert ctx.breaks == []
         conv = one(gm, aten.conv2d.default)
@@ -605,6 +606,13 @@ def test_nearest_upsampling_keeps_the_row_shard(how: str) -> None:
         assert up.meta["xdit_placement"] == Shard(2, (8, 6))
         if how == "size":
             assert up.args[1] == [8 if ctx.mesh.sp_rank == 0 else 6, 12]
+
+
+def test_nearest_upsampling_by_a_scale_other_than_the_size_ratio_breaks() -> None:
+    """Output 4 rows from 2 with scale 2.4: the kernel reads row floor(j / 2.4), not j // 2."""
+    case = Case(lambda x: torch.ops.aten.upsample_nearest2d.default(x, [4, 12], 2.4, 2.0), torch.randn(1, 3, 2, 6))
+    for _, ctx in case.check({0: Shard(2, (1, 1))}):
+        assert reasons(ctx) == ["nearest upsampling with a scale that differs from its size ratio"]
 
 
 def test_nearest_resize_by_a_fraction_breaks() -> None:

@@ -266,8 +266,13 @@ def _upsample_nearest(node: fx.Node, rc: RuleCtx) -> Decision:
         local = list(size)
         local[sh.dim - 2] = out.local_size(rc.rank)
         args = (x, local, *node.args[2:])
+    # The kernel maps rows by the scale when one is given (``.vec``: a list; the other
+    # overloads: one float per spatial dim after the size), else by the sizes' ratio.
     scales = node.args[2] if len(node.args) > 2 else None
-    if isinstance(scales, list | tuple) and scales and float(scales[sh.dim - 2]) != factor:
+    if not isinstance(scales, list | tuple):
+        scales = list(node.args[2:])
+    scale = scales[sh.dim - 2] if len(scales) > sh.dim - 2 else None
+    if scale is not None and float(scale) != factor:  # type: ignore[arg-type]
         raise Break("nearest upsampling with a scale that differs from its size ratio")
     return Decision(out=out, args=args)
 
