@@ -64,7 +64,7 @@ class GenerateOptions:
     warmup: int = 1
     """Untimed calls first (the first one captures and compiles the transformer)."""
     parallel_vae: bool = False
-    """Cut the VAE decoder's rows over every rank too (``parallelize_pipeline(vae=True)``)."""
+    """Cut the VAE's rows (decoder and encoder) over every rank too (``parallelize_pipeline(vae=True)``)."""
 
 
 @dataclass

@@ -85,7 +85,7 @@ class ServeOptions:
     collective_timeout_s: float = 300.0
     """gloo's timeout for one collective (a rank that hangs breaks the group after this)."""
     parallel_vae: bool = False
-    """Cut the VAE decoder's rows over every rank too (``parallelize_pipeline(vae=True)``)."""
+    """Cut the VAE's rows (decoder and encoder) over every rank too (``parallelize_pipeline(vae=True)``)."""
     served_name: str | None = None
     """The model id in ``/v1/models`` and responses (default: ``model``)."""
 
