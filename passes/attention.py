@@ -93,21 +93,31 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         shard_text = bool(node.meta.get("xdit_shard_text", False))
         q_cut = bool(node.meta.get("xdit_q_text_cut", False))
+        kv_split: list[int] | None = None
+        kwargs: dict[str, object] = {"text_rank": ctx.mesh.sp_rank} if shard_text else {}
+        if q_cut:
+            kwargs["q_cut"] = True
+        if "xdit_kv" in node.meta:  # K/V in a layout of their own (e.g. image queries, image + text keys)
+            rows, kv_head, kv_tail = node.meta["xdit_kv"]
+            kv_split = list(rows)
+            kwargs.update(kv_split=kv_split, kv_head=kv_head, kv_tail=kv_tail)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.xdit.usp_attention.default,
-                (q, k, v, mask, scale, ctx.mesh.key, split, head, tail)  # type: ignore[arg-type]
-                + ((ctx.mesh.sp_rank,) if shard_text else ()) + ((True,) if q_cut else ()),
+                (q, k, v, mask, scale, ctx.mesh.key, split, head, tail),  # type: ignore[arg-type]
+                kwargs,  # type: ignore[arg-type]
             )
         new.meta.update(node.meta)
         new.meta["xdit_pass"] = "rewrite_attention"
+        new.meta["xdit_origin"] = node.name  # the captured SDPA it replaces (tests compare with it)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         qv, vv = q.meta["val"], v.meta["val"]  # type: ignore[union-attr]
         local_q = list(qv.shape)
         local_q[-2] = split[ctx.mesh.sp_rank]  # body rows (text rows are counted apart)
         for (op, axis), (calls, nbytes) in usp_comm_bytes(
-            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, (head, tail), shard_text, q_cut
+            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, (head, tail), shard_text, q_cut,
+            kv_split,
         ).items():
             ctx.collectives.append(CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention"))
         changed = True
@@ -120,10 +130,13 @@ def _distrifusion(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, qkv: tupl
     if node.meta.get("xdit_shard_text"):
         raise RuntimeError(f"{node.name}: DistriFusion keeps text rows whole (shard_text_rows off)")
     state = ctx.hints.get("state_key", "")
+    kv_rows, kv_head, kv_tail = node.meta.get("xdit_kv", (split, head, tail))
+    assert list(kv_rows) == split, "the sharding rule keeps displaced K/V rows cut like the queries'"
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(
             torch.ops.xdit.distrifusion_attention.default,
             (*qkv, state, node.name, ctx.mesh.key, split, head, tail),
+            {"kv_head": kv_head, "kv_tail": kv_tail} if "xdit_kv" in node.meta else {},
         )
     new.meta.update(node.meta)
     new.meta["xdit_pass"] = "rewrite_attention"

@@ -81,7 +81,9 @@ def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: Pass
     nbytes = gather_bytes(row * src.outer * src.inner, val.element_size(), list(src.split))
     if src.text and src.joint:
         nbytes += _text_bytes(src, row, val.element_size(), r)
-    what = "output" if node.meta.get("xdit_output_gather") else "text rows" if src.text else "sharding break"
+    brk = node.meta.get("xdit_break")
+    what = (f"sharding break at {', '.join(brk)}" if brk else "output" if node.meta.get("xdit_output_gather")
+            else "text rows" if src.text else "regroup")  # regroup: a rule asked for another cut
     ctx.collectives.append(CollectiveSite(new.name, "all_gather", ctx.axis, 1, nbytes, what, graph_level=True))
     return new
 

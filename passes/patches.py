@@ -27,6 +27,7 @@ After::    %o = xdit.pipefusion_attention(%q, %k, %v, None, None, 'kv0', 'scaled
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -38,6 +39,7 @@ from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, regist
 from xdit_compile.placement import Placement, Replicate, Shard
 from xdit_compile.runtime import displaced as _rt_displaced  # noqa: F401  (registers xdit ops)
 from xdit_compile.runtime.attention import usp_comm_bytes
+from xdit_compile.runtime.opargs import op_args
 
 __all__ = ["mark_step_level_pass", "patch_round", "patch_sequence_round", "rewrite_patch_attention_pass",
            "ulysses_patch_attention_pass"]
@@ -67,8 +69,12 @@ def rewrite_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassRe
         out_text = bool(head or tail) and out.text_rows(patch) != (0, 0)
         args = (q, k, v, _arg(node, 3, "attn_mask", None), _arg(node, 6, "scale", None), state, node.name,
                 list(node.meta["xdit_split"]), patch, head, tail, out_text)
+        kwargs = {}
+        if "xdit_kv" in node.meta:  # K/V text rows of their own (the rule keeps K/V rows cut like Q's)
+            _, kv_head, kv_tail = node.meta["xdit_kv"]
+            kwargs = {"kv_head": kv_head, "kv_tail": kv_tail}
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(torch.ops.xdit.pipefusion_attention.default, args)  # type: ignore[arg-type]
+            new = gm.graph.call_function(torch.ops.xdit.pipefusion_attention.default, args, kwargs)  # type: ignore[arg-type]
         new.meta.update(node.meta)
         new.meta["xdit_pass"] = "rewrite_patch_attention"
         new.meta["xdit_displaced"] = node.name
@@ -121,12 +127,17 @@ def _pipefusion_rule(node: fx.Node, rc: RuleCtx) -> Decision:
     if heads % u:
         raise ValueError(f"attention {node.name} has {heads} heads, not divisible by ulysses={u}")
     wants: dict[fx.Node, Placement] = {}
+    named = op_args(node)
+    kv_head = named["kv_head"]
     for a in (k, v):
-        if rc.spec(a) != pq:
+        pk = rc.spec(a)
+        # K/V's text rows (whole) are Q's, or their own (kv_head/kv_tail); the body is cut like Q's.
+        same_body = isinstance(pk, Shard) and not pk.text and replace(pk, head=0, tail=0) == replace(pq, head=0, tail=0)
+        if not same_body or (kv_head < 0 and pk != pq):
             raise Break("displaced attention with K/V cut unlike Q")
     if isinstance(mask, fx.Node) and not isinstance(rc.spec(mask), Replicate):
         wants[mask] = Replicate()
-    head, tail, out_text = node.args[9], node.args[10], node.args[11]
+    head, tail, out_text = named["head"], named["tail"], named["out_text"]
     out = Shard(pq.dim, pq.split, head=head if out_text else 0, tail=tail if out_text else 0)  # type: ignore[arg-type]
     return Decision(out=out, inputs=wants, meta={"xdit_patch_sp": pq.split})
 

@@ -33,6 +33,7 @@ import torch.fx as fx
 from xdit_compile.driver import PassContext, PassResult
 from xdit_compile.placement import Replicate
 from xdit_compile.runtime import attention as _attention  # noqa: F401  (registers xdit::usp_attention)
+from xdit_compile.runtime.opargs import op_args
 
 __all__ = ["text_heads_pass"]
 
@@ -216,17 +217,18 @@ def text_heads_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     done = 0
     if u > 1:
         for usp in list(gm.graph.find_nodes(op="call_function", target=_USP)):
-            head = int(usp.args[7]) if len(usp.args) > 7 else 0  # type: ignore[call-overload]
-            tail = int(usp.args[8]) if len(usp.args) > 8 else 0  # type: ignore[call-overload]
-            if not (head or tail):
-                continue
-            heads = int(usp.args[0].meta["val"].shape[-3])  # type: ignore[union-attr]
+            a = op_args(usp)
+            q_text = (int(a["head"]), int(a["tail"]))
+            kv_text = (int(a["kv_head"]), int(a["kv_tail"])) if a["kv_split"] is not None else q_text
+            heads = int(a["q"].meta["val"].shape[-3])
             r = ctx.mesh.ulysses_rank
             h_rng = (r * heads // u, (r + 1) * heads // u)
-            q_cut = bool(usp.args[10]) if len(usp.args) > 10 else False
             # Q's text rows too, where they are on every rank (not cut: then they travel with the
             # image rows and need every head).
-            for root in (*usp.args[1:3], *(() if q_cut else usp.args[:1])):
+            roots = [(a["k"], kv_text), (a["v"], kv_text)] + ([] if a["q_cut"] else [(a["q"], q_text)])
+            for root, (head, tail) in roots:
+                if not (head or tail):
+                    continue
                 walk = _Walk(head, tail)
                 try:
                     if not isinstance(root, fx.Node) or _shape(root)[-3] != heads:

@@ -168,41 +168,50 @@ def _split3(t: torch.Tensor, head: int, body: int) -> tuple[torch.Tensor, torch.
 
 def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          scale: float | None, mesh_key: str, split: list[int], head: int, tail: int,
-         shard_text: bool = False, q_cut: bool = False) -> torch.Tensor:
+         shard_text: bool = False, q_cut: bool = False, kv_split: list[int] | None = None,
+         kv_head: int = 0, kv_tail: int = 0) -> torch.Tensor:
     pm = get_mesh(mesh_key)
     info = pm.info
     u, h = info.ulysses, q.shape[-3]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # Per ring block: the Ulysses group's slice lengths and the block's range in the body.
+    if kv_split is None:  # K/V in Q's layout (self-attention, joint attention)
+        kv_split, kv_head, kv_tail = split, head, tail
+    # Per ring block: the Ulysses group's slice lengths and the block's range in the body; Q's
+    # rows and K/V's rows each by their own layout.
     groups = [split[i * u:(i + 1) * u] for i in range(info.ring)]
-    blocks = [sum(g) for g in groups]
-    offs, body_total = _offsets(blocks), sum(split)
+    kgroups = [kv_split[i * u:(i + 1) * u] for i in range(info.ring)]
+    blocks, kblocks = [sum(g) for g in groups], [sum(g) for g in kgroups]
+    offs, body_total, kv_total = _offsets(blocks), sum(split), sum(kv_split)
     me = info.ring_rank
-    s_me = split[info.sp_rank]
+    s_me, ks_me = split[info.sp_rank], kv_split[info.sp_rank]
     n, first = len(split), me * u
     hs, ts = even_split(head, n), even_split(tail, n)
-    (kh, kb, kt), (vh, vb, vt) = (_split3(t, head, s_me) for t in (k, v))
+    (kh, kb, kt), (vh, vb, vt) = (_split3(t, kv_head, ks_me) for t in (k, v))
     # Query text rows: whole on every rank, or (q_cut) only this rank's even piece of them.
     qh, qb, qt = _split3(q, hs[info.sp_rank] if q_cut else head, s_me)
     h_rng = (0, h)
     if u > 1:
-        ug = pm.group("ulysses")
+        ug, ur = pm.group("ulysses"), info.ulysses_rank
         if q_cut:  # the text query pieces travel with the image rows (other rows than K/V's)
-            kb, vb = (_ulysses_in_fused([kb, vb], groups[me], info.ulysses_rank, ug) if FUSE_QKV else
-                      [_ulysses_in(t, groups[me], info.ulysses_rank, ug) for t in (kb, vb)])
+            kb, vb = (_ulysses_in_fused([kb, vb], kgroups[me], ur, ug) if FUSE_QKV else
+                      [_ulysses_in(t, kgroups[me], ur, ug) for t in (kb, vb)])
             qh, qb, qt = _ulysses_in_text(qh, qb, qt, groups[me], hs[first:first + u], ts[first:first + u],
-                                          info.ulysses_rank, ug)
-        elif FUSE_QKV:  # Q, K and V in one all-to-all
-            qb, kb, vb = _ulysses_in_fused([qb, kb, vb], groups[me], info.ulysses_rank, ug)
+                                          ur, ug)
+        elif FUSE_QKV and kgroups[me] == groups[me]:  # Q, K and V in one all-to-all
+            qb, kb, vb = _ulysses_in_fused([qb, kb, vb], groups[me], ur, ug)
+        elif FUSE_QKV:  # K/V rows cut otherwise than Q's: Q alone, K and V together
+            qb = _ulysses_in(qb, groups[me], ur, ug)
+            kb, vb = _ulysses_in_fused([kb, vb], kgroups[me], ur, ug)
         else:
-            qb, kb, vb = (_ulysses_in(t, groups[me], info.ulysses_rank, ug) for t in (qb, kb, vb))
-        h_rng = (info.ulysses_rank * (h // u), (info.ulysses_rank + 1) * (h // u))
+            qb = _ulysses_in(qb, groups[me], ur, ug)
+            kb, vb = (_ulysses_in(t, kgroups[me], ur, ug) for t in (kb, vb))
+        h_rng = (ur * (h // u), (ur + 1) * (h // u))
         # Text rows are on every rank: each takes its heads' slice, nothing is sent.
         kh, kt, vh, vt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (kh, kt, vh, vt))
         if not q_cut:
             qh, qt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (qh, qt))
-    text = ((0, head), (head + body_total, head + body_total + tail))
-    q_text = text
+    q_text = ((0, head), (head + body_total, head + body_total + tail))
+    kv_text = ((0, kv_head), (kv_head + kv_total, kv_head + kv_total + kv_tail))
     if shard_text and (head or tail):
         # Only the text query rows whose outputs this Ulysses group keeps: its ranks' pieces.
         ho, to = _offsets(hs), _offsets(ts)
@@ -214,10 +223,11 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     q_pos = _positions(q_text[0], (head + offs[me], head + offs[me + 1]), q_text[1], device=q.device)
     if info.ring > 1:
         # Text K/V are on every rank: attended once, with the local block (never sent).
-        extra = (_join(kh, kt), _join(vh, vt), _positions(*text, device=q.device)) if head or tail else None
-        res = _ring(q_all, kb, vb, mask, scale, info, blocks, q_pos, head, h_rng, pm.group("ring"), extra)
+        extra = (_join(kh, kt), _join(vh, vt), _positions(*kv_text, device=q.device)) \
+            if kv_head or kv_tail else None
+        res = _ring(q_all, kb, vb, mask, scale, info, kblocks, q_pos, kv_head, h_rng, pm.group("ring"), extra)
     else:
-        k_pos = torch.arange(head + body_total + tail, device=q.device)
+        k_pos = torch.arange(kv_head + kv_total + kv_tail, device=q.device)
         res = torch.nn.functional.scaled_dot_product_attention(
             q_all, _join(kh, kb, kt), _join(vh, vb, vt),
             attn_mask=_mask_for(mask, q_pos, k_pos, h_rng), scale=scale)
@@ -268,20 +278,27 @@ def usp_attention(
     tail: int = 0,
     text_rank: int = -1,
     q_cut: bool = False,
+    kv_split: list[int] | None = None,
+    kv_head: int = 0,
+    kv_tail: int = 0,
 ) -> torch.Tensor:
     """Exact attention over the whole (sharded) sequence; returns this rank's output rows.
 
     ``head``/``tail``: replicated rows (text) joined before/after the sharded body. With
     ``text_rank`` (this rank's sequence-parallel index) the output holds only this rank's
     even piece of them; with ``q_cut`` too, so does ``q`` (K/V always hold all text rows).
+    ``kv_split``/``kv_head``/``kv_tail``: K and V's own layout where it differs from Q's (image
+    queries over image + text keys; None: Q's).
     """
     # Contiguous, as the fake says: compiled graphs assert the real strides against the fake's
     # (Ring without text rows would return the attention kernel's [B, S, H, D]-ordered output).
-    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail, text_rank >= 0, q_cut).contiguous()
+    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail, text_rank >= 0, q_cut,
+                None if kv_split is None else list(kv_split), kv_head, kv_tail).contiguous()
 
 
 @usp_attention.register_fake
-def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1, q_cut=False):  # type: ignore[no-untyped-def]
+def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1, q_cut=False,  # type: ignore[no-untyped-def]
+      kv_split=None, kv_head=0, kv_tail=0):
     rows = q.shape[-2]
     if text_rank >= 0:
         n = len(split)
@@ -292,8 +309,10 @@ def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1, 
 def usp_comm_bytes(
     q_shape: tuple[int, ...], v_dim: int, itemsize: int, info: MeshInfo, split: list[int],
     text: tuple[int, int] = (0, 0), shard_text: bool = False, q_cut: bool = False,
+    kv_split: list[int] | None = None,
 ) -> dict[tuple[str, str], tuple[int, int]]:
-    """Static (calls, bytes sent by ``info.rank``) per (op, axis) of one ``usp_attention`` call.
+    """Static (calls, bytes sent by ``info.rank``) per (op, axis) of one ``usp_attention`` call
+    (``kv_split``: K/V's body rows where they are cut otherwise than Q's).
 
     Mirrors the algorithm above; tests check it against the runtime counter.
     """
@@ -302,13 +321,15 @@ def usp_comm_bytes(
     for n in lead:
         lead_n *= n
     u, r = info.ulysses, info.ring
+    kv_split = split if kv_split is None else kv_split
     groups = [split[i * u:(i + 1) * u] for i in range(r)]
-    mine = groups[info.ring_rank]
-    s_me = mine[info.ulysses_rank]
+    kgroups = [kv_split[i * u:(i + 1) * u] for i in range(r)]
+    mine, kmine = groups[info.ring_rank], kgroups[info.ring_rank]
+    s_me, ks_me = mine[info.ulysses_rank], kmine[info.ulysses_rank]
     out: dict[tuple[str, str], tuple[int, int]] = {}
     if u > 1:
         per_tok = lead_n * (h // u) * itemsize
-        send_in = per_tok * s_me * (u - 1) * (2 * d + v_dim)
+        send_in = per_tok * (u - 1) * (s_me * d + ks_me * (d + v_dim))
         send_out = per_tok * v_dim * (sum(mine) - s_me)
         if q_cut:  # this rank's text query piece goes out with its image query rows
             n = len(split)
@@ -319,12 +340,13 @@ def usp_comm_bytes(
             hs, ts = even_split(text[0], n), even_split(text[1], n)
             send_out += per_tok * v_dim * sum(hs[first + k] + ts[first + k]
                                               for k in range(u) if k != info.ulysses_rank)
-        calls = (3 if q_cut else 2) if FUSE_QKV else 4  # Q, K, V fused (K, V only with q_cut)
+        # Q, K, V fused in one all-to-all (K, V only, where Q's rows travel apart), then the output.
+        calls = (3 if q_cut or kmine != mine else 2) if FUSE_QKV else 4
         out[("all_to_all", "ulysses")] = (calls, send_in + send_out)
         if sum(text) and not shard_text:  # text outputs gathered over heads; text K/V never sent
             out[("all_gather", "ulysses")] = (1, per_tok * v_dim * sum(text) * (u - 1))
     if r > 1:
-        blocks = [sum(g) for g in groups]
+        blocks = [sum(g) for g in kgroups]
         per_tok = lead_n * (h // u) * itemsize * (d + v_dim)
         sent = sum(blocks[(info.ring_rank - s) % r] for s in range(r - 1)) * per_tok
         out[("send_recv", "ring")] = (r - 1, sent)

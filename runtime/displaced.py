@@ -178,12 +178,12 @@ def _gather_kv(kb: torch.Tensor, vb: torch.Tensor, split: list[int], group: dist
 
 def _distrifusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   scale: float | None, state_key: str, layer: str, mesh_key: str, split: list[int],
-                  head: int, tail: int) -> torch.Tensor:
+                  head: int, tail: int, kv_head: int, kv_tail: int) -> torch.Tensor:
     pm = get_mesh(mesh_key)
     rank, group = pm.info.sp_rank, pm.group("sp")
     st = get_state(state_key)
     s_me, offs = split[rank], offsets(split)
-    kb, vb = k[..., head:head + s_me, :], v[..., head:head + s_me, :]
+    kb, vb = k[..., kv_head:kv_head + s_me, :], v[..., kv_head:kv_head + s_me, :]
     slot = st.slot(layer)
     if st.exact or (slot not in st.buffers and slot not in st.pending):
         # Warmup: this step's K/V of every rank, now (exact); they also fill the buffer.
@@ -202,8 +202,8 @@ def _distrifusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         body_v = torch.cat([old_v[..., :lo, :], vb, old_v[..., hi:, :]], dim=-2)
         work, out = _gather_kv(kb, vb, split, group, async_op=True)
         st.pending[slot] = (work, out, split)
-    k_all = torch.cat([k[..., :head, :], body_k, k[..., head + s_me:, :]], dim=-2)
-    v_all = torch.cat([v[..., :head, :], body_v, v[..., head + s_me:, :]], dim=-2)
+    k_all = torch.cat([k[..., :kv_head, :], body_k, k[..., kv_head + s_me:, :]], dim=-2)
+    v_all = torch.cat([v[..., :kv_head, :], body_v, v[..., kv_head + s_me:, :]], dim=-2)
     # Query rows: [text head, this rank's body rows, text tail] at their global positions.
     q_head = q.shape[-2] - s_me - tail
     body_at = head + offs[rank]
@@ -225,16 +225,21 @@ def distrifusion_attention(
     split: list[int],
     head: int = 0,
     tail: int = 0,
+    kv_head: int = -1,
+    kv_tail: int = -1,
 ) -> torch.Tensor:
     """Attention of this rank's query rows over the whole sequence: its own body K/V fresh, the
     other ranks' from the previous step (after warmup). ``q``/``k``/``v`` hold all ``head``/``tail``
-    text rows and this rank's body rows; the output has ``q``'s rows."""
+    text rows and this rank's body rows; the output has ``q``'s rows. ``kv_head``/``kv_tail``:
+    K/V's own text rows where they differ from Q's (-1: Q's)."""
+    kv_head, kv_tail = (head, tail) if kv_head < 0 else (kv_head, kv_tail)
     # Contiguous, as the fake says (compiled graphs assert the real strides against it).
-    return _distrifusion(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head, tail).contiguous()
+    return _distrifusion(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head, tail,
+                         kv_head, kv_tail).contiguous()
 
 
 @distrifusion_attention.register_fake
-def _(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head=0, tail=0):  # type: ignore[no-untyped-def]
+def _(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head=0, tail=0, kv_head=-1, kv_tail=-1):  # type: ignore[no-untyped-def]
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -253,7 +258,8 @@ def distrifusion_comm_bytes(k_shape: tuple[int, ...], v_dim: int, itemsize: int,
 
 def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                         scale: float | None, state_key: str, layer: str, split: list[int], patch: int,
-                        head: int, tail: int, out_text: bool, mesh_key: str, sp_split: list[int]) -> torch.Tensor:
+                        head: int, tail: int, out_text: bool, mesh_key: str, sp_split: list[int],
+                        kv_head: int, kv_tail: int) -> torch.Tensor:
     """A patch cut further over the ``ulysses`` axis: an all-to-all gives every rank all of the
     patch's rows for its heads; its buffer holds those heads of the whole sequence (text rows are
     on every rank: each takes its heads, nothing is sent). The output goes back to row pieces."""
@@ -265,8 +271,8 @@ def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     lo, hi = me * (h // u), (me + 1) * (h // u)
     s_me = sp_split[me]
 
-    def heads_of(t: torch.Tensor) -> torch.Tensor:
-        text = t.shape[-2] - s_me  # 0, or head + tail text rows (whole)
+    def heads_of(t: torch.Tensor, head: int) -> torch.Tensor:
+        text = t.shape[-2] - s_me  # 0, or the text rows (whole)
         th, body, tt = t[..., :text and head, :], t[..., (text and head):(text and head) + s_me, :], \
             t[..., (text and head) + s_me:, :]
         body = _ulysses_in(body, sp_split, me, group)
@@ -274,8 +280,8 @@ def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
     if mask is not None and mask.dim() >= 3 and mask.shape[-3] > 1:
         mask = mask[..., lo:hi, :, :]
-    res = _pipefusion(heads_of(q), heads_of(k), heads_of(v), mask, scale, state_key, layer, split, patch,
-                      head, tail, out_text)
+    res = _pipefusion(heads_of(q, head), heads_of(k, kv_head), heads_of(v, kv_head), mask, scale, state_key,
+                      layer, split, patch, head, tail, out_text, kv_head, kv_tail)
     rows = split[patch]
     th = head if out_text else 0
     body = _ulysses_out(res[..., th:th + rows, :], sp_split, me, group)
@@ -287,14 +293,14 @@ def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 scale: float | None, state_key: str, layer: str, split: list[int], patch: int,
-                head: int, tail: int, out_text: bool) -> torch.Tensor:
+                head: int, tail: int, out_text: bool, kv_head: int, kv_tail: int) -> torch.Tensor:
     st = get_state(state_key)
     offs = offsets(split)
-    total = head + offs[-1] + tail
-    lo, hi = head + offs[patch], head + offs[patch + 1]
+    total = kv_head + offs[-1] + kv_tail  # the buffer: K/V rows of the whole sequence
+    lo, hi = kv_head + offs[patch], kv_head + offs[patch + 1]
     s_me = hi - lo
     slot = st.slot(layer)
-    kv_text = k.shape[-2] - s_me  # 0, or head + tail: this patch holds the text rows
+    kv_text = k.shape[-2] - s_me  # 0, or kv_head + kv_tail: this patch holds the K/V text rows
     if slot not in st.buffers:
         if len(split) > 1 and patch != 0:
             raise RuntimeError(f"PipeFusion layer {layer}: patch {patch} runs before the buffer "
@@ -305,11 +311,11 @@ def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     if st.poison is not None:
         st.poison("write", layer, patch, buf_k, buf_v)
     if kv_text:  # fresh text K/V (the text rows' patch): written before any other patch reads
-        buf_k[..., :head, :] = k[..., :head, :]
-        buf_v[..., :head, :] = v[..., :head, :]
-        buf_k[..., total - tail:, :] = k[..., k.shape[-2] - tail:, :]
-        buf_v[..., total - tail:, :] = v[..., v.shape[-2] - tail:, :]
-    kb0 = head if kv_text else 0
+        buf_k[..., :kv_head, :] = k[..., :kv_head, :]
+        buf_v[..., :kv_head, :] = v[..., :kv_head, :]
+        buf_k[..., total - kv_tail:, :] = k[..., k.shape[-2] - kv_tail:, :]
+        buf_v[..., total - kv_tail:, :] = v[..., v.shape[-2] - kv_tail:, :]
+    kb0 = kv_head if kv_text else 0
     buf_k[..., lo:hi, :] = k[..., kb0:kb0 + s_me, :]
     buf_v[..., lo:hi, :] = v[..., kb0:kb0 + s_me, :]
     if st.poison is not None:
@@ -318,7 +324,9 @@ def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     if q_text and not out_text:  # text queries whose output another patch keeps
         q = q[..., head:head + s_me, :]
         q_text = 0
-    q_pos = _arange((0, head if q_text else 0), (lo, hi), (total - (tail if q_text else 0), total),
+    # Query rows at their positions in Q's global layout (the mask's rows).
+    q_total, q_lo = head + offs[-1] + tail, head + offs[patch]
+    q_pos = _arange((0, head if q_text else 0), (q_lo, q_lo + s_me), (q_total - (tail if q_text else 0), q_total),
                     device=q.device)
     return _sdpa(q, buf_k, buf_v, _mask_rows(mask, q_pos), scale)
 
@@ -340,6 +348,8 @@ def pipefusion_attention(
     mesh_key: str | None = None,
     sp_split: list[int] | None = None,
     sp_rank: int = 0,
+    kv_head: int = -1,
+    kv_tail: int = -1,
 ) -> torch.Tensor:
     """Attention of patch ``patch``'s query rows over the layer's displaced-K/V buffer, after
     writing this patch's fresh K/V into it (see the module docstring).
@@ -347,19 +357,22 @@ def pipefusion_attention(
     ``q``/``k``/``v`` hold patch ``patch``'s body rows, with all ``head``/``tail`` text rows
     before/after them when this patch holds the text; ``out_text``: whether the output keeps
     text rows (else only the body rows). With ``mesh_key`` the body rows are this rank's piece
-    ``sp_split`` of the patch over the ``ulysses`` axis (and so are the output's)."""
+    ``sp_split`` of the patch over the ``ulysses`` axis (and so are the output's).
+    ``kv_head``/``kv_tail``: K/V's own text rows where they differ from Q's (-1: Q's)."""
+    kv_head, kv_tail = (head, tail) if kv_head < 0 else (kv_head, kv_tail)
     if mesh_key:
         assert sp_split is not None
         out = _pipefusion_ulysses(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail,
-                                  out_text, mesh_key, list(sp_split))
+                                  out_text, mesh_key, list(sp_split), kv_head, kv_tail)
     else:
-        out = _pipefusion(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail, out_text)
+        out = _pipefusion(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail, out_text,
+                          kv_head, kv_tail)
     return out.contiguous()  # as the fake says (compiled graphs assert the real strides against it)
 
 
 @pipefusion_attention.register_fake
 def _(q, k, v, attn_mask, scale, state_key, layer, split, patch, head=0, tail=0, out_text=False,  # type: ignore[no-untyped-def]
-      mesh_key=None, sp_split=None, sp_rank=0):
+      mesh_key=None, sp_split=None, sp_rank=0, kv_head=-1, kv_tail=-1):
     rows = (split[patch] if not mesh_key else sp_split[sp_rank]) + (head + tail if out_text else 0)
     return q.new_empty((*q.shape[:-2], rows, v.shape[-1]))
 

@@ -151,6 +151,22 @@ def _g(*shape: int, seed: int = 0) -> torch.Tensor:
 
 F = torch.nn.functional
 
+
+def _heads(z: torch.Tensor) -> torch.Tensor:
+    """[B, S, 8] rows -> [B, 2 heads, S, 4]."""
+    return z.unflatten(-1, (2, 4)).transpose(1, 2)
+
+
+# (Q, K, V) rows from image rows x and text rows t, in the joint layouts attention meets.
+_LAYOUTS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]] = {
+    "image_q_joint_kv": lambda x, t: (x, torch.cat([x * 2, t], 1), torch.cat([x + 1, t * 3], 1)),
+    "joint_q_image_kv": lambda x, t: (torch.cat([t, x], 1), x * 2, x + 1),
+    "q_text_head_kv_text_tail": lambda x, t: (torch.cat([t, x], 1), torch.cat([x * 2, t * 2], 1),
+                                              torch.cat([x + 1, t + 1], 1)),
+    "other_text_lengths": lambda x, t: (torch.cat([t[:, :1], x], 1), torch.cat([t, x * 2], 1),
+                                        torch.cat([t + 1, x + 1], 1)),
+}
+
 # DiT-shaped samples: the op with the argument forms diffusers models use.
 DIT_SAMPLES: dict[str, list[Sample]] = {
     "linear": [Sample("dit.linear", lambda x, w, b: F.linear(x, w, b), (_g(2, 6, 4), _g(5, 4), _g(5)))],
@@ -164,6 +180,14 @@ DIT_SAMPLES: dict[str, list[Sample]] = {
             (_g(1, 3, 4), _g(1, 2, 6, 4))),
         Sample("dit.sdpa_mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
                (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1), _g(1, 2, 6, 4, seed=2), _g(1, 1, 6, 6, seed=3))),
+        # Q and K/V in different joint layouts (image rows x, text rows t): text on K/V only
+        # (image queries over image + text keys), on Q only, at the head of Q and the tail of
+        # K/V, with other text lengths; and a key mask over image + text keys.
+        *[Sample(f"dit.sdpa_layout_{name}", lambda x, t, f=f: F.scaled_dot_product_attention(
+            *[_heads(z) for z in f(x, t)]), (_g(1, 6, 8), _g(1, 3, 8, seed=1))) for name, f in _LAYOUTS.items()],
+        Sample("dit.sdpa_layout_image_q_key_mask", lambda x, t, m: F.scaled_dot_product_attention(
+            *[_heads(z) for z in _LAYOUTS["image_q_joint_kv"](x, t)], attn_mask=m),
+            (_g(1, 6, 8), _g(1, 3, 8, seed=1), _g(1, 1, 1, 9, seed=3))),
     ],
     "conv2d": [
         Sample("dit.patch_embed", lambda x, w, b: F.conv2d(x, w, b, stride=2), (_g(1, 3, 8, 6), _g(4, 3, 2, 2), _g(4))),
@@ -352,7 +376,7 @@ def check_sample(packet: str, s: Sample, plans: list[Plan], limit: int = 24, fir
                     bad = [b for b in ctx.breaks if b.reason.startswith("rule failed")]
                     assert not bad, bad[0].reason
                     broke = broke or _breaks_at(ctx, packet)
-                    run = RankRun(rgm, ref, rank)
+                    run = RankRun(rgm, ref, rank, gm)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         outs = run.run(*s.tensors, enable_io_processing=False)

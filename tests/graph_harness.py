@@ -33,6 +33,7 @@ from xdit_compile.placement import Partial, Shard, fmt
 from xdit_compile.plan import Plan
 from xdit_compile.runtime import reshard
 from xdit_compile.runtime.mesh import MeshInfo
+from xdit_compile.runtime.opargs import op_args
 from xdit_compile.runtime.reshard import (
     all_reduce_sum,
     gather_shard,
@@ -118,8 +119,10 @@ def compile_for(
 
 
 def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s part of the global tensor ``t`` under placement ``p``."""
+    """Rank ``rank``'s part of the global tensor ``t`` under placement ``p`` (which must describe
+    all of ``t``'s rows: a layout of another length is an error, not a slice)."""
     if isinstance(p, Shard):
+        assert p.total == t.shape[p.dim], f"placement {p} ({p.total} rows) on a tensor of {tuple(t.shape)}"
         text = (rank, len(p.split)) if p.text else (-1, 0)
         return slice_shard(t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank], p.head,
                            p.tail, text)
@@ -195,17 +198,43 @@ def reference(gm: fx.GraphModule, /, *args: Any, **kwargs: torch.Tensor) -> dict
     return rec.values
 
 
+def usp_layouts(n: fx.Node) -> tuple[Shard, Shard, Shard]:
+    """The layouts an ``xdit::usp_attention`` call says its Q, K/V and output have, from its
+    arguments alone (the op's contract), on the row dim of its inputs."""
+    a = op_args(n)
+    q = a["q"].meta["val"]
+    dim = q.dim() - 2
+    n_ranks = len(a["split"])
+    q_text = a["q_cut"]
+    kv_split = a["kv_split"] if a["kv_split"] is not None else a["split"]
+    kv_head, kv_tail = (a["kv_head"], a["kv_tail"]) if a["kv_split"] is not None else (a["head"], a["tail"])
+    pq = Shard(dim, tuple(a["split"]), head=a["head"], tail=a["tail"], text=bool(q_text and (a["head"] or a["tail"])))
+    pk = Shard(dim, tuple(kv_split), head=kv_head, tail=kv_tail)
+    out_text = a["text_rank"] >= 0 and bool(a["head"] or a["tail"])
+    po = Shard(dim, tuple(a["split"]), head=a["head"], tail=a["tail"], text=out_text)
+    assert len(kv_split) == n_ranks
+    return pq, pk, po
+
+
 class RankRun(fx.Interpreter):
     """One rank's rewritten graph on local tensors, every node checked against its placement.
 
     ``ref`` holds the global value of every node of the original graph (``reference``). Nodes
     with a ``Partial`` placement are not checked but kept in ``partials``, for the caller to sum
     over the ranks; ``checked`` counts the nodes that were compared.
+
+    Parallel attention (``xdit::usp_attention``) is checked against the unrewritten graph: its
+    local Q, K and V must be this rank's pieces, in the layouts its arguments name, of the
+    captured SDPA's inputs (``orig``: the captured graph, whose node the op's
+    ``meta["xdit_origin"]`` names), and its output is that SDPA's value in the output layout. The
+    op itself is tested on real process groups (``tests/test_attention_layouts.py``).
     """
 
-    def __init__(self, gm: fx.GraphModule, ref: dict[str, Any], rank: int) -> None:
+    def __init__(self, gm: fx.GraphModule, ref: dict[str, Any], rank: int,
+                 orig: fx.GraphModule | None = None) -> None:
         super().__init__(gm)
         self.ref, self.rank = ref, rank
+        self.orig = {n.name: n for n in orig.graph.nodes} if orig is not None else {}
         self.glob: dict[str, Any] = {}
         self.partials: dict[str, torch.Tensor] = {}
         self.checked = 0
@@ -213,13 +242,46 @@ class RankRun(fx.Interpreter):
     def _g(self, a: Any) -> Any:
         return self.glob[a.name] if isinstance(a, fx.Node) else a
 
+    def _origin(self, n: fx.Node) -> fx.Node | None:
+        return self.orig.get(n.meta.get("xdit_origin", ""))
+
+    def _usp_global(self, n: fx.Node) -> torch.Tensor:
+        sdpa = self._origin(n)
+        if sdpa is not None:  # the captured SDPA's own value
+            return self.ref[sdpa.name]
+        q, k, v, mask, scale = (self._g(a) for a in n.args[:5])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def _check_usp_inputs(self, n: fx.Node) -> None:
+        """Local Q/K/V are this rank's pieces, in the layouts the op's arguments name, of the
+        captured SDPA's inputs (GQA K/V repeated to Q's heads, as the rewrite does)."""
+        sdpa = self._origin(n)
+        if sdpa is None:
+            return
+        layouts = usp_layouts(n)
+        for i, (a, lay) in enumerate(zip(n.args[:3], layouts[:2] + layouts[1:2], strict=True)):
+            want = self.ref[sdpa.args[i].name]  # type: ignore[union-attr]
+            got = self.env[a]
+            if i and want.shape[-3] != got.shape[-3] and want.dim() >= 3:  # GQA: K/V heads repeated
+                want = want.repeat_interleave(got.shape[-3] // want.shape[-3], dim=-3)
+            p = a.meta.get("xdit_placement")
+            if isinstance(p, Shard) and (p.outer, p.inner) != (1, 1):
+                lay = p  # rows merged with another dim: the op takes the rows as they come
+            where = f"rank {self.rank}: {n.name} input {'qkv'[i]} against {sdpa.name} in layout {lay}"
+            exp = piece(want, lay, self.rank)
+            assert got.shape == exp.shape, f"{where}: shape {tuple(got.shape)} != {tuple(exp.shape)}"
+            torch.testing.assert_close(got, exp, msg=where)
+        p, po = n.meta.get("xdit_placement"), layouts[2]
+        if isinstance(p, Shard) and (p.outer, p.inner) == (1, 1):  # consumers read the op's output by p
+            assert (p.split, p.head, p.tail, p.text) == (po.split, po.head, po.tail, po.text), (
+                f"rank {self.rank}: {n.name} returns {po} by its arguments, placed as {p}")
+
     def run_node(self, n: fx.Node) -> Any:
         t, p = n.target, n.meta.get("xdit_placement")
         if t in (slice_shard, slice_text, gather_shard, gather_text, all_reduce_sum, HALO):
             g = self._g(n.args[0])
         elif t is USP:
-            q, k, v, mask, scale = (self._g(a) for a in n.args[:5])
-            g = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            g = self._usp_global(n)
         else:
             g = self.ref.get(n.name)
         self.glob[n.name] = g
@@ -243,6 +305,8 @@ class RankRun(fx.Interpreter):
                 g = g.narrow(dim, head, sum(p.split))
             full = F.pad(g.movedim(dim, -1), (top, bottom)).movedim(-1, dim)
             return full.narrow(dim, p.offset(self.rank), p.split[self.rank] + top + bottom)
+        if t is USP:
+            self._check_usp_inputs(n)
         out = piece(g, p, self.rank) if t is USP else super().run_node(n)
         if isinstance(out, torch.Tensor) and isinstance(g, torch.Tensor):
             if isinstance(p, Partial):

@@ -107,3 +107,36 @@ def test_peak_activation_bytes(fake_pg):
     want = 4 * (s * c + 2 * 4 * c * s // fake_pg)
     assert report.activation_bytes == want
     assert f"peak activation bytes on this rank: {want:,}" in report.summary()
+
+
+class _BreakAndRegroup(torch.nn.Module):
+    """A flip along the tokens (no rule: a sharding break, two inputs gathered) and attention
+    whose K arrives cut on the heads (the rule asks for the sequence cut: a regroup, no break)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        q, k, v = (z.unflatten(-1, (2, 4)).transpose(1, 2) for z in self.qkv(hidden_states).chunk(3, -1))
+        k = k.transpose(1, 2).flip(1).transpose(1, 2)  # flipped tokens: no rule for flip
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).flatten(2) + torch.flip(hidden_states, [1]) * hidden_states.flip(1)
+
+
+@pytest.mark.parametrize("fake_pg", [2], indirect=True)
+def test_break_count_agrees_with_the_break_gathers(fake_pg):
+    """Every gather listed as a sharding break names a listed break, and every listed break with
+    a sharded input has its gathers listed; other gathers (regroups, outputs) are not breaks."""
+    pm = xc.parallelize(_BreakAndRegroup(), xc.Plan(ulysses=2))
+    pm.prepare(hidden_states=torch.randn(1, 6, 8))
+    report = xc.explain(pm)
+    assert report.breaks, "the flips must break"
+    break_nodes = {b.node for b in report.breaks}
+    gathers = [c for c in report.collectives if c.op == "all_gather"]
+    labelled = {name for c in gathers if c.what.startswith("sharding break at ")
+                for name in c.what.removeprefix("sharding break at ").split(", ")}
+    assert labelled == break_nodes
+    text = report.summary()
+    assert f"sharding breaks: {len(report.breaks)}" in text
+    assert text.count("(sharding break at ") == sum(c.what.startswith("sharding break") for c in gathers)

@@ -18,10 +18,10 @@ from conformance import (
     rule_ops,
     samples,
 )
-from graph_harness import ALL_NO_SEED, compile_for
+from graph_harness import ALL_NO_SEED, RankRun, compile_for, reference
 
 from xdit_compile.capture import capture
-from xdit_compile.passes.sharding import engine
+from xdit_compile.passes.sharding import engine, propagate
 from xdit_compile.passes.sharding.engine import Decision, RuleCtx
 from xdit_compile.placement import Shard
 from xdit_compile.plan import Plan
@@ -74,6 +74,9 @@ def _local(node: fx.Node, rc: RuleCtx) -> Decision:
 @pytest.mark.parametrize("op", ["topk", "sort", "argsort", "cumsum", "cummax", "gather", "scatter_add", "max",
                                 "argmax", "index_select", "kthvalue"])
 def test_harness_catches_cross_token_ops_treated_as_local(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The harness alone: propagation's own check (a decision whose layout does not fit the
+    # tensor becomes a break) would turn some of these wrong rules into exact breaks.
+    monkeypatch.setattr(propagate, "_misfit", lambda d, node: "")
     packet = getattr(aten, op)
     monkeypatch.setitem(engine.RULES, packet, _local)
     for o in packet.overloads():
@@ -95,6 +98,20 @@ def _topk_k_as_size(node: fx.Node, rc: RuleCtx) -> Decision:
     k = int(node.args[1])
     local_k = max(1, k * sh.local_size(rc.rank) // sh.total)
     return Decision(out=(sh, sh), args=(x, local_k, *node.args[2:]))
+
+
+def test_a_decision_that_does_not_fit_its_tensor_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Propagation checks every decision against the global shapes: a rule that gives top-k's
+    k outputs the input's cut of n rows (or asks for an input layout of another length) is a
+    reported break, gathered and exact, never a wrong slice."""
+    monkeypatch.setitem(engine.RULES, aten.topk, _local)
+    x = torch.randn(2, 6, 4)
+    gm = capture(_Boom(), (x,), {})
+    for rank in (0, 1):
+        rgm, ctx = compile_for(gm, rank, ALL_NO_SEED, Plan(ulysses=2), seeds={0: Shard(2, (2, 2))})
+        assert [b.node for b in ctx.breaks] == ["topk"] and ctx.breaks[0].reason.startswith("rule error: output")
+        out = RankRun(rgm, reference(gm, x), rank, gm).run(x, enable_io_processing=False)[0]
+        torch.testing.assert_close(out, _Boom()(x))
 
 
 def test_harness_catches_an_integer_argument_rewritten_as_a_size(monkeypatch: pytest.MonkeyPatch) -> None:

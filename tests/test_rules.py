@@ -52,6 +52,7 @@ from xdit_compile.placement import (
 from xdit_compile.plan import Plan
 from xdit_compile.runtime import reshard
 from xdit_compile.runtime.mesh import MeshInfo
+from xdit_compile.runtime.opargs import op_args
 from xdit_compile.runtime.reshard import all_reduce_sum, gather_shard, slice_shard
 
 aten = torch.ops.aten
@@ -85,7 +86,7 @@ class Case:
         for rank in range(plan.sp_degree):
             gm, ctx = self.compile(seeds, rank, plan)
             assert not [n for n in gm.graph.nodes if n.target is redistribute]
-            run = RankRun(gm, self.ref, rank)
+            run = RankRun(gm, self.ref, rank, self.gm)
             outs = run.run(*self.args, enable_io_processing=False)
             assert run.checked > 0
             for got, want in zip(outs, self.ref["output"], strict=True):
@@ -716,7 +717,8 @@ def test_joint_self_attention_is_usp_with_head() -> None:
         assert ctx.breaks == []
         (usp,) = calls(gm, USP)
         # split, head, tail; the output's 3 text rows come back cut over the ranks (2 + 1)
-        assert usp.args[6:] == ([4, 4], 3, 0, ctx.mesh.sp_rank)
+        a = op_args(usp)
+        assert (a["split"], a["head"], a["tail"], a["text_rank"]) == ([4, 4], 3, 0, ctx.mesh.sp_rank)
         assert usp.meta["xdit_placement"] == Shard(2, (4, 4), head=3, text=True)
         sites = [c for c in ctx.collectives if c.what == "usp_attention"]
         assert {c.op for c in sites} == {"all_to_all"}  # text output pieces ride with the body
@@ -730,7 +732,8 @@ def test_joint_attention_text_rows_stay_whole_when_disabled() -> None:
     case = _joint_then(attn)
     for gm, ctx in case.check({1: S1}, plan=Plan(ulysses=2, disable_passes=("shard_text_rows",))):
         (usp,) = calls(gm, USP)
-        assert usp.args[6:] == ([4, 4], 3, 0)
+        a = op_args(usp)
+        assert (a["split"], a["head"], a["tail"], a["text_rank"], a["kv_split"]) == ([4, 4], 3, 0, -1, None)
         assert usp.meta["xdit_placement"] == Shard(2, (4, 4), head=3)
         sites = [c for c in ctx.collectives if c.what == "usp_attention"]
         assert {c.op for c in sites} == {"all_to_all", "all_gather"}  # text outputs over heads
@@ -1000,7 +1003,7 @@ def test_unknown_op_breaks_with_its_source_line() -> None:
         flip = one(gm, aten.flip.default)
         assert flip.meta["xdit_placement"] == R and flip.args[0].target is gather_shard
         assert one(gm, aten.mul.Tensor).meta["xdit_placement"] == S1
-        assert [c.what for c in ctx.collectives] == ["sharding break"]
+        assert [c.what for c in ctx.collectives] == ["sharding break at flip"]
         got = RankRun(gm, reference(gm0, X), rank).run(X, enable_io_processing=False)[0]
         torch.testing.assert_close(got, _Flip()(X))
 

@@ -102,7 +102,9 @@ class _Propagator:
             ctx.degree,
             ctx.axis_rank,
             {"disabled": disabled, "ulysses": 1 if patch else ctx.mesh.ulysses,
-             "attention_projections": attention_projections(gm), "text_owner": 0 if patch else -1},
+             "attention_projections": attention_projections(gm), "text_owner": 0 if patch else -1,
+             # displaced-K/V buffers hold K/V rows by the queries' cut
+             "same_kv_rows": patch or ctx.mesh.distrifusion > 1},
         )
         self._moved: dict[tuple[fx.Node, Placement], fx.Node] = {}
 
@@ -186,6 +188,11 @@ class _Propagator:
         self._apply(node, decision)
 
     def _apply(self, node: fx.Node, d: Decision) -> None:
+        misfit = _misfit(d, node)
+        if misfit:  # a rule asked for a layout its tensor cannot have: gather, never guess
+            logger.warning("sharding rule for %s at %s: %s", node.target, node.name, misfit)
+            self._break(node, tensor_args(node), f"rule error: {misfit}")
+            return
         if d.target is not None:
             node.target = d.target
         if d.args is not None:
@@ -200,7 +207,10 @@ class _Propagator:
     def _break(self, node: fx.Node, ins: list[fx.Node], reason: str) -> None:
         for a in ins:
             if isinstance(self.rc.spec(a), Shard):
-                node.replace_input_with(a, self.move(a, R, node))
+                moved = self.move(a, R, node)
+                # the breaks whose gather this is (one gather may serve several: moves are cached)
+                moved.meta.setdefault("xdit_break", []).append(node.name)
+                node.replace_input_with(a, moved)
         self.set(node, R)
         op = str(node.target)
         self.ctx.breaks.append(ShardingBreak(node.name, op, reason, source_line(node)))
@@ -216,6 +226,27 @@ class _Propagator:
 
         node.args = tuple(fx.node.map_aggregate(node.args, gather))
         self.set(node, R)
+
+
+def _fits(p: Any, val: Any) -> bool:
+    """Whether placement ``p`` describes a tensor like ``val`` (its global size on the cut dim)."""
+    if isinstance(p, tuple):
+        return isinstance(val, tuple | list) and len(p) == len(val) and all(
+            _fits(a, b) for a, b in zip(p, val, strict=True))
+    if isinstance(p, Shard):
+        return isinstance(val, torch.Tensor) and p.dim < val.dim() and p.total == val.shape[p.dim]
+    return True
+
+
+def _misfit(d: Decision, node: fx.Node) -> str:
+    """What of decision ``d`` does not fit the global shapes of ``node`` and its inputs, or ''."""
+    for arg, want in d.inputs.items():
+        if not _fits(want, arg.meta.get("val")):
+            return f"input {arg.name} {tuple(arg.meta['val'].shape)} cannot be {want}"
+    val = node.meta.get("val")
+    if d.target is None and d.args is None and not _fits(d.out, val):
+        return f"output {tuple(getattr(val, 'shape', ()))} cannot be {d.out}"
+    return ""
 
 
 def propagate_sharding_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -277,6 +278,19 @@ def _upsample_nearest(node: fx.Node, rc: RuleCtx) -> Decision:
     return Decision(out=out, args=args)
 
 
+def _kv_layout(k: Any, pq: Shard, rc: RuleCtx) -> Shard:
+    """The layout K and V attend in: K's own sequence shard with whole text rows, or, where K is
+    not cut on its sequence dim, Q's body layout (when the lengths agree)."""
+    nd = len(rc.shape(k))
+    pk = rc.spec(k) if isinstance(k, fx.Node) else R
+    if isinstance(pk, Shard) and pk.dim == nd - 2 and not (pk.text and not pk.joint):
+        return replace(pk, text=False, text_to=-1)
+    cand = replace(pq, text=False, text_to=-1).with_dim(nd - 2)
+    if cand.total != rc.shape(k)[nd - 2]:
+        raise Break(f"K/V placement {pk} over {rc.shape(k)[nd - 2]} keys does not fit the queries' {pq}")
+    return cand
+
+
 @register_rule(*ops("scaled_dot_product_attention"))
 def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     q, k, v = node.args[:3]
@@ -322,21 +336,33 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     # keeps its own); K/V text rows must be whole on every rank: text K/V are never sent.
     # With text rows owned by one rank (``text_to``, PipeFusion's patches), K/V may hold them
     # that way too: the other patches read the owner's text K/V from the displaced buffer.
+    # K/V keep their own layout: their text rows may differ from Q's (image queries over image
+    # + text keys), and so may their body's cut.
     whole = replace(pq, text=False, text_to=-1)
     owner = rc.options.get("text_owner", -1)
-    owned = replace(pq, text=True, text_to=owner) if owner >= 0 and pq.joint else whole
-    kv = [a for a in (k, v) if isinstance(a, fx.Node)]
-    for a in kv:
+    kv = _kv_layout(k, pq, rc)
+    if (kv.outer, kv.inner) != (1, 1) and mask is not None:
+        raise Break("attention mask with a K/V sequence shard merged with another dim")
+    kv_rows = tuple(s * kv.outer * kv.inner for s in kv.split)
+    rows = tuple(s * pq.outer * pq.inner for s in pq.split)  # each rank's local rows
+    if rc.options.get("same_kv_rows") and kv_rows != rows:
+        raise Break("displaced-K/V attention with K/V rows cut otherwise than the queries'")
+    for a in (k, v):
+        if not isinstance(a, fx.Node):
+            continue
         nd_a = len(rc.shape(a))
-        if rc.spec(a) not in (whole.with_dim(nd_a - 2), owned.with_dim(nd_a - 2)):
-            wants[a] = whole.with_dim(nd_a - 2)
+        target = kv.with_dim(nd_a - 2)
+        owned = replace(target, text=True, text_to=owner) if owner >= 0 and target.joint else target
+        if rc.spec(a) not in (target, owned):
+            wants[a] = target
     # Text output rows come back cut over the ranks (``text=True``) unless disabled.
     shard_text = pq.joint and "shard_text_rows" not in rc.options.get("disabled", ())
     if pq.text and not shard_text:
         wants[q] = whole  # type: ignore[index]
-    rows = tuple(s * pq.outer * pq.inner for s in pq.split)  # each rank's local rows
     meta = {"xdit_attention": "usp", "xdit_split": rows, "xdit_joint": (pq.head, pq.tail),
             "xdit_shard_text": shard_text, "xdit_q_text_cut": pq.text and shard_text}
+    if (kv_rows, kv.head, kv.tail) != (rows, pq.head, pq.tail):
+        meta["xdit_kv"] = (kv_rows, kv.head, kv.tail)
     out = replace(pq, text=shard_text, text_to=owner if shard_text else -1)
     return Decision(out=out, inputs=wants, meta=meta)
 
