@@ -30,6 +30,7 @@ from xdit_compile.runtime.collectives import count
 from xdit_compile.runtime.displaced import DisplacedState, new_state
 from xdit_compile.runtime.mesh import ParallelMesh, build_mesh
 from xdit_compile.specialize import Probe, find_data_dependence, specialize_graph
+from xdit_compile.state import Fingerprint, StateWatch, diffusers_hooks, fingerprint
 
 __all__ = ["CompiledGraph", "ParallelModule", "build_passes", "init_distributed", "parallelize"]
 
@@ -122,7 +123,17 @@ class CompiledGraph:
 
 
 class ParallelModule(torch.nn.Module):
-    """A model parallelized by xdit_compile: same call signature and outputs as the model."""
+    """A model parallelized by xdit_compile: same call signature and outputs as the model.
+
+    It stands for the model: attributes it does not have are the model's (``config``,
+    ``set_adapters``...), and class checks see the model's class (``isinstance(pm,
+    ModelMixin)``, ``issubclass(pm.__class__, ...)``: diffusers' pipeline-level LoRA calls), while
+    ``type(pm)`` is ``ParallelModule``. Every call checks the model's Python-side state (LoRA
+    adapters, processors, hooks, replaced parameters, train/eval; :mod:`xdit_compile.state`): a
+    compiled graph runs only for the state it was captured in.
+    """
+
+    _xdit_opaque = True  # state watches of enclosing trees do not descend into this module
 
     def __init__(self, model: torch.nn.Module, plan: Plan, mesh: ParallelMesh | None,
                  region: str | None = None) -> None:
@@ -142,6 +153,16 @@ class ParallelModule(torch.nn.Module):
         """A region that runs eagerly on every rank: no latent input to cut (embeddings, routers)."""
         self.eager_flops = 0
         self._cache: dict[tuple[Any, ...], CompiledGraph] = {}
+        self._watch: StateWatch | None = None
+        """Snapshot of the model's Python-side state after the last compile or state change."""
+        self._states: dict[Fingerprint, int] = {}
+        """Every state graphs were compiled for -> its id in the cache keys."""
+        self._state_id = -1
+        self._recheck = False
+        """Compare the whole snapshot at the next call (set by :meth:`reset`: a new request)."""
+        self.state_changes: list[str] = []
+        """What changed in the model's state each time it changed after the first call (the
+        calls after it recompiled, or reused the graphs of that earlier state)."""
         self._probes: dict[tuple[Any, ...], Probe | None] = {}
         self._last: CompiledGraph | None = None
         self._pairs: CfgPairs | None = None
@@ -155,9 +176,13 @@ class ParallelModule(torch.nn.Module):
 
     def reset(self) -> None:
         """Start a new request: drop every displaced-K/V buffer (the next calls run the warmup
-        steps again). ``parallelize_pipeline`` calls it at the start of every ``pipe()`` call."""
+        steps again) and compare the model's whole state at the next call.
+        ``parallelize_pipeline`` calls it at the start of every ``pipe()`` call."""
         if self.kv_state is not None:
             self.kv_state.reset()
+        # Changes made between requests by means the mutation counter does not see (direct
+        # ``vars(m)`` writes) are caught by the full comparison at the request's first call.
+        self._recheck = True
         if self._pairs is not None:
             self._pairs.first, self._pairs.kept = None, None
 
@@ -225,8 +250,68 @@ class ParallelModule(torch.nn.Module):
             return replace(self.plan, cfg=1)
         return self.plan
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # type: ignore[override]
+        """The wrapped model's class, for ``isinstance`` / ``issubclass(x.__class__, ...)``
+        checks (``type(self)`` stays ``ParallelModule``)."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        return model.__class__ if model is not None else ParallelModule
+
+    def _get_name(self) -> str:
+        return "ParallelModule"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a ParallelModule cannot be pickled or deep-copied; save or copy its model "
+                        "(pm.model) and parallelize the copy")
+
+    def _state(self) -> int:
+        """The id of the model's current Python-side state (see :mod:`xdit_compile.state`):
+        unchanged since the last call (a few comparisons per module), an earlier state again
+        (its graphs are reused), or a new one (graphs compile for it; graphs of states whose
+        tensors the model no longer holds are dropped)."""
+        w = self._watch
+        if w is not None and not self._recheck and w.quick():
+            return self._state_id
+        self._recheck = False
+        if w is not None and w.matches():  # the mutation counter moved, the state did not
+            return self._state_id
+        fp = fingerprint(self.model)
+        if self._states and fp not in self._states:
+            old = next(f for f, i in self._states.items() if i == self._state_id)
+            what = fp.diff(old) or ["module state"]
+            self.state_changes.append("; ".join(what))
+            logger.info("%s: model state changed since the last call (%s): compiling for the new state",
+                        self.region or type(self.model).__name__, "; ".join(what))
+            self._drop_stale_states(fp)
+            if dist.is_initialized() and dist.get_world_size() > 1 and self.plan.pipefusion == 1:
+                _check_same_parameters(self.model)  # e.g. LoRA weights initialized unseeded per rank
+        hooks = diffusers_hooks(self.model)
+        if hooks:
+            raise ValueError(
+                f"{type(self.model).__name__} carries diffusers hooks ({'; '.join(hooks[:3])}): they decide "
+                f"in Python at every call, which a compiled graph cannot; remove them (e.g. "
+                f"model.disable_cache()) before calling the parallel model")
+        if fp not in self._states:
+            self._states[fp] = max(self._states.values(), default=-1) + 1
+        elif self._states[fp] != self._state_id:
+            self.state_changes.append(f"back to state {self._states[fp]} (its graphs are reused)")
+        self._state_id = self._states[fp]
+        self._watch = StateWatch.of(self.model)
+        return self._state_id
+
+    def _drop_stale_states(self, current: Fingerprint) -> None:
+        """Forget states holding tensors the model no longer has (replaced weights): their
+        graphs would keep the old tensors alive and can never be valid again."""
+        alive = {id(t) for t in current.tensors}
+        dead = {i for f, i in self._states.items() if not f.holds_only(alive)}
+        if not dead:
+            return
+        self._states = {f: i for f, i in self._states.items() if i not in dead}
+        self._cache = {k: v for k, v in self._cache.items() if k[0] not in dead}
+        self._probes = {k: v for k, v in self._probes.items() if k[0] not in dead}
+
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any], plan: Plan) -> CompiledGraph:
-        sig = _signature(args, kwargs) + (plan.cfg,)
+        sig = (self._state(), *_signature(args, kwargs), plan.cfg)  # the state id first: see _drop_stale_states
         probe = self._probes.get(sig)
         key = sig + probe(args, kwargs) if probe is not None else sig
         if key not in self._cache:
@@ -250,6 +335,7 @@ class ParallelModule(torch.nn.Module):
                 logger.info("specialized %s to data-dependent sizes %s", type(self.model).__name__, values)
             try:
                 self._cache[key] = self._compile(gm, plan)
+                self._watch = StateWatch.of(self.model)  # what capture and compile left (freed stages)
             except SeedError:
                 if self.region is None:
                     raise

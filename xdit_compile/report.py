@@ -49,6 +49,10 @@ class Report:
     activation_bytes: int = 0
     """Peak bytes of the rewritten graph's values alive at once on this rank (static liveness,
     :func:`xdit_compile.planner.peak_activation_bytes`)."""
+    state_changes: list[str] = field(default_factory=list)
+    """What changed in the model's Python-side state (LoRA adapters, processors, hooks, replaced
+    parameters...) each time it changed after the first call; the calls after each recompiled,
+    or reused an earlier state's graphs."""
 
     @property
     def bytes_per_forward(self) -> int:
@@ -93,6 +97,10 @@ class Report:
                        f"{self.region_error}); glue between regions runs eagerly:")
             for name, how in self.regions:
                 out.append(f"    {name:<40} {how}")
+        if self.state_changes:
+            out.append(f"  model state changed {len(self.state_changes)} time(s) after the first call "
+                       f"(graphs compiled for, or reused from, each state):")
+            out += [f"    {i + 1}. {c}" for i, c in enumerate(self.state_changes)]
         if self.pipefusion is not None:
             out += self.pipefusion.summary()
         if self.displaced:
@@ -176,6 +184,7 @@ def build_report(pm: Any) -> Report:
         pipefusion=info,
         displaced=_distrifusion_buffers(entry.gm),
         activation_bytes=0 if info is not None else peak_activation_bytes(entry.gm, ctx.mesh.sp_rank),
+        state_changes=list(pm.state_changes),
     )
 
 
@@ -226,4 +235,5 @@ def _region_report(pm: Any) -> Report:
         seed={}, passes=[], collectives=collectives, breaks=breaks,
         param_bytes=parameter_bytes(pm.pipeline_modules()), flops=flops, serial_flops=serial, graph="",
         regions=regions, region_error=pm.region_error,
+        state_changes=[f"{r.region}: {c}" for r in pm.all_regions() for c in r.state_changes],
     )
