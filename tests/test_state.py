@@ -258,3 +258,83 @@ def fake_pg1(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- whole pipelines
+
+
+def _save_pipeline_and_lora(root: Any) -> None:
+    """A tiny SD3 pipeline written with save_pretrained, and a random LoRA for its transformer
+    written with save_lora_weights (rank 0 writes, the others wait)."""
+    import torch.distributed as dist
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from xdit_compile.models.pipelines import build_pipeline
+
+    if dist.get_rank() == 0:
+        pipe = build_pipeline("sd3")
+        pipe.save_pretrained(root / "pipe")
+        torch.manual_seed(3)
+        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "style")
+        StableDiffusion3Pipeline.save_lora_weights(
+            root / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="style"))
+    dist.barrier()
+
+
+#: Pipeline-level LoRA calls between requests, in this order.
+PIPE_CHANGES: dict[str, Callable[[Any, Any], Any]] = {
+    "load_lora_weights": lambda p, root: p.load_lora_weights(root / "lora", adapter_name="style"),
+    "set_adapters 0.5": lambda p, root: p.set_adapters(["style"], [0.5]),
+    "fuse_lora": lambda p, root: p.fuse_lora(components=["transformer"]),
+    "unfuse_lora": lambda p, root: p.unfuse_lora(components=["transformer"]),
+    "disable_lora": lambda p, root: p.disable_lora(),
+    "enable_lora": lambda p, root: p.enable_lora(),
+    "unload_lora_weights": lambda p, root: p.unload_lora_weights(),
+}
+
+
+def _pipeline_changes(plan_kw: dict[str, int], root: Any) -> dict[str, Any]:
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    import xdit_compile as xc
+    from xdit_compile.models.pipelines import pipeline_defaults
+
+    _save_pipeline_and_lora(root)
+    serial, par = (DiffusionPipeline.from_pretrained(root / "pipe") for _ in range(2))
+    xc.parallelize_pipeline(par, xc.Plan(**plan_kw))
+
+    def image(p: Any) -> np.ndarray:
+        p.set_progress_bar_config(disable=True)
+        out = p(prompt="a fox", **pipeline_defaults("sd3"), generator=torch.Generator().manual_seed(0),
+                output_type="np")
+        return np.asarray(out.images)
+
+    def diff(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+    ref = image(serial)
+    errs, moved = {"first": diff(image(par), ref)}, {}
+    for name, change in PIPE_CHANGES.items():
+        change(serial, root)
+        change(par, root)
+        new = image(serial)
+        moved[name], ref = diff(new, ref), new
+        errs[name] = diff(image(par), ref)
+    return {"errs": errs, "moved": moved, "changes": list(par.transformer.state_changes)}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("plan", [dict(ulysses=2), dict(cfg=2)], ids=["ulysses2", "cfg2"])
+def test_pipeline_lora_calls_between_requests(pools, plan, tmp_path):
+    """``pipe.load_lora_weights`` of a saved pipeline and LoRA, then the pipeline's own adapter
+    calls, each against the serial pipeline after the same call (images, fp32: 1e-5)."""
+    for r in pools(2).run(_pipeline_changes, plan, tmp_path):
+        assert all(e < EXACT for e in r["errs"].values()), r["errs"]
+        # fusing, and enabling an adapter already in use, keep the image; the rest move it
+        still = [k for k, v in r["moved"].items() if v <= MOVES and k not in ("fuse_lora", "unfuse_lora")]
+        assert not still, r["moved"]
+        assert len(r["changes"]) >= len(PIPE_CHANGES) - 1, r["changes"]
