@@ -466,7 +466,7 @@ def test_a_group_that_cannot_start_gives_up_with_the_reason():
     assert "failed to start 2 times" in r.stderr and "divisible" in r.stderr, r.stderr[-2000:]
 
 
-def test_replica_command_line_carries_every_option() -> None:
+def test_replica_command_line_carries_every_option(tmp_path) -> None:
     """A Ray replica starts its group with `serve_args(opts)`: parsed by the CLI, the command
     line gives back the same options (host and port are the replica's own)."""
     from xdit_compile.cli import _parser, serve_options
@@ -479,7 +479,68 @@ def test_replica_command_line_carries_every_option() -> None:
                            "auto": False, "hardware": None},
         port=8123, dtype="bfloat16", sizes=["32x32", "64x32"], default_steps=7, max_steps=50, max_n=3,
         max_batch=2, max_queue=5, max_prompt_chars=99, timeout_s=12.5, warmup=False, max_start_failures=4,
-        parallel_vae=True)
+        parallel_vae=True, loras={"style": str(tmp_path), "other": str(tmp_path)})
     argv = serve_args(opts, world=2)
     assert argv[1:3] == ["-m", "xdit_compile.cli"]
     assert serve_options(_parser().parse_args(argv[3:])) == opts
+
+
+def _lora_dir(root: Any) -> str:
+    """A random LoRA for the tiny SD3 pipeline's transformer, written with save_lora_weights."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from xdit_compile.models.pipelines import build_pipeline
+
+    pipe = build_pipeline("sd3")
+    torch.manual_seed(3)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "style")
+    StableDiffusion3Pipeline.save_lora_weights(
+        root, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="style"))
+    return str(root)
+
+
+def test_each_request_runs_with_its_own_adapters(pools, tmp_path):
+    """Requests with different LoRA choices, sent together, are never batched together and never
+    see each other's adapter state: each image equals what `generate` makes with that choice."""
+    from PIL import Image
+
+    lora = _lora_dir(tmp_path / "lora")
+    refs = {}
+    for key, weights in {"base": None, "style": {"style": 1.0}, "half": {"style": 0.5}}.items():
+        out = tmp_path / f"{key}.png"
+        loras = {"style": lora} if weights else {}
+        pools(2).run(generate_job, GenerateOptions(model="sd3", prompt=["a red apple"], plan=PLAN, seed=SEED,
+                                                   output=str(out), warmup=0, loras=loras,
+                                                   lora_weights=weights or {}), timeout=600)
+        refs[key] = np.asarray(Image.open(out))
+    assert not np.array_equal(refs["base"], refs["style"]) and not np.array_equal(refs["style"], refs["half"])
+    port = free_port()
+    cmd = [sys.executable, "-m", "xdit_compile.cli", "serve", "--model", "sd3", "--cfg", "2", "--port", str(port),
+           "--max-batch", "2", "--lora", f"style={lora}"]  # batches of 2: only same-adapter requests may share one
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, lambda: proc.poll() is None)
+        srv = Server(url, refs["base"], SEED)
+        asks = {"style": {"style": 1.0}, "base": None, "half": {"style": 0.5}}
+        with ThreadPoolExecutor(3) as ex:  # queued together: one batch each, in arrival order
+            got = dict(zip(asks, ex.map(lambda w: srv.post({"prompt": "a red apple", "seed": SEED, "lora": w}),
+                                        asks.values()), strict=True))
+        for key, (code, _, body) in got.items():
+            assert code == 200, body
+            assert np.array_equal(_png(body["data"][0]["b64_json"]), refs[key]), key
+        code, _, body = srv.post({"prompt": "a red apple", "seed": SEED})  # after the others: adapters off
+        assert code == 200 and np.array_equal(_png(body["data"][0]["b64_json"]), refs["base"])
+        code, _, body = srv.post({"prompt": "a red apple", "lora": {"nope": 1.0}})
+        assert code == 400 and body["error"]["param"] == "lora" and "'nope' is not loaded" in body["error"]["message"]
+        code, _, _ = _http("POST", url + "/admin/shutdown")
+        assert code == 200
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -185,8 +185,12 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         negative_prompt=a.negative_prompt, steps=a.steps, height=a.height, width=a.width,
         frames=a.frames, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype,
         output=a.output, compare_serial=a.compare_serial, warmup=a.warmup,
-        resolution_binning=a.resolution_binning, parallel_vae=a.parallel_vae,
+        resolution_binning=a.resolution_binning, parallel_vae=a.parallel_vae, loras=_loras(a.lora),
+        lora_weights={k: float(v) for k, v in _pairs(a.lora_weight, "--lora-weight", "NAME=WEIGHT").items()},
     )
+    unknown = set(opts.lora_weights) - set(opts.loras)
+    if unknown:
+        raise ValueError(f"--lora-weight names adapters that no --lora loads: {', '.join(sorted(unknown))}")
     results = _launch(generate_job, opts, plan, a)
     if results is None:
         return 1
@@ -218,6 +222,25 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(values: list[str] | None, flag: str, form: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, rest = v.partition("=")
+        if not sep or not name or not rest:
+            raise ValueError(f"{flag} {v!r}: write {form}")
+        out[name] = rest
+    return out
+
+
+def _loras(values: list[str] | None) -> dict[str, str]:
+    """``--lora NAME=PATH`` (repeated): adapter name -> a LoRA directory or file."""
+    loras = _pairs(values, "--lora", "NAME=PATH (a directory or file written by save_lora_weights)")
+    missing = [p for p in loras.values() if not os.path.exists(p)]
+    if missing:
+        raise ValueError(f"--lora: no such file or directory: {', '.join(missing)}")
+    return loras
+
+
 def serve_options(a: argparse.Namespace) -> Any:
     """The ``ServeOptions`` of parsed ``serve`` arguments (``ray_serve.serve_args`` is the inverse)."""
     from xdit_compile.serve import ServeOptions
@@ -226,7 +249,7 @@ def serve_options(a: argparse.Namespace) -> Any:
                         parallel_vae=a.parallel_vae, sizes=list(a.sizes), default_steps=a.steps,
                         max_steps=a.max_steps, max_n=a.max_n, max_batch=a.max_batch, max_queue=a.max_queue,
                         max_prompt_chars=a.max_prompt_chars, timeout_s=a.request_timeout,
-                        max_start_failures=a.max_start_failures, warmup=not a.no_warmup)
+                        max_start_failures=a.max_start_failures, warmup=not a.no_warmup, loras=_loras(a.lora))
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -412,6 +435,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --auto: the hardware profile (default: this machine's device)")
     g.add_argument("--output", default=None, help="image .png, or video .mp4 / frame directory")
     g.add_argument("--compare-serial", action="store_true", help="also time the plain pipeline on rank 0")
+    g.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="load a LoRA adapter (a directory or file written by save_lora_weights); repeatable")
+    g.add_argument("--lora-weight", action="append", metavar="NAME=WEIGHT",
+                   help="use only these adapters, at these weights (default: every --lora at 1.0); repeatable")
     g.add_argument("--warmup", type=int, default=1, help="untimed calls first (the first compiles)")
     g.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -457,6 +484,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-prompt-chars", type=int, default=2000)
     v.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (queue + run)")
     v.add_argument("--no-warmup", action="store_true", help="do not compile the served sizes at start")
+    v.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="load a LoRA adapter a request may ask for by name (\"lora\": {NAME: weight}); repeatable")
     v.add_argument("--max-start-failures", type=int, default=3,
                    help="consecutive failed starts of the process group before the command gives up")
     v.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")

@@ -65,6 +65,10 @@ class GenerateOptions:
     """Untimed calls first (the first one captures and compiles the transformer)."""
     parallel_vae: bool = False
     """Cut the VAE's rows (decoder and encoder) over every rank too (``parallelize_pipeline(vae=True)``)."""
+    loras: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters to load (name -> what ``pipe.load_lora_weights`` takes: a directory or file)."""
+    lora_weights: dict[str, float] = field(default_factory=dict)
+    """The adapters the call uses, with their weights (empty: every loaded adapter at 1.0)."""
 
 
 @dataclass
@@ -153,6 +157,30 @@ def load_pipeline(model: str, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
 
         return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype), {}
     return build_pipeline(model, dtype=dtype), pipeline_defaults(model)
+
+
+def load_loras(pipe: Any, loras: dict[str, str]) -> None:
+    """Load LoRA adapters into ``pipe`` (name -> a directory or file written by
+    ``save_lora_weights``), every one of them off; :func:`use_adapters` turns them on."""
+    if not loras:
+        return
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"--lora: {type(pipe).__name__} cannot load LoRA weights (no load_lora_weights)")
+    for name, path in loras.items():
+        pipe.load_lora_weights(path, adapter_name=name)
+    pipe.disable_lora()
+
+
+def use_adapters(pipe: Any, weights: dict[str, float]) -> None:
+    """Exactly the loaded adapters named in ``weights`` on, at those weights; none: all off.
+    (Pipelines with no adapter loaded are left as they are.)"""
+    if not getattr(getattr(pipe, "transformer", None), "peft_config", None):
+        return
+    if not weights:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters(list(weights), list(weights.values()))
 
 
 def _call_kwargs(pipe: Any, o: GenerateOptions, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +318,8 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
     if dtype is None:
         raise ValueError(f"--dtype {o.dtype!r}: choose one of {', '.join(_DTYPES)}")
     pipe, defaults = load_pipeline(o.model, dtype)
+    load_loras(pipe, o.loras)
+    use_adapters(pipe, o.lora_weights or dict.fromkeys(o.loras, 1.0))
     kw = _call_kwargs(pipe, o, defaults)
     result = GenerateResult(rank=rank, shape=[], total_s=0.0, tolerance=TOLERANCE[dtype],
                             call=_shown_call(pipe, kw))

@@ -64,6 +64,8 @@ def serve_args(opts: ServeOptions, world: int, threads: int = 1) -> list[str]:
         args.append("--no-warmup")
     if opts.parallel_vae:
         args.append("--parallel-vae")
+    for name, path in opts.loras.items():
+        args += ["--lora", f"{name}={path}"]
     return args
 
 

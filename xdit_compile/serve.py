@@ -88,6 +88,10 @@ class ServeOptions:
     """Cut the VAE's rows (decoder and encoder) over every rank too (``parallelize_pipeline(vae=True)``)."""
     served_name: str | None = None
     """The model id in ``/v1/models`` and responses (default: ``model``)."""
+    loras: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters loaded at start (name -> a directory or file written by ``save_lora_weights``).
+    A request picks its own (``"lora": {name: weight}``; none: every adapter off); requests run
+    only with requests of the same adapters and weights, each combination compiled once."""
 
 
 @dataclass
@@ -135,6 +139,8 @@ class Job:
     negative_prompt: str | None
     frames: int | None = None
     kind: str = "image"
+    lora: tuple[tuple[str, float], ...] = ()
+    """The adapters this request runs with, and their weights (sorted by name)."""
     created: float = field(default_factory=time.monotonic)
     created_at: int = field(default_factory=lambda: int(time.time()))
     step: int = 0
@@ -148,13 +154,15 @@ class Job:
     @property
     def signature(self) -> tuple[Any, ...]:
         """What must be equal for requests to share one pipeline call."""
-        return (self.width, self.height, self.frames, self.steps, self.guidance_scale, self.negative_prompt)
+        return (self.width, self.height, self.frames, self.steps, self.guidance_scale, self.negative_prompt,
+                self.lora)
 
     def spec(self) -> dict[str, Any]:
         """What the other ranks need to run it (plain data, broadcast)."""
         return {"id": self.id, "prompt": self.prompt, "n": self.n, "seed": self.seed, "width": self.width,
                 "height": self.height, "frames": self.frames, "steps": self.steps,
-                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
+                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt,
+                "lora": [list(x) for x in self.lora]}
 
     def should_abort(self) -> bool:
         return self.aborted.is_set() or time.monotonic() > self.deadline
@@ -379,7 +387,20 @@ class Service:
         prefix = "video" if kind == "video" else "img"
         return Job(id=f"{prefix}-{next(self._ids)}", prompt=body.prompt, n=n, seed=seed, width=w, height=h,
                    steps=steps, guidance_scale=body.guidance_scale, negative_prompt=body.negative_prompt,
-                   frames=frames, kind=kind, deadline=time.monotonic() + o.timeout_s, timeout_s=o.timeout_s)
+                   frames=frames, kind=kind, deadline=time.monotonic() + o.timeout_s, timeout_s=o.timeout_s,
+                   lora=self._lora(getattr(body, "lora", None)))
+
+    def _lora(self, asked: dict[str, float] | None) -> tuple[tuple[str, float], ...]:
+        if not asked:
+            return ()
+        unknown = sorted(set(asked) - set(self.opts.loras))
+        if unknown:
+            served = ", ".join(sorted(self.opts.loras)) or "none (start the service with --lora NAME=PATH)"
+            raise ApiError(400, f"lora {', '.join(map(repr, unknown))} is not loaded; loaded: {served}", "lora")
+        bad = [k for k, w in asked.items() if not math.isfinite(w)]
+        if bad:
+            raise ApiError(400, f"lora weight of {bad[0]!r} is not a finite number", "lora")
+        return tuple(sorted((k, float(w)) for k, w in asked.items()))
 
     def keep_video(self, job: Job) -> None:
         with self._videos_lock:
@@ -461,6 +482,8 @@ def build_app(svc: Service) -> Any:
         guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
         seed: int | None = Field(None, ge=0, le=2**63 - 1)
         negative_prompt: str | None = None
+        lora: dict[str, float] | None = None
+        """LoRA adapters (loaded with ``--lora``) and their weights for this request."""
         stream: bool = False
         """Server-sent events: ``image_generation.progress`` at every step, then
         ``image_generation.completed`` with the images (or ``error``)."""
@@ -475,6 +498,7 @@ def build_app(svc: Service) -> Any:
         guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
         seed: int | None = Field(None, ge=0, le=2**63 - 1)
         negative_prompt: str | None = None
+        lora: dict[str, float] | None = None
 
     app = FastAPI(title="xdit_compile", version="0.1.0")
 
@@ -684,9 +708,12 @@ def _call_for(pipe: Any, defaults: dict[str, Any], specs: list[dict[str, Any]]) 
         generator=[torch.Generator().manual_seed(x["seed"] + k) for x in specs for k in range(x["n"])])
 
 
-def _run_batch(pipe: Any, call: dict[str, Any], on_step: Callable[[], None]) -> np.ndarray:
-    from xdit_compile.generate import output_array, step_callback
+def _run_batch(pipe: Any, call: dict[str, Any], on_step: Callable[[], None],
+               lora: list[list[Any]] | None = None) -> np.ndarray:
+    """One batch: its adapters on (every rank: the batch's spec carries them), then the call."""
+    from xdit_compile.generate import output_array, step_callback, use_adapters
 
+    use_adapters(pipe, {name: float(w) for name, w in lora or []})
     with torch.no_grad():
         return output_array(pipe(**call, **step_callback(pipe, on_step)))
 
@@ -694,12 +721,13 @@ def _run_batch(pipe: Any, call: dict[str, Any], on_step: Callable[[], None]) -> 
 def _setup(opts: ServeOptions) -> tuple[Any, dict[str, Any]]:
     """This rank's pipeline, loaded and parallelized (inside an initialized process group)."""
     import xdit_compile as xc
-    from xdit_compile.generate import _DTYPES, load_pipeline
+    from xdit_compile.generate import _DTYPES, load_loras, load_pipeline
 
     dtype = _DTYPES.get(opts.dtype)
     if dtype is None:
         raise ValueError(f"--dtype {opts.dtype!r}: choose one of {', '.join(_DTYPES)}")
     pipe, defaults = load_pipeline(opts.model, dtype)
+    load_loras(pipe, opts.loras)
     pipe = xc.parallelize_pipeline(pipe, xc.Plan(**opts.plan), vae=opts.parallel_vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe, defaults
@@ -709,11 +737,13 @@ def _warmup(pipe: Any, defaults: dict[str, Any], svc: "Service") -> None:
     """Compile every served size at every batch size once, before the first request (every
     rank, same calls)."""
     if svc.opts.warmup:  # every batch size too: each is an input signature of its own
-        for w, h in svc.sizes:
-            for b in range(1, svc.opts.max_batch + 1):
-                spec = Job(id="warmup", prompt="warmup", n=b, seed=0, width=w, height=h, steps=svc.default_steps,
-                           guidance_scale=None, negative_prompt=None).spec()
-                _run_batch(pipe, _call_for(pipe, defaults, [spec]), lambda: None)
+        # no adapter, and each loaded adapter alone at weight 1 (other combinations compile at first use)
+        for lora in [(), *(((name, 1.0),) for name in sorted(svc.opts.loras))]:
+            for w, h in svc.sizes:
+                for b in range(1, svc.opts.max_batch + 1):
+                    spec = Job(id="warmup", prompt="warmup", n=b, seed=0, width=w, height=h, steps=svc.default_steps,
+                               guidance_scale=None, negative_prompt=None, lora=lora).spec()
+                    _run_batch(pipe, _call_for(pipe, defaults, [spec]), lambda: None, spec["lora"])
     dist.barrier()
 
 
@@ -928,7 +958,7 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
             j.step, j.steps_total = 0, int(total)
         t0, started = time.perf_counter(), time.monotonic()
         try:
-            arr = _run_batch(pipe, call, on_step)
+            arr = _run_batch(pipe, call, on_step, specs[0].get("lora"))
         except _Aborted:
             stats.aborted_batches += 1
             if rank == 0:
