@@ -26,9 +26,11 @@ import torch
 import torch.fx as fx
 
 from xdit_compile.driver import CollectiveSite, PassContext, PassResult
+from xdit_compile.placement import even_split
 from xdit_compile.runtime import attention as _rt_attention  # noqa: F401  (registers xdit ops)
-from xdit_compile.runtime.attention import usp_comm_bytes
+from xdit_compile.runtime.attention import ulysses_heads, usp_comm_bytes
 from xdit_compile.runtime.displaced import distrifusion_comm_bytes
+from xdit_compile.runtime.mesh import MeshInfo
 
 __all__ = ["expand_gqa", "rewrite_attention_pass"]
 
@@ -101,6 +103,9 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             rows, kv_head, kv_tail = node.meta["xdit_kv"]
             kv_split = list(rows)
             kwargs.update(kv_split=kv_split, kv_head=kv_head, kv_tail=kv_tail)
+        u_eff = int(node.meta.get("xdit_ulysses", -1))  # fewer heads than the ulysses degree
+        if u_eff > 0:
+            kwargs["ulysses"] = u_eff
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.xdit.usp_attention.default,
@@ -113,15 +118,29 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         qv, vv = q.meta["val"], v.meta["val"]  # type: ignore[union-attr]
+        new.meta["xdit_work"] = _work_share(ctx.mesh, int(qv.shape[-3]), split, head + tail, shard_text, u_eff)
         local_q = list(qv.shape)
         local_q[-2] = split[ctx.mesh.sp_rank]  # body rows (text rows are counted apart)
         for (op, axis), (calls, nbytes) in usp_comm_bytes(
             tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, (head, tail), shard_text, q_cut,
-            kv_split,
+            kv_split, u_eff,
         ).items():
             ctx.collectives.append(CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention"))
         changed = True
     return PassResult(gm, changed)
+
+
+def _work_share(info: MeshInfo, heads: int, split: list[int], text: int, shard_text: bool, ulysses: int) -> float:
+    """This rank's share of the attention's FLOPs: its heads (dealt unevenly where the degree
+    does not divide them) of its Ulysses group's query rows (with its text query rows), over
+    all keys. The first ranks get the extra heads and rows: rank 0 is the slowest, and the cost
+    model accounts it."""
+    lo, hi = ulysses_heads(info, heads, ulysses)
+    u = info.ulysses if ulysses <= 0 else ulysses
+    first = (info.sp_rank // u) * u
+    n = len(split)
+    q_text = sum(even_split(text, n)[first:first + u]) if shard_text else text
+    return (hi - lo) / heads * (sum(split[first:first + u]) + q_text) / (sum(split) + text)
 
 
 def _distrifusion(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, qkv: tuple, split: list[int],

@@ -123,9 +123,6 @@ def _pipefusion_rule(node: fx.Node, rc: RuleCtx) -> Decision:
     nd = len(rc.shape(q))  # type: ignore[arg-type]
     if not isinstance(pq, Shard) or pq.dim != nd - 2 or pq.outer != 1 or pq.inner != 1 or pq.text:
         raise Break("displaced attention with a sharded head or feature dim")
-    heads, u = rc.shape(q)[-3], rc.options.get("ulysses", 1)  # type: ignore[arg-type]
-    if heads % u:
-        raise ValueError(f"attention {node.name} has {heads} heads, not divisible by ulysses={u}")
     wants: dict[fx.Node, Placement] = {}
     named = op_args(node)
     kv_head = named["kv_head"]

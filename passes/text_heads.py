@@ -33,6 +33,7 @@ import torch.fx as fx
 from xdit_compile.driver import PassContext, PassResult
 from xdit_compile.placement import Replicate
 from xdit_compile.runtime import attention as _attention  # noqa: F401  (registers xdit::usp_attention)
+from xdit_compile.runtime.attention import ulysses_heads
 from xdit_compile.runtime.opargs import op_args
 
 __all__ = ["text_heads_pass"]
@@ -221,8 +222,9 @@ def text_heads_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             q_text = (int(a["head"]), int(a["tail"]))
             kv_text = (int(a["kv_head"]), int(a["kv_tail"])) if a["kv_split"] is not None else q_text
             heads = int(a["q"].meta["val"].shape[-3])
-            r = ctx.mesh.ulysses_rank
-            h_rng = (r * heads // u, (r + 1) * heads // u)
+            h_rng = ulysses_heads(ctx.mesh, heads, int(a["ulysses"]))  # as the op deals them
+            if h_rng == (0, heads):  # Ring only (one head, say): every rank reads every head
+                continue
             # Q's text rows too, where they are on every rank (not cut: then they travel with the
             # image rows and need every head).
             roots = [(a["k"], kv_text), (a["v"], kv_text)] + ([] if a["q_cut"] else [(a["q"], q_text)])

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from xdit_compile.runtime.collectives import all_gather, count
+from xdit_compile.runtime.collectives import count
 from xdit_compile.runtime.mesh import get_mesh
 
 __all__ = [
@@ -263,19 +263,27 @@ def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     """A patch cut further over the ``ulysses`` axis: an all-to-all gives every rank all of the
     patch's rows for its heads; its buffer holds those heads of the whole sequence (text rows are
     on every rank: each takes its heads, nothing is sent). The output goes back to row pieces."""
-    from xdit_compile.runtime.attention import _ulysses_in, _ulysses_out
+    from xdit_compile.runtime.attention import (
+        _gather_heads,
+        _Ulysses,
+        _ulysses_in,
+        _ulysses_out,
+        head_groups,
+    )
 
     pm = get_mesh(mesh_key)
-    u, me, group = pm.info.ulysses, pm.info.ulysses_rank, pm.group("ulysses")
+    u, me = pm.info.ulysses, pm.info.ulysses_rank
+    ux = _Ulysses(pm.group("ulysses"), u, 0, u, me)
     h = q.shape[-3]
-    lo, hi = me * (h // u), (me + 1) * (h // u)
+    ho = offsets(list(head_groups(h, u)))  # this rank's heads (uneven where u does not divide them)
+    lo, hi = ho[me], ho[me + 1]
     s_me = sp_split[me]
 
     def heads_of(t: torch.Tensor, head: int) -> torch.Tensor:
         text = t.shape[-2] - s_me  # 0, or the text rows (whole)
         th, body, tt = t[..., :text and head, :], t[..., (text and head):(text and head) + s_me, :], \
             t[..., (text and head) + s_me:, :]
-        body = _ulysses_in(body, sp_split, me, group)
+        body = _ulysses_in(body, sp_split, ux)
         return torch.cat([th[..., lo:hi, :, :], body, tt[..., lo:hi, :, :]], dim=-2)
 
     if mask is not None and mask.dim() >= 3 and mask.shape[-3] > 1:
@@ -284,10 +292,10 @@ def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
                       layer, split, patch, head, tail, out_text, kv_head, kv_tail)
     rows = split[patch]
     th = head if out_text else 0
-    body = _ulysses_out(res[..., th:th + rows, :], sp_split, me, group)
+    body = _ulysses_out(res[..., th:th + rows, :], sp_split, ux, h)
     if not out_text:
         return body
-    text = all_gather(torch.cat([res[..., :th, :], res[..., th + rows:, :]], dim=-2), -3, group, "ulysses")
+    text = _gather_heads(torch.cat([res[..., :th, :], res[..., th + rows:, :]], dim=-2), ux, h)
     return torch.cat([text[..., :head, :], body, text[..., head:, :]], dim=-2)
 
 

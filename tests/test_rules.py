@@ -950,15 +950,14 @@ def test_sdpa_batch_shard_with_mask_sharded_like_q() -> None:
     case.check({0: heads, 3: heads})
 
 
-def test_sdpa_heads_not_divisible_by_ulysses_is_a_value_error() -> None:
-    q = torch.randn(1, 3, 8, 4)
-    case = Case(_sdpa, q, q, q)
-    with pytest.raises(ValueError, match="3 heads, not divisible by ulysses=2") as info:
-        case.compile({0: SEQ, 1: SEQ, 2: SEQ}, passes=FRONT_NO_SEED)
-    assert "propagate_sharding" in str(info.value)
-    # ring attention has no head constraint
-    gm, ctx = case.compile({0: SEQ, 1: SEQ, 2: SEQ}, plan=Plan(ring=2), passes=FRONT_NO_SEED)
-    assert one(gm, SDPA).meta["xdit_attention"] == "usp"
+def test_sdpa_takes_any_head_count() -> None:
+    """3 heads at ulysses=2: uneven head groups (no refusal); 1 head at ulysses=2: the Ulysses
+    degree drops to 1 and the axis runs as Ring (``xdit_ulysses``)."""
+    for heads, u_eff in ((3, None), (1, 1)):
+        q = torch.randn(1, heads, 8, 4)
+        gm, _ = Case(_sdpa, q, q, q).compile({0: SEQ, 1: SEQ, 2: SEQ}, passes=FRONT_NO_SEED)
+        node = one(gm, SDPA)
+        assert node.meta["xdit_attention"] == "usp" and node.meta.get("xdit_ulysses") == u_eff
 
 
 def test_sdpa_causal_or_disabled_rewrite_breaks() -> None:

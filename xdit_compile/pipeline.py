@@ -63,8 +63,8 @@ def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = Fal
 def parallelize_vae(vae: Any, plan: Plan, *, broadcast_weights: bool = False) -> Any:
     """Replace ``vae.decoder`` and ``vae.encoder`` by their :func:`~xdit_compile.parallelize` d
     versions (in place; returns ``vae``). The rows of the latent (decoder) or image (encoder)
-    are the sequence the plan cuts (``ring`` and ``ulysses`` axes; ``ulysses`` must divide the
-    mid-block attention's heads, usually 1). Both capture lazily, at their first call.
+    are the sequence the plan cuts (``ring`` and ``ulysses`` axes; a one-head attention runs as
+    Ring over both axes: the mid-block attention has one head). Both capture lazily, at their first call.
 
     Decoders and encoders that keep per-call state between calls (the causal video VAEs'
     feature caches, passed as list arguments) are refused: a captured graph cannot carry that

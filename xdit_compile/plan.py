@@ -228,18 +228,10 @@ class Plan:
             )
 
     def check_model(self, config: Mapping[str, Any] | None, name: str = "the model") -> None:
-        """Raise ``ValueError`` where ``config`` (a model's config) states its attention heads
-        and ``ulysses`` does not divide them; a config that does not tell is left to the
-        attention rule at the first call."""
-        heads = config_heads(config)
-        if heads is None or self.ulysses == 1 or heads % self.ulysses == 0:
-            return
-        fits = [d for d in range(1, heads + 1) if heads % d == 0 and d <= self.sp_degree]
-        u = math.gcd(self.ulysses, heads)
-        raise ValueError(
-            f"Plan(ulysses={self.ulysses}): {name} has {heads} attention heads, not divisible by "
-            f"{self.ulysses} (Ulysses gives each rank whole heads); use a ulysses degree in {fits} "
-            f"and the rest of the degree as ring, e.g. Plan(ulysses={u}, ring={self.sp_degree // u})")
+        """Check the plan against what ``config`` (a model's config) states, before any process
+        starts. Ulysses takes any head count (uneven head groups; fewer heads than ranks run the
+        rest of the axis as Ring), so nothing about heads is refused here."""
+        return None
 
     def __str__(self) -> str:
         if self.auto:

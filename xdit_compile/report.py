@@ -131,7 +131,10 @@ def _op_delta(before: dict[str, int], after: dict[str, int]) -> str:
 
 
 def local_fraction(node: fx.Node, rank: int) -> float:
-    """The share of ``node``'s (global) value that ``rank`` holds under its placement."""
+    """The share of ``node``'s (global) value that ``rank`` holds under its placement (for
+    parallel attention, of its work: ``meta["xdit_work"]``, set for the graph's own rank)."""
+    if "xdit_work" in node.meta:
+        return float(node.meta["xdit_work"])
     p = node.meta.get("xdit_placement")
     if isinstance(p, Shard):
         return p.local_size(rank) / p.total

@@ -29,6 +29,7 @@ from xdit_compile.passes.sharding.engine import (
 )
 from xdit_compile.passes.sharding.rules_shape import align_inputs
 from xdit_compile.placement import Partial, Placement, Replicate, Shard
+from xdit_compile.runtime.attention import ulysses_degree
 
 aten = torch.ops.aten
 R = Replicate()
@@ -321,11 +322,9 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
         raise Break("rewrite_attention is disabled")
     heads = rc.shape(q)[-3] if nd >= 3 else 1  # type: ignore[arg-type]
     u = rc.options.get("ulysses", 1)
-    if heads % u:
-        raise ValueError(
-            f"attention {node.name} has {heads} heads, not divisible by ulysses={u}; use a "
-            f"ulysses degree that divides {heads}, or ring=... for the rest of the degree"
-        )
+    # Any head count: dealt unevenly where u does not divide it; fewer heads than u: the largest
+    # divisor of u not above them is the Ulysses degree, the rest of the axis joins the ring.
+    u_eff = ulysses_degree(heads, u)
     if pq.text and not pq.joint:
         raise Break("attention over text rows only")
     if merged and mask is not None:
@@ -363,6 +362,8 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
             "xdit_shard_text": shard_text, "xdit_q_text_cut": pq.text and shard_text}
     if (kv_rows, kv.head, kv.tail) != (rows, pq.head, pq.tail):
         meta["xdit_kv"] = (kv_rows, kv.head, kv.tail)
+    if u_eff != u:
+        meta["xdit_ulysses"] = u_eff
     out = replace(pq, text=shard_text, text_to=owner if shard_text else -1)
     return Decision(out=out, inputs=wants, meta=meta)
 
