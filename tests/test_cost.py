@@ -235,13 +235,21 @@ def test_transcendentals_and_copying_reshapes_are_accounted():
 
 def test_invalid_plans_say_why(pixart_cfg):
     _, _, load = pixart_cfg
-    heads = load.heads
-    assert heads is not None and heads % 3
-    got = load.work(xc.Plan(ulysses=3))
-    assert isinstance(got, str) and "heads" in got
-    ranked = planner.rank_plans(load, 3, "h100-sxm")
-    assert any(c.prediction is None and "heads" in c.invalid for c in ranked)
-    assert ranked[0].prediction is not None  # ring=3 or dp... still valid
+    got = load.work(xc.Plan(pipefusion=4))
+    assert isinstance(got, str) and "4 stages but 2 blocks" in got
+    ranked = planner.rank_plans(load, 4, "h100-sxm", plans=[xc.Plan(pipefusion=4), xc.Plan(ulysses=4)])
+    assert ranked[-1].prediction is None and "blocks" in ranked[-1].invalid
+    assert ranked[0].prediction is not None
+
+
+def test_heads_ulysses_does_not_divide_cost_the_slowest_rank(pixart_cfg):
+    """4 heads over ulysses=3 (2 + 1 + 1): valid, and rank 0 is charged its 2 heads of every
+    query row of the self-attentions, more than a third of their work."""
+    _, _, load = pixart_cfg
+    assert load.heads is not None and load.heads % 3
+    uly, ring = load.work(xc.Plan(ulysses=3)), load.work(xc.Plan(ring=3))
+    assert not isinstance(uly, str) and not isinstance(ring, str)
+    assert uly.attention_flops > ring.attention_flops * 1.2
 
 
 def test_auto_picks_cfg_for_a_cfg_pipeline(pixart_cfg):
