@@ -3,8 +3,11 @@
 The main latent input (the first floating-point input with >= 3 dims: ``hidden_states`` of a
 diffusers DiT) is split along its outermost token-grid dimension: ``H`` of ``[B,C,H,W]``,
 ``F`` of ``[B,C,F,H,W]`` (or ``[B,F,C,H,W]``, told apart by the config's ``in_channels``) when
-there are at least as many frames (in patches) as ranks, else ``H``, and ``S`` of packed
-``[B,S,C]``. Pieces are whole multiples of the patch size, the largest product of
+there are at least as many frames (in patches) as ranks, else ``H``, ``S`` of packed
+``[B,S,C]`` and ``L`` of a 1-D sequence ``[B,C,L]``. Where the config's channel count does not
+tell the layout, or the token dims have too few rows (several images side by side in a 6-D
+latent), every other dim but the batch is tried by propagation on a copy of the graph, and the
+cut that leaves this rank the smallest share of the forward's FLOPs wins. Pieces are whole multiples of the patch size, the largest product of
 convolution strides on a path from the input (a DiT's patch embedding; a VAE encoder's
 downsamplings), so every strided convolution keeps the shard. Uneven sizes are split as evenly
 as whole patches allow. Nothing else is seeded:
@@ -25,6 +28,9 @@ from xdit_compile.placement import Shard, even_split
 from xdit_compile.runtime.reshard import slice_shard
 
 __all__ = ["graph_latent", "seed_inputs_pass", "patch_stride"]
+
+#: A fallback cut (past the token dims) must leave a rank at most this share of the FLOPs.
+_WORTH = 0.95
 
 _CONVS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
           "aten.convolution.default", "aten.conv2d.padding", "aten.conv3d.padding"}
@@ -78,6 +84,34 @@ def patch_stride(node: fx.Node, dim_from_end: int) -> int:
     return best
 
 
+def _token_dims(shape: tuple[int, ...], channels: int | None) -> tuple[list[int], bool]:
+    """The latent's token-grid dims, outermost first, and whether its layout is ambiguous (the
+    config's channel count does not tell which dim is the channels)."""
+    nd = len(shape)
+    if nd == 3:  # packed [B, S, C], or a 1-D sequence [B, C, L] (audio)
+        if channels is not None and shape[1] == channels != shape[2]:
+            return [2], False
+        if channels is not None and shape[2] == channels != shape[1]:
+            return [1], False
+        return [1, 2], True
+    if nd == 4:
+        return [2, 3], False
+    if nd == 5:
+        if channels is not None and shape[1] != channels and shape[2] == channels:
+            return [1, 3, 4], False  # frames first: [B, F, C, H, W]
+        if _ambiguous_video(shape, channels):
+            return [2, 1, 3, 4], True  # [B, C, F, H, W] or [B, F, C, H, W]: trial decides
+        return [2, 3, 4], False
+    # more dims (several latent frames or images side by side): every dim but the batch and the channels
+    return [d for d in range(1, nd) if channels is None or shape[d] != channels], True
+
+
+def _unit(node: fx.Node, shape: tuple[int, ...], dim: int) -> int:
+    """The patch size along ``dim`` (whole units a cut must keep), 1 where it does not divide."""
+    g = patch_stride(node, len(shape) - dim)
+    return g if shape[dim] % g == 0 else 1
+
+
 def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: int | None,
                 dim: int | None = None, outermost: bool = False) -> tuple[int, int]:
     """The token-grid dim to cut (outermost first, the next one where it has fewer token rows
@@ -87,18 +121,12 @@ def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: in
         if not -nd <= dim < nd:
             raise ValueError(f"Plan(seed_dim={dim}): the latent input has {nd} dims {list(shape)}")
         dim %= nd
-        g = patch_stride(node, nd - dim)
-        return dim, g if shape[dim] % g == 0 else 1
-    if nd == 3:
-        return 1, 1
-    candidates = [2, 3] if nd == 4 else [2, 3, 4] if nd == 5 else [nd - 2]
-    if nd == 5 and channels is not None and shape[1] != channels and shape[2] == channels:
-        candidates = [1, 3, 4]  # frames first: [B, F, C, H, W]
+        return dim, _unit(node, shape, dim)
+    candidates = _token_dims(shape, channels)[0]
     if outermost:  # PipeFusion's patches: rows (frames, then rows of a video) only
         candidates = candidates[:2] if nd == 5 else candidates[:1]
     for dim in candidates:
-        g = patch_stride(node, nd - dim)
-        g = g if shape[dim] % g == 0 else 1
+        g = _unit(node, shape, dim)
         if shape[dim] // g >= degree or dim == candidates[-1]:
             return dim, g
     raise AssertionError("unreachable")
@@ -110,39 +138,51 @@ def _ambiguous_video(shape: tuple[int, ...], channels: int | None) -> bool:
     return len(shape) == 5 and (channels is None or (shape[1] == channels) == (shape[2] == channels))
 
 
-def _trial_breaks(gm: fx.GraphModule, ctx: PassContext, name: str, shard: Shard) -> int:
-    """Sharding breaks of propagating ``shard`` of input ``name`` (on a copy of the graph)."""
+def _trial(gm: fx.GraphModule, ctx: PassContext, name: str, shard: Shard) -> tuple[float, int]:
+    """(the busiest rank's share of the forward's FLOPs, sharding breaks) of propagating
+    ``shard`` of input ``name``, on a copy of the graph. The same on every rank (every rank must
+    choose the same cut), whatever rank propagates it."""
     import copy
     from dataclasses import replace as dc_replace
 
+    from xdit_compile.passes.flops import node_flops
     from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
 
     trial = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     node = next(n for n in trial.graph.nodes if n.name == name)
     node.meta["xdit_seed"] = shard
     tctx = dc_replace(ctx, breaks=[], collectives=[], stats=[], graphs={}, seed={}, hints=dict(ctx.hints))
-    propagate_sharding_pass(trial, tctx)
-    return len(tctx.breaks)
+    try:
+        propagate_sharding_pass(trial, tctx)
+    except (ValueError, RuntimeError):  # a cut the rules refuse outright: the worst trial
+        return 1.0, 1 << 30
+    local, total = [0.0] * ctx.degree, 0.0
+    for n in trial.graph.nodes:
+        f = node_flops(n)
+        p = n.meta.get("xdit_placement")
+        total += f
+        for r in range(ctx.degree):
+            local[r] += f * (p.local_size(r) / p.total if isinstance(p, Shard) else 1.0)
+    return (max(local) / total if total else 1.0), len(tctx.breaks)
 
 
-def _video_dim(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, shape: tuple[int, ...],
-               degree: int) -> tuple[int, int]:
-    """Frames-first or channels-first, decided by propagation: of the token-grid dims with
-    enough rows (dim 1 or 2 as frames, then H, W), the one whose cut breaks least."""
-    best: tuple[int, int, int] | None = None
-    for dim in (2, 1, 3, 4):
-        g = patch_stride(node, 5 - dim)
-        g = g if shape[dim] % g == 0 else 1
+def _tried_dim(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, shape: tuple[int, ...], degree: int,
+               dims: list[int]) -> tuple[int, int, float] | None:
+    """Of ``dims`` with enough token rows, the one whose cut leaves this rank the least of the
+    forward's FLOPs (then: the fewest breaks; then: the first), with its share; None if none has
+    enough rows."""
+    best: tuple[float, int, int, int] | None = None
+    for i, dim in enumerate(dims):
+        g = _unit(node, shape, dim)
         if shape[dim] // g < degree:
             continue
-        n = _trial_breaks(gm, ctx, node.name, Shard(dim, even_split(shape[dim] // g, degree, g)))
-        if best is None or n < best[0]:
-            best = (n, dim, g)
-        if n == 0:
-            break
-    if best is None:
-        return _choose_dim(shape, node, degree, None)
-    return best[1], best[2]
+        share, breaks = _trial(gm, ctx, node.name, Shard(dim, even_split(shape[dim] // g, degree, g)))
+        key = (round(share, 6), breaks, i, dim)
+        if best is None or key < best:
+            best = key
+        if breaks == 0 and share <= 1.0 / degree + 1e-6:
+            break  # as parallel as a cut gets
+    return (best[3], _unit(node, shape, best[3]), best[0]) if best is not None else None
 
 
 def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -161,10 +201,19 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     shape = tuple(int(s) for s in node.meta["val"].shape)
     channels = ctx.hints.get("channels")
     patches = ctx.axis == "patch"
-    if ctx.plan.seed_dim is None and _ambiguous_video(shape, channels) and node.op == "placeholder" and not patches:
-        dim, g = _video_dim(gm, ctx, node, shape, degree)
-    else:
-        dim, g = _choose_dim(shape, node, degree, channels, ctx.plan.seed_dim, outermost=patches)
+    dims, ambiguous = _token_dims(shape, channels)
+    dim, g = _choose_dim(shape, node, degree, channels, ctx.plan.seed_dim, outermost=patches)
+    if ctx.plan.seed_dim is None and node.op == "placeholder" and not patches and (
+            ambiguous or shape[dim] // g < degree):
+        # The layout does not tell, or its token dims have too few rows: try every dim but the
+        # batch (the known channels too) and keep the cut that parallelizes the most.
+        few = shape[dim] // g < degree
+        others = [d for d in range(1, len(shape)) if d not in dims and (channels is None or shape[d] != channels)]
+        tried = _tried_dim(gm, ctx, node, shape, degree, dims + (others if few else []))
+        # Past the token dims, only a cut that really parallelizes (not one that breaks at the
+        # first op and runs the rest whole) is taken; else the refusal below says why.
+        if tried is not None and (not few or tried[2] <= _WORTH):
+            dim, g = tried[:2]
     units = shape[dim] // g
     if units < degree:
         what = (f"{degree} PipeFusion patches need at least {degree}: use fewer patches"

@@ -83,9 +83,13 @@ class Result:
 
 
 def rule_ops() -> dict[str, list[Any]]:
-    """Registered rules by ATen packet name (other targets, e.g. ``operator.getitem``, skipped)."""
+    """Registered rules by ATen packet name (other targets, e.g. ``operator.getitem``, and the
+    rules of xdit_compile's own ops, tested beside them, skipped)."""
     out: dict[str, list[Any]] = {}
     for t in RULES:
+        qualified = getattr(t, "_qualified_op_name", None) or getattr(t, "name", lambda: "")()
+        if isinstance(t, torch._ops.OpOverloadPacket | torch._ops.OpOverload) and not str(qualified).startswith("aten::"):
+            continue
         if isinstance(t, torch._ops.OpOverloadPacket):
             out.setdefault(t.__name__, []).append(t)
         elif isinstance(t, torch._ops.OpOverload):
@@ -233,11 +237,18 @@ DIT_SAMPLES: dict[str, list[Sample]] = {
         torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * torch.view_as_complex(f)).flatten(-2),
         (_g(1, 6, 2, 4), _g(6, 1, 2, 2, seed=1)))],
     "slice_scatter": [Sample("dit.rope_on_image_part", lambda q: torch.slice_scatter(q, q[:, 2:] * 2, 1, 2),
-                             (_g(1, 8, 4),))],
+                             (_g(1, 8, 4),)),
+                      Sample("dit.update_frames_after_the_first", lambda x, p: torch.slice_scatter(
+                          x, x[:, 1:] + p, 1, 1), (_g(1, 7, 4), _g(1, 6, 4, seed=1)))],
+    # Slices that cut into the sharded body: each rank keeps its rows of the slice (uneven cuts).
+    "slice": [Sample("dit.slice_cuts_body", lambda x: x[:, 1:] * 2, (_g(2, 7, 4),)),
+              Sample("dit.slice_middle_of_body", lambda x: x[:, 2:5] + 1, (_g(2, 7, 4),))],
     "sum": [Sample("dit.sum_over_tokens", lambda x: x.sum(1) * 2, (_g(2, 6, 4),)),
             Sample("dit.sum_over_tokens_and_channels", lambda x: x.sum((1, 2), keepdim=True), (_g(2, 6, 4),))],
     "prelu": [Sample("dit.prelu_channels_like_tokens", lambda x, w: F.prelu(x, w), (_g(2, 4, 4), _g(4) - 0.5))],
     "dropout": [Sample("dit.dropout_eval", lambda x: F.dropout(x, 0.1, training=False), (_g(2, 6, 3),))],
+    "pad_sequence": [Sample("dit.pad_sequence_batch", lambda x, y: torch.nn.utils.rnn.pad_sequence(
+        [x, y * 2], batch_first=True, padding_value=0.0) + 1, (_g(6, 4), _g(6, 4, seed=1)))],
 }
 
 A = aten

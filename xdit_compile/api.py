@@ -320,11 +320,6 @@ class ParallelModule(torch.nn.Module):
             except CaptureError as e:
                 self._enter_regions(e, plan)
                 raise _InRegions from None
-            if self._latent_name is None:  # later calls find the latent by the name seeded here
-                from xdit_compile.passes.seed import graph_latent
-
-                found = graph_latent(gm)
-                self._latent_name = str(found.target) if found is not None else None
             if sig not in self._probes:
                 self._probes[sig] = probe = find_data_dependence(gm)
             if probe is not None:
@@ -333,6 +328,11 @@ class ParallelModule(torch.nn.Module):
                 specialize_graph(gm, probe, values, flat)
                 key = sig + values
                 logger.info("specialized %s to data-dependent sizes %s", type(self.model).__name__, values)
+            if self._latent_name is None:  # later calls find the latent by the name seeded here
+                from xdit_compile.passes.seed import graph_latent
+
+                found = graph_latent(gm)  # (after specializing: the output's shape may depend on data)
+                self._latent_name = str(found.target) if found is not None else None
             try:
                 self._cache[key] = self._compile(gm, plan)
                 self._watch = StateWatch.of(self.model)  # what capture and compile left (freed stages)
@@ -536,7 +536,8 @@ def _check_same_parameters(model: torch.nn.Module) -> None:
     dist.all_gather(gathered, local.to(device))
     bad: set[str] = set()
     for other in gathered[1:]:
-        diff = ~torch.isclose(other.cpu(), gathered[0].cpu(), rtol=1e-12, atol=0).all(dim=1)
+        # equal_nan: parameters made with torch.empty may hold NaN bits, the same on every rank
+        diff = ~torch.isclose(other.cpu(), gathered[0].cpu(), rtol=1e-12, atol=0, equal_nan=True).all(dim=1)
         bad.update(names[i] for i in diff.nonzero().flatten().tolist())
     if bad:
         shown = ", ".join(sorted(bad)[:10])

@@ -24,8 +24,11 @@ import sympy
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
 
 from xdit_compile.passes.fake import fake_run
+from xdit_compile.passes.sharding.engine import Decision, RuleCtx, register_rule
+from xdit_compile.placement import local_shape
 
 __all__ = ["Probe", "SpecializationMismatch", "find_data_dependence", "specialize_graph"]
 
@@ -50,11 +53,13 @@ def _(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return x.new_empty(shape)
 
 
-def _symbol(s: Any) -> sympy.Symbol | None:
-    if isinstance(s, torch.SymInt):
-        expr = s.node.expr
-        return expr if isinstance(expr, sympy.Symbol) else None
-    return None
+@register_rule(torch.ops.xdit.specialized.default)
+def _specialized_rule(node: fx.Node, rc: RuleCtx) -> Decision:
+    """The check is an identity: it keeps its input's cut, and checks this rank's piece against
+    the piece of the compiled shape."""
+    x = node.args[0]
+    p = rc.spec(x)
+    return Decision(out=p, args=(x, local_shape(list(node.args[1]), p, rc.rank)))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -64,9 +69,15 @@ class Probe:
     gm: fx.GraphModule
     in_spec: Any
     binders: list[str]
-    """Names of the nodes that introduce unbacked sizes (``nonzero``, ``item``...)."""
-    symbols: list[list[sympy.Symbol | None]]
-    """Per binder: the symbol of each output dim (or of the scalar), None where static."""
+    """Names of the nodes that introduce unbacked sizes (``nonzero``, ``item``, ``split`` with
+    data-dependent sizes...)."""
+    bindings: list[dict[sympy.Symbol, Any]]
+    """Per binder: each symbol it binds and where in its output the value sits (a pytree key
+    path, as ``meta["unbacked_bindings"]`` records it: a size, an element, a scalar)."""
+
+    @property
+    def symbols(self) -> list[sympy.Symbol]:
+        return [s for b in self.bindings for s in b]
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[str, int], ...]:
         """``((symbol, value), ...)`` for these inputs, sorted by symbol name."""
@@ -74,11 +85,9 @@ class Probe:
         with torch.no_grad():
             outs = self.gm(*flat)
         values: dict[str, int] = {}
-        for out, syms in zip(outs, self.symbols, strict=True):
-            sizes = list(out.shape) if isinstance(out, torch.Tensor) else [out]
-            for s, v in zip(syms, sizes, strict=True):
-                if s is not None:
-                    values[str(s)] = int(v)
+        for out, bind in zip(outs, self.bindings, strict=True):
+            for s, path in bind.items():
+                values[str(s)] = int(pytree.key_get(out, path))
         return tuple(sorted(values.items()))
 
 
@@ -100,13 +109,10 @@ def find_data_dependence(gm: fx.GraphModule) -> Probe | None:
         if n.op == "placeholder" or n in needed:
             env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(tuple(env[b] for b in binders))
-    symbols = []
-    for b in binders:
-        val = b.meta["val"]
-        dims = list(val.shape) if isinstance(val, torch.Tensor) else [val]
-        symbols.append([_symbol(d) for d in dims])
+    bindings = [{s: path for s, path in b.meta["unbacked_bindings"].items() if isinstance(s, sympy.Symbol)}
+                for b in binders]
     probe_gm = fx.GraphModule(gm, graph)
-    return Probe(probe_gm, gm._in_spec, [b.name for b in binders], symbols)
+    return Probe(probe_gm, gm._in_spec, [b.name for b in binders], bindings)
 
 
 def _concrete(val: Any, subs: dict[sympy.Symbol, int]) -> Any:
@@ -126,16 +132,17 @@ def specialize_graph(
     """Rewrite ``gm`` in place for the probed ``values``; ``example`` is the real flat inputs
     (for static fake tensors)."""
     by_name = dict(values)
-    subs: dict[sympy.Symbol, int] = {}
-    for syms in probe.symbols:
-        for s in syms:
-            if s is not None:
-                subs[s] = by_name[str(s)]
+    subs = {s: by_name[str(s)] for s in probe.symbols}
     graph = gm.graph
     static: dict[fx.Node, list[int]] = {}
     for n in list(graph.nodes):
         val = n.meta.get("val")
-        if n.name in probe.binders:
+        if n.name in probe.binders and isinstance(val, torch.SymInt | torch.SymBool | torch.SymFloat):
+            # A scalar (``.item()``): its uses get the probed value; the key holds it, so a call
+            # with another value compiles again.
+            n.replace_all_uses_with(_concrete(val, subs))  # type: ignore[arg-type]
+            graph.erase_node(n)
+        elif n.name in probe.binders:
             shape = [int(_concrete(d, subs)) for d in (val.shape if isinstance(val, torch.Tensor) else [])]
             if isinstance(val, torch.Tensor):
                 with graph.inserting_after(n):

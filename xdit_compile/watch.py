@@ -25,6 +25,7 @@ subclass); pickling and ``copy.deepcopy`` give instances of the original classes
 from __future__ import annotations
 
 import copyreg
+import functools
 from collections import OrderedDict
 from typing import Any
 
@@ -53,11 +54,11 @@ def _bump() -> None:
 def _mutator(base: type, name: str) -> Any:
     method = getattr(base, name)
 
+    @functools.wraps(method)  # the signature too: torch inspects register_buffer's for ``persistent``
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         _COUNT[0] += 1
         return method(self, *args, **kwargs)
 
-    wrapper.__name__ = name
     return wrapper
 
 

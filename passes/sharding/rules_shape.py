@@ -237,7 +237,9 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
 
     The dim is [head rows | body (sharded) | tail rows]. A slice inside the head or the tail is
     replicated (with ``text``, only the whole head or tail, which stays cut evenly); one from a
-    boundary to a boundary keeps the body sharded; others cut the body.
+    boundary to a boundary keeps the body sharded; one that cuts into the body keeps each rank's
+    rows of it that the slice covers (an uneven cut: ``x[:, 1:]`` of rows cut 4 + 4 is 3 + 4),
+    with the head and tail rows it covers replicated around them.
     """
     unit = sh.outer * sh.inner  # a merged body (rows of every frame) is cut only as a whole
     body, mine = unit * sum(sh.split), unit * sh.split[rank]
@@ -265,7 +267,30 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
         text = sh.text and bool(head or tail)
         return replace(sh, head=head, tail=tail, text=text, text_to=sh.text_to if text else -1), \
             local_start, local_end
-    return None
+    if sh.text or unit != 1:  # cut text pieces, or rows of every frame: no contiguous piece per rank
+        return None
+    off = sum(sh.split[:rank])
+
+    def local(pos: int) -> int:  # a global position of the dim -> this rank's local one
+        if pos <= head_end:
+            return pos
+        if pos <= tail_start:
+            return head_end + max(0, min(pos - head_end - off, mine))
+        return head_end + mine + pos - tail_start
+
+    b0, b1 = max(start, head_end) - head_end, min(end, tail_start) - head_end  # body rows kept
+    split = tuple(max(0, min(b1, o + n) - max(b0, o)) for o, n in zip(_offsets(sh.split), sh.split, strict=True))
+    head = max(0, min(end, head_end) - start)
+    tail = max(0, end - max(start, tail_start))
+    return replace(sh, split=split, head=head, tail=tail), local(start), local(end)
+
+
+def _offsets(split: tuple[int, ...]) -> list[int]:
+    out, acc = [], 0
+    for n in split:
+        out.append(acc)
+        acc += n
+    return out
 
 
 _VIEWS = ops("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy", "_reshape_alias")
@@ -370,6 +395,20 @@ def _cat_sharded_dim(node: fx.Node, rc: RuleCtx, dim: int) -> Decision:
         wants[tensors[i]] = replace(sh, text=False)
     return Decision(out=replace(sh, dim=dim, head=sh.head + before, tail=sh.tail + after, text=False, text_to=-1),
                     inputs=wants)
+
+
+@register_rule(*ops("pad_sequence"))
+def _pad_sequence(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``pad_sequence(items)`` of items of one length cut alike: a stack (no padding), each rank
+    stacks its pieces; items of different lengths pad past each one's end, which needs them whole."""
+    items = [t for t in node.args[0] if isinstance(t, fx.Node)]  # type: ignore[union-attr]
+    specs = {rc.spec(t) for t in items}
+    shapes = {tuple(rc.shape(t)) for t in items}
+    sh = next(iter(specs))
+    if len(specs) != 1 or len(shapes) != 1 or not isinstance(sh, Shard):
+        raise Break("pad_sequence of items cut differently or of different lengths")
+    batch_first = bool(schema_arg(node, "batch_first", False))
+    return Decision(out=sh.with_dim(sh.dim + 1 if batch_first or sh.dim > 0 else 0))
 
 
 @register_rule(*ops("stack"))
