@@ -13,6 +13,9 @@ aten = torch.ops.aten
 def node_flops(node: fx.Node) -> int:
     """Global FLOPs of one node (multiply-add = 2) for the ops that dominate DiTs."""
     val = node.meta.get("val")
+    if node.target is torch.ops.higher_order.flex_attention:  # (out, logsumexp, ...)
+        q, k = node.args[0].meta["val"], node.args[1].meta["val"]  # type: ignore[union-attr]
+        return 4 * int(q.numel()) * int(k.shape[-2])
     if not isinstance(val, torch.Tensor):
         return 0
     packet = getattr(node.target, "overloadpacket", None)

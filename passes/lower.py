@@ -38,6 +38,7 @@ from xdit_compile.runtime.reshard import (
     group_norm_bytes,
     group_norm_sharded,
     halo_bytes,
+    placed_like,
     slice_shard,
     slice_text,
 )
@@ -222,6 +223,10 @@ def lower_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if node.target is redistribute:
             _lower_one(gm, node, ctx)
+            changed = True
+        elif node.target is placed_like:  # the marker has done its work
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
             changed = True
         elif "xdit_halo" in node.meta:  # the conv rule only asks this of conv1d/2d/3d
             _lower_halo(gm, node, ctx)

@@ -72,6 +72,13 @@ def gather_text_finish(g: torch.Tensor, x: torch.Tensor, dim: int, head: int, ta
     return torch.cat([*heads, body, *tails], dim)
 
 
+def placed_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Identity: marks that ``x`` is to be cut like ``ref`` (the sharding pass moves it there;
+    lowering drops the marker). Canonicalization puts one after ops that return a cut their users
+    would not want (flex attention's head cut, back to its queries' sequence cut)."""
+    return x
+
+
 def gather_shard(
     x: torch.Tensor,
     dim: int,

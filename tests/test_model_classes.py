@@ -6,6 +6,8 @@ small model of the class, against the serial model on gloo.
   fewer rows than ranks: another dim is tried, the one that parallelizes the most wins;
 - a slice into the cut rows (``x[:, :, 1:] += pose``, character animation): an uneven cut;
 - ``pad_sequence`` of one-length items (Z-Image): a stack;
+- ``flex_attention`` with a block mask (frame-autoregressive video): cut over the heads, whole
+  sequences per rank, so the mask sees global positions;
 - sizes from ``.item()`` of an input (packed-frames video): specialized, the output too;
 - parameters from ``torch.empty`` holding NaN bits, broadcast: not "different on every rank".
 
@@ -107,6 +109,30 @@ class ItemSizedText(nn.Module):
         return self.out(x[:, text.shape[1]:])
 
 
+class FrameCausalFlex(nn.Module):
+    """Frame-autoregressive video attention through ``flex_attention``: a block mask built in
+    the forward from each token's frame index (a buffer its mask function reads), every token
+    attending to its own and earlier frames."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        b, n, _ = hidden_states.shape
+        frame = torch.arange(n, device=hidden_states.device) // 4
+
+        def mask(b_, h_, q_idx, kv_idx):  # noqa: ANN001, ANN202
+            return frame[q_idx] >= frame[kv_idx]
+
+        block = create_block_mask(mask, None, None, n, n, device=hidden_states.device, _compile=False)
+        q, k, v = (z.unflatten(-1, (2, 16)).transpose(1, 2) for z in self.qkv(hidden_states).chunk(3, -1))
+        o = flex_attention(q, k, v, block_mask=block)
+        return self.out(hidden_states + o.transpose(1, 2).flatten(2))
+
+
 class EmptyParameter(nn.Module):
     """A parameter made with ``torch.empty`` (uninitialized bits, NaN here), used where the
     output does not depend on it."""
@@ -134,6 +160,8 @@ def _inputs(name: str) -> tuple[nn.Module, dict[str, Any]]:
                                        "pose_hidden_states": torch.randn(1, 4, 4, 1, 1, generator=g)}
     if name == "padded_batch":
         return PaddedBatch(), {"hidden_states": torch.randn(1, 11, 8, generator=g)}
+    if name == "frame_causal_flex":
+        return FrameCausalFlex(), {"hidden_states": torch.randn(1, 12, 32, generator=g)}
     if name == "item_sized_text":
         return ItemSizedText(), {"hidden_states": torch.randn(1, 9, 8, generator=g),
                                  "encoder_hidden_states": torch.randn(1, 6, 8, generator=g),
@@ -155,7 +183,8 @@ def _run(name: str, plan_kw: dict[str, int]) -> dict[str, Any]:
             "seed_dim": pm.last.ctx.seed.get("dim")}
 
 
-CLASSES = ["audio_1d", "side_by_side", "pose_after_first_frame", "padded_batch", "item_sized_text", "empty_parameter"]
+CLASSES = ["audio_1d", "side_by_side", "pose_after_first_frame", "padded_batch", "item_sized_text",
+           "frame_causal_flex", "empty_parameter"]
 SEED_DIMS = {"audio_1d": 2, "side_by_side": 1, "pose_after_first_frame": 2, "padded_batch": 1}
 
 
@@ -188,3 +217,26 @@ def test_every_rank_chooses_the_same_cut(name):
         seed_inputs_pass(gm, ctx)
         seeds.add((ctx.seed["dim"], ctx.seed["split"]))
     assert len(seeds) == 1, seeds
+
+
+def test_flex_attention_reading_the_head_index_breaks():
+    """A score function of the head index (ALiBi-like) would see this rank's local heads: the
+    attention gathers instead (exact, reported)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from graph_harness import ALL, compile_for
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from xdit_compile.capture import capture
+
+    class Alibi(nn.Module):
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            q = hidden_states.unflatten(-1, (2, 16)).transpose(1, 2)
+            o = flex_attention(q, q * 2, q + 1, score_mod=lambda s, b, h, qi, ki: s - h * (qi - ki).abs())
+            return o.transpose(1, 2).flatten(2)
+
+    gm = capture(Alibi(), (), {"hidden_states": torch.randn(1, 8, 32)})
+    _, ctx = compile_for(gm, 0, ALL, Plan(ulysses=2))
+    assert [b.reason for b in ctx.breaks] == ["flex attention whose score or mask function reads the head index"]

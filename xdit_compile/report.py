@@ -136,6 +136,8 @@ def local_fraction(node: fx.Node, rank: int) -> float:
     if "xdit_work" in node.meta:
         return float(node.meta["xdit_work"])
     p = node.meta.get("xdit_placement")
+    if isinstance(p, tuple) and p:  # several outputs (flex attention: its output first)
+        p = p[0]
     if isinstance(p, Shard):
         return p.local_size(rank) / p.total
     return 1.0

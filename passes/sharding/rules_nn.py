@@ -26,10 +26,12 @@ from xdit_compile.passes.sharding.engine import (
     RuleCtx,
     ops,
     register_rule,
+    tensor_args,
 )
 from xdit_compile.passes.sharding.rules_shape import align_inputs
 from xdit_compile.placement import Partial, Placement, Replicate, Shard
-from xdit_compile.runtime.attention import ulysses_degree
+from xdit_compile.runtime.attention import head_groups, ulysses_degree
+from xdit_compile.runtime.reshard import placed_like
 
 aten = torch.ops.aten
 R = Replicate()
@@ -367,3 +369,55 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     out = replace(pq, text=shard_text, text_to=owner if shard_text else -1)
     return Decision(out=out, inputs=wants, meta=meta)
 
+
+
+def _reads_head_index(node: fx.Node, arg: Any, at: int) -> bool:
+    """Whether a flex-attention ``score_mod`` (``score, b, h, q, kv``: ``at=2``) or ``mask_mod``
+    (``b, h, q, kv``: ``at=1``), a submodule of the graph, reads its head-index argument."""
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return arg is not None
+    fn = getattr(node.graph.owning_module, str(arg.target), None)
+    if not isinstance(fn, fx.GraphModule):
+        return True
+    phs = list(fn.graph.find_nodes(op="placeholder"))
+    return len(phs) > at and bool(phs[at].users)
+
+
+@register_rule(torch.ops.higher_order.flex_attention)
+def _flex_attention(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``flex_attention`` (a block mask, a score function): cut over the heads. The mask and score
+    functions see global query and key positions, so each rank attends whole sequences for its
+    heads (Q, K and V regrouped from the sequence cut to a head cut; the output regrouped back by
+    its users): exact, the attention's work split. Functions that read the head index, fewer
+    heads than ranks, or K/V with other head counts break."""
+    q, k, v = node.args[:3]
+    nd = len(rc.shape(q))  # type: ignore[arg-type]
+    heads, n = rc.shape(q)[nd - 3], rc.degree  # type: ignore[arg-type]
+    if heads < n:
+        raise Break("flex attention with fewer heads than ranks")
+    if any(rc.shape(a)[-3] != heads for a in (k, v)):  # type: ignore[arg-type]
+        raise Break("flex attention with K/V of other head counts (GQA)")
+    block_mask = node.args[4]
+    if _reads_head_index(node, node.args[3], 2) or _reads_head_index(node, block_mask[-1], 1):  # type: ignore[index]
+        raise Break("flex attention whose score or mask function reads the head index")
+    cut = Shard(nd - 3, head_groups(heads, n))
+    wants: dict[fx.Node, Placement] = {a: cut for a in (q, k, v) if isinstance(a, fx.Node)}  # type: ignore[misc]
+    for t in tensor_args(node):
+        if t in wants:
+            continue
+        shape = rc.shape(t)
+        # Block-mask tables per head are cut like the heads; everything else comes whole.
+        wants[t] = Shard(1, cut.split) if len(shape) == 4 and shape[1] == heads and heads > 1 else R
+    outs = node.meta["val"]
+    return Decision(out=tuple(Shard(len(o.shape) - (3 if o.dim() == nd else 2), cut.split)
+                              for o in outs), inputs={a: p for a, p in wants.items() if rc.spec(a) != p})
+
+
+@register_rule(placed_like)
+def _placed_like(node: fx.Node, rc: RuleCtx) -> Decision:
+    """``placed_like(x, ref)``: ``x`` moved to ``ref``'s cut (same shape), where it fits."""
+    x, ref = node.args
+    want = rc.spec(ref)
+    if not isinstance(x, fx.Node) or rc.shape(x) != rc.shape(ref):  # type: ignore[arg-type]
+        return Decision(out=rc.spec(x))  # type: ignore[arg-type]
+    return Decision(out=want, inputs={x: want} if rc.spec(x) != want else {})
