@@ -113,8 +113,17 @@ def get_mesh(key: str) -> ParallelMesh:
         raise RuntimeError(f"xdit_compile mesh {key!r} is not registered in this process") from None
 
 
+#: Meshes built in this process, by their degrees, with the default process group they were
+#: built in: parallelizing again with the same degrees reuses the mesh and its groups. Every new
+#: group costs communicators on every rank (with gloo a polling thread each, with NCCL memory and
+#: set-up time), so a process that parallelizes many models or plans (a server, a test run) must
+#: not create them anew each time.
+_BUILT: dict[tuple[int, ...], tuple[object, ParallelMesh]] = {}
+
+
 def build_mesh(plan: Plan) -> ParallelMesh:
-    """Create the mesh of ``plan`` in the initialized default process group (collective call)."""
+    """The mesh of ``plan`` in the initialized default process group (a collective call the first
+    time these degrees are asked for in this group; the same mesh again afterwards)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "xdit_compile.parallelize needs an initialized default process group; call "
@@ -122,14 +131,20 @@ def build_mesh(plan: Plan) -> ParallelMesh:
         )
     world, rank = dist.get_world_size(), dist.get_rank()
     plan.check_world_size(world)
+    names = tuple(a.value for a in MeshAxis)
+    shape = tuple(int(getattr(plan, n)) for n in names)
+    default = dist.distributed_c10d._get_default_group()
+    built = _BUILT.get(shape)
+    if built is not None and built[0] is default:
+        return built[1]
     backend = dist.get_backend()
     device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
-    names = tuple(a.value for a in MeshAxis)
-    mesh = init_device_mesh(device, tuple(getattr(plan, n) for n in names), mesh_dim_names=names)
+    mesh = init_device_mesh(device, shape, mesh_dim_names=names)
     key = (f"mesh{len(_MESHES)}_d{plan.dp}c{plan.cfg}p{plan.pipefusion}f{plan.distrifusion}"
            f"r{plan.ring}u{plan.ulysses}")
     info = MeshInfo.of(plan, rank, key)
     pm = ParallelMesh(info, mesh)
     register_mesh(pm)
+    _BUILT[shape] = (default, pm)
     logger.info("built mesh %s: %s", key, ", ".join(f"{n}={getattr(plan, n)}" for n in names))
     return pm

@@ -129,3 +129,39 @@ def test_auto_plan_options_are_checked():
     xc.Plan(auto=True).check_world_size(8)  # any world size: the degrees are chosen for it
     with pytest.raises(RuntimeError, match="init_distributed"):
         xc.parallelize(torch.nn.Linear(2, 2), xc.Plan(auto=True))
+
+
+def _groups_after_parallelizing_again():
+    import torch.distributed as dist
+
+    def groups() -> int:
+        return len(dist.distributed_c10d._world.pg_map)
+
+    model = build_model("pixart-sigma")
+    x = example_inputs("pixart-sigma", model)
+    first = xc.parallelize(model, xc.Plan(ulysses=2))
+    first(**x)
+    before = groups()
+    again = [xc.parallelize(build_model("pixart-sigma", seed=i), xc.Plan(ulysses=2)) for i in range(3)]
+    out = again[-1](**x)[0]
+    ring = xc.parallelize(model, xc.Plan(ring=2))  # other degrees: a mesh of its own, once
+    ring(**x)
+    after_ring = groups()
+    xc.parallelize(model, xc.Plan(ring=2))(**x)
+    ref = build_model("pixart-sigma", seed=2)(**x)[0]
+    return {"same_mesh": all(p.mesh is first.mesh for p in again), "new_groups": groups() - before,
+            "ring_own": ring.mesh is not first.mesh, "ring_groups": after_ring - before,
+            "ring_again": groups() - after_ring,
+            "err": float((out - ref).abs().max() / ref.abs().max())}
+
+
+@pytest.mark.dist
+def test_parallelizing_again_reuses_the_mesh(pools):
+    """Each new process group costs every rank communicators (with gloo a thread polling every
+    10 ms; a test run that made new groups per parallelize slowed to a crawl): the same degrees
+    in the same default group reuse one mesh, other degrees build theirs once (or found it built
+    by an earlier test in this pool)."""
+    for r in pools(2).run(_groups_after_parallelizing_again):
+        assert r["same_mesh"] and r["err"] < 1e-4, r
+        assert r["ring_own"] and r["ring_again"] == 0, r
+        assert r["new_groups"] == r["ring_groups"], r

@@ -77,15 +77,6 @@ def test_demo_loads_offline_and_draws(monkeypatch):
     assert acc >= 0.7, acc
 
 
-def test_demo_heads_refused_before_launch(capsys: pytest.CaptureFixture) -> None:
-    from xdit_compile.generate import transformer_configs
-
-    [(name, config)] = transformer_configs("demo")
-    assert name == "transformer (PixArtTransformer2DModel)" and config["num_attention_heads"] == 4
-    assert main(["generate", "--model", "demo", "--prompt", "x", "--ulysses", "3"]) == 2
-    assert "demo's transformer (PixArtTransformer2DModel) has 4 attention heads" in capsys.readouterr().err
-
-
 @pytest.mark.dist
 def test_generate_saved_demo_uses_its_defaults(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """No --steps/--height: the saved pipeline's own defaults (20 steps, 64x64, guidance 4.5,

@@ -101,7 +101,14 @@ CHANGES: dict[str, Callable[[torch.nn.Module], Any]] = {
 }
 
 
-def _run_changes(plan_kw: dict[str, int], batch: int) -> dict[str, Any]:
+#: The changes run at the other plans (each change's detection is the plan's business only in
+#: that the recompiled graph must be right for it): adapters switched away and back, a replaced
+#: parameter, a new processor, a hook. Every change runs at ulysses=2.
+SOME_CHANGES = ["set_adapters b", "disable_adapters", "enable + back to a", "parameter object replaced",
+                "set_processor", "forward hook added"]
+
+
+def _run_changes(plan_kw: dict[str, int], batch: int, names: list[str]) -> dict[str, Any]:
     import xdit_compile as xc
     from xdit_compile.runner import rel_error
 
@@ -110,7 +117,8 @@ def _run_changes(plan_kw: dict[str, int], batch: int) -> dict[str, Any]:
     with torch.no_grad():
         before = model(**kw)
     errs, moved = {"first call": rel_error(pm(**kw), before)}, {}
-    for name, change in CHANGES.items():
+    for name in names:
+        change = CHANGES[name]
         with torch.no_grad():
             change(model)
             ref = model(**kw)
@@ -122,17 +130,17 @@ def _run_changes(plan_kw: dict[str, int], batch: int) -> dict[str, Any]:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan,batch", [(dict(ulysses=2), 1), (dict(ring=2), 1), (dict(cfg=2), 2)],
-                         ids=["ulysses2", "ring2", "cfg2"])
-def test_changes_after_the_first_call_match_serial(pools, plan, batch):
-    for r in pools(2).run(_run_changes, plan, batch):
+@pytest.mark.parametrize("plan,batch,names", [(dict(ulysses=2), 1, list(CHANGES)), (dict(ring=2), 1, SOME_CHANGES),
+                                               (dict(cfg=2), 2, SOME_CHANGES)], ids=["ulysses2", "ring2", "cfg2"])
+def test_changes_after_the_first_call_match_serial(pools, plan, batch, names):
+    for r in pools(2).run(_run_changes, plan, batch, names):
         for name, err in r["errs"].items():
             assert err < EXACT, (name, r["errs"])
         # Each change moved the serial output, so a stale graph fails; fusing keeps the output
         # (base + LoRA, merged), but a graph captured before it would add the LoRA twice.
         still = [k for k, v in r["moved"].items() if v <= MOVES and k != "fuse_lora"]
         assert not still, {k: r["moved"][k] for k in still}
-        assert len(r["changes"]) == len(CHANGES) - 1  # the in-place edit is not a state change
+        assert len(r["changes"]) == len([n for n in names if n != "in-place weight edit"])  # not a state change
         assert "model state changed" in r["summary"] and "_active_adapter ['a'] -> ['b']" in r["summary"]
         assert any("back to state 0" in c for c in r["changes"])  # adapter "a" again: its graphs reused
 
@@ -328,7 +336,7 @@ def _pipeline_changes(plan_kw: dict[str, int], root: Any) -> dict[str, Any]:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan", [dict(ulysses=2), dict(cfg=2)], ids=["ulysses2", "cfg2"])
+@pytest.mark.parametrize("plan", [dict(cfg=2)], ids=["cfg2"])  # both branches; ulysses=2 above
 def test_pipeline_lora_calls_between_requests(pools, plan, tmp_path):
     """``pipe.load_lora_weights`` of a saved pipeline and LoRA, then the pipeline's own adapter
     calls, each against the serial pipeline after the same call (images, fp32: 1e-5)."""
