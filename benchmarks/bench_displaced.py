@@ -13,7 +13,7 @@ processes x 1 torch thread. For each model:
   (the slower rank);
   bytes per rank per step from the runtime counter over the same steps;
 * parameter bytes each rank holds (measured: distinct storages after other stages were freed);
-* accuracy: the oracle (:mod:`xdit_compile.oracle`, one process) runs the trajectory with the
+* accuracy: the oracle (:mod:`xdit_compile.testing.oracle`, one process) runs the trajectory with the
   same method, and the parallel outputs are compared with it and with serial, per warmup count.
 
 PipeFusion's best speedup over one rank is N*M/(M+N-1) (the pipeline fills and drains in every
@@ -101,7 +101,7 @@ def _trajectory(name: str, spec: dict[str, Any], steps: int) -> list[dict[str, A
 def _run(name: str, spec: dict[str, Any], plan: dict[str, Any], steps: list[dict[str, Any]],
          warmup: int, requests: int) -> dict[str, Any]:
     import xdit_compile as xc
-    from xdit_compile.pipefusion import parameter_bytes
+    from xdit_compile.compiler.pipefusion import parameter_bytes
     from xdit_compile.runtime.collectives import comm_stats
 
     model = _model(name, spec)
@@ -132,7 +132,7 @@ def _run(name: str, spec: dict[str, Any], plan: dict[str, Any], steps: list[dict
 
 
 def _oracle(name: str, spec: dict[str, Any], method: str, n: int, steps: list[dict[str, Any]], warmup: int) -> list[Any]:
-    from xdit_compile.oracle import DisplacedOracle, grid_layout
+    from xdit_compile.testing.oracle import DisplacedOracle, grid_layout
 
     text, first = spec["text"]
     oracle = DisplacedOracle(_model(name, spec), method, grid_layout(spec["patch"], n), text=text,
@@ -239,7 +239,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (checks the script)")
     args = ap.parse_args()
     os.environ["XDIT_WORKER_THREADS"] = "1"
-    from xdit_compile.testing import WorkerPool
+    from xdit_compile.testing.launcher import WorkerPool
 
     pool = WorkerPool(2)
     rows: list[dict[str, Any]] = []

@@ -46,7 +46,7 @@ PLANS = [("serial", {}), ("cfg=2", {"cfg": 2}), ("ulysses=2", {"ulysses": 2})]
 
 def job(name: str, calls: int, steps: int) -> list[dict[str, Any]]:
     import xdit_compile as xc
-    from xdit_compile.generate import run_timed
+    from xdit_compile.jobs.generate import run_timed
     from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
     from xdit_compile.runtime.collectives import comm_stats
 
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(SPECS))
     args = ap.parse_args()
     os.environ["XDIT_WORKER_THREADS"] = "1"
-    from xdit_compile.testing import WorkerPool
+    from xdit_compile.testing.launcher import WorkerPool
 
     pool = WorkerPool(2)
     rows: list[dict[str, Any]] = []

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from xdit_compile import Plan
-from xdit_compile.runner import compare_zoo_model
-from xdit_compile.testing import WorkerPool
+from xdit_compile.jobs.compare import compare_zoo_model
+from xdit_compile.testing.launcher import WorkerPool
 
 OUT = Path(__file__).parent / "results"
 

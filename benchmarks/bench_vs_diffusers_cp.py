@@ -387,7 +387,7 @@ def job_model(name: str, spec: dict[str, Any], methods: list[tuple[str, str]], i
     """Serial reference, then every method set up and warmed up, then ``iters`` rounds in which
     each method (and the serial model) runs once, in an order rotated every round, so slow
     drifts of this shared machine's speed hit all methods alike."""
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
 
     rank = dist.get_rank()
     t_job = time.perf_counter()
@@ -459,7 +459,7 @@ def main() -> None:
     args = ap.parse_args()
     methods = METHODS + (COMPILED_METHODS if args.compile else [])
     os.environ["XDIT_WORKER_THREADS"] = "1"
-    from xdit_compile.testing import WorkerError, WorkerPool
+    from xdit_compile.testing.launcher import WorkerError, WorkerPool
 
     specs = QUICK_MODELS if args.quick else MODELS
     rows: list[dict[str, Any]] = []

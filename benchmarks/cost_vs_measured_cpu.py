@@ -4,7 +4,7 @@
    pipeline uses CFG) every plan of 2 ranks is run for real (``compare_zoo_model``: median of
    ``--iters`` forwards after a warmup, serial timed alone on rank 0).
 2. Right after each row's timing, the same two processes calibrate the machine
-   (``xdit_compile.cost.measure_group``: matmul, attention, memory, op dispatch alone and with
+   (``xdit_compile.analysis.cost.measure_group``: matmul, attention, memory, op dispatch alone and with
    both ranks at once, the gloo all-to-all), and the cost model predicts the row from the
    planner's accounting of the same model and inputs under that profile.
 3. Writes ``results/cost_vs_measured_cpu.{json,md}`` and ``cost_vs_measured_cpu.png`` (measured
@@ -51,9 +51,9 @@ PLANS: list[dict[str, Any]] = [
 
 
 def _job(name: str, plan_kw: dict[str, Any], spec: dict[str, Any], iters: int) -> Any:
-    from xdit_compile import cost
+    from xdit_compile.analysis import cost
+    from xdit_compile.jobs.compare import compare_zoo_model
     from xdit_compile.plan import Plan
-    from xdit_compile.runner import compare_zoo_model
 
     inputs = {**spec["inputs"], "batch": 2 if spec["cfg"] else 1}
     out = compare_zoo_model(name, Plan(**plan_kw), size="full", iters=iters, warmup=1, config=spec["config"],
@@ -66,7 +66,7 @@ def _job(name: str, plan_kw: dict[str, Any], spec: dict[str, Any], iters: int) -
 
 
 def _workload(name: str, spec: dict[str, Any]) -> Any:
-    from xdit_compile import planner
+    from xdit_compile.analysis import planner
     from xdit_compile.models import build_model, example_inputs
 
     model = build_model(name, "full", **spec["config"])
@@ -76,7 +76,7 @@ def _workload(name: str, spec: dict[str, Any]) -> Any:
 
 def _predict_row(row: dict[str, Any], load: Any, hw: Any) -> None:
     """Fill ``row``'s predictions (its plan and serial) from ``load`` under profile ``hw``."""
-    from xdit_compile import cost
+    from xdit_compile.analysis import cost
     from xdit_compile.plan import Plan
 
     for key, plan in (("predicted", _plan_of(row["plan"])), ("serial_predicted", Plan())):
@@ -102,9 +102,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from xdit_compile import cost
+    from xdit_compile.analysis import cost
     from xdit_compile.plan import Plan
-    from xdit_compile.testing import WorkerPool
+    from xdit_compile.testing.launcher import WorkerPool
 
     OUT.mkdir(exist_ok=True)
     fixed = cost.get_hardware(a.profile) if a.profile else None
@@ -154,7 +154,7 @@ def _write(res: dict[str, Any]) -> None:
 def _repredict(profile: str | None) -> int:
     """The predictions again (after a change to the accounting or the cost model) for the
     measured rows of the last run, each with the profile measured with it (or ``profile``)."""
-    from xdit_compile import cost
+    from xdit_compile.analysis import cost
 
     res = json.loads((OUT / "cost_vs_measured_cpu.json").read_text())
     fixed = cost.get_hardware(profile) if profile else None
@@ -190,7 +190,7 @@ def _markdown(res: dict[str, Any]) -> str:
            "Script: `benchmarks/cost_vs_measured_cpu.py` "
            f"(median of {res.get('iters', '?')} forwards after a warmup; serial timed alone on rank 0). "
            + (f"Every row predicted with the fixed profile `{res['fixed_profile']}`." if res.get("fixed_profile") else
-              "Each row is predicted with a profile measured by `xdit_compile.cost.measure_group()` in the same two "
+              "Each row is predicted with a profile measured by `xdit_compile.analysis.cost.measure_group()` in the same two "
               "processes right after that row's timing (this shared machine's speed drifts by tens of percent "
               "within minutes; medians of micro-benchmarks, never the model's own forwards). Across the rows: "
               f"matmul {span(lambda h: h['matmul'], 1e9)} GFLOP/s alone and "

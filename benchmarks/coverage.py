@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xdit_compile.models import get_entry, list_models
-from xdit_compile.testing import WorkerError, WorkerPool
+from xdit_compile.testing.launcher import WorkerError, WorkerPool
 
 PLANS = [("ulysses=2", {"ulysses": 2}, 2), ("ring=2", {"ring": 2}, 2), ("ulysses=2 x ring=2", {"ulysses": 2, "ring": 2}, 4)]
 EXACT, PARALLEL = 1e-4, 0.85
@@ -29,7 +29,7 @@ EXACT, PARALLEL = 1e-4, 0.85
 
 def _one(name: str, plan_kw: dict[str, int]) -> dict[str, Any]:
     from xdit_compile import Plan
-    from xdit_compile.runner import compare_zoo_model
+    from xdit_compile.jobs.compare import compare_zoo_model
 
     r = compare_zoo_model(name, Plan(**plan_kw))
     return {"rel_error": r.rel_error, "share": r.flops_share, "breaks": r.breaks, "seed": r.seed,

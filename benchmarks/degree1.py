@@ -136,13 +136,13 @@ def bench_model(name: str, size: str, dtype: torch.dtype, device: str, iters: in
 def capture_times(models: list[str]) -> list[dict[str, Any]]:
     """Export + passes (ulysses=2, rank 0, no process group) of every zoo model at full size on
     the meta device."""
+    from xdit_compile.analysis.planner import _capture_for_accounting
     from xdit_compile.api import build_passes
-    from xdit_compile.driver import PassContext, run_passes
+    from xdit_compile.compiler.driver import PassContext, run_passes
     from xdit_compile.models import build_model, list_models
     from xdit_compile.models.inputs import InputSpec
     from xdit_compile.models.zoo import get_entry
     from xdit_compile.plan import Plan
-    from xdit_compile.planner import _capture_for_accounting
     from xdit_compile.runtime.mesh import MeshInfo
 
     out = []

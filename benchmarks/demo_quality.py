@@ -125,7 +125,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from xdit_compile.models import demo
-    from xdit_compile.testing import WorkerPool
+    from xdit_compile.testing.launcher import WorkerPool
 
     torch.set_num_threads(2)
     path = args.model or str(demo.demo_path())

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from xdit_compile.client import wait_ready
+from xdit_compile.serve.client import wait_ready
 
 OUT = Path(__file__).parent / "results"
 PAIRS = [(f"prompt {i}: a small {c} shape", 100 + i) for i, c in
@@ -60,7 +60,7 @@ def _health(url: str) -> dict[str, Any] | None:
 class Service:
     def __init__(self, port: int, max_batch: int, max_queue: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "xdit_compile.cli", "serve", "--model", "pixart-sigma", "--cfg", "2", "--port",
+        cmd = [sys.executable, "-m", "xdit_compile.cli.main", "serve", "--model", "pixart-sigma", "--cfg", "2", "--port",
                str(port), "--max-batch", str(max_batch), "--max-n", "1", "--max-queue", str(max_queue), "--max-steps", "400"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -76,7 +76,7 @@ class Service:
 
 def _level(svc: Service, concurrency: int, n_requests: int, steps: int, max_s: float,
            refs: dict[int, np.ndarray] | None) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
-    from xdit_compile.client import ClientError, generate_images
+    from xdit_compile.serve.client import ClientError, generate_images
 
     lock = threading.Lock()
     todo = list(range(n_requests))
@@ -121,7 +121,7 @@ def _level(svc: Service, concurrency: int, n_requests: int, steps: int, max_s: f
 
 
 def _recovery(svc: Service, steps: int) -> dict[str, Any]:
-    from xdit_compile.client import ClientError, generate_images
+    from xdit_compile.serve.client import ClientError, generate_images
 
     worker = (_health(svc.url) or {}).get("workers", [None])[0]
     if worker is None:
@@ -157,7 +157,7 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=8)
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from xdit_compile.testing import free_port
+    from xdit_compile.testing.launcher import free_port
 
     res: dict[str, Any] = {"setup": {"model": "pixart-sigma (tiny pipeline, 32x32)", "plan": "cfg=2",
                                      "processes": 2, "requests_per_level": a.requests, "steps": a.steps,

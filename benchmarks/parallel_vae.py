@@ -96,8 +96,8 @@ def _measure(pixels: int, parallel: bool) -> dict[str, Any]:
 
 
 def measured_rows(pixels: int) -> list[dict[str, Any]]:
-    from xdit_compile.runner import rel_error
-    from xdit_compile.testing import WorkerPool
+    from xdit_compile.jobs.compare import rel_error
+    from xdit_compile.testing.launcher import WorkerPool
 
     # Tensors come from mmap and go back to the OS when freed, so the resident-memory
     # high-water mark follows the live tensors (glibc would otherwise keep freed heap pages).

@@ -111,7 +111,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=5)
     a = ap.parse_args()
     os.environ.setdefault("XDIT_WORKER_THREADS", "1")
-    from xdit_compile.testing import WorkerPool
+    from xdit_compile.testing.launcher import WorkerPool
 
     pool = WorkerPool(2)
     res: dict[str, Any] = {}

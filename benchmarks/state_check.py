@@ -1,9 +1,9 @@
 """Cost of the per-call model-state check at full size, against the forward it guards.
 
 Every call of a parallel module first checks that the model's Python-side state (LoRA adapters,
-processors, hooks, parameter objects, train/eval: :mod:`xdit_compile.state`) is the one its graphs
+processors, hooks, parameter objects, train/eval: :mod:`xdit_compile.compiler.state`) is the one its graphs
 were compiled for. This measures that per-call check (:meth:`StateWatch.quick`: the mutation
-counter of :mod:`xdit_compile.watch`, the processors' settings, the global state), the full
+counter of :mod:`xdit_compile.compiler.watch`, the processors' settings, the global state), the full
 snapshot comparison that backs it where the counter moved and at every new request
 (:meth:`StateWatch.matches`), and the fingerprint taken when the state did change, on full-size configs built on the
 meta device (the module tree and parameter objects of the real model, no weights), plain and with
@@ -63,7 +63,7 @@ def _median_us(fn: Any, calls: int) -> float:
 
 
 def _check_us(model: torch.nn.Module, calls: int) -> dict[str, Any]:
-    from xdit_compile.state import StateWatch, fingerprint
+    from xdit_compile.compiler.state import StateWatch, fingerprint
 
     watch = StateWatch.of(model)
     assert watch.quick() and watch.matches()
@@ -76,7 +76,7 @@ def _check_us(model: torch.nn.Module, calls: int) -> dict[str, Any]:
 
 
 def _forward_ms(name: str, geo: dict[str, int]) -> dict[str, float]:
-    from xdit_compile.planner import rank_plans, zoo_workload
+    from xdit_compile.analysis.planner import rank_plans, zoo_workload
 
     load = zoo_workload(name, **geo)
     out = {}

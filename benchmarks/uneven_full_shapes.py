@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 from xdit_compile import Plan, parallelize
+from xdit_compile.jobs.compare import rel_error, timed
 from xdit_compile.models import build_model, example_inputs, layer_overrides
-from xdit_compile.runner import rel_error, timed
 from xdit_compile.runtime.collectives import comm_stats
-from xdit_compile.testing import WorkerError, WorkerPool
+from xdit_compile.testing.launcher import WorkerError, WorkerPool
 
 OUT = Path(__file__).parent / "results"
 TOL = 1e-4
@@ -241,7 +241,7 @@ def _meta(iters: int) -> dict[str, Any]:
             "2 cores are shared with other jobs; only the error and shape columns matter here.",
             "Random weights and inputs (the zoo's seeds); fp32 only. Mochi's padded text mask "
             "makes the number of valid text tokens data-dependent; the compiler specializes "
-            "the graph to it (see xdit_compile.specialize).",
+            "the graph to it (see xdit_compile.compiler.specialize).",
             "Mochi's default 28 latent frames split 7/7/7/7 over 4 ranks (the seed splits frames, "
             "which divide by 4), so its default shape at degree 4 is an even split; the extra "
             "157-frame row (27 latent frames, a valid pipeline length) gives an uneven one.",

@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from xdit_compile.testing import WorkerError, WorkerPool
+from xdit_compile.testing.launcher import WorkerError, WorkerPool
 
 PLANS = [("ulysses=2", {"ulysses": 2}), ("ring=2", {"ring": 2})]
 EXACT, PARALLEL = 1e-4, 0.85
@@ -59,7 +59,7 @@ def _one(stem: str, plan_kw: dict[str, int]) -> dict[str, Any]:
     import torch
 
     from xdit_compile import Plan, parallelize
-    from xdit_compile.runner import _breaks, _flops_share, rel_error
+    from xdit_compile.jobs.compare import _breaks, _flops_share, rel_error
 
     cfg = _config(stem)
     torch.manual_seed(0)

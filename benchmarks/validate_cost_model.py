@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xdit_compile import planner
+from xdit_compile.analysis import planner
 from xdit_compile.plan import Plan
 
 OUT = Path(__file__).parent / "results"
@@ -100,7 +100,7 @@ def run() -> dict[str, Any]:
             w = load.work(plan)
             if isinstance(w, str):
                 raise RuntimeError(f"{label}: {w}")
-            from xdit_compile.cost import predict
+            from xdit_compile.analysis.cost import predict
 
             p = predict(plan, w, t["hardware"], steps=t["steps"])
             err = (p.total - published) / published if published else None
@@ -135,7 +135,7 @@ def run() -> dict[str, Any]:
 
 def markdown(res: dict[str, Any]) -> str:
     out = ["# Cost model vs published latencies", "",
-           "Predicted by `xdit_compile.cost` from the datasheet profiles (nothing fitted to these numbers); "
+           "Predicted by `xdit_compile.analysis.cost` from the datasheet profiles (nothing fitted to these numbers); "
            "published numbers are end to end, the prediction covers the transformer calls only. "
            "Script: `benchmarks/validate_cost_model.py`.", ""]
     matches = 0

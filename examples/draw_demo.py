@@ -40,6 +40,6 @@ if __name__ == "__main__":
     if "RANK" in os.environ:
         main(text)
     else:
-        from xdit_compile.testing import run_distributed
+        from xdit_compile.testing.launcher import run_distributed
 
         print("wrote", *run_distributed(main, 4, text)[0])

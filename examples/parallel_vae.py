@@ -49,6 +49,6 @@ if __name__ == "__main__":
     if "RANK" in os.environ:
         main()
     else:
-        from xdit_compile.testing import run_distributed
+        from xdit_compile.testing.launcher import run_distributed
 
         run_distributed(main, 4)

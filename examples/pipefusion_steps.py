@@ -18,7 +18,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 import xdit_compile as xc
-from xdit_compile.oracle import DisplacedOracle, grid_layout
+from xdit_compile.testing.oracle import DisplacedOracle, grid_layout
 
 
 def main() -> list[tuple[float, float]]:
@@ -54,6 +54,6 @@ if __name__ == "__main__":
     if "RANK" in os.environ:
         main()
     else:
-        from xdit_compile.testing import run_distributed
+        from xdit_compile.testing.launcher import run_distributed
 
         run_distributed(main, 2)

@@ -14,7 +14,7 @@ import re
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import PassContext, PassResult
+from xdit_compile.compiler.driver import PassContext, PassResult
 
 __all__ = ["annotate_graph_pass", "block_of"]
 
@@ -38,7 +38,7 @@ def _data_dependent(node: fx.Node) -> ValueError:
         f"{node.name} ({node.target}) has a data-dependent shape {list(node.meta['val'].shape)}, "
         f"at {source_line(node)}; the sharding passes need static shapes: run them through "
         f"ParallelModule, which specializes such sizes to the inputs' values "
-        f"(xdit_compile.specialize)"
+        f"(xdit_compile.compiler.specialize)"
     )
 
 

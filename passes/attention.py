@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import CollectiveSite, PassContext, PassResult
+from xdit_compile.compiler.driver import CollectiveSite, PassContext, PassResult
 from xdit_compile.placement import even_split
 from xdit_compile.runtime import attention as _rt_attention  # noqa: F401  (registers xdit ops)
 from xdit_compile.runtime.attention import ulysses_heads, usp_comm_bytes

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import PassContext, PassFn, PassResult
+from xdit_compile.compiler.driver import PassContext, PassFn, PassResult
 from xdit_compile.latent import SeedError
 from xdit_compile.passes.fake import fake_run
 from xdit_compile.passes.seed import graph_latent

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import CollectiveSite, PassContext, PassResult
+from xdit_compile.compiler.driver import CollectiveSite, PassContext, PassResult
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.placement import Partial, Replicate, Shard, even_split
 from xdit_compile.runtime.reshard import (

@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import CollectiveSite, PassContext, PassFn, PassResult
+from xdit_compile.compiler.driver import CollectiveSite, PassContext, PassFn, PassResult
 from xdit_compile.passes.attention import expand_gqa
 from xdit_compile.passes.batch import on_axis, restage_pass
 from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, register_rule

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from xdit_compile.driver import PassContext, PassResult
+from xdit_compile.compiler.driver import PassContext, PassResult
 from xdit_compile.latent import SeedError, find_latent
 from xdit_compile.passes.sharding.engine import Break
 from xdit_compile.passes.sharding.rules_nn import conv_params

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import PassContext, PassResult
+from xdit_compile.compiler.driver import PassContext, PassResult
 from xdit_compile.placement import Replicate
 from xdit_compile.runtime import attention as _attention  # noqa: F401  (registers xdit::usp_attention)
 from xdit_compile.runtime.attention import ulysses_heads

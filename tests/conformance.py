@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from graph_harness import ALL_NO_SEED, Fn, RankRun, compile_for, reference  # noqa: E402
 
-from xdit_compile.capture import capture  # noqa: E402
+from xdit_compile.compiler.capture import capture  # noqa: E402
 from xdit_compile.passes.sharding import propagate  # noqa: E402,F401  (registers the rules)
 from xdit_compile.passes.sharding.engine import RULES, redistribute  # noqa: E402
 from xdit_compile.placement import Shard, even_split  # noqa: E402

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from xdit_compile.testing import WorkerPool
+from xdit_compile.testing.launcher import WorkerPool
 
 # Verify local shapes of every rewritten graph after its last pass (XDIT_DEBUG=1: after every
 # pass, to find the pass that broke one; test_passes checks that mode).

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xdit_compile.driver import PassContext, PassFn, run_passes
+from xdit_compile.compiler.driver import PassContext, PassFn, run_passes
 from xdit_compile.passes.annotate import annotate_graph_pass
 from xdit_compile.passes.attention import rewrite_attention_pass
 from xdit_compile.passes.canonicalize import canonicalize_graph_pass

@@ -54,7 +54,7 @@ def _different_weights():
 
 @pytest.mark.dist
 def test_parameters_must_match_across_ranks(pools):
-    from xdit_compile.testing import WorkerError
+    from xdit_compile.testing.launcher import WorkerError
 
     with pytest.raises(WorkerError, match=r"parameters differ between ranks .*(pos_embed|weight).*broadcast_weights=True"):
         pools(2).run(_different_weights, timeout=120)

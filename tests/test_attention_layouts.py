@@ -86,7 +86,7 @@ def _model(layout: str, masked: bool = False, steps: int = 1) -> tuple[nn.Module
 
 def _exact(layout: str, plan: dict, masked: bool) -> dict:
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
 
     model, (kw,) = _model(layout, masked)
     with torch.no_grad():
@@ -117,8 +117,8 @@ def test_image_queries_over_masked_joint_keys(pools, plan, world):
 
 def _displaced(layout: str, plan: dict, method: str, n: int) -> dict:
     import xdit_compile as xc
-    from xdit_compile.oracle import DisplacedOracle, grid_layout
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
+    from xdit_compile.testing.oracle import DisplacedOracle, grid_layout
 
     model, ins = _model(layout, steps=3)
     oracle = DisplacedOracle(model, method, grid_layout(1, n), text=model.kv_text,
@@ -150,7 +150,7 @@ def _nucleus(plan: dict, masked: bool) -> dict:
     from diffusers import NucleusMoEImageTransformer2DModel
 
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
 
     torch.manual_seed(0)
     model = NucleusMoEImageTransformer2DModel(

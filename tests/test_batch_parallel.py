@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from xdit_compile import Plan
-from xdit_compile.runner import compare_zoo_model
-from xdit_compile.testing import WorkerError
+from xdit_compile.jobs.compare import compare_zoo_model
+from xdit_compile.testing.launcher import WorkerError
 
 TOL = 1e-4
 # Pipelines that run both CFG branches in one transformer call ([uncond, cond] in dim 0).

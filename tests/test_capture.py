@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xdit_compile.capture import CaptureError, capture
+from xdit_compile.compiler.capture import CaptureError, capture
 
 
 class _DataDependent(torch.nn.Module):
@@ -52,7 +52,7 @@ class _SelectsTokens(torch.nn.Module):
 
 def test_data_dependent_shapes_are_named_with_their_line():
     from xdit_compile.api import build_passes
-    from xdit_compile.driver import PassContext, run_passes
+    from xdit_compile.compiler.driver import PassContext, run_passes
     from xdit_compile.plan import Plan
     from xdit_compile.runtime.mesh import MeshInfo
 

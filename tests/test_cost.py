@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import xdit_compile as xc
-from xdit_compile import cost, planner
-from xdit_compile.cli import main as cli
+from xdit_compile.analysis import cost, planner
+from xdit_compile.cli.main import main as cli
 from xdit_compile.models import build_model, example_inputs
 
 

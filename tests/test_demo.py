@@ -1,6 +1,6 @@
 """The trained demo pipeline (models/demo): loads offline, draws its subjects, and
 ``xdit-compile generate`` runs it with its own defaults, serial vs parallel within the stated
-tolerance of each dtype (fp32: 1e-4; bf16: :data:`xdit_compile.generate.TOLERANCE`)."""
+tolerance of each dtype (fp32: 1e-4; bf16: :data:`xdit_compile.jobs.generate.TOLERANCE`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from xdit_compile.cli import main
-from xdit_compile.generate import TOLERANCE
+from xdit_compile.cli.main import main
+from xdit_compile.jobs.generate import TOLERANCE
 from xdit_compile.models import demo
 
 

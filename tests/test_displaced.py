@@ -1,6 +1,6 @@
 """PipeFusion and DistriFusion (displaced K/V) on gloo, against the single-process oracle.
 
-The oracle (:mod:`xdit_compile.oracle`) runs the plain diffusers model once per patch with
+The oracle (:mod:`xdit_compile.testing.oracle`) runs the plain diffusers model once per patch with
 attention reading K/V as the displaced-K/V semantics say; it shares no code with the compiler.
 
 Tolerances (fp32, relative to max |reference|):
@@ -35,7 +35,7 @@ def _inputs(name: str, model, steps: int, uneven: bool = False) -> list[dict]:
 
 
 def _oracle(name: str, model, method: str, n: int, warmup: int, kw: dict):
-    from xdit_compile.oracle import DisplacedOracle, grid_layout
+    from xdit_compile.testing.oracle import DisplacedOracle, grid_layout
 
     joint, first = TEXT[name]
     text = kw["encoder_hidden_states"].shape[1] if joint else 0
@@ -48,8 +48,8 @@ def _vs_oracle(name: str, plan_kw: dict, method: str, n: int, steps: int = 3, wa
     """Per step: (error vs oracle, difference from serial); the oracle and serial run first
     (PipeFusion frees other stages' parameters of the model in place)."""
     import xdit_compile as xc
+    from xdit_compile.jobs.compare import rel_error
     from xdit_compile.models import build_model
-    from xdit_compile.runner import rel_error
 
     model = build_model(name, "tiny", uneven=uneven, **(config or {}))
     ins = _inputs(name, model, steps, uneven)
@@ -139,8 +139,8 @@ def _poisoned(where: str, rows: slice) -> float:
     ``rows`` are corrupted at patch 1's ``where`` ("write": before it writes, "read": before
     attention reads)."""
     import xdit_compile as xc
+    from xdit_compile.jobs.compare import rel_error
     from xdit_compile.models import build_model
-    from xdit_compile.runner import rel_error
 
     model = build_model("pixart-sigma", "tiny")
     ins = _inputs("pixart-sigma", model, 2)
@@ -173,8 +173,8 @@ def test_poisoned_buffer_slices(pools):
 def _params(plan_kw: dict, config: dict) -> tuple[int, int, int]:
     """(all parameter bytes, block parameter bytes, bytes this rank holds after compiling)."""
     import xdit_compile as xc
+    from xdit_compile.compiler.pipefusion import parameter_bytes
     from xdit_compile.models import build_model
-    from xdit_compile.pipefusion import parameter_bytes
 
     model = build_model("pixart-sigma", "tiny", **config)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -270,7 +270,7 @@ class _Wide(torch.nn.Module):
 
 def _wide() -> tuple[float, int]:
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
     from xdit_compile.runtime.collectives import comm_stats
 
     torch.manual_seed(0)

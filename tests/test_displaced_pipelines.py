@@ -1,7 +1,7 @@
 """Whole tiny pipelines with PipeFusion / DistriFusion through ``parallelize_pipeline``.
 
 Reference: the same pipeline with its transformer replaced by the single-process oracle
-(:class:`xdit_compile.oracle.DisplacedOracle`), same seed; 3 denoising steps, the first a
+(:class:`xdit_compile.testing.oracle.DisplacedOracle`), same seed; 3 denoising steps, the first a
 warmup step. Tolerance 1e-4 relative on the images (the transformer matches the oracle to float
 rounding, see test_displaced; the scheduler and VAE carry that through). Two requests in a row
 give the same image as the first alone: each ``pipe()`` call starts with empty buffers.
@@ -33,9 +33,9 @@ def _run(pipe: Any, prompt: Any, kw: dict) -> torch.Tensor:
 
 def _vs_oracle(name: str, plan_kw: dict, method: str, n: int, prompt: Any = "a red fox") -> dict:
     import xdit_compile as xc
+    from xdit_compile.jobs.compare import rel_error
     from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
-    from xdit_compile.oracle import DisplacedOracle, grid_layout
-    from xdit_compile.runner import rel_error
+    from xdit_compile.testing.oracle import DisplacedOracle, grid_layout
 
     kw = {**pipeline_defaults(name), "output_type": "pt", "num_inference_steps": 3}
     serial = _run(build_pipeline(name), prompt, kw)

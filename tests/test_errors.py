@@ -7,8 +7,8 @@ import time
 import pytest
 
 from xdit_compile import Plan
-from xdit_compile.runner import compare_zoo_model
-from xdit_compile.testing import WorkerError
+from xdit_compile.jobs.compare import compare_zoo_model
+from xdit_compile.testing.launcher import WorkerError
 
 
 def test_unknown_degree_is_rejected():
@@ -97,7 +97,7 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import os\n"
-        "from xdit_compile.testing import WorkerPool\n"
+        "from xdit_compile.testing.launcher import WorkerPool\n"
         "if __name__ == '__main__':\n"
         "    pool = WorkerPool(2)\n"
         "    print(*pool.run(os.getpid), flush=True)\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xdit_compile.cli import main
+from xdit_compile.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_generate_resolution_the_model_cannot_take(capsys: pytest.CaptureFixture
 
 
 def test_dtype_names() -> None:
-    from xdit_compile.generate import _DTYPES
+    from xdit_compile.jobs.generate import _DTYPES
 
     assert _DTYPES["bf16"] is torch.bfloat16 and _DTYPES["float32"] is torch.float32
 
@@ -129,7 +129,7 @@ def _generate_and_die(opts: object) -> object:
 
     import torch.distributed as dist
 
-    from xdit_compile.generate import generate_job
+    from xdit_compile.jobs.generate import generate_job
 
     if dist.get_rank() == 1:
         threading.Timer(1.5, lambda: os._exit(9)).start()
@@ -138,8 +138,8 @@ def _generate_and_die(opts: object) -> object:
 
 @pytest.mark.dist
 def test_generate_worker_killed_mid_run_stops_everyone(pools: object) -> None:
-    from xdit_compile.generate import GenerateOptions
-    from xdit_compile.testing import WorkerError
+    from xdit_compile.jobs.generate import GenerateOptions
+    from xdit_compile.testing.launcher import WorkerError
 
     opts = GenerateOptions(model="wan", prompt=["a red fox"], plan={"ulysses": 2}, steps=300, warmup=0)
     t0 = time.monotonic()
@@ -155,11 +155,11 @@ def test_generate_under_torchrun(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from xdit_compile.testing import free_port
+    from xdit_compile.testing.launcher import free_port
 
     out = tmp_path / "fox.png"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "xdit_compile.cli", "generate", "--model", "pixart-sigma",
+           str(free_port()), "-m", "xdit_compile.cli.main", "generate", "--model", "pixart-sigma",
            "--prompt", "a red fox", "--ulysses", "2", "--steps", "2", "--height", "32", "--width", "32",
            "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,

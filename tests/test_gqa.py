@@ -44,7 +44,7 @@ class _GQAModel(nn.Module):
 
 def _gqa(plan: dict) -> dict:
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
 
     torch.manual_seed(0)
     model = _GQAModel().eval()

@@ -41,7 +41,7 @@ class JointAttention(nn.Module):
 
 def _run(heads: int, plan_kw: dict[str, int]) -> dict:
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
     from xdit_compile.runtime.collectives import comm_stats
 
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def _flux(heads: int, plan_kw: dict[str, int]) -> float:
     from diffusers import FluxTransformer2DModel
 
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
@@ -109,7 +109,7 @@ def test_plans_and_their_cost_take_any_head_count():
     """Nothing refuses a head count; the cost model charges the slowest rank (rank 0 holds the
     extra heads): 3 heads over ulysses=2 cost rank 0 2 of 3 heads of all 19 query rows, Ring all
     heads of its 8 image rows and 2 of the 3 text rows."""
-    from xdit_compile.planner import rank_plans, workload
+    from xdit_compile.analysis.planner import rank_plans, workload
 
     assert Plan(ulysses=4).check_model({"num_attention_heads": 6}, "m") is None
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from xdit_compile import Plan
-from xdit_compile.runner import compare_zoo_model
+from xdit_compile.jobs.compare import compare_zoo_model
 
 
 @pytest.mark.dist
@@ -35,7 +35,7 @@ def test_inductor_ring_without_text_rows(pools):
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "xdit_compile.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "xdit_compile.cli.main", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import xdit_compile as xc
+from xdit_compile.jobs.compare import rel_error
 from xdit_compile.placement import even_split
-from xdit_compile.runner import rel_error
 
 
 def _flux(text_len: int) -> tuple[torch.nn.Module, dict]:

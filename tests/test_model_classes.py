@@ -171,7 +171,7 @@ def _inputs(name: str) -> tuple[nn.Module, dict[str, Any]]:
 
 def _run(name: str, plan_kw: dict[str, int]) -> dict[str, Any]:
     import xdit_compile as xc
-    from xdit_compile.runner import _flops_share, rel_error
+    from xdit_compile.jobs.compare import _flops_share, rel_error
 
     model, kw = _inputs(name)
     model.eval()
@@ -203,8 +203,8 @@ def test_class_is_exact_and_parallel(pools, name, plan):
 def test_every_rank_chooses_the_same_cut(name):
     """A cut chosen by trial propagation depends on the graph only, never on the rank choosing
     it (ranks cutting different dims would enter mismatched collectives)."""
-    from xdit_compile.capture import capture
-    from xdit_compile.driver import PassContext
+    from xdit_compile.compiler.capture import capture
+    from xdit_compile.compiler.driver import PassContext
     from xdit_compile.passes.seed import seed_inputs_pass
     from xdit_compile.runtime.mesh import MeshInfo
 
@@ -229,7 +229,7 @@ def test_flex_attention_reading_the_head_index_breaks():
     from graph_harness import ALL, compile_for
     from torch.nn.attention.flex_attention import flex_attention
 
-    from xdit_compile.capture import capture
+    from xdit_compile.compiler.capture import capture
 
     class Alibi(nn.Module):
         def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

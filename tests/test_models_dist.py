@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 
 from xdit_compile import Plan
-from xdit_compile.runner import compare_zoo_model
+from xdit_compile.jobs.compare import compare_zoo_model
 
 # The zoo models whose sequence parallelism is built and verified: DiTs with cross-attention to
 # text, and joint text+image/video attention (replicated text rows joined to sharded tokens).
 # Mochi selects its valid text tokens with a data-dependent nonzero (specialized, see
-# xdit_compile/specialize.py).
+# xdit_compile/compiler/specialize.py).
 SP_MODELS = [
     "dit-xl-2", "pixart-alpha", "pixart-sigma", "sana", "hunyuan-dit", "latte",
     "sd3", "sd3.5", "flux-dev", "flux-schnell", "cogvideox-2b", "cogvideox-5b", "hunyuan-video",

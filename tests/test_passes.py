@@ -31,8 +31,8 @@ from graph_harness import (
 )
 
 from xdit_compile.api import build_passes
-from xdit_compile.capture import capture
-from xdit_compile.driver import (
+from xdit_compile.compiler.capture import capture
+from xdit_compile.compiler.driver import (
     OPTIONAL_PASSES,
     CollectiveSite,
     PassContext,

@@ -22,8 +22,8 @@ def _images(out: object) -> torch.Tensor:
 
 def _serial_vs_parallel(name: str, plan_kw: dict, prompt: object = "a red fox", **extra: object) -> dict:
     import xdit_compile as xc
+    from xdit_compile.jobs.compare import rel_error
     from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
-    from xdit_compile.runner import rel_error
     from xdit_compile.runtime.collectives import comm_stats
 
     kw = {**pipeline_defaults(name), "output_type": "pt", **extra}
@@ -85,7 +85,7 @@ def test_pipeline_dp2_three_prompts_in_order(pools):
 
 
 def test_cfg_pairs_refuse_unpaired_second_call():
-    from xdit_compile.cfg_pairs import CfgPairs
+    from xdit_compile.runtime.cfg_pairs import CfgPairs
 
     class Run:
         def __call__(self, args, kwargs):

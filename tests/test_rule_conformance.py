@@ -20,7 +20,7 @@ from conformance import (
 )
 from graph_harness import ALL_NO_SEED, RankRun, compile_for, reference
 
-from xdit_compile.capture import capture
+from xdit_compile.compiler.capture import capture
 from xdit_compile.passes.sharding import engine, propagate
 from xdit_compile.passes.sharding.engine import Decision, RuleCtx
 from xdit_compile.placement import Shard

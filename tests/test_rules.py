@@ -36,8 +36,8 @@ from graph_harness import (
     reference,
 )
 
-from xdit_compile.capture import capture
-from xdit_compile.driver import PassContext, PassFn, run_passes
+from xdit_compile.compiler.capture import capture
+from xdit_compile.compiler.driver import PassContext, PassFn, run_passes
 from xdit_compile.kernels.attention import attention_with_lse, backends, merge_partial
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.passes.sharding.rules_shape import reshape_shard

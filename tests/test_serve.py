@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from xdit_compile.generate import GenerateOptions, generate_job
-from xdit_compile.serve import ServeOptions, serve_job
-from xdit_compile.testing import free_port
+from xdit_compile.jobs.generate import GenerateOptions, generate_job
+from xdit_compile.serve.service import ServeOptions, serve_job
+from xdit_compile.testing.launcher import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -65,7 +65,7 @@ class Server:
 
 
 def _wait_healthy(url: str, alive: Any, timeout: float = 300.0) -> float:
-    from xdit_compile.client import wait_ready
+    from xdit_compile.serve.client import wait_ready
 
     try:
         return wait_ready(url, timeout=timeout, alive=alive, interval=0.2)
@@ -430,7 +430,7 @@ def test_ray_serve_replicas_answer_behind_one_endpoint(reference):
     import ray
     from ray import serve
 
-    from xdit_compile.ray_serve import deployment
+    from xdit_compile.serve.ray import deployment
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -469,9 +469,9 @@ def test_a_group_that_cannot_start_gives_up_with_the_reason():
 def test_replica_command_line_carries_every_option(tmp_path) -> None:
     """A Ray replica starts its group with `serve_args(opts)`: parsed by the CLI, the command
     line gives back the same options (host and port are the replica's own)."""
-    from xdit_compile.cli import _parser, serve_options
-    from xdit_compile.ray_serve import serve_args
-    from xdit_compile.serve import ServeOptions
+    from xdit_compile.cli.main import _parser, serve_options
+    from xdit_compile.serve.ray import serve_args
+    from xdit_compile.serve.service import ServeOptions
 
     opts = ServeOptions(
         model=MODEL, plan={"ulysses": 1, "ring": 1, "cfg": 1, "dp": 1, "pipefusion": 2, "distrifusion": 1,

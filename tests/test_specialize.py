@@ -12,9 +12,13 @@ import torch.fx._pytree as fx_pytree
 import torch.nn.functional as F
 
 import xdit_compile as xc
-from xdit_compile.capture import capture
-from xdit_compile.runner import rel_error
-from xdit_compile.specialize import SpecializationMismatch, find_data_dependence, specialize_graph
+from xdit_compile.compiler.capture import capture
+from xdit_compile.compiler.specialize import (
+    SpecializationMismatch,
+    find_data_dependence,
+    specialize_graph,
+)
+from xdit_compile.jobs.compare import rel_error
 
 
 class _ValidTextAttention(torch.nn.Module):

@@ -7,7 +7,7 @@ change. Every change is first shown to matter (the serial output moves by more t
 a stale graph fails. Tolerance: 1e-5 relative in fp32 (the same arithmetic in other summation
 orders, ~1e-7).
 
-The per-call check itself (:mod:`xdit_compile.state`, :mod:`xdit_compile.watch`) is tested without
+The per-call check itself (:mod:`xdit_compile.compiler.state`, :mod:`xdit_compile.compiler.watch`) is tested without
 processes: it must see each change, and must not move for a forward or a parallel call.
 """
 
@@ -110,7 +110,7 @@ SOME_CHANGES = ["set_adapters b", "disable_adapters", "enable + back to a", "par
 
 def _run_changes(plan_kw: dict[str, int], batch: int, names: list[str]) -> dict[str, Any]:
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
 
     model, kw = _flux(batch)
     pm = xc.parallelize(model, xc.Plan(**plan_kw))
@@ -147,7 +147,7 @@ def test_changes_after_the_first_call_match_serial(pools, plan, batch, names):
 
 def _train_eval_and_dtype() -> dict[str, Any]:
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
 
     model, kw = _flux()
     pm = xc.parallelize(model, xc.Plan(ulysses=2))
@@ -175,7 +175,7 @@ def test_train_eval_and_dtype_changes_recompile(pools):
 
 
 def _watched() -> tuple[torch.nn.Module, dict[str, Any], Any]:
-    from xdit_compile.state import StateWatch
+    from xdit_compile.compiler.state import StateWatch
 
     model, kw = _flux()
     return model, kw, StateWatch.of(model)
@@ -183,7 +183,7 @@ def _watched() -> tuple[torch.nn.Module, dict[str, Any], Any]:
 
 @pytest.mark.parametrize("name", list(CHANGES))
 def test_the_per_call_check_sees_each_change(name):
-    from xdit_compile.state import fingerprint
+    from xdit_compile.compiler.state import fingerprint
 
     model, kw, watch = _watched()
     for earlier in list(CHANGES)[:list(CHANGES).index(name)]:  # the state each change meets in the test above

@@ -26,7 +26,7 @@ def _tiny_vae(seed: int = 0):  # type: ignore[no-untyped-def]
 
 def _decode_vs_serial(rows: int, cols: int, plan_kw: dict) -> dict:
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
     from xdit_compile.runtime.collectives import comm_stats
 
     z = torch.randn(1, 4, rows, cols, generator=torch.Generator().manual_seed(1))
@@ -58,7 +58,7 @@ def test_decoder_rows_cut_over_ranks_match_serial(pools, world, rows, plan_kw):
 
 def _encode_vs_serial(rows: int, cols: int, plan_kw: dict) -> dict:
     import xdit_compile as xc
-    from xdit_compile.runner import rel_error
+    from xdit_compile.jobs.compare import rel_error
 
     x = torch.randn(1, 3, rows, cols, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -85,8 +85,8 @@ def test_encoder_rows_cut_over_ranks_match_serial(pools, world, rows):
 
 def _pipeline_vae(name: str) -> dict:
     import xdit_compile as xc
+    from xdit_compile.jobs.compare import rel_error
     from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
-    from xdit_compile.runner import rel_error
 
     kw = {**pipeline_defaults(name), "output_type": "pt"}
     ref = build_pipeline(name)(prompt="a red fox", generator=torch.Generator().manual_seed(0), **kw).images

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from xdit_compile.capture import capture
+from xdit_compile.compiler.capture import capture
 from xdit_compile.models import (
     build_model,
     example_inputs,
@@ -64,7 +64,7 @@ FULL_VIDEO_GRID = {
     "wan2.1": (21, 30, 52),  # 81 x 480 x 832
 }
 
-#: Models whose capture needs the strict (TorchDynamo) fallback of xdit_compile.capture.
+#: Models whose capture needs the strict (TorchDynamo) fallback of xdit_compile.compiler.capture.
 STRICT_CAPTURE: set[str] = set()
 
 #: Text mask kwarg of the models whose example inputs carry a padded text mask.
@@ -305,10 +305,10 @@ _EXPORT_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name,uneven", _EXPORT_CASES)
 def test_tiny_export(name: str, uneven: bool, caplog: pytest.LogCaptureFixture) -> None:
-    """``xdit_compile.capture`` (non-strict export, strict fallback) gives an exact graph."""
+    """``xdit_compile.compiler.capture`` (non-strict export, strict fallback) gives an exact graph."""
     model = build_model(name, uneven=uneven)
     inputs = example_inputs(name, model, uneven=uneven)
-    with caplog.at_level(logging.INFO, logger="xdit_compile.capture"):
+    with caplog.at_level(logging.INFO, logger="xdit_compile.compiler.capture"):
         gm = capture(model, (), inputs)
     assert ("with strict export" in caplog.text) == (name in STRICT_CAPTURE)
     ref = _forward(model, inputs)

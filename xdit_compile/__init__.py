@@ -1,10 +1,10 @@
 """xdit_compile: parallel Diffusion Transformers by graph rewriting, with no per-model code."""
 
+from xdit_compile.analysis.planner import auto as _auto
+from xdit_compile.analysis.report import Report, build_report
 from xdit_compile.api import ParallelModule, init_distributed, parallelize
 from xdit_compile.pipeline import parallelize_pipeline, parallelize_vae
 from xdit_compile.plan import _AUTO, MeshAxis, Plan
-from xdit_compile.planner import auto as _auto
-from xdit_compile.report import Report, build_report
 
 __all__ = [
     "MeshAxis", "ParallelModule", "Plan", "Report", "explain", "init_distributed", "parallelize",

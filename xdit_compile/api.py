@@ -21,16 +21,16 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
-from xdit_compile.capture import CaptureError, capture
-from xdit_compile.cfg_pairs import CfgPairs, latent, latent_batch
-from xdit_compile.driver import PassContext, PassFn, run_passes
+from xdit_compile.compiler.capture import CaptureError, capture
+from xdit_compile.compiler.driver import PassContext, PassFn, run_passes
+from xdit_compile.compiler.specialize import Probe, find_data_dependence, specialize_graph
+from xdit_compile.compiler.state import Fingerprint, StateWatch, diffusers_hooks, fingerprint
 from xdit_compile.latent import SeedError
 from xdit_compile.plan import Plan
+from xdit_compile.runtime.cfg_pairs import CfgPairs, latent, latent_batch
 from xdit_compile.runtime.collectives import count
 from xdit_compile.runtime.displaced import DisplacedState, new_state
 from xdit_compile.runtime.mesh import ParallelMesh, build_mesh
-from xdit_compile.specialize import Probe, find_data_dependence, specialize_graph
-from xdit_compile.state import Fingerprint, StateWatch, diffusers_hooks, fingerprint
 
 __all__ = ["CompiledGraph", "ParallelModule", "build_passes", "init_distributed", "parallelize"]
 
@@ -129,7 +129,7 @@ class ParallelModule(torch.nn.Module):
     ``set_adapters``...), and class checks see the model's class (``isinstance(pm,
     ModelMixin)``, ``issubclass(pm.__class__, ...)``: diffusers' pipeline-level LoRA calls), while
     ``type(pm)`` is ``ParallelModule``. Every call checks the model's Python-side state (LoRA
-    adapters, processors, hooks, replaced parameters, train/eval; :mod:`xdit_compile.state`): a
+    adapters, processors, hooks, replaced parameters, train/eval; :mod:`xdit_compile.compiler.state`): a
     compiled graph runs only for the state it was captured in.
     """
 
@@ -199,7 +199,7 @@ class ParallelModule(torch.nn.Module):
 
         The signature is the inputs' shapes, dtypes and non-tensor values, plus the values of
         any data-dependent sizes (e.g. Mochi's number of valid text tokens), see
-        :mod:`xdit_compile.specialize`. None for a model that runs in regions (its regions
+        :mod:`xdit_compile.compiler.specialize`. None for a model that runs in regions (its regions
         compile when first called).
         """
         self._choose_plan(args, kwargs)
@@ -210,14 +210,14 @@ class ParallelModule(torch.nn.Module):
 
     def _choose_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """``Plan(auto=True)``: rank 0 asks the cost model for the fastest exact plan at these
-        inputs and the world size (:func:`xdit_compile.planner.auto`), every rank receives it
+        inputs and the world size (:func:`xdit_compile.analysis.planner.auto`), every rank receives it
         (one broadcast), and the mesh is built for it. Runs once, at the first call."""
         if not self.plan.auto:
             return
         import inspect
 
-        from xdit_compile.cost import detect
-        from xdit_compile.planner import auto
+        from xdit_compile.analysis.cost import detect
+        from xdit_compile.analysis.planner import auto
 
         world = dist.get_world_size()
         chosen: list[Any] = [None]
@@ -245,7 +245,7 @@ class ParallelModule(torch.nn.Module):
 
     def _plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
         """The plan a call compiles with: without the cfg batch round when the batch cannot be
-        cut over cfg (one branch per call, see :mod:`xdit_compile.cfg_pairs`)."""
+        cut over cfg (one branch per call, see :mod:`xdit_compile.runtime.cfg_pairs`)."""
         if self.plan.cfg > 1 and latent_batch(args, kwargs, self.model.forward, self._latent_name) < self.plan.cfg:
             return replace(self.plan, cfg=1)
         return self.plan
@@ -265,7 +265,7 @@ class ParallelModule(torch.nn.Module):
                         "(pm.model) and parallelize the copy")
 
     def _state(self) -> int:
-        """The id of the model's current Python-side state (see :mod:`xdit_compile.state`):
+        """The id of the model's current Python-side state (see :mod:`xdit_compile.compiler.state`):
         unchanged since the last call (a few comparisons per module), an earlier state again
         (its graphs are reused), or a new one (graphs compile for it; graphs of states whose
         tensors the model no longer holds are dropped)."""
@@ -410,7 +410,7 @@ class ParallelModule(torch.nn.Module):
         return CompiledGraph(gm, ctx, runner, static)
 
     def _compile_pipefusion(self, gm: fx.GraphModule, ctx: PassContext) -> CompiledGraph:
-        from xdit_compile.pipefusion import compile_pipefusion, release_parameters
+        from xdit_compile.compiler.pipefusion import compile_pipefusion, release_parameters
 
         assert self.kv_state is not None
         plan = ctx.plan
@@ -496,7 +496,7 @@ class ParallelModule(torch.nn.Module):
 
 
 class _PairRunner:
-    """What :class:`~xdit_compile.cfg_pairs.CfgPairs` calls: run one call, or give the shapes
+    """What :class:`~xdit_compile.runtime.cfg_pairs.CfgPairs` calls: run one call, or give the shapes
     of its outputs (placeholders) without running it."""
 
     def __init__(self, pm: ParallelModule, plan: Plan) -> None:

@@ -9,7 +9,7 @@ exchange halo rows, GroupNorm combines per-rank statistics, the mid-block attent
 Ring attention), so each rank holds 1/N of their activations; otherwise the VAE runs whole on
 every rank. CFG needs no per-pipeline code: pipelines that batch both
 branches are cut by the ``cfg`` batch round, those that call the transformer twice per step
-by call pairing (:mod:`xdit_compile.cfg_pairs`).
+by call pairing (:mod:`xdit_compile.runtime.cfg_pairs`).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_
 
 _BACKENDS = (None, "eager", "inductor")
 
-#: The planner behind :meth:`Plan.auto` (``xdit_compile.planner.auto``, registered when the
+#: The planner behind :meth:`Plan.auto` (``xdit_compile.analysis.planner.auto``, registered when the
 #: package is imported: this module stays pure data and imports nothing of the package).
 _AUTO: list[Callable[..., Plan]] = []
 
@@ -105,8 +105,8 @@ class Plan:
     inputs and the process group's world size), exact methods only; leave every degree at 1.
     The plan chosen for the first input signature serves every later one."""
     hardware: str | None = None
-    """``auto``: the hardware profile to predict for (a name of ``xdit_compile.cost.HARDWARE`` or
-    a calibrated JSON file); default: the local device's profile (:func:`xdit_compile.cost.detect`)."""
+    """``auto``: the hardware profile to predict for (a name of ``xdit_compile.analysis.cost.HARDWARE`` or
+    a calibrated JSON file); default: the local device's profile (:func:`xdit_compile.analysis.cost.detect`)."""
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     """Names of optional passes or rewrites to skip: "canonicalize"; "rewrite_attention" (keep
     gathers + plain SDPA); "shard_text_rows" (keep joint attention's text rows replicated on
@@ -187,10 +187,10 @@ class Plan:
     def _auto(cls, model: Any, example_inputs: Mapping[str, Any], world_size: int, hardware: Any = "h100-sxm",
              **options: Any) -> Plan:
         """The plan the cost model predicts fastest for ``model(**example_inputs)`` on
-        ``world_size`` GPUs of ``hardware`` (a profile name of :mod:`xdit_compile.cost`, a
+        ``world_size`` GPUs of ``hardware`` (a profile name of :mod:`xdit_compile.analysis.cost`, a
         calibrated JSON file, or a ``Hardware``). Exact plans only unless ``approximate=True``;
         other options: ``steps``, ``nodes``, ``compile``, ``cfg_in_batch`` (the batch holds both
-        CFG branches). See :func:`xdit_compile.planner.auto` and ``xdit-compile plan``."""
+        CFG branches). See :func:`xdit_compile.analysis.planner.auto` and ``xdit-compile plan``."""
         if not _AUTO:  # importing xdit_compile.plan runs xdit_compile/__init__.py, which registers it
             raise RuntimeError("the planner is not registered: import xdit_compile")
         return _AUTO[0](model, dict(example_inputs), world_size, hardware, **options)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import PassContext, PassResult, ShardingBreak
+from xdit_compile.compiler.driver import PassContext, PassResult, ShardingBreak
 from xdit_compile.passes.sharding import rules_nn, rules_shape  # noqa: F401  (registers rules)
 from xdit_compile.passes.sharding.engine import (
     Break,

@@ -6,7 +6,7 @@ rewritten graph is accounted (:func:`account`): matmul and attention FLOPs with 
 counted (CFG, data parallel, sequence), memory-bound bytes, ops, and every collective with its
 static bytes (the numbers ``explain`` reports and the runtime counter is tested against). A plan
 the passes refuse (heads not divisible by ``ulysses``, too few token rows) is invalid, with the
-reason. :mod:`xdit_compile.cost` turns the accounting into predicted seconds.
+reason. :mod:`xdit_compile.analysis.cost` turns the accounting into predicted seconds.
 
 Full-size models are captured on the ``meta`` device (no weights) with each stack of blocks cut
 to two layers, and once more per stack with one: every quantity is linear in the layer count of
@@ -31,7 +31,14 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from xdit_compile.cost import ELEMENTWISE, Hardware, Prediction, Work, get_hardware, predict
+from xdit_compile.analysis.cost import (
+    ELEMENTWISE,
+    Hardware,
+    Prediction,
+    Work,
+    get_hardware,
+    predict,
+)
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.reshard import SPLIT
 
@@ -109,8 +116,8 @@ def _nbytes(val: Any) -> int:
 
 def account(gm: fx.GraphModule, ctx: Any) -> Work:
     """The accounting of one rewritten graph for the rank of ``ctx`` (a ``PassContext``)."""
+    from xdit_compile.analysis.report import local_fraction
     from xdit_compile.passes.flops import node_flops
-    from xdit_compile.report import local_fraction
 
     rank = ctx.mesh.sp_rank
     w = Work(serial_flops=float(ctx.hints.get("serial_flops", 0)))
@@ -184,7 +191,7 @@ def account(gm: fx.GraphModule, ctx: Any) -> Work:
 def _stage_bytes(gm: fx.GraphModule, ctx: Any) -> float:
     """Bytes (this rank's piece) of the values one block hands to later blocks: what a
     PipeFusion stage sends to the next, per call, all patches together (the largest boundary)."""
-    from xdit_compile.report import local_fraction
+    from xdit_compile.analysis.report import local_fraction
 
     rank = ctx.mesh.sp_rank
     order: dict[str, int] = {}
@@ -263,7 +270,7 @@ class Workload:
 
 def _rewrite(gm0: fx.GraphModule, hints: dict[str, Any], plan: Plan) -> Work | str:
     from xdit_compile.api import build_passes
-    from xdit_compile.driver import PassContext, run_passes
+    from xdit_compile.compiler.driver import PassContext, run_passes
     from xdit_compile.runtime.mesh import MeshInfo
 
     gm = fx.GraphModule(gm0, copy.deepcopy(gm0.graph))
@@ -295,8 +302,8 @@ class _MetaAutocast(torch.autocast):
 def _capture_for_accounting(model: torch.nn.Module, real: dict[str, Any]) -> fx.GraphModule:
     """Capture ``model`` at ``real`` inputs; a model on ``meta`` gets meta copies of them, and
     data-dependent sizes (valid text tokens from a mask) are probed on the real ones."""
-    from xdit_compile.capture import capture
-    from xdit_compile.specialize import find_data_dependence, specialize_graph
+    from xdit_compile.compiler.capture import capture
+    from xdit_compile.compiler.specialize import find_data_dependence, specialize_graph
 
     meta = next(model.parameters()).device.type == "meta"
     inputs = _to_meta(real) if meta else real
@@ -569,7 +576,7 @@ def peak_activation_bytes(gm: fx.GraphModule, rank: int = 0) -> int:
     views share their base's storage and keep it alive, every other value lives from the node
     that makes it to its last use (the outputs to the end). Buffers inside opaque ops (the
     attention ops' packing, a collective's received buffer before it is cut) are not counted."""
-    from xdit_compile.report import local_fraction
+    from xdit_compile.analysis.report import local_fraction
 
     nodes = list(gm.graph.nodes)
     end_of_run = len(nodes)

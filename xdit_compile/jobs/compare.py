@@ -138,13 +138,13 @@ def compare_zoo_model(
 def _breaks(pm: Any, entry: Any) -> list[Any]:
     if entry is not None:
         return list(entry.ctx.breaks)
-    from xdit_compile.report import build_report
+    from xdit_compile.analysis.report import build_report
 
     return build_report(pm).breaks
 
 
 def _flops_share(pm: Any) -> float:
-    from xdit_compile.report import build_report
+    from xdit_compile.analysis.report import build_report
 
     rep = build_report(pm)
     return rep.flops / rep.serial_flops if rep.serial_flops else 1.0

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.driver import CollectiveSite, PassStat, ShardingBreak
+from xdit_compile.compiler.driver import CollectiveSite, PassStat, ShardingBreak
 from xdit_compile.passes.flops import node_flops
 from xdit_compile.placement import Shard
 
@@ -48,7 +48,7 @@ class Report:
     region_error: str = ""
     activation_bytes: int = 0
     """Peak bytes of the rewritten graph's values alive at once on this rank (static liveness,
-    :func:`xdit_compile.planner.peak_activation_bytes`)."""
+    :func:`xdit_compile.analysis.planner.peak_activation_bytes`)."""
     state_changes: list[str] = field(default_factory=list)
     """What changed in the model's Python-side state (LoRA adapters, processors, hooks, replaced
     parameters...) each time it changed after the first call; the calls after each recompiled,
@@ -160,8 +160,8 @@ def build_report(pm: Any) -> Report:
     entry = pm.last
     if entry is None:
         raise RuntimeError("nothing compiled yet: call the module (or pm.prepare(**inputs)) first")
-    from xdit_compile.pipefusion import parameter_bytes
-    from xdit_compile.planner import peak_activation_bytes
+    from xdit_compile.analysis.planner import peak_activation_bytes
+    from xdit_compile.compiler.pipefusion import parameter_bytes
 
     ctx = entry.ctx
     flops, serial = estimate_flops(entry.gm, ctx.mesh.sp_rank)
@@ -210,7 +210,7 @@ def _region_report(pm: Any) -> Report:
     that runs eagerly counts as replicated with the FLOPs of its captured graph, if any)."""
     from dataclasses import replace as dc_replace
 
-    from xdit_compile.pipefusion import parameter_bytes
+    from xdit_compile.compiler.pipefusion import parameter_bytes
 
     regions: list[tuple[str, str]] = []
     breaks: list[ShardingBreak] = []

@@ -1,7 +1,7 @@
 """Mutation tracking for module trees: a counter that moves whenever their Python state may change.
 
 A parallel module checks at every call that its model's Python-side state is the one its graphs
-were compiled for (:mod:`xdit_compile.state`). Comparing a whole snapshot costs about a
+were compiled for (:mod:`xdit_compile.compiler.state`). Comparing a whole snapshot costs about a
 microsecond per module, milliseconds for a LoRA-loaded DiT: too much per call. Instead the tree
 is *watched*: every change goes through something that moves :func:`version`, and a call only
 compares one integer (and the few plain objects modules hold, like attention processors).

@@ -5,9 +5,9 @@ plan's world size (no workers, no GPUs), and prints the report and rewritten gra
 ``run`` launches its own gloo/nccl workers on this node (or runs inside torchrun), runs the model
 serially and in parallel on the zoo's inputs, and prints latency, bytes per rank and the error.
 ``generate`` runs a whole pipeline (saved directory or tiny name) in parallel and writes the
-image or video (see :mod:`xdit_compile.generate`).
+image or video (see :mod:`xdit_compile.jobs.generate`).
 ``plan`` ranks every valid plan of a zoo model on N GPUs of a hardware profile by the cost model
-(see :mod:`xdit_compile.planner`), with no GPUs and no weights.
+(see :mod:`xdit_compile.analysis.planner`), with no GPUs and no weights.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 
 
 def _worker_run(a: dict[str, Any]) -> Any:
+    from xdit_compile.jobs.compare import compare_zoo_model
     from xdit_compile.plan import Plan
-    from xdit_compile.runner import compare_zoo_model
 
     return compare_zoo_model(
         a["model"], Plan(**a["plan"]), size=a["size"], uneven=a["uneven"], iters=a["iters"],
@@ -117,7 +117,7 @@ def _launch(fn: Any, payload: Any, plan: Any, a: argparse.Namespace) -> list[Any
     """``fn(payload)`` on every rank: the ranks of torchrun, or worker processes this command
     starts (``--nproc``, default the plan's size). None (after printing the failing rank's
     message) when a worker failed or died: every worker is stopped then."""
-    from xdit_compile.testing import WorkerError, WorkerPool
+    from xdit_compile.testing.launcher import WorkerError, WorkerPool
 
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # inside torchrun
         import torch.distributed as dist
@@ -165,7 +165,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from xdit_compile.generate import (
+    from xdit_compile.jobs.generate import (
         GenerateOptions,
         check_model,
         generate_job,
@@ -243,7 +243,7 @@ def _loras(values: list[str] | None) -> dict[str, str]:
 
 def serve_options(a: argparse.Namespace) -> Any:
     """The ``ServeOptions`` of parsed ``serve`` arguments (``ray_serve.serve_args`` is the inverse)."""
-    from xdit_compile.serve import ServeOptions
+    from xdit_compile.serve.service import ServeOptions
 
     return ServeOptions(model=a.model, plan=_plan_kwargs(a), host=a.host, port=a.port, dtype=a.dtype,
                         parallel_vae=a.parallel_vae, sizes=list(a.sizes), default_steps=a.steps,
@@ -253,8 +253,8 @@ def serve_options(a: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    from xdit_compile.generate import check_model, transformer_configs
-    from xdit_compile.serve import parse_size, serve_job, serve_main
+    from xdit_compile.jobs.generate import check_model, transformer_configs
+    from xdit_compile.serve.service import parse_size, serve_job, serve_main
 
     plan = _plan(a)
     check_model(a.model)
@@ -291,7 +291,7 @@ def _serve_ray(opts: Any, world: int, a: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from xdit_compile.ray_serve import deployment
+    from xdit_compile.serve.ray import deployment
 
     ray.init(address=os.environ.get("RAY_ADDRESS"))
     serve.start(http_options={"host": a.host, "port": a.port})
@@ -312,7 +312,7 @@ def _serve_ray(opts: Any, world: int, a: argparse.Namespace) -> int:
 def _cmd_client(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from xdit_compile.client import ClientError, generate_images
+    from xdit_compile.serve.client import ClientError, generate_images
 
     try:
         res = generate_images(a.url, a.prompt, n=a.n, size=a.size, steps=a.steps, seed=a.seed,
@@ -331,7 +331,7 @@ def _cmd_client(a: argparse.Namespace) -> int:
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
-    from xdit_compile import cost, planner
+    from xdit_compile.analysis import cost, planner
 
     if a.calibrate:
         print("calibrating this machine (matmul, attention, memory, dispatch, gloo link) ...", flush=True)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.nn.modules import module as _nn_module
 
-from xdit_compile.watch import version, watch_module
+from xdit_compile.compiler.watch import version, watch_module
 
 __all__ = ["Fingerprint", "Snapshot", "StateWatch", "diffusers_hooks", "fingerprint"]
 
@@ -166,7 +166,7 @@ class Snapshot:
 
 @dataclass
 class StateWatch:
-    """The state of a watched tree (:mod:`xdit_compile.watch`): :meth:`quick` at every call
+    """The state of a watched tree (:mod:`xdit_compile.compiler.watch`): :meth:`quick` at every call
     compares the mutation counter, the plain objects modules hold (attention processors and
     their settings), the containers the counter cannot follow and the global state; the full
     :class:`Snapshot` backs it where the counter moved, and at every new request."""

@@ -1,6 +1,6 @@
 """The cost model: predicted latency of a plan from its accounting and a hardware profile.
 
-A plan's accounting (:class:`Work`, built by :mod:`xdit_compile.planner` from the rewritten graph,
+A plan's accounting (:class:`Work`, built by :mod:`xdit_compile.analysis.planner` from the rewritten graph,
 the same numbers ``explain`` reports) says, for the busiest rank and one transformer call: matmul
 and attention FLOPs, the bytes that memory-bound ops move, how many ops are dispatched, and every
 collective (op, mesh axis, calls, bytes sent). A :class:`Hardware` profile turns them into time:
@@ -231,7 +231,7 @@ def detect(device: Any = None) -> str:
 
 @dataclass
 class Work:
-    """One transformer call on the busiest rank of a plan (see :mod:`xdit_compile.planner`)."""
+    """One transformer call on the busiest rank of a plan (see :mod:`xdit_compile.analysis.planner`)."""
 
     matmul_flops: float = 0.0
     attention_flops: float = 0.0
@@ -488,7 +488,7 @@ def _profile(solo: dict[str, float], shared: dict[str, float], ranks: int, measu
         kernel_overhead=solo["op"], levels=((base.levels[0][0], lk),),
         network=lk if not cuda else base.network, shared=shared, shared_ranks=ranks if shared else 1,
         elementwise={k.split(".", 1)[1]: v for k, v in solo.items() if k.startswith("elementwise.")},
-        source="xdit_compile.cost.calibrate()")
+        source="xdit_compile.analysis.cost.calibrate()")
 
 
 def _group_worker(rank: int, world: int, port: int, threads: int, dtype: str, link: bool, q: Any) -> None:

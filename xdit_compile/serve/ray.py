@@ -1,15 +1,15 @@
 """Replicas of a whole parallel group behind one endpoint, with Ray Serve.
 
 One replica is one ``xdit-compile serve`` process group (rank 0 and its child ranks, see
-:func:`xdit_compile.serve.serve_main`) on a private loopback port; the Ray Serve deployment in
+:func:`xdit_compile.serve.service.serve_main`) on a private loopback port; the Ray Serve deployment in
 front of it forwards every request to its own group and adds an ``x-xdit-replica`` header. Ray
 Serve spreads requests over the replicas; each group still batches, aborts and restarts its
 ranks on its own.
 
     import ray
     from ray import serve
-    from xdit_compile.ray_serve import deployment
-    from xdit_compile.serve import ServeOptions
+    from xdit_compile.serve.ray import deployment
+    from xdit_compile.serve.service import ServeOptions
 
     ray.init()
     serve.start(http_options={"host": "0.0.0.0", "port": 8000})
@@ -28,8 +28,8 @@ import urllib.request
 from dataclasses import asdict
 from typing import Any
 
-from xdit_compile.client import wait_ready
-from xdit_compile.serve import ServeOptions
+from xdit_compile.serve.client import wait_ready
+from xdit_compile.serve.service import ServeOptions
 
 __all__ = ["deployment", "serve_args"]
 
@@ -83,7 +83,7 @@ def deployment(opts: ServeOptions, world: int, *, num_replicas: int = 1, threads
     @serve.ingress(app)
     class XditReplica:
         def __init__(self) -> None:
-            from xdit_compile.testing import free_port
+            from xdit_compile.testing.launcher import free_port
 
             o = ServeOptions(**{**options, "port": free_port(), "host": "127.0.0.1"})
             self.url = f"http://127.0.0.1:{o.port}"

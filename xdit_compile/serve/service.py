@@ -439,7 +439,7 @@ def encode_video(frames: np.ndarray, fmt: str) -> tuple[bytes, str]:
     if fmt == "mp4":
         import tempfile
 
-        from xdit_compile.generate import _video_writer
+        from xdit_compile.jobs.generate import _video_writer
 
         if not _video_writer():
             raise ApiError(400, "mp4 needs imageio and imageio-ffmpeg on the server; ask for format=apng or npy",
@@ -631,7 +631,7 @@ def build_app(svc: Service) -> Any:
     async def video_content(video_id: str, format: str | None = None) -> Any:
         from fastapi.responses import Response
 
-        from xdit_compile.generate import _video_writer
+        from xdit_compile.jobs.generate import _video_writer
 
         job = _video(video_id)
         if not job.future.done():
@@ -686,7 +686,7 @@ class _Aborted(Exception):
 def _png_b64(img: np.ndarray) -> str:
     from PIL import Image
 
-    from xdit_compile.generate import to_uint8
+    from xdit_compile.jobs.generate import to_uint8
 
     buf = io.BytesIO()
     Image.fromarray(to_uint8(img)).save(buf, format="PNG")
@@ -696,7 +696,7 @@ def _png_b64(img: np.ndarray) -> str:
 def _call_for(pipe: Any, defaults: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str, Any]:
     """The pipeline call of one batch (every spec has the same signature): one prompt and one
     generator (seed + i) per image."""
-    from xdit_compile.generate import pipeline_call
+    from xdit_compile.jobs.generate import pipeline_call
 
     s = specs[0]
     images = sum(x["n"] for x in specs)
@@ -711,7 +711,7 @@ def _call_for(pipe: Any, defaults: dict[str, Any], specs: list[dict[str, Any]]) 
 def _run_batch(pipe: Any, call: dict[str, Any], on_step: Callable[[], None],
                lora: list[list[Any]] | None = None) -> np.ndarray:
     """One batch: its adapters on (every rank: the batch's spec carries them), then the call."""
-    from xdit_compile.generate import output_array, step_callback, use_adapters
+    from xdit_compile.jobs.generate import output_array, step_callback, use_adapters
 
     use_adapters(pipe, {name: float(w) for name, w in lora or []})
     with torch.no_grad():
@@ -721,7 +721,7 @@ def _run_batch(pipe: Any, call: dict[str, Any], on_step: Callable[[], None],
 def _setup(opts: ServeOptions) -> tuple[Any, dict[str, Any]]:
     """This rank's pipeline, loaded and parallelized (inside an initialized process group)."""
     import xdit_compile as xc
-    from xdit_compile.generate import _DTYPES, load_loras, load_pipeline
+    from xdit_compile.jobs.generate import _DTYPES, load_loras, load_pipeline
 
     dtype = _DTYPES.get(opts.dtype)
     if dtype is None:
@@ -780,7 +780,7 @@ def _follower(rank: int, world: int, port: int, opts: ServeOptions, threads: int
     import datetime
     import os
 
-    from xdit_compile.testing import _exit_with_parent
+    from xdit_compile.testing.launcher import _exit_with_parent
 
     _exit_with_parent(parent)
     torch.set_num_threads(threads)
@@ -811,7 +811,7 @@ class _Group:
 
         import torch.multiprocessing as mp
 
-        from xdit_compile.testing import free_port
+        from xdit_compile.testing.launcher import free_port
 
         port = free_port()
         ctx = mp.get_context("spawn")
@@ -917,7 +917,7 @@ def _engine(pipe: Any, defaults: dict[str, Any], svc: Service, stats: ServeStats
     """The loop every rank runs: rank 0 decides (next batch, idle, stop), all follow. With
     ``group`` (rank 0 of :func:`serve_main`), a dead child rank raises :class:`GroupFailure`
     before rank 0 enters a collective it would wait in forever."""
-    from xdit_compile.generate import to_uint8
+    from xdit_compile.jobs.generate import to_uint8
 
     rank = dist.get_rank()
     sched = svc.scheduler

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from xdit_compile.driver import CollectiveSite, PassContext, PassFn, run_passes
+from xdit_compile.compiler.driver import CollectiveSite, PassContext, PassFn, run_passes
 from xdit_compile.passes.flops import block_flops, node_flops
 from xdit_compile.passes.stages import (
     Piece,
