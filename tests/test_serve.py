@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from xdit_compile.jobs.generate import GenerateOptions, generate_job
-from xdit_compile.serve.service import ServeOptions, serve_job
+from xdit_compile.serve.group import serve_job
+from xdit_compile.serve.options import ServeOptions
 from xdit_compile.testing.launcher import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -470,8 +471,8 @@ def test_replica_command_line_carries_every_option(tmp_path) -> None:
     """A Ray replica starts its group with `serve_args(opts)`: parsed by the CLI, the command
     line gives back the same options (host and port are the replica's own)."""
     from xdit_compile.cli.main import _parser, serve_options
+    from xdit_compile.serve.options import ServeOptions
     from xdit_compile.serve.ray import serve_args
-    from xdit_compile.serve.service import ServeOptions
 
     opts = ServeOptions(
         model=MODEL, plan={"ulysses": 1, "ring": 1, "cfg": 1, "dp": 1, "pipefusion": 2, "distrifusion": 1,

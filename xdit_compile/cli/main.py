@@ -243,7 +243,7 @@ def _loras(values: list[str] | None) -> dict[str, str]:
 
 def serve_options(a: argparse.Namespace) -> Any:
     """The ``ServeOptions`` of parsed ``serve`` arguments (``ray_serve.serve_args`` is the inverse)."""
-    from xdit_compile.serve.service import ServeOptions
+    from xdit_compile.serve.options import ServeOptions
 
     return ServeOptions(model=a.model, plan=_plan_kwargs(a), host=a.host, port=a.port, dtype=a.dtype,
                         parallel_vae=a.parallel_vae, sizes=list(a.sizes), default_steps=a.steps,
@@ -254,7 +254,8 @@ def serve_options(a: argparse.Namespace) -> Any:
 
 def _cmd_serve(a: argparse.Namespace) -> int:
     from xdit_compile.jobs.generate import check_model, transformer_configs
-    from xdit_compile.serve.service import parse_size, serve_job, serve_main
+    from xdit_compile.serve.group import serve_job, serve_main
+    from xdit_compile.serve.options import parse_size
 
     plan = _plan(a)
     check_model(a.model)

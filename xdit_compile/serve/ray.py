@@ -1,7 +1,7 @@
 """Replicas of a whole parallel group behind one endpoint, with Ray Serve.
 
 One replica is one ``xdit-compile serve`` process group (rank 0 and its child ranks, see
-:func:`xdit_compile.serve.service.serve_main`) on a private loopback port; the Ray Serve deployment in
+:func:`xdit_compile.serve.group.serve_main`) on a private loopback port; the Ray Serve deployment in
 front of it forwards every request to its own group and adds an ``x-xdit-replica`` header. Ray
 Serve spreads requests over the replicas; each group still batches, aborts and restarts its
 ranks on its own.
@@ -9,7 +9,7 @@ ranks on its own.
     import ray
     from ray import serve
     from xdit_compile.serve.ray import deployment
-    from xdit_compile.serve.service import ServeOptions
+    from xdit_compile.serve.options import ServeOptions
 
     ray.init()
     serve.start(http_options={"host": "0.0.0.0", "port": 8000})
@@ -29,7 +29,7 @@ from dataclasses import asdict
 from typing import Any
 
 from xdit_compile.serve.client import wait_ready
-from xdit_compile.serve.service import ServeOptions
+from xdit_compile.serve.options import ServeOptions
 
 __all__ = ["deployment", "serve_args"]
 
