@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from xdit_compile.passes.ops import GROUP_NORMS, NORMS
 from xdit_compile.passes.sharding.engine import (
     Break,
     Decision,
@@ -117,7 +118,7 @@ def _matmul_product(node: fx.Node, rc: RuleCtx, off: int) -> Decision:
     raise Break("unsupported matmul sharding")
 
 
-@register_rule(*ops("layer_norm", "rms_norm", "native_layer_norm", "_fused_rms_norm"))
+@register_rule(*NORMS)
 def _norm(node: fx.Node, rc: RuleCtx) -> Decision:
     x = node.args[0]
     sh = rc.spec(x)
@@ -135,7 +136,7 @@ def _norm(node: fx.Node, rc: RuleCtx) -> Decision:
     return Decision(out=tuple(sh for _ in val) if isinstance(val, tuple | list) else sh)
 
 
-@register_rule(*ops("group_norm", "native_group_norm"))
+@register_rule(*GROUP_NORMS)
 def _group_norm(node: fx.Node, rc: RuleCtx) -> Decision:
     """A batch shard stays local. A shard of a spatial dim (a VAE's rows) keeps its shard:
     the ``lower`` pass replaces ``group_norm`` with ``group_norm_sharded``, which combines the

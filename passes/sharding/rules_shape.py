@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from xdit_compile.passes.ops import COMPLEX_VIEWS, POINTWISE, REDUCTIONS, RESHAPES
 from xdit_compile.passes.sharding.engine import (
     Break,
     Decision,
@@ -32,101 +33,6 @@ R = Replicate()
 
 __all__ = ["align_inputs", "joint_range", "reshape_shard", "schema_arg"]
 
-_POINTWISE = ops(
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "rsub",
-    "pow",
-    "neg",
-    "exp",
-    "log",
-    "sqrt",
-    "rsqrt",
-    "reciprocal",
-    "sigmoid",
-    "tanh",
-    "silu",
-    "gelu",
-    "relu",
-    "leaky_relu",
-    "erf",
-    "sin",
-    "cos",
-    "abs",
-    "clamp",
-    "clamp_min",
-    "clamp_max",
-    "maximum",
-    "minimum",
-    "where",
-    "masked_fill",
-    "eq",
-    "ne",
-    "lt",
-    "le",
-    "gt",
-    "ge",
-    "logical_and",
-    "logical_or",
-    "logical_not",
-    "bitwise_not",
-    "_to_copy",
-    "to",
-    "clone",
-    "contiguous",
-    "alias",
-    "detach",
-    "dropout",
-    "lerp",
-    "addcmul",
-    "addcdiv",
-    "square",
-    "floor",
-    "ceil",
-    "round",
-    "sign",
-    "mish",
-    "hardswish",
-    "hardsigmoid",
-    "softplus",
-    "elu",
-    "zeros_like",
-    "ones_like",
-    "empty_like",
-    "full_like",
-    "fill",
-    "nan_to_num",
-    "fmod",
-    "remainder",
-    "isnan",
-    "logaddexp",
-    "exp2",
-    "log1p",
-    "expm1",
-    "bitwise_and",
-    "bitwise_or",
-    "float_power",
-    "gelu_",
-    "silu_",
-    "native_dropout",
-    "sgn",
-    "trunc",
-    "frac",
-    "atan2",
-    "log2",
-    "tan",
-    "asin",
-    "acos",
-    "atan",
-    "sinh",
-    "cosh",
-    "relu6",
-    "hardtanh",
-    "selu",
-    "celu",
-)
 
 
 def align_inputs(node: fx.Node, rc: RuleCtx, out_shape: tuple[int, ...]) -> Decision:
@@ -162,7 +68,7 @@ def align_inputs(node: fx.Node, rc: RuleCtx, out_shape: tuple[int, ...]) -> Deci
     return Decision(out=target, inputs=wants)
 
 
-@register_rule(*_POINTWISE)
+@register_rule(*POINTWISE)
 def _pointwise(node: fx.Node, rc: RuleCtx) -> Decision:
     val = node.meta.get("val")
     out = val[0] if isinstance(val, tuple | list) else val  # native_dropout: (out, mask)
@@ -293,10 +199,7 @@ def _offsets(split: tuple[int, ...]) -> list[int]:
     return out
 
 
-_VIEWS = ops("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy", "_reshape_alias")
-
-
-@register_rule(*_VIEWS)
+@register_rule(*RESHAPES)
 def _view(node: fx.Node, rc: RuleCtx) -> Decision:
     x = node.args[0]
     assert isinstance(x, fx.Node)
@@ -538,9 +441,7 @@ def schema_arg(node: fx.Node, name: str, default: Any = None) -> Any:
     return default
 
 
-@register_rule(*ops("sum", "mean", "amax", "amin", "var", "std", "max", "min", "argmax", "argmin",
-                    "prod", "logsumexp", "norm", "var_mean", "std_mean", "all", "any",
-                    "linalg_vector_norm"))
+@register_rule(*REDUCTIONS)
 def _reduction(node: fx.Node, rc: RuleCtx) -> Decision:
     if isinstance(schema_arg(node, "other"), fx.Node):  # max.other / min.other: elementwise
         return align_inputs(node, rc, rc.shape(node))
@@ -591,7 +492,7 @@ def _type_as(node: fx.Node, rc: RuleCtx) -> Decision:
     return Decision(out=rc.spec(node.args[0]))
 
 
-@register_rule(*ops("view_as_complex", "view_as_real"))
+@register_rule(*COMPLEX_VIEWS)
 def _complex_view(node: fx.Node, rc: RuleCtx) -> Decision:
     """Complex RoPE: the last dim pairs up into complex numbers (or back); others unchanged."""
     x, sh, nd = _only_input(node, rc)

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from xdit_compile.passes.ops import TRANSCENDENTAL
 from xdit_compile.plan import MeshAxis, Plan
 
 __all__ = [
@@ -64,12 +65,12 @@ __all__ = [
 EFFICIENCY = {"matmul": 0.70, "attention": 0.50, "memory": 0.80, "link": 0.80}
 
 
-#: Pointwise ops whose arithmetic (transcendentals) can take longer than their memory traffic
-#: on a CPU core, each timed by :func:`calibrate`: key -> (aten op name, keyword arguments).
+#: Pointwise ops whose arithmetic (transcendentals, :data:`xdit_compile.passes.ops.TRANSCENDENTAL`)
+#: can take longer than their memory traffic on a CPU core, each timed by :func:`calibrate`:
+#: key -> (aten op name, keyword arguments); tanh-approximated GELU is timed apart.
 ELEMENTWISE: dict[str, tuple[str, dict[str, Any]]] = {
-    "gelu_tanh": ("gelu", {"approximate": "tanh"}), "gelu": ("gelu", {}), "silu": ("silu", {}),
-    "tanh": ("tanh", {}), "sigmoid": ("sigmoid", {}), "exp": ("exp", {}), "sin": ("sin", {}),
-    "cos": ("cos", {}), "erf": ("erf", {}),
+    "gelu_tanh": ("gelu", {"approximate": "tanh"}),
+    **{name: (name, {}) for name in sorted(p.__name__ for p in TRANSCENDENTAL)},
 }
 
 
