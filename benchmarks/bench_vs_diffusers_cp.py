@@ -372,7 +372,7 @@ def _setup(v: Variant, name: str, spec: dict[str, Any]) -> None:
             plan = replace(plan, compile="inductor")
         pm = parallelize(model, plan)
         entry = pm.prepare(**kwargs)
-        v.info["sharding_breaks"] = [f"{b.op} at {b.source}: {b.reason}" for b in entry.ctx.breaks]
+        v.info["sharding_breaks"] = [f"{b.op} at {b.source}: {b.reason}" for b in entry.breaks]
         v.info["plan"] = str(plan)
         v.fn = lambda: pm(**kwargs)
     else:

@@ -137,11 +137,12 @@ def capture_times(models: list[str]) -> list[dict[str, Any]]:
     """Export + passes (ulysses=2, rank 0, no process group) of every zoo model at full size on
     the meta device."""
     from xdit_compile.analysis.planner import _capture_for_accounting
-    from xdit_compile.api import build_passes
-    from xdit_compile.compiler.driver import PassContext, run_passes
+    from xdit_compile.compiler.driver import run_passes
+    from xdit_compile.compiler.pass_list import build_passes
     from xdit_compile.models import build_model, list_models
     from xdit_compile.models.inputs import InputSpec
     from xdit_compile.models.zoo import get_entry
+    from xdit_compile.passes.context import PassContext
     from xdit_compile.plan import Plan
     from xdit_compile.runtime.mesh import MeshInfo
 
@@ -165,9 +166,9 @@ def capture_times(models: list[str]) -> list[dict[str, Any]]:
             t_capture = time.perf_counter() - t
             nodes = len(gm.graph.nodes)
             plan = Plan(ulysses=2)
-            ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="degree1"), hints={"verify": False})
+            ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="degree1"))
             t = time.perf_counter()
-            run_passes(gm, build_passes(plan), ctx)
+            run_passes(gm, build_passes(plan), ctx, verify=False)
             t_passes = time.perf_counter() - t
             out.append({"model": name, "blocks": blocks, "nodes": nodes, "capture_s": t_capture,
                         "passes_s": t_passes})

@@ -102,8 +102,8 @@ def _job(case: Case, plan: Plan, iters: int) -> dict[str, Any]:
         "serial_ms": serial_ms, "parallel_ms": parallel_ms,
         "bytes_per_forward": stats.total_bytes // iters,
         "comm": {k: v["calls"] // iters for k, v in stats.as_dict().items()},
-        "breaks": [f"{b.op} at {b.source}: {b.reason}" for b in entry.ctx.breaks],
-        "seed": {k: list(v) if isinstance(v, tuple) else v for k, v in entry.ctx.seed.items()},
+        "breaks": [f"{b.op} at {b.source}: {b.reason}" for b in entry.breaks],
+        "seed": {k: list(v) if isinstance(v, tuple) else v for k, v in (entry.seed.as_dict() if entry.seed else {}).items()},
     }
 
 

@@ -75,7 +75,7 @@ def _one(stem: str, plan_kw: dict[str, int]) -> dict[str, Any]:
             "share": _flops_share(pm), "breaks": [str(b) for b in _breaks(pm, entry)],
             "regions": len(pm.all_regions()) if pm.regions is not None else 0,
             "region_error": pm.region_error,
-            "seed": {k: v for k, v in entry.ctx.seed.items() if k != "shape"} if entry is not None else {}}
+            "seed": {k: v for k, v in (entry.seed.as_dict() if entry.seed else {}).items() if k != "shape"} if entry is not None else {}}
 
 
 def _short(b: str) -> str:

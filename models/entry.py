@@ -70,6 +70,16 @@ class ZooEntry:
     uneven_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per size, config overrides that ``build_model(..., uneven=True)`` applies (for models
     whose uneven input needs another config, e.g. Latte's frame count is its video_length)."""
+    # Pipeline facts the transformer's config does not state (the planner's zoo workloads):
+    vae_spatial: int = 8
+    """Pixels per latent pixel of the pipeline's VAE, per side."""
+    vae_temporal: int = 4
+    """Video frames per latent frame of the VAE (1: no temporal compression)."""
+    cfg_in_batch: bool = True
+    """The pipeline runs classifier-free guidance as two batch halves (guidance-distilled
+    models do not)."""
+    steps: int = 50
+    """The pipeline's default denoising steps."""
 
     def config(self, size: str = "tiny") -> dict[str, Any]:
         """A fresh copy of the constructor kwargs of ``size`` (``"tiny"`` or ``"full"``)."""

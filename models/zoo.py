@@ -130,6 +130,7 @@ _ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="pixart-alpha",
+        steps=20,
         cls_name="PixArtTransformer2DModel",
         description=(
             "PixArt-alpha (PixArt-alpha/PixArt-XL-2-1024-MS): adaLN-single DiT with T5 "
@@ -164,6 +165,7 @@ _ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="pixart-sigma",
+        steps=20,
         cls_name="PixArtTransformer2DModel",
         description=(
             "PixArt-Sigma (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS): adaLN-single DiT with T5 "
@@ -196,6 +198,7 @@ _ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="sana",
+        vae_spatial=32,
         cls_name="SanaTransformer2DModel",
         description=(
             "SANA 1.6B (Efficient-Large-Model/Sana_1600M_1024px): linear self-attention, "
@@ -278,6 +281,7 @@ _ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="latte",
+        vae_temporal=1,
         cls_name="LatteTransformer3DModel",
         description=(
             "Latte-1 (maxin-cn/Latte-1): text-to-video DiT alternating spatial (with T5 "

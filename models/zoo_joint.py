@@ -170,6 +170,7 @@ _COG_DESC = (
 JOINT_ENTRIES: tuple[ZooEntry, ...] = (
     ZooEntry(
         name="sd3",
+        steps=28,
         cls_name="SD3Transformer2DModel",
         description=(
             "Stable Diffusion 3 medium (stabilityai/stable-diffusion-3-medium-diffusers): MMDiT, "
@@ -183,6 +184,7 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="sd3.5",
+        steps=28,
         cls_name="SD3Transformer2DModel",
         description=(
             "Stable Diffusion 3.5 medium (stabilityai/stable-diffusion-3.5-medium): MMDiT-X, "
@@ -202,6 +204,8 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="flux-dev",
+        steps=28,
+        cfg_in_batch=False,
         cls_name="FluxTransformer2DModel",
         description=(
             "FLUX.1-dev (black-forest-labs/FLUX.1-dev): 19 double-stream (joint) + 38 "
@@ -219,6 +223,8 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="flux-schnell",
+        steps=4,
+        cfg_in_batch=False,
         cls_name="FluxTransformer2DModel",
         description=(
             "FLUX.1-schnell (black-forest-labs/FLUX.1-schnell): flux-dev without the guidance "
@@ -264,6 +270,8 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="mochi",
+        steps=64,
+        vae_temporal=6,
         cls_name="MochiTransformer3DModel",
         description=(
             "Mochi 1 preview (genmo/mochi-1-preview): asymmetric joint attention (video 3072 / "
@@ -305,6 +313,7 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="hunyuan-video",
+        cfg_in_batch=False,
         cls_name="HunyuanVideoTransformer3DModel",
         description=(
             "HunyuanVideo (hunyuanvideo-community/HunyuanVideo): token refiner, 20 dual-stream + "

@@ -14,7 +14,7 @@ import re
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import PassContext, PassResult
+from xdit_compile.passes.context import PassContext, PassResult
 
 __all__ = ["annotate_graph_pass", "block_of"]
 

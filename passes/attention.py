@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import CollectiveSite, PassContext, PassResult
+from xdit_compile.passes.context import CollectiveSite, PassContext, PassResult
+from xdit_compile.passes.rewrite import replace_node
 from xdit_compile.placement import even_split
 from xdit_compile.runtime import attention as _rt_attention  # noqa: F401  (registers xdit ops)
 from xdit_compile.runtime.attention import ulysses_heads, usp_comm_bytes
@@ -106,17 +107,9 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         u_eff = int(node.meta.get("xdit_ulysses", -1))  # fewer heads than the ulysses degree
         if u_eff > 0:
             kwargs["ulysses"] = u_eff
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                torch.ops.xdit.usp_attention.default,
-                (q, k, v, mask, scale, ctx.mesh.key, split, head, tail),  # type: ignore[arg-type]
-                kwargs,  # type: ignore[arg-type]
-            )
-        new.meta.update(node.meta)
-        new.meta["xdit_pass"] = "rewrite_attention"
-        new.meta["xdit_origin"] = node.name  # the captured SDPA it replaces (tests compare with it)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        # xdit_origin: the captured SDPA it replaces (tests compare with it)
+        new = replace_node(gm, node, torch.ops.xdit.usp_attention.default,
+                           (q, k, v, mask, scale, ctx.mesh.key, split, head, tail), kwargs, xdit_origin=node.name)
         qv, vv = q.meta["val"], v.meta["val"]  # type: ignore[union-attr]
         new.meta["xdit_work"] = _work_share(ctx.mesh, int(qv.shape[-3]), split, head + tail, shard_text, u_eff)
         local_q = list(qv.shape)
@@ -148,20 +141,13 @@ def _distrifusion(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, qkv: tupl
     """SDPA -> ``xdit::distrifusion_attention`` (text rows are whole on every rank here)."""
     if node.meta.get("xdit_shard_text"):
         raise RuntimeError(f"{node.name}: DistriFusion keeps text rows whole (shard_text_rows off)")
-    state = ctx.hints.get("state_key", "")
+    state = ctx.facts.state_key
     kv_rows, kv_head, kv_tail = node.meta.get("xdit_kv", (split, head, tail))
     assert list(kv_rows) == split, "the sharding rule keeps displaced K/V rows cut like the queries'"
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(
-            torch.ops.xdit.distrifusion_attention.default,
-            (*qkv, state, node.name, ctx.mesh.key, split, head, tail),
-            {"kv_head": kv_head, "kv_tail": kv_tail} if "xdit_kv" in node.meta else {},
-        )
-    new.meta.update(node.meta)
-    new.meta["xdit_pass"] = "rewrite_attention"
-    new.meta["xdit_displaced"] = node.name
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    new = replace_node(gm, node, torch.ops.xdit.distrifusion_attention.default,
+                       (*qkv, state, node.name, ctx.mesh.key, split, head, tail),
+                       {"kv_head": kv_head, "kv_tail": kv_tail} if "xdit_kv" in node.meta else {},
+                       xdit_displaced=node.name)
     k, v = qkv[1].meta["val"], qkv[2].meta["val"]
     nbytes = distrifusion_comm_bytes(tuple(k.shape), int(v.shape[-1]), k.element_size(), split)
     ctx.collectives.append(CollectiveSite(new.name, "all_gather", "distrifusion", 1, nbytes, "displaced K/V"))

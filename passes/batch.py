@@ -15,30 +15,17 @@ the (remaining) batch into ``dp`` pieces. Outputs are gathered over the axis.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import PassContext, PassFn, PassResult
 from xdit_compile.latent import SeedError
+from xdit_compile.passes.context import BatchSeed, Pass, PassContext, PassFn, PassResult
 from xdit_compile.passes.fake import fake_run
 from xdit_compile.passes.seed import graph_latent
 from xdit_compile.placement import Shard, even_split
 from xdit_compile.runtime.reshard import slice_shard
 
-__all__ = ["on_axis", "restage_pass", "seed_batch_pass"]
-
-
-def on_axis(axis: str, fn: PassFn) -> PassFn:
-    """``fn`` run with ``ctx.axis = axis`` (the axis stays set for the driver's verifier)."""
-
-    def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.axis = axis
-        return fn(gm, ctx)
-
-    run.__name__ = f"{getattr(fn, '__name__', 'pass')}_{axis}"
-    return run
+__all__ = ["batch_round", "restage_pass", "seed_batch_pass"]
 
 
 def _entry(ph: fx.Node) -> fx.Node:
@@ -73,8 +60,7 @@ def seed_batch_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     split = even_split(batch, degree)
     for n in nodes:
         n.meta["xdit_seed"] = Shard(0, split)
-    ctx.hints.setdefault("batch_seeds", {})[ctx.axis] = {
-        "inputs": [n.name for n in nodes], "batch": batch, "split": split}
+    ctx.batch_seeds[ctx.axis] = BatchSeed(inputs=[n.name for n in nodes], batch=batch, split=tuple(split))
     return PassResult(gm, True)
 
 
@@ -88,15 +74,15 @@ def restage_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor):
             n.meta["xdit_shape"] = tuple(int(s) for s in val.shape)
-    ctx.axis = "sp"
     return PassResult(gm, True)
 
 
-def batch_round(axis: str, propagate: PassFn, lower: PassFn) -> list[tuple[str, Callable[..., PassResult]]]:
-    """The passes of one batch axis's sharding round."""
+def batch_round(axis: str, propagate: PassFn, lower: PassFn) -> list[Pass]:
+    """The passes of one batch axis's sharding round (they work on ``axis``; restaging
+    re-derives the shapes for the rounds after it)."""
     return [
-        (f"seed_{axis}", on_axis(axis, seed_batch_pass)),
-        (f"propagate_{axis}", on_axis(axis, propagate)),
-        (f"lower_{axis}", on_axis(axis, lower)),
-        (f"restage_{axis}", restage_pass),
+        Pass(f"seed_{axis}", seed_batch_pass, axis),
+        Pass(f"propagate_{axis}", propagate, axis),
+        Pass(f"lower_{axis}", lower, axis),
+        Pass(f"restage_{axis}", restage_pass),
     ]

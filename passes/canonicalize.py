@@ -17,7 +17,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import PassContext, PassResult
+from xdit_compile.passes.context import PassContext, PassResult
 from xdit_compile.runtime.reshard import placed_like
 
 __all__ = ["canonicalize_graph_pass"]

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import CollectiveSite, PassContext, PassResult
+from xdit_compile.passes.context import CollectiveSite, PassContext, PassResult
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.placement import Partial, Replicate, Shard, even_split
 from xdit_compile.runtime.reshard import (
@@ -118,7 +118,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     if ctx.axis == "patch" and isinstance(src, Shard | Partial) and dst == Replicate():
         if not node.meta.get("xdit_output_gather") or isinstance(src, Partial):
             raise _refuse(node, "partial sum" if isinstance(src, Partial) else "gather (sharding break)", ctx)
-        ctx.hints.setdefault("patch_outputs", {})[x.name] = src  # the runtime joins the patches
+        ctx.patch_outputs[x.name] = src  # the runtime joins the patches
         node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
         return
@@ -142,7 +142,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         args = (cur, dst.dim, dst.outer, dst.inner, dst.offset(r), dst.split[r], dst.head, dst.tail)
         text = ((r, ctx.degree) + ((dst.text_to,) if dst.text_to >= 0 else ()),) if dst.text else ()
         cur = _new(gm, node, slice_shard, args + text, node, dst)
-    outputs = ctx.hints.get("patch_outputs", {})
+    outputs = ctx.patch_outputs
     if node.meta.get("xdit_output_gather") and x.name in outputs:  # a patch's output, gathered here
         outputs[cur.name] = outputs[x.name]
     node.replace_all_uses_with(cur)

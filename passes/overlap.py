@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import PassContext, PassResult
+from xdit_compile.passes.context import PassContext, PassResult
 from xdit_compile.runtime.reshard import SPLIT, gather_shard
 
 __all__ = ["overlap_collectives_pass"]

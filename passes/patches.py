@@ -26,15 +26,15 @@ After::    %o = xdit.pipefusion_attention(%q, %k, %v, None, None, 'kv0', 'scaled
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import CollectiveSite, PassContext, PassFn, PassResult
 from xdit_compile.passes.attention import expand_gqa
-from xdit_compile.passes.batch import on_axis, restage_pass
+from xdit_compile.passes.batch import restage_pass
+from xdit_compile.passes.context import CollectiveSite, Pass, PassContext, PassFn, PassResult
+from xdit_compile.passes.rewrite import replace_node
 from xdit_compile.passes.sharding.engine import Break, Decision, RuleCtx, register_rule
 from xdit_compile.placement import Placement, Replicate, Shard
 from xdit_compile.runtime import displaced as _rt_displaced  # noqa: F401  (registers xdit ops)
@@ -54,7 +54,7 @@ def _arg(node: fx.Node, i: int, name: str, default: object) -> object:
 def rewrite_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Sequence-sharded SDPA -> ``xdit::pipefusion_attention`` for this graph's patch."""
     _, patch = ctx.virtual["patch"]
-    state = ctx.hints.get("state_key", "")
+    state = ctx.facts.state_key
     changed = False
     for node in list(gm.graph.nodes):
         if node.target is not aten.scaled_dot_product_attention.default or node.meta.get("xdit_attention") != "usp":
@@ -73,13 +73,8 @@ def rewrite_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassRe
         if "xdit_kv" in node.meta:  # K/V text rows of their own (the rule keeps K/V rows cut like Q's)
             _, kv_head, kv_tail = node.meta["xdit_kv"]
             kwargs = {"kv_head": kv_head, "kv_tail": kv_tail}
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(torch.ops.xdit.pipefusion_attention.default, args, kwargs)  # type: ignore[arg-type]
-        new.meta.update(node.meta)
-        new.meta["xdit_pass"] = "rewrite_patch_attention"
-        new.meta["xdit_displaced"] = node.name
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm, node, torch.ops.xdit.pipefusion_attention.default, args, kwargs,
+                     xdit_displaced=node.name)
         changed = True
     return PassResult(gm, changed)
 
@@ -102,15 +97,15 @@ def mark_step_level_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, False)
 
 
-def patch_round(seed: PassFn, propagate: PassFn, lower: PassFn) -> list[tuple[str, Callable[..., PassResult]]]:
+def patch_round(seed: PassFn, propagate: PassFn, lower: PassFn) -> list[Pass]:
     """The passes of the patch round (``ctx.virtual["patch"]`` says which patch)."""
     return [
-        ("seed_patch", on_axis("patch", seed)),
-        ("propagate_patch", on_axis("patch", propagate)),
-        ("rewrite_patch_attention", on_axis("patch", rewrite_patch_attention_pass)),
-        ("lower_patch", on_axis("patch", lower)),
-        ("mark_step_level", mark_step_level_pass),
-        ("restage_patch", restage_pass),
+        Pass("seed_patch", seed, "patch"),
+        Pass("propagate_patch", propagate, "patch"),
+        Pass("rewrite_patch_attention", rewrite_patch_attention_pass, "patch"),
+        Pass("lower_patch", lower, "patch"),
+        Pass("mark_step_level", mark_step_level_pass),
+        Pass("restage_patch", restage_pass),
     ]
 
 
@@ -158,13 +153,13 @@ def ulysses_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassRe
     return PassResult(gm, changed)
 
 
-def patch_sequence_round(seed: PassFn, propagate: PassFn, rewrite: PassFn, lower: PassFn) -> list[tuple[str, Callable[..., PassResult]]]:
+def patch_sequence_round(seed: PassFn, propagate: PassFn, rewrite: PassFn, lower: PassFn) -> list[Pass]:
     """After the patch round: each patch's rows cut over ``ulysses`` (text rows whole)."""
     return [
-        ("seed", seed),
-        ("propagate_sharding", propagate),
-        ("rewrite_attention", rewrite),
-        ("ulysses_patch_attention", ulysses_patch_attention_pass),
-        ("lower_collectives", lower),
-        ("restage", restage_pass),
+        Pass("seed", seed),
+        Pass("propagate_sharding", propagate),
+        Pass("rewrite_attention", rewrite),
+        Pass("ulysses_patch_attention", ulysses_patch_attention_pass),
+        Pass("lower_collectives", lower),
+        Pass("restage", restage_pass),
     ]

@@ -20,8 +20,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from xdit_compile.compiler.driver import PassContext, PassResult
 from xdit_compile.latent import SeedError, find_latent
+from xdit_compile.passes.context import PassContext, PassResult, SeedChoice
+from xdit_compile.passes.ops import CONVOLUTIONS, TRANSPOSED_CONVOLUTIONS, node_flops, packet
 from xdit_compile.passes.sharding.engine import Break
 from xdit_compile.passes.sharding.rules_nn import conv_params
 from xdit_compile.placement import Shard, even_split
@@ -32,8 +33,8 @@ __all__ = ["graph_latent", "seed_inputs_pass", "patch_stride"]
 #: A fallback cut (past the token dims) must leave a rank at most this share of the FLOPs.
 _WORTH = 0.95
 
-_CONVS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
-          "aten.convolution.default", "aten.conv2d.padding", "aten.conv3d.padding"}
+#: Convolutions that may downsample (a transposed one upsamples: nothing to align to).
+_STRIDED = CONVOLUTIONS - TRANSPOSED_CONVOLUTIONS
 
 
 def graph_latent(gm: fx.GraphModule, name: str | None = None) -> fx.Node | None:
@@ -73,7 +74,7 @@ def patch_stride(node: fx.Node, dim_from_end: int) -> int:
         if not ins:
             continue
         s = max(ins)
-        if str(n.target) in _CONVS and n.args[0] in scale:
+        if packet(n.target) in _STRIDED and n.args[0] in scale:
             try:
                 stride = conv_params(n)[0]
             except Break:  # transposed or string-padded: no downsampling to align to
@@ -145,13 +146,13 @@ def _trial(gm: fx.GraphModule, ctx: PassContext, name: str, shard: Shard) -> tup
     import copy
     from dataclasses import replace as dc_replace
 
-    from xdit_compile.passes.flops import node_flops
     from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
 
     trial = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     node = next(n for n in trial.graph.nodes if n.name == name)
     node.meta["xdit_seed"] = shard
-    tctx = dc_replace(ctx, breaks=[], collectives=[], stats=[], graphs={}, seed={}, hints=dict(ctx.hints))
+    tctx = dc_replace(ctx, breaks=[], collectives=[], stats=[], graphs={}, seed=None,
+                      patch_outputs=dict(ctx.patch_outputs), batch_seeds=dict(ctx.batch_seeds))
     try:
         propagate_sharding_pass(trial, tctx)
     except (ValueError, RuntimeError):  # a cut the rules refuse outright: the worst trial
@@ -191,7 +192,7 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     degree = ctx.degree
     if degree == 1 and ctx.axis not in ctx.virtual:
         return PassResult(gm, False)
-    node = _latent_input(gm, ctx.plan.seed, piece=ctx.axis == "sp" and "patch_seed" in ctx.hints)
+    node = _latent_input(gm, ctx.plan.seed, piece=ctx.axis == "sp" and ctx.patch_seed is not None)
     if node is None:
         raise SeedError(
             "no latent input found: sequence parallelism splits the latent being denoised (a "
@@ -199,7 +200,7 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "with Plan(seed='name')"
         )
     shape = tuple(int(s) for s in node.meta["val"].shape)
-    channels = ctx.hints.get("channels")
+    channels = ctx.facts.channels
     patches = ctx.axis == "patch"
     dims, ambiguous = _token_dims(shape, channels)
     dim, g = _choose_dim(shape, node, degree, channels, ctx.plan.seed_dim, outermost=patches)
@@ -227,10 +228,10 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     split = even_split(units, degree, g)
     node.meta["xdit_seed"] = Shard(dim, split)
     arg = graph_latent(gm, ctx.plan.seed)
-    seed = {"input": node.name, "arg": str(arg.target) if arg is not None else node.name, "dim": dim,
-            "patch": g, "split": split, "shape": shape}
+    seed = SeedChoice(input=node.name, arg=str(arg.target) if arg is not None else node.name, dim=dim,
+                      patch=g, split=tuple(split), shape=shape)
     if ctx.axis == "patch":
-        ctx.hints["patch_seed"] = seed
+        ctx.patch_seed = seed
     else:
         ctx.seed = seed
     return PassResult(gm, True)

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import PassContext, PassResult
+from xdit_compile.passes.context import PassContext, PassResult
+from xdit_compile.passes.ops import COMPLEX_VIEWS, NORMS, POINTWISE, REDUCTIONS, RESHAPES, packet
+from xdit_compile.passes.sharding.rules_shape import schema_arg
 from xdit_compile.placement import Replicate
 from xdit_compile.runtime import attention as _attention  # noqa: F401  (registers xdit::usp_attention)
 from xdit_compile.runtime.attention import ulysses_heads
@@ -40,22 +42,12 @@ __all__ = ["text_heads_pass"]
 
 aten = torch.ops.aten
 _USP = torch.ops.xdit.usp_attention.default
-#: Ops that map every element to the same position (broadcast operands may differ in shape).
-_POINTWISE = {aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten._to_copy, aten.to, aten.clone,
-              aten.alias, aten.detach, aten.type_as, aten.contiguous, aten.pow, aten.rsqrt, aten.sqrt,
-              aten.reciprocal, aten.square, aten.exp, aten.tanh, aten.sigmoid, aten.silu, aten.gelu}
-#: Reductions over trailing dims (keepdim): a decomposed RMSNorm over the head dim.
-_REDUCTIONS = {aten.mean, aten.sum, aten.amax}
-_VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.view_as_real, aten.view_as_complex}
-_NORMS = {aten.rms_norm, aten.layer_norm}
+#: Pointwise ops, and ``type_as`` (a cast to another tensor's dtype): elements stay in place.
+_POINTWISE = POINTWISE | {aten.type_as}
 
 
 class _Abort(Exception):
     pass
-
-
-def _packet(n: fx.Node) -> Any:
-    return getattr(n.target, "overloadpacket", None)
 
 
 def _shape(n: Any) -> tuple[int, ...]:
@@ -88,7 +80,7 @@ class _Walk:
         if n.op != "call_function":
             raise _Abort
         out = _shape(n)
-        pk = _packet(n)
+        pk = packet(n.target)
         args: Any = n.args
         if hd is None:  # features [..., S, H*D]: only the linear that makes them
             if pk is aten.linear and isinstance(n.meta.get("xdit_placement"), Replicate) and head_dim \
@@ -103,7 +95,7 @@ class _Walk:
             a, b = (int(d) % len(out) for d in args[1:3])  # type: ignore[arg-type]
             swap = {a: b, b: a}
             self._in(n, args[0], swap.get(hd, hd), swap.get(sd, sd))
-        elif pk in _VIEWS:  # (complex RoPE's view_as_complex / view_as_real reshape the last dim)
+        elif pk in RESHAPES or pk in COMPLEX_VIEWS:  # (complex RoPE's views reshape the last dim)
             src = _shape(args[0])
             if src[:hd + 1] == out[:hd + 1]:  # only dims after the heads change
                 self._in(n, args[0], hd, sd)  # type: ignore[arg-type]
@@ -111,7 +103,7 @@ class _Walk:
                 self._in(n, args[0], None, sd, out[-1])  # type: ignore[arg-type]  # features -> (H, D)
             else:
                 raise _Abort
-        elif pk in _NORMS:
+        elif pk in NORMS:
             if len(args[1]) > len(out) - hd - 1:  # type: ignore[arg-type]
                 raise _Abort  # normalizes across heads
             self._in(n, args[0], hd, sd)  # type: ignore[arg-type]
@@ -127,7 +119,7 @@ class _Walk:
                 self._in(n, parts[-1], hd, sd)
         elif n.target is operator.getitem:
             src = args[0]
-            if not (isinstance(src, fx.Node) and _packet(src) is aten.unbind):
+            if not (isinstance(src, fx.Node) and packet(src.target) is aten.unbind):
                 raise _Abort
             self.nodes.add(src)
             self.edges.add((src, n))
@@ -141,9 +133,8 @@ class _Walk:
                 raise _Abort
             for a in args[0]:  # type: ignore[union-attr]
                 self._in(n, a, hd, sd)
-        elif pk in _REDUCTIONS:
-            dims = args[1] if len(args) > 1 else None
-            keep = bool(args[2]) if len(args) > 2 else bool(n.kwargs.get("keepdim", False))
+        elif pk in REDUCTIONS:
+            dims, keep = schema_arg(n, "dim"), bool(schema_arg(n, "keepdim", False))
             if not keep or not isinstance(dims, list | tuple) or any(int(d) % len(out) <= hd for d in dims):
                 raise _Abort
             self._in(n, args[0], hd, sd)
@@ -247,5 +238,5 @@ def text_heads_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if done:
         gm.graph.lint()
         gm.recompile()
-    ctx.hints["text_heads_localized"] = done
+    ctx.text_heads_localized = done
     return PassResult(gm, bool(done))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import PassContext
+from xdit_compile.passes.context import PassContext
 from xdit_compile.passes.fake import fake_run
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.placement import Partial, Replicate, Shard, local_shape

@@ -13,14 +13,12 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
 __all__ = [
-    "CommRecord",
     "CommStats",
     "all_gather",
     "all_to_all",
@@ -30,15 +28,6 @@ __all__ = [
     "reset_comm_stats",
     "send_recv",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class CommRecord:
-    """One kind of collective: where it runs and what it sends."""
-
-    op: str
-    axis: str
-    bytes_per_call: int
 
 
 class CommStats:

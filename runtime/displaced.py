@@ -32,12 +32,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 
 from xdit_compile.runtime.collectives import count
 from xdit_compile.runtime.mesh import get_mesh
+from xdit_compile.runtime.opargs import op_args
 
 __all__ = [
+    "DisplacedBuffer",
     "DisplacedState",
+    "displaced_buffer",
     "distrifusion_attention",
     "distrifusion_comm_bytes",
     "get_state",
@@ -99,9 +103,6 @@ class DisplacedState:
         self.pending.clear()
         self.buffers.clear()
         self.step, self.branch, self._latent = -1, 0, None
-
-    def buffer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.buffers.values() for t in kv)
 
 
 _STATES: dict[str, DisplacedState] = {}
@@ -384,3 +385,35 @@ def _(q, k, v, attn_mask, scale, state_key, layer, split, patch, head=0, tail=0,
     rows = (split[patch] if not mesh_key else sp_split[sp_rank]) + (head + tail if out_text else 0)
     return q.new_empty((*q.shape[:-2], rows, v.shape[-1]))
 
+
+
+@dataclass(frozen=True, slots=True)
+class DisplacedBuffer:
+    """The displaced-K/V buffer one attention layer keeps on this rank, per CFG branch."""
+
+    layer: str
+    shape: tuple[int, ...]
+    """K's buffer shape (V's has V's last dim)."""
+    nbytes: int
+    """Bytes of the K and V buffers together."""
+
+
+def displaced_buffer(node: fx.Node) -> DisplacedBuffer | None:
+    """The buffer a graph node calling ``xdit::pipefusion_attention`` or
+    ``xdit::distrifusion_attention`` keeps (the rows the ops above allocate: PipeFusion's hold
+    the K/V text rows and every patch's body, DistriFusion's every rank's body); None for any
+    other node. The shapes are the node's (local) K/V shapes."""
+    if node.target is torch.ops.xdit.pipefusion_attention.default:
+        a = op_args(node)
+        kv_head, kv_tail = (a["head"], a["tail"]) if a["kv_head"] < 0 else (a["kv_head"], a["kv_tail"])
+        rows = kv_head + sum(a["split"]) + kv_tail
+    elif node.target is torch.ops.xdit.distrifusion_attention.default:
+        a = op_args(node)
+        rows = sum(a["split"])
+    else:
+        return None
+    k, v = a["k"].meta["val"], a["v"].meta["val"]
+    shape = (*(int(s) for s in k.shape[:-2]), int(rows), int(k.shape[-1]))
+    numel = torch.Size(shape).numel()
+    nbytes = numel * k.element_size() + numel // int(k.shape[-1]) * int(v.shape[-1]) * v.element_size()
+    return DisplacedBuffer(str(a["layer"]), shape, int(nbytes))

@@ -1,4 +1,4 @@
-"""Graph harness shared by ``test_rules.py`` and ``test_passes.py``: compile and run without ranks.
+"""Graph harness shared by ``test_rules_*.py`` and ``test_passes.py``: compile and run without ranks.
 
 No process group is needed. A captured graph is compiled for one rank of a mesh given as data
 (``MeshInfo.of``) with the real pass pipeline, and the rewritten graph of each rank is executed in
@@ -22,10 +22,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xdit_compile.compiler.driver import PassContext, PassFn, run_passes
+from xdit_compile.compiler.driver import run_passes
 from xdit_compile.passes.annotate import annotate_graph_pass
 from xdit_compile.passes.attention import rewrite_attention_pass
 from xdit_compile.passes.canonicalize import canonicalize_graph_pass
+from xdit_compile.passes.context import PassContext, PassFn
 from xdit_compile.passes.lower import lower_collectives_pass
 from xdit_compile.passes.seed import seed_inputs_pass
 from xdit_compile.passes.sharding.propagate import propagate_sharding_pass

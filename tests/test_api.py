@@ -106,7 +106,7 @@ def _auto_plan():
     out, ref = pm(**inputs)[0], model(**inputs)[0]
     # The plan every rank received is the one the cost model gives for these inputs (computed
     # again here, on each rank, independently of rank 0's choice).
-    direct = xc.Plan.auto(model, inputs, dist.get_world_size(), "h100-sxm")
+    direct = xc.auto_plan(model, inputs, dist.get_world_size(), "h100-sxm")
     return {"plan": pm.plan, "direct": direct, "err": float((out - ref).abs().max() / ref.abs().max()),
             "text": str(xc.Plan(auto=True, hardware="h100-sxm"))}
 

@@ -93,8 +93,8 @@ def _exact(layout: str, plan: dict, masked: bool) -> dict:
         ref = model(**kw)
     pm = xc.parallelize(model, Plan(**plan))
     out = pm(**kw)
-    usp = [n for n in pm.last.gm.graph.nodes if n.target is torch.ops.xdit.usp_attention.default]
-    return {"err": rel_error(out, ref), "breaks": [b.reason for b in pm.last.ctx.breaks], "usp": len(usp)}
+    usp = [n for n in pm.last.graph.graph.nodes if n.target is torch.ops.xdit.usp_attention.default]
+    return {"err": rel_error(out, ref), "breaks": [b.reason for b in pm.last.breaks], "usp": len(usp)}
 
 
 @pytest.mark.dist

@@ -32,6 +32,10 @@ def test_uncapturable_model_names_line():
     assert "test_capture.py" in msg and "x.sum() > 0" in msg
     assert "non-strict export" in msg
     assert "strict export" not in msg.replace("non-strict export", "")  # strict fails the same way: not tried
+    err = info.value  # the same facts, structured (regions and reports read these, not the text)
+    assert err.model == "_DataDependent" and [a.mode for a in err.attempts] == ["non-strict"]
+    assert "x.sum() > 0" in err.attempts[0].location and err.reason == str(err.attempts[0])
+    assert err.hint.startswith("Remove data-dependent Python control flow")
 
 
 def test_capture_is_functional_and_exact():
@@ -51,8 +55,9 @@ class _SelectsTokens(torch.nn.Module):
 
 
 def test_data_dependent_shapes_are_named_with_their_line():
-    from xdit_compile.api import build_passes
-    from xdit_compile.compiler.driver import PassContext, run_passes
+    from xdit_compile.compiler.driver import run_passes
+    from xdit_compile.compiler.pass_list import build_passes
+    from xdit_compile.passes.context import PassContext
     from xdit_compile.plan import Plan
     from xdit_compile.runtime.mesh import MeshInfo
 

@@ -5,7 +5,7 @@
   layer, Ring's K/V passed N-1 times) and what the runtime counter measures in real gloo runs.
 - Cost model: which link an axis crosses, what overlaps, PipeFusion's bubble, and that a faster
   link or device never predicts a slower plan.
-- Planner: invalid plans are refused with the reason, ``Plan.auto`` and ``xdit-compile plan``.
+- Planner: invalid plans are refused with the reason, ``auto_plan`` and ``xdit-compile plan``.
 """
 
 from __future__ import annotations
@@ -255,10 +255,10 @@ def test_heads_ulysses_does_not_divide_cost_the_slowest_rank(pixart_cfg):
 def test_auto_picks_cfg_for_a_cfg_pipeline(pixart_cfg):
     model, inputs, _ = pixart_cfg
     # Cutting the CFG branches sends one output gather; every sequence plan sends per layer.
-    assert xc.Plan.auto(model, inputs, 2, "l40-pcie", cfg_in_batch=True) == xc.Plan(cfg=2)
+    assert xc.auto_plan(model, inputs, 2, "l40-pcie", cfg_in_batch=True) == xc.Plan(cfg=2)
     # 4 ranks over PCIe: the CFG cut plus a 2-way sequence cut beats any 4-way sequence cut. (On
     # NVLink this tiny model's plans are all within a few microseconds of each other.)
-    plan = xc.Plan.auto(model, inputs, 4, "l40-pcie", cfg_in_batch=True, compile="inductor")
+    plan = xc.auto_plan(model, inputs, 4, "l40-pcie", cfg_in_batch=True, compile="inductor")
     assert plan.cfg == 2 and plan.world_size == 4 and plan.compile == "inductor"
     assert plan.pipefusion == plan.distrifusion == 1  # exact plans unless approximate=True
 

@@ -57,8 +57,8 @@ def _run(heads: int, plan_kw: dict[str, int]) -> dict:
     pm(**kw)
     measured = {k: (v["calls"], v["bytes"]) for k, v in comm_stats().as_dict().items()}
     stated = {f"{op}@{axis}": cb for (op, axis), cb in xc.explain(pm).comm_totals().items()}
-    usp = [n for n in pm.last.gm.graph.nodes if n.target is torch.ops.xdit.usp_attention.default]
-    return {"err": rel_error(out, ref), "breaks": len(pm.last.ctx.breaks), "usp": len(usp),
+    usp = [n for n in pm.last.graph.graph.nodes if n.target is torch.ops.xdit.usp_attention.default]
+    return {"err": rel_error(out, ref), "breaks": len(pm.last.breaks), "usp": len(usp),
             "bytes_match": measured == stated, "measured": measured, "stated": stated}
 
 

@@ -53,7 +53,7 @@ def _bytes_by_op(plan: xc.Plan, text_len: int) -> dict:
     comm_stats().reset()
     out = pm(**inputs)
     return {"err": rel_error(out, ref), "comm": comm_stats().as_dict(),
-            "breaks": len(pm.last.ctx.breaks)}
+            "breaks": len(pm.last.breaks)}
 
 
 @pytest.mark.dist
@@ -111,7 +111,7 @@ def _overlap_on_and_off():
     for label, off in (("on", ()), ("off", ("overlap_collectives",))):
         pm = xc.parallelize(model, xc.Plan(ulysses=2, disable_passes=off))
         outs[label] = pm(**inputs)[0]
-        nodes = list(pm.last.gm.graph.nodes)
+        nodes = list(pm.last.graph.graph.nodes)
         orders[label] = [(n.name, n.op if n.op != "call_function" else getattr(n.target, "__name__", str(n.target)),
                           sorted(u.name for u in n.users), [str(a) for a in n.all_input_nodes]) for n in nodes]
     return {"same": torch.equal(outs["on"], outs["off"]), "orders": orders}
@@ -155,7 +155,7 @@ def _text_heads_on_and_off():
         pm = xc.parallelize(model, xc.Plan(ulysses=2, disable_passes=off))
         out = pm(**inputs)[0]
         rep = xc.explain(pm)
-        pads = [n.args[1] for n in pm.last.gm.graph.nodes if "constant_pad_nd" in str(n.target)]
+        pads = [n.args[1] for n in pm.last.graph.graph.nodes if "constant_pad_nd" in str(n.target)]
         res[label] = {"err": float((out - ref).abs().max() / ref.abs().max()), "out": out,
                       "flops": rep.flops, "pads": pads}
     return res
@@ -221,5 +221,5 @@ def test_text_heads_leaves_text_kv_used_elsewhere(fake_pg2, leak):
     inputs = {"hidden_states": torch.randn(1, 8, 16), "encoder_hidden_states": torch.randn(1, 4, 16)}
     pm = xc.parallelize(model, xc.Plan(ulysses=2, seed="hidden_states"))
     pm.prepare(**inputs)
-    assert any("usp_attention" in str(n.target) for n in pm.last.gm.graph.nodes)  # joint, text rows kept
-    assert pm.last.ctx.hints["text_heads_localized"] == (2 if leak else 3)  # Q and V only when K leaks
+    assert any("usp_attention" in str(n.target) for n in pm.last.graph.graph.nodes)  # joint, text rows kept
+    assert pm.last.text_heads_localized == (2 if leak else 3)  # Q and V only when K leaks

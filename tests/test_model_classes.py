@@ -179,8 +179,8 @@ def _run(name: str, plan_kw: dict[str, int]) -> dict[str, Any]:
     with torch.no_grad():
         ref = model(**kw)
     out = pm(**kw)
-    return {"err": rel_error(out, ref), "breaks": [b.reason for b in pm.last.ctx.breaks], "share": _flops_share(pm),
-            "seed_dim": pm.last.ctx.seed.get("dim")}
+    return {"err": rel_error(out, ref), "breaks": [b.reason for b in pm.last.breaks], "share": _flops_share(pm),
+            "seed_dim": pm.last.seed.dim if pm.last.seed else None}
 
 
 CLASSES = ["audio_1d", "side_by_side", "pose_after_first_frame", "padded_batch", "item_sized_text",
@@ -204,7 +204,7 @@ def test_every_rank_chooses_the_same_cut(name):
     """A cut chosen by trial propagation depends on the graph only, never on the rank choosing
     it (ranks cutting different dims would enter mismatched collectives)."""
     from xdit_compile.compiler.capture import capture
-    from xdit_compile.compiler.driver import PassContext
+    from xdit_compile.passes.context import PassContext
     from xdit_compile.passes.seed import seed_inputs_pass
     from xdit_compile.runtime.mesh import MeshInfo
 
@@ -215,7 +215,7 @@ def test_every_rank_chooses_the_same_cut(name):
     for rank in range(3):
         ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, rank, key="k"))
         seed_inputs_pass(gm, ctx)
-        seeds.add((ctx.seed["dim"], ctx.seed["split"]))
+        seeds.add((ctx.seed.dim, ctx.seed.split))
     assert len(seeds) == 1, seeds
 
 

@@ -30,25 +30,18 @@ from graph_harness import (
     reference,
 )
 
-from xdit_compile.api import build_passes
 from xdit_compile.compiler.capture import capture
-from xdit_compile.compiler.driver import (
-    OPTIONAL_PASSES,
-    CollectiveSite,
-    PassContext,
-    PassFn,
-    PassResult,
-    op_histogram,
-    run_passes,
-)
+from xdit_compile.compiler.driver import PassError, op_histogram, run_passes
+from xdit_compile.compiler.pass_list import build_passes
 from xdit_compile.passes.annotate import annotate_graph_pass, block_of
 from xdit_compile.passes.attention import rewrite_attention_pass
 from xdit_compile.passes.canonicalize import _einsum_permutation, canonicalize_graph_pass
+from xdit_compile.passes.context import CollectiveSite, Pass, PassContext, PassFn, PassResult
 from xdit_compile.passes.seed import seed_inputs_pass
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.passes.verify import verify_local_shapes
 from xdit_compile.placement import Replicate, Shard
-from xdit_compile.plan import Plan
+from xdit_compile.plan import OPTIONAL_PASSES, Plan
 from xdit_compile.runtime.mesh import MeshInfo
 from xdit_compile.runtime.reshard import gather_bytes, gather_shard, slice_shard
 
@@ -270,7 +263,7 @@ def test_seed_chooses_the_token_grid_dim(
     (node,) = [p for p in gm.graph.find_nodes(op="placeholder") if "xdit_seed" in p.meta]
     assert node.name == "hidden_states"  # the 0-d timestep comes first but is not a latent
     assert node.meta["xdit_seed"] == Shard(dim, split)
-    assert ctx.seed == {
+    assert ctx.seed is not None and ctx.seed.as_dict() == {
         "input": "hidden_states",
         "arg": "hidden_states",
         "dim": dim,
@@ -282,13 +275,13 @@ def test_seed_chooses_the_token_grid_dim(
 
 def test_seed_three_ranks_uneven() -> None:
     _, ctx = _seed(_Embed(2), (1, 4, 10, 8), degree=3)
-    assert ctx.seed["split"] == (4, 4, 2)
+    assert ctx.seed.split == (4, 4, 2)
 
 
 def test_seed_falls_back_to_the_next_token_grid_dim() -> None:
     """One patch row (H = 2, patch 2) but four patch columns: W is cut."""
     gm, ctx = _seed(_Embed(2), (1, 4, 2, 8))
-    assert (ctx.seed["dim"], ctx.seed["split"]) == (3, (4, 4))
+    assert (ctx.seed.dim, ctx.seed.split) == (3, (4, 4))
 
 
 def test_seed_rejects_fewer_rows_than_ranks() -> None:
@@ -318,15 +311,15 @@ def _seed_plan(plan: Plan, module: nn.Module, **inputs: torch.Tensor) -> PassCon
 def test_seed_takes_the_input_the_output_follows() -> None:
     ins = {"vision": torch.randn(1, 6, 8), "hidden_states_in": torch.randn(1, 4, 8, 8)}
     ctx = _seed_plan(Plan(ulysses=2), _TwoLatents(), **ins)
-    assert (ctx.seed["arg"], ctx.seed["dim"], ctx.seed["patch"]) == ("hidden_states_in", 2, 2)
+    assert (ctx.seed.arg, ctx.seed.dim, ctx.seed.patch) == ("hidden_states_in", 2, 2)
 
 
 def test_plan_seed_names_the_input_and_dim() -> None:
     ins = {"vision": torch.randn(1, 6, 8), "hidden_states_in": torch.randn(1, 4, 8, 8)}
     ctx = _seed_plan(Plan(ulysses=2, seed="vision"), _TwoLatents(), **ins)
-    assert (ctx.seed["arg"], ctx.seed["dim"]) == ("vision", 1)
+    assert (ctx.seed.arg, ctx.seed.dim) == ("vision", 1)
     ctx = _seed_plan(Plan(ulysses=2, seed="hidden_states_in", seed_dim=-1), _TwoLatents(), **ins)
-    assert (ctx.seed["dim"], ctx.seed["split"]) == (3, (4, 4))
+    assert (ctx.seed.dim, ctx.seed.split) == (3, (4, 4))
     with pytest.raises(ValueError, match=r"no tensor input of that name; its tensor inputs are \['vision'"):
         _seed_plan(Plan(ulysses=2, seed="latents"), _TwoLatents(), **ins)
     with pytest.raises(ValueError, match="seed names the latent"):
@@ -338,7 +331,7 @@ def test_seed_single_rank_and_missing_latent() -> None:
         _Embed(2), (), {"timestep": torch.tensor(1.0), "hidden_states": torch.randn(1, 4, 8, 8)}
     )
     ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
-    assert not seed_inputs_pass(gm, ctx).modified and ctx.seed == {}
+    assert not seed_inputs_pass(gm, ctx).modified and ctx.seed is None
     gm = capture(_Embed(1), (), {"timestep": torch.tensor(1.0), "hidden_states": torch.randn(4, 8)})
     ctx = PassContext(plan=Plan(ulysses=2), mesh=MeshInfo.of(Plan(ulysses=2), 0, key="k"))
     with pytest.raises(ValueError, match="no latent input found"):
@@ -352,7 +345,7 @@ def test_propagate_tiny_dit_has_no_breaks(tiny: Any) -> None:
     gm0, _, _ = tiny
     gm, ctx = compile_for(gm0, 0, FRONT)
     assert ctx.breaks == []
-    assert ctx.seed["split"] == (4, 4) and ctx.seed["patch"] == 2
+    assert ctx.seed.split == (4, 4) and ctx.seed.patch == 2
     self_attn, cross_attn = calls(gm, SDPA)
     assert self_attn.meta["xdit_attention"] == "usp" and self_attn.meta["xdit_split"] == (8, 8)
     assert cross_attn.meta["xdit_attention"] == "local"
@@ -528,13 +521,22 @@ def test_verify_local_shapes_accepts_the_lowered_graph_and_catches_a_wrong_place
         verify_local_shapes(gm, ctx, after="test")
 
 
-def test_verify_skips_graphs_it_cannot_run(tiny: Any) -> None:
+def test_verify_skips_graphs_it_cannot_run(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import xdit_compile.passes.verify as verify
+
+    ran: list[fx.GraphModule] = []
+    monkeypatch.setattr(verify, "fake_run", lambda gm, **kw: ran.append(gm))
     gm0, _, _ = tiny
     gm, ctx = compile_for(gm0, 0, FRONT)  # redistribute markers are not executable yet
-    calls(gm, aten.layer_norm.default)[0].meta["xdit_placement"] = R
+    calls(gm, aten.layer_norm.default)[0].meta["xdit_placement"] = R  # would be wrong if checked
     verify_local_shapes(gm, ctx)
     fresh = fx.GraphModule(gm0, copy.deepcopy(gm0.graph))  # no placements at all
     verify_local_shapes(fresh, ctx)
+    assert ran == []
+    lowered, lctx = compile_for(gm0, 0, ALL)  # the same check does run a lowered graph
+    ran.clear()  # (the driver may have verified it already, under XDIT_DEBUG)
+    verify_local_shapes(lowered, lctx)
+    assert ran == [lowered]
 
 
 # --------------------------------------------------------------------------- driver
@@ -548,8 +550,7 @@ def _add_relu(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     out = gm.graph.find_nodes(op="output")[0]
     (res,) = out.args[0]
     with gm.graph.inserting_before(out):
-        relu = gm.graph.call_function(aten.relu.default, (res,))
-    relu.meta["xdit_pass"] = "add_relu"
+        relu = gm.graph.call_function(aten.relu.default, (res,))  # the driver stamps it
     out.args = ((relu,),)
     return PassResult(gm, True)
 
@@ -588,7 +589,7 @@ def test_run_passes_records_stats_and_graphs(lin_gm: fx.GraphModule) -> None:
     assert relu.ops_before == noop.ops_after == noop.ops_before
     assert relu.ops_after == op_histogram(gm)
     assert "aten.relu" not in relu.ops_before and relu.ops_after["aten.relu"] == 1
-    assert relu.ops_after["aten.linear"] == 1 and relu.seconds >= 0
+    assert relu.ops_after["aten.linear"] == 1 and relu.seconds > 0
     assert list(ctx.graphs) == ["capture", "noop", "add_relu"]
     assert "relu" not in ctx.graphs["noop"] and "<add_relu>" in ctx.graphs["add_relu"]
 
@@ -613,7 +614,23 @@ def test_run_passes_names_the_failing_pass(
         "xdit_compile pass 'boom' failed (passes run before it: noop, add_relu): "
     )
     assert str(exc) in msg and info.value.__cause__ is exc
+    err = info.value
+    assert isinstance(err, PassError)  # typed: callers read the fields, never the message
+    assert (err.pass_name, err.ran_before, err.cause) == ("boom", ["noop", "add_relu"], exc)
     assert [s.name for s in ctx.stats] == ["noop", "add_relu"]
+
+
+def test_run_passes_sets_each_pass_axis(lin_gm: fx.GraphModule) -> None:
+    """The pass list says which mesh axis each pass works on; the driver sets it (passes never do)."""
+    seen: list[str] = []
+
+    def record(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        seen.append(ctx.axis)
+        return PassResult(gm, False)
+
+    ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
+    run_passes(lin_gm, [Pass("a", record, "cfg"), Pass("b", record), Pass("c", record, "patch")], ctx)
+    assert seen == ["cfg", "sp", "patch"]
 
 
 def test_run_passes_first_pass_failure_and_bad_return(lin_gm: fx.GraphModule) -> None:
@@ -696,7 +713,7 @@ def test_plan_validation(kwargs: dict[str, Any], match: str) -> None:
 
 
 def test_build_passes_order_and_disable() -> None:
-    names = [n for n, _ in build_passes(Plan(ulysses=2))]
+    names = [p.name for p in build_passes(Plan(ulysses=2))]
     assert names == [
         "canonicalize",
         "annotate",
@@ -713,9 +730,9 @@ def test_build_passes_order_and_disable() -> None:
     assert "shard_text_rows" in Plan(disable_passes="shard_text_rows").disable_passes
     plan = Plan(ulysses=2, disable_passes="rewrite_attention")
     assert plan.disable_passes == ("rewrite_attention",)
-    assert [n for n, _ in build_passes(plan)] == [n for n in names if n != "rewrite_attention"]
+    assert [p.name for p in build_passes(plan)] == [n for n in names if n != "rewrite_attention"]
     plan = Plan(disable_passes=["canonicalize", "rewrite_attention"])
-    assert [n for n, _ in build_passes(plan)] == [
+    assert [p.name for p in build_passes(plan)] == [
         "annotate",
         "seed",
         "propagate_sharding",

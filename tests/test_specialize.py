@@ -96,7 +96,7 @@ def _two_prompts(plan: xc.Plan) -> dict:
         errs.append(rel_error(pm(**kw), ref))
         keys.append(id(pm.last))
     return {"errs": errs, "graphs": len(pm.compiled), "reused": keys[0] == keys[2],
-            "breaks": len(pm.last.ctx.breaks)}
+            "breaks": len(pm.last.breaks)}
 
 
 @pytest.mark.dist

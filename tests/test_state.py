@@ -125,7 +125,7 @@ def _run_changes(plan_kw: dict[str, int], batch: int, names: list[str]) -> dict[
         moved[name] = rel_error(ref, before)
         errs[name] = rel_error(pm(**kw), ref)
         before = ref
-    return {"errs": errs, "moved": moved, "changes": list(pm.state_changes), "states": len(pm._states),
+    return {"errs": errs, "moved": moved, "changes": list(pm.state_changes), "states": len(pm._tracker.states),
             "summary": xc.explain(pm).summary()}
 
 

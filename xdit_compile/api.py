@@ -9,10 +9,11 @@ the plan, then executes the rewritten graph; later calls with the same signature
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,18 +22,25 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
+from xdit_compile.analysis.cost import detect
+from xdit_compile.analysis.planner import auto
 from xdit_compile.compiler.capture import CaptureError, capture
-from xdit_compile.compiler.driver import PassContext, PassFn, run_passes
+from xdit_compile.compiler.driver import PassError
+from xdit_compile.compiler.pipefusion import release_parameters
+from xdit_compile.compiler.program import Program
+from xdit_compile.compiler.program import compile as compile_graph
 from xdit_compile.compiler.specialize import Probe, find_data_dependence, specialize_graph
-from xdit_compile.compiler.state import Fingerprint, StateWatch, diffusers_hooks, fingerprint
+from xdit_compile.compiler.state import StateTracker
 from xdit_compile.latent import SeedError
+from xdit_compile.passes.context import Facts
+from xdit_compile.passes.flops import node_flops
+from xdit_compile.passes.seed import graph_latent
 from xdit_compile.plan import Plan
 from xdit_compile.runtime.cfg_pairs import CfgPairs, latent, latent_batch
-from xdit_compile.runtime.collectives import count
 from xdit_compile.runtime.displaced import DisplacedState, new_state
 from xdit_compile.runtime.mesh import ParallelMesh, build_mesh
 
-__all__ = ["CompiledGraph", "ParallelModule", "build_passes", "init_distributed", "parallelize"]
+__all__ = ["ParallelModule", "init_distributed", "parallelize"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,46 +67,6 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_passes(plan: Plan, part: str = "all") -> list[tuple[str, PassFn]]:
-    """The ordered pass list for ``plan`` (``plan.disable_passes`` removes optional ones).
-
-    ``part``: "all"; or, for PipeFusion, "common" (up to the batch rounds, run once) and
-    "patch" (the patch round, run once per patch graph)."""
-    from xdit_compile.passes.annotate import annotate_graph_pass
-    from xdit_compile.passes.attention import rewrite_attention_pass
-    from xdit_compile.passes.batch import batch_round
-    from xdit_compile.passes.canonicalize import canonicalize_graph_pass
-    from xdit_compile.passes.lower import lower_collectives_pass
-    from xdit_compile.passes.overlap import overlap_collectives_pass
-    from xdit_compile.passes.patches import patch_round, patch_sequence_round
-    from xdit_compile.passes.seed import seed_inputs_pass
-    from xdit_compile.passes.sharding.propagate import propagate_sharding_pass
-    from xdit_compile.passes.text_heads import text_heads_pass
-
-    passes: list[tuple[str, PassFn]] = []
-    if part in ("all", "common"):
-        passes += [("canonicalize", canonicalize_graph_pass), ("annotate", annotate_graph_pass)]
-        for axis in ("cfg", "dp"):  # batch rounds first: the sequence round sees local batches
-            if plan.degrees()[axis] > 1:
-                passes += batch_round(axis, propagate_sharding_pass, lower_collectives_pass)
-    if part == "patch":
-        passes += patch_round(seed_inputs_pass, propagate_sharding_pass, lower_collectives_pass)
-        if plan.sp_degree > 1:
-            passes += patch_sequence_round(seed_inputs_pass, propagate_sharding_pass, rewrite_attention_pass,
-                                           lower_collectives_pass)
-    if part == "all":
-        passes += [
-            ("seed", seed_inputs_pass),
-            ("propagate_sharding", propagate_sharding_pass),
-            ("rewrite_attention", rewrite_attention_pass),
-            ("lower_collectives", lower_collectives_pass),
-        ]
-        if plan.ulysses > 1:
-            passes.append(("text_heads", text_heads_pass))
-        passes.append(("overlap_collectives", overlap_collectives_pass))
-    return [(n, p) for n, p in passes if n not in plan.disable_passes]
-
-
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     sig: list[Any] = [str(spec)]
@@ -108,18 +76,6 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]
         else:
             sig.append(("V", repr(x)))
     return tuple(sig)
-
-
-@dataclass
-class CompiledGraph:
-    """One input signature's rewritten graph, what the passes recorded, and its runner."""
-
-    gm: fx.GraphModule
-    ctx: PassContext
-    runner: Any
-    static_comm: list[tuple[str, str, int, int]] = field(default_factory=list)
-    out_shapes: list[Any] | None = None
-    """Whole output shapes and dtypes per leaf when ``gm`` computes only a piece (PipeFusion)."""
 
 
 class ParallelModule(torch.nn.Module):
@@ -152,19 +108,11 @@ class ParallelModule(torch.nn.Module):
         self.eager = False
         """A region that runs eagerly on every rank: no latent input to cut (embeddings, routers)."""
         self.eager_flops = 0
-        self._cache: dict[tuple[Any, ...], CompiledGraph] = {}
-        self._watch: StateWatch | None = None
-        """Snapshot of the model's Python-side state after the last compile or state change."""
-        self._states: dict[Fingerprint, int] = {}
-        """Every state graphs were compiled for -> its id in the cache keys."""
-        self._state_id = -1
-        self._recheck = False
-        """Compare the whole snapshot at the next call (set by :meth:`reset`: a new request)."""
-        self.state_changes: list[str] = []
-        """What changed in the model's state each time it changed after the first call (the
-        calls after it recompiled, or reused the graphs of that earlier state)."""
+        self._cache: dict[tuple[Any, ...], Program] = {}
+        self._tracker = StateTracker(model)
+        """The model's Python-side state: its id is the first part of every cache key."""
         self._probes: dict[tuple[Any, ...], Probe | None] = {}
-        self._last: CompiledGraph | None = None
+        self._last: Program | None = None
         self._pairs: CfgPairs | None = None
         self._stage_cut: Any = None
         self._latent_name: str | None = plan.seed
@@ -182,7 +130,7 @@ class ParallelModule(torch.nn.Module):
             self.kv_state.reset()
         # Changes made between requests by means the mutation counter does not see (direct
         # ``vars(m)`` writes) are caught by the full comparison at the request's first call.
-        self._recheck = True
+        self._tracker.recheck = True
         if self._pairs is not None:
             self._pairs.first, self._pairs.kept = None, None
 
@@ -194,7 +142,7 @@ class ParallelModule(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def prepare(self, *args: Any, **kwargs: Any) -> CompiledGraph | None:
+    def prepare(self, *args: Any, **kwargs: Any) -> Program | None:
         """Capture and rewrite for this input signature without running (cached).
 
         The signature is the inputs' shapes, dtypes and non-tensor values, plus the values of
@@ -214,11 +162,6 @@ class ParallelModule(torch.nn.Module):
         (one broadcast), and the mesh is built for it. Runs once, at the first call."""
         if not self.plan.auto:
             return
-        import inspect
-
-        from xdit_compile.analysis.cost import detect
-        from xdit_compile.analysis.planner import auto
-
         world = dist.get_world_size()
         chosen: list[Any] = [None]
         if dist.get_rank() == 0:
@@ -265,52 +208,26 @@ class ParallelModule(torch.nn.Module):
                         "(pm.model) and parallelize the copy")
 
     def _state(self) -> int:
-        """The id of the model's current Python-side state (see :mod:`xdit_compile.compiler.state`):
-        unchanged since the last call (a few comparisons per module), an earlier state again
-        (its graphs are reused), or a new one (graphs compile for it; graphs of states whose
-        tensors the model no longer holds are dropped)."""
-        w = self._watch
-        if w is not None and not self._recheck and w.quick():
-            return self._state_id
-        self._recheck = False
-        if w is not None and w.matches():  # the mutation counter moved, the state did not
-            return self._state_id
-        fp = fingerprint(self.model)
-        if self._states and fp not in self._states:
-            old = next(f for f, i in self._states.items() if i == self._state_id)
-            what = fp.diff(old) or ["module state"]
-            self.state_changes.append("; ".join(what))
+        """The id of the model's current Python-side state (:class:`StateTracker`); programs of
+        states the model can never be in again are dropped."""
+        now = self._tracker.now()
+        if now.changed:
             logger.info("%s: model state changed since the last call (%s): compiling for the new state",
-                        self.region or type(self.model).__name__, "; ".join(what))
-            self._drop_stale_states(fp)
+                        self.region or type(self.model).__name__, self._tracker.changes[-1])
             if dist.is_initialized() and dist.get_world_size() > 1 and self.plan.pipefusion == 1:
                 _check_same_parameters(self.model)  # e.g. LoRA weights initialized unseeded per rank
-        hooks = diffusers_hooks(self.model)
-        if hooks:
-            raise ValueError(
-                f"{type(self.model).__name__} carries diffusers hooks ({'; '.join(hooks[:3])}): they decide "
-                f"in Python at every call, which a compiled graph cannot; remove them (e.g. "
-                f"model.disable_cache()) before calling the parallel model")
-        if fp not in self._states:
-            self._states[fp] = max(self._states.values(), default=-1) + 1
-        elif self._states[fp] != self._state_id:
-            self.state_changes.append(f"back to state {self._states[fp]} (its graphs are reused)")
-        self._state_id = self._states[fp]
-        self._watch = StateWatch.of(self.model)
-        return self._state_id
+        if now.dropped:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] not in now.dropped}
+            self._probes = {k: v for k, v in self._probes.items() if k[0] not in now.dropped}
+        return now.id
 
-    def _drop_stale_states(self, current: Fingerprint) -> None:
-        """Forget states holding tensors the model no longer has (replaced weights): their
-        graphs would keep the old tensors alive and can never be valid again."""
-        alive = {id(t) for t in current.tensors}
-        dead = {i for f, i in self._states.items() if not f.holds_only(alive)}
-        if not dead:
-            return
-        self._states = {f: i for f, i in self._states.items() if i not in dead}
-        self._cache = {k: v for k, v in self._cache.items() if k[0] not in dead}
-        self._probes = {k: v for k, v in self._probes.items() if k[0] not in dead}
+    @property
+    def state_changes(self) -> list[str]:
+        """What changed in the model's state each time it changed after the first call (the
+        calls after it recompiled, or reused the programs of that earlier state)."""
+        return self._tracker.changes
 
-    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any], plan: Plan) -> CompiledGraph:
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any], plan: Plan) -> Program:
         sig = (self._state(), *_signature(args, kwargs), plan.cfg)  # the state id first: see _drop_stale_states
         probe = self._probes.get(sig)
         key = sig + probe(args, kwargs) if probe is not None else sig
@@ -329,19 +246,15 @@ class ParallelModule(torch.nn.Module):
                 key = sig + values
                 logger.info("specialized %s to data-dependent sizes %s", type(self.model).__name__, values)
             if self._latent_name is None:  # later calls find the latent by the name seeded here
-                from xdit_compile.passes.seed import graph_latent
-
                 found = graph_latent(gm)  # (after specializing: the output's shape may depend on data)
                 self._latent_name = str(found.target) if found is not None else None
             try:
                 self._cache[key] = self._compile(gm, plan)
-                self._watch = StateWatch.of(self.model)  # what capture and compile left (freed stages)
-            except SeedError:
-                if self.region is None:
+                self._tracker.rewatch()  # what capture and compile left (freed stages)
+            except PassError as e:
+                if self.region is None or not isinstance(e.cause, SeedError):
                     raise
                 self.eager = True  # nothing to cut in this region: it runs whole on every rank
-                from xdit_compile.passes.flops import node_flops
-
                 self.eager_flops = sum(node_flops(n) for n in gm.graph.nodes)
                 raise _InRegions from None
         self._last = self._cache[key]
@@ -353,9 +266,9 @@ class ParallelModule(torch.nn.Module):
         module's own forward (the glue, with its data-dependent Python) runs eagerly. Regions
         take whole tensors and return whole tensors (their outputs are gathered)."""
         if plan.displaced_patches > 1 or plan.distrifusion > 1:
-            raise CaptureError(f"{error}\nPipeFusion and DistriFusion need the model captured whole; "
-                               f"use ulysses/ring/cfg/dp for this model") from None
-        self.region_error = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+            raise error.with_hint("PipeFusion and DistriFusion need the model captured whole; "
+                                  "use ulysses/ring/cfg/dp for this model") from None
+        self.region_error = error.reason
         self.regions = []
         prefix = f"{self.region}." if self.region else ""
 
@@ -387,55 +300,22 @@ class ParallelModule(torch.nn.Module):
             out += r.all_regions()
         return out
 
-    def _compile(self, gm: fx.GraphModule, plan: Plan) -> CompiledGraph:
-        groups = {axis: self.mesh.group_name(axis) for axis in ("sp", "cfg", "dp")
-                  if self.mesh.info.degree(axis) > 1}
+    def _compile(self, gm: fx.GraphModule, plan: Plan) -> Program:
         channels = getattr(getattr(self.model, "config", None), "in_channels", None)
-        if plan.distrifusion > 1 and "shard_text_rows" not in plan.disable_passes:
-            # Every rank computes all text rows from its own view (fresh text K/V, no gathers).
-            plan = replace(plan, disable_passes=(*plan.disable_passes, "shard_text_rows"))
-        hints: dict[str, Any] = {"channels": channels}
-        if self.kv_state is not None:
-            hints["state_key"] = self.kv_state.key
-        ctx = PassContext(plan=plan, mesh=self.mesh.info, group_names=groups, hints=hints)
-        if plan.displaced_patches > 1:
-            return self._compile_pipefusion(gm, ctx)
-        gm = run_passes(gm, build_passes(plan), ctx)
-        runner: Any = gm
-        if plan.compile == "inductor":
-            runner = torch.compile(gm, backend="inductor", dynamic=False)
-        static = [(c.op, c.axis, c.calls, c.bytes_per_forward) for c in ctx.collectives if c.graph_level]
+        program = compile_graph(gm, plan, self.mesh, Facts(channels=channels), state=self.kv_state,
+                                stage_cut=self._stage_cut)
         logger.info("compiled %s for a new input signature (%d sharding breaks)",
-                    type(self.model).__name__, len(ctx.breaks))
-        return CompiledGraph(gm, ctx, runner, static)
-
-    def _compile_pipefusion(self, gm: fx.GraphModule, ctx: PassContext) -> CompiledGraph:
-        from xdit_compile.compiler.pipefusion import compile_pipefusion, release_parameters
-
-        assert self.kv_state is not None
-        plan = ctx.plan
-        gm, ctx, runner, self._stage_cut = compile_pipefusion(
-            gm, ctx, build_passes(plan, "common"), build_passes(plan, "patch"), self._stage_cut,
-            self.mesh if self.mesh.mesh is not None else None, self.kv_state)
-        if plan.compile == "inductor":
-            for var in runner.variants.values():
-                for prog in var.programs:
-                    prog.gm = torch.compile(prog.gm, backend="inductor", dynamic=False)  # type: ignore[assignment]
-        keep: list[torch.nn.Module] = [p.gm for v in runner.variants.values() for p in v.programs]
-        keep += [v.prologue for v in runner.variants.values()]
-        freed = release_parameters(self.model, keep)
-        logger.info("PipeFusion stage %d: freed %d parameter bytes of other stages", ctx.mesh.pipefusion_rank, freed)
-        shapes = runner.main.out_shapes
-        return CompiledGraph(gm, ctx, runner, [], shapes)
+                    type(self.model).__name__, len(program.breaks))
+        if program.pipefusion is not None:
+            self._stage_cut = program.stage_cut  # later signatures keep the parameters on the same ranks
+            freed = release_parameters(self.model, program.kept)
+            logger.info("PipeFusion stage %d: freed %d parameter bytes of other stages",
+                        program.mesh.pipefusion_rank, freed)
+        return program
 
     def pipeline_modules(self) -> list[torch.nn.Module]:
-        """What this rank holds of the model: the compiled pieces (PipeFusion) and the model."""
-        out: list[torch.nn.Module] = [self.model]
-        for entry in self._cache.values():
-            variants = getattr(entry.runner, "variants", {})
-            for var in variants.values():
-                out += [p.gm for p in var.programs] + [var.prologue]
-        return out
+        """What this rank holds of the model: the model and the compiled pieces (PipeFusion)."""
+        return [self.model] + [m for program in self._cache.values() for m in program.kept]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._choose_plan(args, kwargs)
@@ -465,11 +345,7 @@ class ParallelModule(torch.nn.Module):
         if entry is None:  # regions (children parallel, glue eager) or an eager region
             with torch.no_grad():
                 return self.model(*args, **kwargs)
-        with torch.no_grad():
-            out = entry.runner(*args, **kwargs)
-        for op, axis, calls, nbytes in entry.static_comm:
-            count(op, axis, nbytes, calls)
-        return out
+        return entry.run(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapped model has and this module does not (``config`` users,
@@ -484,14 +360,16 @@ class ParallelModule(torch.nn.Module):
     @property
     def graphs(self) -> dict[str, str]:
         """Printed graph after each pass, for the last compiled input signature."""
-        return dict(self._last.ctx.graphs) if self._last else {}
+        return dict(self._last.graphs) if self._last else {}
 
     @property
-    def compiled(self) -> list[CompiledGraph]:
+    def compiled(self) -> list[Program]:
+        """Every Program compiled so far (one per input signature and model state)."""
         return list(self._cache.values())
 
     @property
-    def last(self) -> CompiledGraph | None:
+    def last(self) -> Program | None:
+        """The Program of the last call's input signature."""
         return self._last
 
 
@@ -506,19 +384,7 @@ class _PairRunner:
         return self.pm._run(args, kwargs, self.plan)
 
     def shapes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        entry = self.pm._prepare(args, kwargs, self.plan)
-        gm = entry.gm
-        device = next((x.device for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)), None)
-        leaves = pytree.tree_leaves(gm.graph.output_node().args[0])
-        if entry.out_shapes is not None:
-            outs = [torch.empty(sd[0], dtype=sd[1], device=device) if sd is not None else n
-                    for n, sd in zip(leaves, entry.out_shapes, strict=True)]
-        else:
-            outs = [torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device)
-                    if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor) else n
-                    for n in leaves]
-        spec = getattr(gm, "_out_spec", None)
-        return pytree.tree_unflatten(outs, spec) if spec is not None else tuple(outs)
+        return self.pm._prepare(args, kwargs, self.plan).empty_outputs(args, kwargs)
 
 
 def _check_same_parameters(model: torch.nn.Module) -> None:

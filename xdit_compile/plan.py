@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,9 +56,7 @@ OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_
 
 _BACKENDS = (None, "eager", "inductor")
 
-#: The planner behind :meth:`Plan.auto` (``xdit_compile.analysis.planner.auto``, registered when the
-#: package is imported: this module stays pure data and imports nothing of the package).
-_AUTO: list[Callable[..., Plan]] = []
+
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,7 +99,7 @@ class Plan:
     compile: str | None = None
     """Backend for the rewritten graph: None/"eager" (GraphModule) or "inductor" (torch.compile)."""
     auto: bool = False
-    """Choose the degrees with the cost model at the first call (:meth:`Plan.auto` on that call's
+    """Choose the degrees with the cost model at the first call (:func:`xdit_compile.auto_plan` on that call's
     inputs and the process group's world size), exact methods only; leave every degree at 1.
     The plan chosen for the first input signature serves every later one."""
     hardware: str | None = None
@@ -183,18 +181,6 @@ class Plan:
             raise ValueError("Plan: DistriFusion and PipeFusion cannot be combined; choose one "
                              "(pipefusion x ulysses/ring, or distrifusion x cfg/dp)")
 
-    @classmethod
-    def _auto(cls, model: Any, example_inputs: Mapping[str, Any], world_size: int, hardware: Any = "h100-sxm",
-             **options: Any) -> Plan:
-        """The plan the cost model predicts fastest for ``model(**example_inputs)`` on
-        ``world_size`` GPUs of ``hardware`` (a profile name of :mod:`xdit_compile.analysis.cost`, a
-        calibrated JSON file, or a ``Hardware``). Exact plans only unless ``approximate=True``;
-        other options: ``steps``, ``nodes``, ``compile``, ``cfg_in_batch`` (the batch holds both
-        CFG branches). See :func:`xdit_compile.analysis.planner.auto` and ``xdit-compile plan``."""
-        if not _AUTO:  # importing xdit_compile.plan runs xdit_compile/__init__.py, which registers it
-            raise RuntimeError("the planner is not registered: import xdit_compile")
-        return _AUTO[0](model, dict(example_inputs), world_size, hardware, **options)
-
     @property
     def displaced_patches(self) -> int:
         """Patches M of the PipeFusion schedule (1: no PipeFusion)."""
@@ -243,22 +229,3 @@ class Plan:
         if self.displaced_patches > 1 or self.distrifusion > 1:
             degrees += f", warmup_steps={self.warmup_steps}"
         return f"Plan({degrees}, compile={self.compile})"
-
-
-class _FieldAndClassmethod:
-    """``Plan.auto`` is both a field (``Plan(auto=True)``: choose at the first call) and a
-    classmethod (``Plan.auto(model, inputs, world_size)``: choose now): on the class it is the
-    method, on an instance the field's slot."""
-
-    def __init__(self, slot: Any, method: Any) -> None:
-        self.slot, self.method = slot, method
-        self.__doc__ = method.__doc__
-
-    def __get__(self, obj: Any, cls: Any = None) -> Any:
-        return self.method.__get__(cls, cls) if obj is None else self.slot.__get__(obj, cls)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        self.slot.__set__(obj, value)
-
-
-Plan.auto = _FieldAndClassmethod(Plan.__dict__["auto"], Plan.__dict__["_auto"])  # type: ignore[assignment,method-assign,misc]

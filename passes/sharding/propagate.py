@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.compiler.driver import PassContext, PassResult, ShardingBreak
+from xdit_compile.passes.context import PassContext, PassResult, ShardingBreak
 from xdit_compile.passes.sharding import rules_nn, rules_shape  # noqa: F401  (registers rules)
 from xdit_compile.passes.sharding.engine import (
     Break,
@@ -95,7 +95,7 @@ class _Propagator:
         patch = ctx.axis == "patch"
         # PipeFusion's patches: text rows stay with the first patch (computed once per step).
         disabled = tuple(p for p in ctx.plan.disable_passes if not (patch and p == "shard_text_rows"))
-        if not patch and "patch_seed" in ctx.hints:  # a patch cut over ulysses: text rows whole
+        if not patch and ctx.patch_seed is not None:  # a patch cut over ulysses: text rows whole
             disabled += ("shard_text_rows",)
         self.rc = RuleCtx(
             self.placements,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from xdit_compile.analysis.accounting import local_fraction
 from xdit_compile.analysis.cost import (
     ELEMENTWISE,
     Hardware,
@@ -39,7 +39,17 @@ from xdit_compile.analysis.cost import (
     get_hardware,
     predict,
 )
-from xdit_compile.plan import Plan
+from xdit_compile.compiler.capture import capture
+from xdit_compile.compiler.driver import PassError
+from xdit_compile.compiler.program import Program
+from xdit_compile.compiler.program import compile as compile_graph
+from xdit_compile.compiler.specialize import find_data_dependence, specialize_graph
+from xdit_compile.passes import ops
+from xdit_compile.passes.context import Facts
+from xdit_compile.passes.flops import node_flops
+from xdit_compile.passes.seed import graph_latent
+from xdit_compile.plan import Plan, config_heads
+from xdit_compile.runtime.mesh import MeshInfo
 from xdit_compile.runtime.reshard import SPLIT
 
 __all__ = ["Candidate", "Workload", "account", "auto", "enumerate_plans", "format_table", "peak_activation_bytes",
@@ -48,16 +58,6 @@ __all__ = ["Candidate", "Workload", "account", "auto", "enumerate_plans", "forma
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-_FREE = {"view", "_unsafe_view", "reshape", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
-         "t", "transpose", "alias", "detach", "lift_fresh_copy", "sym_size", "split", "split_with_sizes",
-         "unbind", "chunk", "narrow", "as_strided", "unflatten", "flatten", "view_as_real", "view_as_complex",
-         "movedim", "_assert_tensor_metadata", "sym_numel", "specialized"}
-_MATMUL = {"linear", "mm", "bmm", "matmul", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "baddbmm",
-           "einsum"}
-
-
-
-
 #: Collective starts of the ``overlap_collectives`` pass (their finishes copy like the gathers they were).
 _STARTS = {start for start, *_ in SPLIT.values()}
 
@@ -65,18 +65,15 @@ _STARTS = {start for start, *_ in SPLIT.values()}
 def _kind(node: fx.Node) -> str:
     if node.op != "call_function":
         return "none"
-    if node.target is operator.getitem:
-        return "free"
-    name = str(getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
-               or getattr(node.target, "__name__", str(node.target)))
-    ns = str(getattr(node.target, "namespace", ""))
-    if name.endswith("attention"):  # SDPA and the parallel attention ops
+    if ops.is_attention(node):  # SDPA and the parallel attention ops
         return "attention"
+    name = str(getattr(ops.packet(node.target), "__name__", node.target))
+    ns = str(getattr(node.target, "namespace", ""))
     if ns in ("_c10d_functional", "c10d_functional") or name in ("wait_tensor",) or node.target in _STARTS:
         return "comm"
-    if name in _MATMUL:
+    if ops.is_matmul(node):
         return "matmul"
-    if name in _FREE:
+    if ops.is_free(node):
         return "free"
     return "pointwise"
 
@@ -90,20 +87,7 @@ def _elementwise_key(node: fx.Node) -> str | None:
     return name if name in ELEMENTWISE else None
 
 
-def _reshape_copies(node: fx.Node) -> bool:
-    """Whether a reshape-like node copies: its input's strides admit no view of the new shape
-    (e.g. a reshape after a permute), so it runs as a copy kernel."""
-    name = str(getattr(getattr(node.target, "overloadpacket", None), "__name__", ""))
-    if name not in ("reshape", "flatten", "unflatten") or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    inp, out = node.args[0].meta.get("val"), node.meta.get("val")
-    if not isinstance(inp, torch.Tensor) or not isinstance(out, torch.Tensor) or inp.is_contiguous():
-        return False
-    try:
-        torch.empty_strided(tuple(inp.shape), tuple(inp.stride()), device="meta").view(tuple(out.shape))
-    except (RuntimeError, TypeError):
-        return True
-    return False
+_reshape_copies = ops.reshape_copies
 
 
 def _nbytes(val: Any) -> int:
@@ -114,13 +98,11 @@ def _nbytes(val: Any) -> int:
     return 0
 
 
-def account(gm: fx.GraphModule, ctx: Any) -> Work:
-    """The accounting of one rewritten graph for the rank of ``ctx`` (a ``PassContext``)."""
-    from xdit_compile.analysis.report import local_fraction
-    from xdit_compile.passes.flops import node_flops
-
-    rank = ctx.mesh.sp_rank
-    w = Work(serial_flops=float(ctx.hints.get("serial_flops", 0)))
+def account(program: Program) -> Work:
+    """The accounting of one rewritten program for its rank."""
+    gm, mesh = program.graph, program.mesh
+    rank = mesh.sp_rank
+    w = Work(serial_flops=float(program.serial_flops))
 
     def local_bytes(n: Any) -> float:
         if not isinstance(n, fx.Node):
@@ -144,19 +126,19 @@ def account(gm: fx.GraphModule, ctx: Any) -> Work:
                 qkv_out = sum(local_bytes(a) for a in node.args[:3]) + local_bytes(node)
                 kv = sum(local_bytes(a) for a in node.args[1:3])
                 joint = any(node.args[7:9]) if len(node.args) > 8 else False
-                if ctx.mesh.ulysses > 1:  # pack for the all-to-alls and unpack: 2 copies of each
+                if mesh.ulysses > 1:  # pack for the all-to-alls and unpack: 2 copies of each
                     inner += 4 * qkv_out
                 if joint:  # text K/V joined to the body's (a copy), and with Ring a copy of the
                     inner += 2 * kv  # non-contiguous body block before its first send
-                    inner += 2 * kv if ctx.mesh.ring > 1 else 0
-                if ctx.mesh.ring > 1:
+                    inner += 2 * kv if mesh.ring > 1 else 0
+                if mesh.ring > 1:
                     # Ring merges its r partial outputs in fp32 (kernels/attention.py
                     # merge_partial), bytes per output element: each block is converted to fp32
                     # (none for fp32) and cleaned of NaN in place (8); every later block also
                     # scales the running output and itself (8 + 8) and adds them (12).
                     item = max(node.meta["val"].element_size(), 1)
                     conv = 0 if item == 4 else item + 4
-                    per_elem = (conv + 8) + (ctx.mesh.ring - 1) * (conv + 36)
+                    per_elem = (conv + 8) + (mesh.ring - 1) * (conv + 36)
                     inner += per_elem * local_bytes(node) / item
             elif node.target is torch.ops.xdit.distrifusion_attention.default:
                 # The whole (stale) K/V is assembled from the gathered pieces and stored: 2 copies.
@@ -180,20 +162,17 @@ def account(gm: fx.GraphModule, ctx: Any) -> Work:
             w.kernels += 1
         if kind in ("matmul", "attention") and any(_kind(u) == "pointwise" for u in node.users):
             w.fused_bytes += local_bytes(node)  # the fused epilogue reads it
-    for c in ctx.collectives:
+    for c in program.collectives:
         cur = w.comm.setdefault((c.op, c.axis), [0.0, 0.0])
         cur[0] += c.calls
         cur[1] += c.bytes_per_forward
-    w.ring_steps = ctx.mesh.ring
+    w.ring_steps = mesh.ring
     return w
 
 
-def _stage_bytes(gm: fx.GraphModule, ctx: Any) -> float:
+def _stage_bytes(gm: fx.GraphModule, rank: int) -> float:
     """Bytes (this rank's piece) of the values one block hands to later blocks: what a
     PipeFusion stage sends to the next, per call, all patches together (the largest boundary)."""
-    from xdit_compile.analysis.report import local_fraction
-
-    rank = ctx.mesh.sp_rank
     order: dict[str, int] = {}
     for n in gm.graph.nodes:
         b = n.meta.get("xdit_block")
@@ -220,8 +199,8 @@ class Workload:
     their accountings combine into the full model's."""
 
     name: str
-    graphs: list[tuple[fx.GraphModule, dict[str, Any]]]
-    """(captured graph, pass hints) per capture."""
+    graphs: list[tuple[fx.GraphModule, Facts]]
+    """(captured graph, what the compiler is told about its model) per capture."""
     coefficients: list[float]
     """Weight of each capture's accounting in the full model's (linear in the layer counts)."""
     heads: int | None
@@ -255,8 +234,8 @@ class Workload:
             w.stage_bytes, w.serial_flops = base.stage_bytes, base.serial_flops
             return w
         total: Work | None = None
-        for (gm0, hints), k in zip(self.graphs, self.coefficients, strict=True):
-            got = _rewrite(gm0, hints, plan)
+        for (gm0, facts), k in zip(self.graphs, self.coefficients, strict=True):
+            got = _rewrite(gm0, facts, plan)
             if isinstance(got, str):
                 return got
             if total is None:
@@ -268,24 +247,19 @@ class Workload:
         return total
 
 
-def _rewrite(gm0: fx.GraphModule, hints: dict[str, Any], plan: Plan) -> Work | str:
-    from xdit_compile.api import build_passes
-    from xdit_compile.compiler.driver import PassContext, run_passes
-    from xdit_compile.runtime.mesh import MeshInfo
-
+def _rewrite(gm0: fx.GraphModule, facts: Facts, plan: Plan) -> Work | str:
+    """The accounting of ``plan``'s program for rank 0, or why the passes refuse the plan."""
     gm = fx.GraphModule(gm0, copy.deepcopy(gm0.graph))
-    if plan.distrifusion > 1:
-        plan = replace(plan, disable_passes=(*plan.disable_passes, "shard_text_rows"))
-    # Accounting only: the graph never runs, so XDIT_DEBUG's shape verifier is skipped.
-    ctx = PassContext(plan=plan, mesh=MeshInfo.of(plan, 0, key="planner"),
-                      hints={**hints, "verify": False, "keep_graphs": False})
+    # Accounting only: the program never runs (no shape verifier, no printed graphs).
     try:
-        gm = run_passes(gm, build_passes(plan), ctx)
+        program = compile_graph(gm, plan, MeshInfo.of(plan, 0, key="planner"), facts, verify=False,
+                                keep_graphs=False)
+    except PassError as e:  # the passes refuse the plan for this model (heads, rows, stages...)
+        return str(e.cause).splitlines()[0][:200]
     except (ValueError, RuntimeError) as e:
-        msg = str(e).split(": ", 1)[-1] if "pass '" in str(e) else str(e)
-        return msg.splitlines()[0][:200]
-    w = account(gm, ctx)
-    w.stage_bytes = _stage_bytes(gm, ctx)
+        return str(e).splitlines()[0][:200]
+    w = account(program)
+    w.stage_bytes = _stage_bytes(program.graph, program.mesh.sp_rank)
     return w
 
 
@@ -302,9 +276,6 @@ class _MetaAutocast(torch.autocast):
 def _capture_for_accounting(model: torch.nn.Module, real: dict[str, Any]) -> fx.GraphModule:
     """Capture ``model`` at ``real`` inputs; a model on ``meta`` gets meta copies of them, and
     data-dependent sizes (valid text tokens from a mask) are probed on the real ones."""
-    from xdit_compile.compiler.capture import capture
-    from xdit_compile.compiler.specialize import find_data_dependence, specialize_graph
-
     meta = next(model.parameters()).device.type == "meta"
     inputs = _to_meta(real) if meta else real
     saved = torch.autocast
@@ -341,9 +312,6 @@ def workload(model: torch.nn.Module | Callable[..., torch.nn.Module], example_in
     a function ``overrides -> model`` (and ``example_inputs`` a function ``model -> inputs``),
     for configs built from scratch. Any other module is captured whole.
     """
-    from xdit_compile.passes.flops import node_flops
-    from xdit_compile.plan import config_heads
-
     build: Callable[[dict[str, int]], torch.nn.Module] | None = None
     if callable(model) and not isinstance(model, torch.nn.Module):
         build = model
@@ -367,10 +335,10 @@ def workload(model: torch.nn.Module | Callable[..., torch.nn.Module], example_in
     def inputs_for(m: torch.nn.Module) -> dict[str, Any]:
         return example_inputs(m) if callable(example_inputs) else example_inputs
 
-    def hints_for(m: torch.nn.Module) -> dict[str, Any]:
-        return {"channels": getattr(getattr(m, "config", None), "in_channels", None)}
+    def facts_for(m: torch.nn.Module) -> Facts:
+        return Facts(channels=getattr(getattr(m, "config", None), "in_channels", None))
 
-    graphs: list[tuple[fx.GraphModule, dict[str, Any]]] = []
+    graphs: list[tuple[fx.GraphModule, Facts]] = []
     coeffs: list[float] = []
     if build is not None and layers:
         # Base: every stack at min(n, 2) layers; per stack longer than 2, one more capture with
@@ -382,14 +350,14 @@ def workload(model: torch.nn.Module | Callable[..., torch.nn.Module], example_in
         for ov in variants:
             m = build(ov)
             gm = _capture_for_accounting(m, inputs_for(m))
-            graphs.append((gm, {**hints_for(m), "serial_flops": sum(node_flops(n) for n in gm.graph.nodes)}))
+            graphs.append((gm, facts_for(m)))
         # W(n) = W(base) + sum_k (n_k - 2) * (W(base) - W(base with k at 1))
         coeffs = [1.0 + sum(layers[k] - 2 for k in longer)] + [-float(layers[k] - 2) for k in longer]
         blocks = sum(layers.values())
     else:
         inp = inputs_for(probe)
         gm = _capture_for_accounting(probe, inp)
-        graphs.append((gm, {**hints_for(probe), "serial_flops": sum(node_flops(n) for n in gm.graph.nodes)}))
+        graphs.append((gm, facts_for(probe)))
         coeffs = [1.0]
         blocks = len({n.meta.get("xdit_block") for n in gm.graph.nodes} - {None}) or sum(layers.values()) or 1
     batch = _batch(graphs[0][0])
@@ -398,8 +366,6 @@ def workload(model: torch.nn.Module | Callable[..., torch.nn.Module], example_in
 
 def _batch(gm: fx.GraphModule) -> int:
     """The batch of the latent input of ``gm`` (1 where it cannot tell)."""
-    from xdit_compile.passes.seed import graph_latent
-
     node = graph_latent(gm)
     if node is not None and isinstance(node.meta.get("val"), torch.Tensor):
         return int(node.meta["val"].shape[0])
@@ -518,19 +484,11 @@ def format_table(ranked: list[Candidate], *, limit: int = 20, unit: str = "s") -
 
 # --------------------------------------------------------------------------- zoo models
 
-#: Pipeline facts the transformer's config does not state: the VAE's spatial and temporal
-#: compression (pixels -> latents), whether the pipeline runs classifier-free guidance as two
-#: batch halves (guidance-distilled models do not), and its default steps.
-_VAE_SPATIAL = {"sana": 32, "dit-xl-2": 8}
-_VAE_TEMPORAL = {"mochi": 6, "latte": 1}
-_NO_CFG = {"flux-dev", "flux-schnell", "hunyuan-video"}
-_STEPS = {"flux-dev": 28, "flux-schnell": 4, "sd3": 28, "sd3.5": 28, "pixart-sigma": 20, "pixart-alpha": 20,
-          "mochi": 64}
-
-
 def zoo_steps(name: str) -> int:
     """The pipeline's default denoising steps for zoo model ``name``."""
-    return _STEPS.get(name, 50)
+    from xdit_compile.models.zoo import get_entry
+
+    return get_entry(name).steps
 
 
 def zoo_workload(name: str, *, height: int | None = None, width: int | None = None, frames: int | None = None,
@@ -543,12 +501,11 @@ def zoo_workload(name: str, *, height: int | None = None, width: int | None = No
     from xdit_compile.models.zoo import get_entry
 
     entry = get_entry(name)
-    spatial = _VAE_SPATIAL.get(name, 8)
-    temporal = _VAE_TEMPORAL.get(name, 4)
+    spatial, temporal = entry.vae_spatial, entry.vae_temporal
     lat_h = height // spatial if height else None
     lat_w = width // spatial if width else None
     lat_f = ((frames - 1) // temporal + 1 if temporal > 1 else frames) if frames else None
-    cfg = name not in _NO_CFG
+    cfg = entry.cfg_in_batch
     base = entry.config(size)
 
     def build(overrides: dict[str, int]) -> torch.nn.Module:
@@ -576,8 +533,6 @@ def peak_activation_bytes(gm: fx.GraphModule, rank: int = 0) -> int:
     views share their base's storage and keep it alive, every other value lives from the node
     that makes it to its last use (the outputs to the end). Buffers inside opaque ops (the
     attention ops' packing, a collective's received buffer before it is cut) are not counted."""
-    from xdit_compile.analysis.report import local_fraction
-
     nodes = list(gm.graph.nodes)
     end_of_run = len(nodes)
     root: dict[fx.Node, fx.Node] = {}

@@ -9,17 +9,20 @@ placement per node.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.fx as fx
 
-from xdit_compile.compiler.driver import CollectiveSite, PassStat, ShardingBreak
+from xdit_compile.analysis.accounting import estimate_flops
+from xdit_compile.analysis.planner import peak_activation_bytes
+from xdit_compile.compiler.pipefusion import PipeInfo, parameter_bytes
+from xdit_compile.compiler.program import Program
+from xdit_compile.passes.context import CollectiveSite, PassStat, ShardingBreak
 from xdit_compile.passes.flops import node_flops
-from xdit_compile.placement import Shard
+from xdit_compile.runtime.displaced import DisplacedBuffer
 
-__all__ = ["Report", "build_report", "estimate_flops", "local_fraction"]
+__all__ = ["Report", "build_report", "program_report"]
 
 aten = torch.ops.aten
 
@@ -39,10 +42,10 @@ class Report:
     serial_flops: int
     graph: str = field(repr=False)
     graphs: dict[str, str] = field(repr=False, default_factory=dict)
-    pipefusion: Any = None
-    """PipeFusion's stages, patches, buffers and schedule (``PipeInfo``), if the plan has it."""
-    displaced: list[tuple[str, tuple[int, ...], int]] = field(default_factory=list)
-    """DistriFusion's displaced-K/V buffers on this rank: (layer, K shape, bytes of K and V)."""
+    pipefusion: PipeInfo | None = None
+    """PipeFusion's stages, patches, buffers and schedule, if the plan has it."""
+    displaced: list[DisplacedBuffer] = field(default_factory=list)
+    """DistriFusion's displaced-K/V buffers on this rank."""
     regions: list[tuple[str, str]] = field(default_factory=list)
     """For a model that could not be captured whole: (region, how it runs) for every region."""
     region_error: str = ""
@@ -104,10 +107,10 @@ class Report:
         if self.pipefusion is not None:
             out += self.pipefusion.summary()
         if self.displaced:
-            total = sum(b for _, _, b in self.displaced)
+            total = sum(b.nbytes for b in self.displaced)
             out.append(f"  DistriFusion displaced K/V buffers: {len(self.displaced)} layers, {total:,} bytes per CFG branch")
-            for layer, shape, nbytes in self.displaced:
-                out.append(f"      {layer:<40} K/V {list(shape)}  {nbytes:,} B")
+            for b in self.displaced:
+                out.append(f"      {b.layer:<40} K/V {list(b.shape)}  {b.nbytes:,} B")
         out.append(f"  parameters held by this rank: {self.param_bytes:,} bytes (distinct storages, measured)")
         if self.activation_bytes:
             out.append(f"  peak activation bytes on this rank: {self.activation_bytes:,} (graph values alive at "
@@ -130,88 +133,50 @@ def _op_delta(before: dict[str, int], after: dict[str, int]) -> str:
     return ", ".join(parts[:8]) + (" ..." if len(parts) > 8 else "")
 
 
-def local_fraction(node: fx.Node, rank: int) -> float:
-    """The share of ``node``'s (global) value that ``rank`` holds under its placement (for
-    parallel attention, of its work: ``meta["xdit_work"]``, set for the graph's own rank)."""
-    if "xdit_work" in node.meta:
-        return float(node.meta["xdit_work"])
-    p = node.meta.get("xdit_placement")
-    if isinstance(p, tuple) and p:  # several outputs (flex attention: its output first)
-        p = p[0]
-    if isinstance(p, Shard):
-        return p.local_size(rank) / p.total
-    return 1.0
-
-
-def estimate_flops(gm: fx.GraphModule, rank: int) -> tuple[int, int]:
-    """(FLOPs on ``rank``, serial FLOPs) estimated from global shapes and placements."""
-    local = serial = 0
-    for node in gm.graph.nodes:
-        f = node_flops(node)
-        serial += f
-        local += int(f * local_fraction(node, rank))
-    return local, serial
-
-
 def build_report(pm: Any) -> Report:
     """Report for ``pm`` (a ParallelModule) on its last compiled input signature."""
     if pm.regions is not None:
         return _region_report(pm)
-    entry = pm.last
-    if entry is None:
+    program = pm.last
+    if program is None:
         raise RuntimeError("nothing compiled yet: call the module (or pm.prepare(**inputs)) first")
-    from xdit_compile.analysis.planner import peak_activation_bytes
-    from xdit_compile.compiler.pipefusion import parameter_bytes
+    return program_report(program, model=type(pm.model).__name__, plan=str(pm.plan),
+                          param_bytes=parameter_bytes(pm.pipeline_modules()),
+                          state_changes=list(pm.state_changes))
 
-    ctx = entry.ctx
-    flops, serial = estimate_flops(entry.gm, ctx.mesh.sp_rank)
-    serial = ctx.hints.get("serial_flops", serial)  # before the CFG / data-parallel rounds
-    info = ctx.hints.get("pipefusion")
-    if info is not None:  # this rank's stage of every patch (local shapes)
-        progs = entry.runner.main.programs
-        flops = sum(node_flops(n) for p in progs for n in p.gm.graph.nodes)
-        serial = ctx.hints.get("serial_flops", serial)
-    params = parameter_bytes(pm.pipeline_modules())
+
+def program_report(program: Program, *, model: str, plan: str, param_bytes: int,
+                   state_changes: list[str] | None = None) -> Report:
+    """The report of one :class:`~xdit_compile.compiler.program.Program`."""
+    mesh = program.mesh
+    if program.pipefusion is not None:  # this rank's stage of every patch (local shapes)
+        flops = sum(node_flops(n) for g in program.pieces for n in g.graph.nodes)
+    else:
+        flops, _ = estimate_flops(program.graph, mesh.sp_rank)
     return Report(
-        model=type(pm.model).__name__,
-        plan=str(pm.plan),
-        mesh=pm.plan.degrees(),
-        rank=ctx.mesh.rank,
-        seed=dict(ctx.seed),
-        passes=list(ctx.stats),
-        collectives=list(ctx.collectives),
-        breaks=list(ctx.breaks),
-        param_bytes=params,
+        model=model,
+        plan=plan,
+        mesh=program.plan.degrees(),
+        rank=mesh.rank,
+        seed=program.seed.as_dict() if program.seed is not None else {},
+        passes=list(program.trace),
+        collectives=list(program.collectives),
+        breaks=list(program.breaks),
+        param_bytes=param_bytes,
         flops=flops,
-        serial_flops=serial,
-        graph=ctx.graphs.get(list(ctx.graphs)[-1], ""),
-        graphs=dict(ctx.graphs),
-        pipefusion=info,
-        displaced=_distrifusion_buffers(entry.gm),
-        activation_bytes=0 if info is not None else peak_activation_bytes(entry.gm, ctx.mesh.sp_rank),
-        state_changes=list(pm.state_changes),
+        serial_flops=program.serial_flops,
+        graph=program.graphs.get(list(program.graphs)[-1], "") if program.graphs else "",
+        graphs=dict(program.graphs),
+        pipefusion=program.pipefusion,
+        displaced=list(program.displaced),
+        activation_bytes=0 if program.pipefusion is not None else peak_activation_bytes(program.graph, mesh.sp_rank),
+        state_changes=list(state_changes or []),
     )
-
-
-def _distrifusion_buffers(gm: fx.GraphModule) -> list[tuple[str, tuple[int, ...], int]]:
-    out = []
-    for n in gm.graph.nodes:
-        if n.target is torch.ops.xdit.distrifusion_attention.default:
-            k, v, split = n.args[1].meta["val"], n.args[2].meta["val"], n.args[8]
-            shape = (*k.shape[:-2], sum(split), k.shape[-1])
-            numel = torch.Size(shape).numel()
-            out.append((str(n.args[6]), tuple(int(x) for x in shape),
-                        int(numel * k.element_size() * (1 + v.shape[-1] / k.shape[-1]))))
-    return out
 
 
 def _region_report(pm: Any) -> Report:
     """A model run in regions: every region's breaks, collectives and FLOPs added up (a region
     that runs eagerly counts as replicated with the FLOPs of its captured graph, if any)."""
-    from dataclasses import replace as dc_replace
-
-    from xdit_compile.compiler.pipefusion import parameter_bytes
-
     regions: list[tuple[str, str]] = []
     breaks: list[ShardingBreak] = []
     collectives: list[CollectiveSite] = []
@@ -227,13 +192,12 @@ def _region_report(pm: Any) -> Report:
         elif entry is None:
             how = "not called yet"
         else:
-            n = len(entry.ctx.breaks)
+            n = len(entry.breaks)
             how = f"one graph, {n} sharding break{'s' if n != 1 else ''}"
-            local, ser = estimate_flops(entry.gm, entry.ctx.mesh.sp_rank)
-            ser = entry.ctx.hints.get("serial_flops", ser)
-            flops, serial = flops + local, serial + ser
-            breaks += [dc_replace(b, node=f"{r.region}/{b.node}") for b in entry.ctx.breaks]
-            collectives += [dc_replace(c, node=f"{r.region}/{c.node}") for c in entry.ctx.collectives]
+            local, _ = estimate_flops(entry.graph, entry.mesh.sp_rank)
+            flops, serial = flops + local, serial + entry.serial_flops
+            breaks += [replace(b, node=f"{r.region}/{b.node}") for b in entry.breaks]
+            collectives += [replace(c, node=f"{r.region}/{c.node}") for c in entry.collectives]
         regions.append((str(r.region), how))
     return Report(
         model=type(pm.model).__name__, plan=str(pm.plan), mesh=pm.plan.degrees(), rank=pm.mesh.info.rank,

@@ -14,18 +14,65 @@ import contextlib
 import logging
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import DataDependentOutputException
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-__all__ = ["CaptureError", "capture"]
+__all__ = ["CaptureAttempt", "CaptureError", "capture"]
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class CaptureAttempt:
+    """One way of capturing that failed: the export mode, the error and where in the model."""
+
+    mode: str
+    error: str
+    """The exception's type name."""
+    summary: str
+    """Its message's first line."""
+    location: str
+    """The model's source line (file:line in function: code) the error came from."""
+
+    def __str__(self) -> str:
+        return f"{self.mode} export: {self.error}: {self.summary}"
+
+
 class CaptureError(RuntimeError):
-    """The model could not be captured as one graph; the message names the op and line."""
+    """The model could not be captured as one graph: every attempt, with the op and line, and
+    what to do about it (``hint``)."""
+
+    def __init__(self, model: str, attempts: list[CaptureAttempt], hint: str) -> None:
+        self.model, self.attempts, self.hint = model, list(attempts), hint
+        lines = [f"  {a}\n    at {a.location}" for a in self.attempts]
+        super().__init__(f"could not capture {model} as one graph:\n" + "\n".join(lines) + "\n" + hint)
+
+    @property
+    def reason(self) -> str:
+        """The first attempt's error, in one line (what a region report shows)."""
+        return str(self.attempts[0]) if self.attempts else self.hint
+
+    def with_hint(self, more: str) -> CaptureError:
+        """The same error with ``more`` added to its hint."""
+        return CaptureError(self.model, self.attempts, f"{self.hint}\n{more}")
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it wraps) is a guard on a data-dependent value."""
+    kinds = (GuardOnDataDependentSymNode, DataDependentOutputException)
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, kinds):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -101,7 +148,7 @@ def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     it was), the model runs once eagerly to fill its caches with real tensors, and the capture is
     tried again; a forward that stores tensors on every call is refused, naming them.
     """
-    errors: list[str] = []
+    errors: list[CaptureAttempt] = []
     stored: list[str] = []
     data_dependent = False
     for attempt in ("non-strict", "after an eager call that fills the model's caches", "strict"):
@@ -128,10 +175,10 @@ def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                 logger.info("captured %s %s", type(model).__name__, how)
             return gm
         except Exception as e:  # noqa: BLE001  (export raises many kinds; we report them all)
-            data_dependent = data_dependent or "DataDependent" in type(e).__name__ or "data-dependent" in str(e)
-            errors.append(f"  {attempt} export: {type(e).__name__}: {_summary(e)}\n    at {_user_frame(e)}")
+            data_dependent = data_dependent or _data_dependent(e)
+            errors.append(CaptureAttempt(attempt, type(e).__name__, _summary(e), _user_frame(e)))
             logger.debug("%s export failed", attempt, exc_info=True)
-    hint = ("\nThe forward stores tensors on the model (" + ", ".join(stored[:5]) + ") on every call: "
+    hint = ("The forward stores tensors on the model (" + ", ".join(stored[:5]) + ") on every call: "
             "compute them in __init__ (register a buffer there), or pass them as inputs."
-            if stored else "\nRemove data-dependent Python control flow at that line, or report the op.")
-    raise CaptureError(f"could not capture {type(model).__name__} as one graph:\n" + "\n".join(errors) + hint)
+            if stored else "Remove data-dependent Python control flow at that line, or report the op.")
+    raise CaptureError(type(model).__name__, errors, hint)

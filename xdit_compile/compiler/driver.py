@@ -14,120 +14,33 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
 
-from xdit_compile.plan import OPTIONAL_PASSES, Plan
-from xdit_compile.runtime.mesh import MeshInfo
+from xdit_compile.passes.context import Pass, PassContext, PassFn, PassResult, PassStat
+from xdit_compile.passes.flops import node_flops
+from xdit_compile.passes.verify import verify_local_shapes
+from xdit_compile.placement import fmt
 
-__all__ = [
-    "OPTIONAL_PASSES",
-    "PassContext",
-    "PassResult",
-    "PassStat",
-    "ShardingBreak",
-    "CollectiveSite",
-    "run_passes",
-    "op_histogram",
-]
+__all__ = ["PassError", "op_histogram", "run_passes"]
 
 logger = logging.getLogger(__name__)
 
-#: Passes a plan may skip by name (the others are needed for a correct result).
+
+class PassError(RuntimeError):
+    """A pass failed: which one, the passes that ran before it, and the error it raised
+    (``cause``, also ``__cause__``). Callers decide by the cause's type, never by the message."""
+
+    def __init__(self, name: str, ran_before: list[str], cause: BaseException) -> None:
+        self.pass_name, self.ran_before, self.cause = name, list(ran_before), cause
+        ran = ", ".join(ran_before) or "none"
+        super().__init__(f"xdit_compile pass '{name}' failed (passes run before it: {ran}): {cause}")
 
 
-@dataclass(frozen=True, slots=True)
-class PassResult:
-    graph_module: fx.GraphModule
-    modified: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ShardingBreak:
-    """An op that could not keep its inputs sharded: they were gathered (correct, slower)."""
-
-    node: str
-    op: str
-    reason: str
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class CollectiveSite:
-    """A collective in the rewritten graph, with its static cost for this rank."""
-
-    node: str
-    op: str
-    axis: str
-    calls: int
-    bytes_per_forward: int
-    what: str
-    graph_level: bool = False
-    """A collective the graph itself runs (counted per forward by the module), as opposed to
-    one inside an op that counts itself when it runs (attention, halo exchange)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PassStat:
-    name: str
-    modified: bool
-    nodes_before: int
-    nodes_after: int
-    ops_before: dict[str, int]
-    ops_after: dict[str, int]
-    seconds: float
-
-
-@dataclass(kw_only=True)
-class PassContext:
-    """Everything passes share: the plan, the mesh (as data) and what passes record."""
-
-    plan: Plan
-    mesh: MeshInfo
-    example_inputs: dict[str, Any] = field(default_factory=dict)
-    """Flat input name -> example value, in placeholder order."""
-    group_names: dict[str, str] = field(default_factory=dict)
-    """Mesh axis -> process group name (what functional collectives in the graph refer to)."""
-    hints: dict[str, Any] = field(default_factory=dict)
-    """Generic facts about the model the graph cannot show, e.g. ``channels`` (the config's
-    ``in_channels``, which tells ``[B,C,F,H,W]`` from ``[B,F,C,H,W]``)."""
-    seed: dict[str, Any] = field(default_factory=dict)
-    """What the seed pass chose: input name, dim, granularity, split."""
-    breaks: list[ShardingBreak] = field(default_factory=list)
-    collectives: list[CollectiveSite] = field(default_factory=list)
-    stats: list[PassStat] = field(default_factory=list)
-    graphs: dict[str, str] = field(default_factory=dict)
-    """Pass name -> printed graph after that pass (``capture`` is the input)."""
-    axis: str = "sp"
-    """The mesh axis the sharding passes work on now: "sp" (the sequence axes), "cfg" / "dp"
-    (the batch), each propagated in a round of its own, or a virtual axis (``virtual``)."""
-    virtual: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """Virtual axes: name -> (degree, this graph's index), e.g. PipeFusion's ``patch`` axis
-    (M patches computed one after another on the same ranks; one graph per patch)."""
-
-    @property
-    def degree(self) -> int:
-        if self.axis in self.virtual:
-            return self.virtual[self.axis][0]
-        return self.mesh.degree(self.axis)
-
-    @property
-    def axis_rank(self) -> int:
-        if self.axis in self.virtual:
-            return self.virtual[self.axis][1]
-        return self.mesh.axis_rank(self.axis)
-
-    @property
-    def group(self) -> str:
-        """Process group name of the current axis (what graph-level collectives use)."""
-        return self.group_names.get(self.axis, self.axis)
-
-
-PassFn = Callable[[fx.GraphModule, PassContext], PassResult]
+class PassValueError(PassError, ValueError):
+    """A pass refused a plan or input the model cannot take (its cause is a ``ValueError``)."""
 
 
 def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
@@ -145,62 +58,64 @@ def _op_name(target: object) -> str:
     return name
 
 
-def _verify(gm: fx.GraphModule, ctx: PassContext, name: str) -> None:
-    from xdit_compile.passes.verify import verify_local_shapes
-
-    verify_local_shapes(gm, ctx, after=name)
-
-
 def run_passes(
-    gm: fx.GraphModule, passes: list[tuple[str, PassFn]], ctx: PassContext
+    gm: fx.GraphModule, passes: Sequence[Pass | tuple[str, PassFn]], ctx: PassContext, *,
+    verify: bool = True, keep_graphs: bool = True,
 ) -> fx.GraphModule:
-    """Run ``passes`` in order on ``gm``; returns the final GraphModule."""
-    from xdit_compile.passes.flops import node_flops
+    """Run ``passes`` in order on ``gm``; returns the final GraphModule.
 
+    Before each pass the driver sets ``ctx.axis`` to the pass's axis; after it, nodes the pass
+    created are stamped ``meta["xdit_pass"]`` with its name (unless the pass named them more
+    precisely). ``verify=False`` skips ``XDIT_DEBUG``'s shape verifier (graphs that never run:
+    the planner's); ``keep_graphs=False`` keeps no printed graphs.
+    """
+    specs = [p if isinstance(p, Pass) else Pass(*p) for p in passes]
     mode = os.environ.get("XDIT_DEBUG", "")
-    debug = mode not in ("", "0") and ctx.hints.get("verify", True)
-    last = passes[-1][0] if passes else None
-    # The serial model's FLOPs, before any round cuts the batch or the sequence (what a rank's
-    # share is reported against).
-    ctx.hints.setdefault("serial_flops", sum(node_flops(n) for n in gm.graph.nodes))
-    keep = ctx.hints.get("keep_graphs", True)  # the planner's rewrites need no text of them
-    if keep:
+    debug = mode not in ("", "0") and verify
+    last = specs[-1].name if specs else None
+    if ctx.serial_flops is None:  # before any round cuts the batch or the sequence
+        ctx.serial_flops = sum(node_flops(n) for n in gm.graph.nodes)
+    if keep_graphs:
         ctx.graphs["capture"] = gm.print_readable(print_output=False)
     done: list[str] = []
-    for name, fn in passes:
-        before_n, before_ops = len(gm.graph.nodes), op_histogram(gm)
-        t0 = time.perf_counter()
-        try:
-            res = fn(gm, ctx)
-            if not isinstance(res, PassResult):
-                raise TypeError(f"pass returned {type(res).__name__}, expected PassResult")
-            gm = res.graph_module
-            gm.graph.lint()
-            gm.recompile()
-            if debug and (mode != "final" or name == last):
-                _verify(gm, ctx, name)
-        except Exception as e:
-            ran = ", ".join(done) or "none"
-            msg = f"xdit_compile pass '{name}' failed (passes run before it: {ran}): {e}"
-            if isinstance(e, ValueError):  # a plan/input the model cannot take: keep the type
-                raise type(e)(msg) from e
-            raise RuntimeError(msg) from e
-        dt = time.perf_counter() - t0
-        ctx.stats.append(
-            PassStat(name, res.modified, before_n, len(gm.graph.nodes), before_ops, op_histogram(gm), dt)
-        )
-        if keep:
-            ctx.graphs[name] = _readable(gm)
+    for spec in specs:
+        gm, res, before_n, before_ops, dt = _run_one(gm, spec, ctx, done, debug and (mode != "final" or spec.name == last))
+        ctx.stats.append(PassStat(spec.name, res.modified, before_n, len(gm.graph.nodes), before_ops,
+                                  op_histogram(gm), dt))
+        if keep_graphs:
+            ctx.graphs[spec.name] = _readable(gm)
         if res.modified:
-            logger.info("pass %s: %d -> %d nodes (%.2fs)", name, before_n, len(gm.graph.nodes), dt)
-        done.append(name)
+            logger.info("pass %s: %d -> %d nodes (%.2fs)", spec.name, before_n, len(gm.graph.nodes), dt)
+        done.append(spec.name)
     return gm
+
+
+def _run_one(gm: fx.GraphModule, spec: Pass, ctx: PassContext, done: list[str],
+             verify: bool) -> tuple[fx.GraphModule, PassResult, int, dict[str, int], float]:
+    before_n, before_ops = len(gm.graph.nodes), op_histogram(gm)
+    old = set(gm.graph.nodes)
+    t0 = time.perf_counter()
+    ctx.axis = spec.axis
+    try:
+        res = spec.fn(gm, ctx)
+        if not isinstance(res, PassResult):
+            raise TypeError(f"pass returned {type(res).__name__}, expected PassResult")
+        gm = res.graph_module
+        for n in gm.graph.nodes:
+            if n not in old:
+                n.meta.setdefault("xdit_pass", spec.name)
+        gm.graph.lint()
+        gm.recompile()
+        if verify:
+            verify_local_shapes(gm, ctx, after=spec.name)
+    except Exception as e:
+        cls = PassValueError if isinstance(e, ValueError) else PassError
+        raise cls(spec.name, done, e) from e
+    return gm, res, before_n, before_ops, time.perf_counter() - t0
 
 
 def _readable(gm: fx.GraphModule) -> str:
     """The graph's code with each node's placement and the pass that created it."""
-    from xdit_compile.placement import fmt
-
     lines = []
     for n in gm.graph.nodes:
         tags = []

@@ -20,7 +20,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from xdit_compile.compiler.driver import CollectiveSite, PassContext, PassFn, run_passes
+from xdit_compile.compiler.driver import run_passes
+from xdit_compile.passes.context import CollectiveSite, Pass, PassContext, SeedChoice
 from xdit_compile.passes.flops import block_flops, node_flops
 from xdit_compile.passes.stages import (
     Piece,
@@ -33,12 +34,12 @@ from xdit_compile.passes.stages import (
 )
 from xdit_compile.placement import Shard
 from xdit_compile.plan import Plan
-from xdit_compile.runtime.displaced import DisplacedState
+from xdit_compile.runtime.displaced import DisplacedBuffer, DisplacedState, displaced_buffer
 from xdit_compile.runtime.mesh import ParallelMesh
 from xdit_compile.runtime.pipefusion import PatchProgram, PipeRunner, Variant
 from xdit_compile.runtime.schedule import grid, pipefusion_schedule, speedup_bound
 
-__all__ = ["PipeInfo", "compile_pipefusion", "parameter_bytes", "release_parameters", "stage_cut"]
+__all__ = ["PipeFusionBuild", "PipeInfo", "compile_pipefusion", "parameter_bytes", "release_parameters", "stage_cut"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ class PipeInfo:
     stage: int
     cut: StageCut
     stage_param_bytes: list[int]
-    patch_seed: dict[str, Any]
-    buffers: list[tuple[str, tuple[int, ...], int]] = field(default_factory=list)
-    """This rank's displaced-K/V buffers per CFG branch: (layer, K shape, bytes of K and V)."""
+    patch_seed: SeedChoice
+    buffers: list[DisplacedBuffer] = field(default_factory=list)
+    """This rank's displaced-K/V buffers per CFG branch."""
     sends_per_step: int = 0
     """Bytes this rank sends to the next stage per step (all patches)."""
     schedule: str = ""
@@ -68,16 +69,16 @@ class PipeInfo:
         out = [f"  PipeFusion: {self.stages} stages x {self.patches} patches (this rank: stage {self.stage}); "
                f"best speedup N*M/(M+N-1) = {self.bound:.2f}"]
         seed = self.patch_seed
-        out.append(f"    patches: input '{seed['input']}' dim {seed['dim']} in units of {seed['patch']}: "
-                   f"{list(seed['split'])}")
+        out.append(f"    patches: input '{seed.input}' dim {seed.dim} in units of {seed.patch}: "
+                   f"{list(seed.split)}")
         for s in range(self.stages):
             blocks = self.cut.stage_blocks(s)
             out.append(f"    stage {s}: {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]}), "
                        f"{self.stage_param_bytes[s]:,} parameter bytes")
-        total = sum(b for _, _, b in self.buffers)
+        total = sum(b.nbytes for b in self.buffers)
         out.append(f"    displaced K/V buffers on this rank: {len(self.buffers)} layers, {total:,} bytes per CFG branch")
-        for layer, shape, nbytes in self.buffers:
-            out.append(f"      {layer:<40} K/V {list(shape)}  {nbytes:,} B")
+        for b in self.buffers:
+            out.append(f"      {b.layer:<40} K/V {list(b.shape)}  {b.nbytes:,} B")
         out.append(f"    sends to the next stage per step: {self.sends_per_step:,} bytes")
         out.append("    schedule of a step (time slot x stage, patch run):")
         out += ["      " + ln for ln in self.schedule.splitlines()]
@@ -106,8 +107,10 @@ def stage_cut(gm: fx.GraphModule, plan: Plan) -> StageCut:
 
 
 def _child(ctx: PassContext, m: int, j: int) -> PassContext:
+    """Patch ``j`` of ``m``'s context: what the common passes recorded, copied."""
     return replace(ctx, virtual={"patch": (m, j)}, breaks=list(ctx.breaks), collectives=list(ctx.collectives),
-                   stats=list(ctx.stats), graphs=dict(ctx.graphs), hints=dict(ctx.hints), axis="sp")
+                   stats=list(ctx.stats), graphs=dict(ctx.graphs), batch_seeds=dict(ctx.batch_seeds),
+                   patch_outputs=dict(ctx.patch_outputs), axis="sp")
 
 
 def _program(piece: Piece, ctx: PassContext) -> PatchProgram:
@@ -119,7 +122,7 @@ def _program(piece: Piece, ctx: PassContext) -> PatchProgram:
 
 
 def _outputs(g: fx.GraphModule, ctx: PassContext) -> tuple[list[Shard | None], list[Any]]:
-    placements: dict[str, Shard] = ctx.hints.get("patch_outputs", {})
+    placements = ctx.patch_outputs
     outs: list[Shard | None] = []
     shapes: list[tuple[torch.Size, torch.dtype] | None] = []
     for leaf in pytree.tree_leaves(g.graph.output_node().args[0]):
@@ -136,12 +139,12 @@ def _outputs(g: fx.GraphModule, ctx: PassContext) -> tuple[list[Shard | None], l
     return outs, shapes
 
 
-def _variant(base: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, PassFn]], cut: StageCut,
-             stage: int, m: int) -> tuple[Variant, list[fx.GraphModule], PassContext]:
+def _variant(base: fx.GraphModule, ctx: PassContext, passes: list[Pass], cut: StageCut,
+             stage: int, m: int, verify: bool) -> tuple[Variant, list[fx.GraphModule], PassContext]:
     programs, graphs, names, first_ctx = [], [], [], None
     for j in range(m):
         cj = _child(ctx, m, j)
-        g = run_passes(copy_graph_module(base), passes, cj)
+        g = run_passes(copy_graph_module(base), passes, cj, verify=verify)
         piece = extract_piece(g, cut, stage)
         programs.append(_program(piece, cj))
         graphs.append(g)
@@ -155,24 +158,34 @@ def _variant(base: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, Pas
     return Variant(m, prologue, pro_args, names, programs, placements, shapes), graphs, first_ctx
 
 
-def compile_pipefusion(gm: fx.GraphModule, ctx: PassContext, common: list[tuple[str, PassFn]],
-                       patch_passes: list[tuple[str, PassFn]], cut: StageCut | None, mesh: ParallelMesh | None,
-                       state: DisplacedState) -> tuple[fx.GraphModule, PassContext, PipeRunner, StageCut]:
-    """Compile ``gm`` for ``ctx.plan``'s PipeFusion; returns the main variant's first patch graph
-    (for reports), its context, the runner and the stage cut."""
+@dataclass(frozen=True, slots=True)
+class PipeFusionBuild:
+    """What :func:`compile_pipefusion` built: the main variant's first patch graph and its
+    context (for the program's report), the runner, the stage cut and what ``explain`` shows."""
+
+    graph: fx.GraphModule
+    ctx: PassContext
+    runner: PipeRunner
+    cut: StageCut
+    info: PipeInfo
+
+
+def compile_pipefusion(gm: fx.GraphModule, ctx: PassContext, common: list[Pass], patch_passes: list[Pass],
+                       cut: StageCut | None, mesh: ParallelMesh | None, state: DisplacedState, *,
+                       verify: bool = True) -> PipeFusionBuild:
+    """Compile ``gm`` for ``ctx.plan``'s PipeFusion."""
     plan = ctx.plan
     in_spec, out_spec = getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)
-    ctx.hints["serial_flops"] = sum(node_flops(n) for n in gm.graph.nodes)
-    base = run_passes(gm, common, ctx)
+    ctx.serial_flops = sum(node_flops(n) for n in gm.graph.nodes)
+    base = run_passes(gm, common, ctx, verify=verify)
     cut = cut or stage_cut(base, plan)
     stage, n = ctx.mesh.pipefusion_rank, plan.pipefusion
-    warm, _, _ = _variant(base, ctx, patch_passes, cut, stage, 1)
-    main, graphs, cj = _variant(base, ctx, patch_passes, cut, stage, plan.displaced_patches)
+    warm, _, _ = _variant(base, ctx, patch_passes, cut, stage, 1, verify)
+    main, graphs, cj = _variant(base, ctx, patch_passes, cut, stage, plan.displaced_patches, verify)
     runner = PipeRunner(warm, main, state, mesh, stage, n, in_spec, out_spec)
     info = _info(graphs[0], cj, cut, stage, main)
-    cj.hints["pipefusion"] = info
     cj.collectives = _step_collectives(main, info)
-    return graphs[0], cj, runner, cut
+    return PipeFusionBuild(graphs[0], cj, runner, cut, info)
 
 
 def _step_collectives(main: Variant, info: PipeInfo) -> list[CollectiveSite]:
@@ -204,21 +217,15 @@ def _info(g: fx.GraphModule, ctx: PassContext, cut: StageCut, stage: int, main: 
     for s in range(n):
         piece = extract_piece(g, cut, s)
         params.append(sum(t.numel() * t.element_size() for t in _tensors(piece.gm)))
-    buffers = []
-    for node in main.programs[0].gm.graph.nodes:
-        if node.target is torch.ops.xdit.pipefusion_attention.default:
-            k, v = node.args[1].meta["val"], node.args[2].meta["val"]
-            split, head, tail = node.args[7], node.args[9], node.args[10]
-            shape = (*k.shape[:-2], head + sum(split) + tail, k.shape[-1])
-            nbytes = int(torch.Size(shape).numel()) * k.element_size() * (1 + v.shape[-1] / k.shape[-1])
-            buffers.append((str(node.args[6]), tuple(int(x) for x in shape), int(nbytes)))
+    buffers = [b for node in main.programs[0].gm.graph.nodes if (b := displaced_buffer(node)) is not None]
     sends = 0
     if stage < n - 1:
         for prog in main.programs:
             for a in prog.gm.graph.output_node().args[0]:  # type: ignore[union-attr]
                 val = a.meta.get("val") if isinstance(a, fx.Node) else None
                 sends += val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
-    return PipeInfo(n, m, stage, cut, params, dict(ctx.hints.get("patch_seed", {})), buffers, sends,
+    assert ctx.patch_seed is not None  # the patch round's seed pass always cuts
+    return PipeInfo(n, m, stage, cut, params, ctx.patch_seed, buffers, sends,
                     grid(pipefusion_schedule(n, m)), grid(pipefusion_schedule(n, 1)))
 
 

@@ -34,7 +34,7 @@ from torch.nn.modules import module as _nn_module
 
 from xdit_compile.compiler.watch import version, watch_module
 
-__all__ = ["Fingerprint", "Snapshot", "StateWatch", "diffusers_hooks", "fingerprint"]
+__all__ = ["Fingerprint", "Snapshot", "StateNow", "StateTracker", "StateWatch", "diffusers_hooks", "fingerprint"]
 
 #: Standard ``nn.Module`` attributes a forward under ``no_grad`` never reads: backward and
 #: state-dict hooks, and the flags kept beside the forward-hook dicts (same keys as those).
@@ -349,3 +349,73 @@ def diffusers_hooks(root: torch.nn.Module) -> list[str]:
         if hooks:
             out.append(f"{name or '<root>'}: {', '.join(hooks)}")
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class StateNow:
+    """The model's state at a call: its id, whether it differs from the last call's, and the
+    ids of earlier states dropped because the model no longer holds their tensors."""
+
+    id: int
+    changed: bool = False
+    dropped: frozenset[int] = frozenset()
+
+
+class StateTracker:
+    """Which Python-side state a model is in, as a small id per distinct state seen.
+
+    Each call costs a few comparisons per module while nothing changed (the mutation counter,
+    :meth:`StateWatch.quick`); when the counter moved, the whole snapshot is compared; when the
+    state really changed, its fingerprint finds an earlier state again (its programs are reused)
+    or makes a new id. States holding tensors the model no longer has (replaced weights) are
+    dropped: their programs keep the old tensors alive and can never be valid again.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.watch: StateWatch | None = None
+        """Snapshot of the state after the last compile or state change."""
+        self.states: dict[Fingerprint, int] = {}
+        self.current = -1
+        self.recheck = False
+        """Compare the whole snapshot at the next call (a new request)."""
+        self.changes: list[str] = []
+        """What changed each time the state changed after the first call."""
+
+    def now(self) -> StateNow:
+        """The current state (refused, with the fix, when the model carries diffusers hooks)."""
+        w = self.watch
+        if w is not None and not self.recheck and w.quick():
+            return StateNow(self.current)
+        self.recheck = False
+        if w is not None and w.matches():  # the mutation counter moved, the state did not
+            return StateNow(self.current)
+        fp = fingerprint(self.model)
+        changed, dropped = False, frozenset[int]()
+        if self.states and fp not in self.states:
+            old = next(f for f, i in self.states.items() if i == self.current)
+            self.changes.append("; ".join(fp.diff(old) or ["module state"]))
+            changed, dropped = True, self._drop_stale(fp)
+        hooks = diffusers_hooks(self.model)
+        if hooks:
+            raise ValueError(
+                f"{type(self.model).__name__} carries diffusers hooks ({'; '.join(hooks[:3])}): they decide "
+                f"in Python at every call, which a compiled graph cannot; remove them (e.g. "
+                f"model.disable_cache()) before calling the parallel model")
+        if fp not in self.states:
+            self.states[fp] = max(self.states.values(), default=-1) + 1
+        elif self.states[fp] != self.current:
+            self.changes.append(f"back to state {self.states[fp]} (its graphs are reused)")
+        self.current = self.states[fp]
+        self.rewatch()
+        return StateNow(self.current, changed, dropped)
+
+    def rewatch(self) -> None:
+        """Take the snapshot again (after a compile: what capture and compile left)."""
+        self.watch = StateWatch.of(self.model)
+
+    def _drop_stale(self, current: Fingerprint) -> frozenset[int]:
+        alive = {id(t) for t in current.tensors}
+        dead = frozenset(i for f, i in self.states.items() if not f.holds_only(alive))
+        self.states = {f: i for f, i in self.states.items() if i not in dead}
+        return dead

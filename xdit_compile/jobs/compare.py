@@ -128,7 +128,7 @@ def compare_zoo_model(
         comm={k: {"calls": v["calls"] // iters, "bytes": v["bytes"] // iters}
               for k, v in stats.as_dict().items()},
         breaks=[f"{b.op} at {b.source}: {b.reason}" for b in _breaks(pm, entry)],
-        seed={k: v for k, v in entry.ctx.seed.items() if k != "shape"} if entry is not None else {},
+        seed={k: v for k, v in (entry.seed.as_dict() if entry.seed else {}).items() if k != "shape"} if entry is not None else {},
         flops_share=_flops_share(pm),
         regions=len(pm.all_regions()) if pm.regions is not None else 0,
         region_error=pm.region_error,
@@ -137,7 +137,7 @@ def compare_zoo_model(
 
 def _breaks(pm: Any, entry: Any) -> list[Any]:
     if entry is not None:
-        return list(entry.ctx.breaks)
+        return list(entry.breaks)
     from xdit_compile.analysis.report import build_report
 
     return build_report(pm).breaks
