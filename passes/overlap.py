@@ -24,6 +24,7 @@ from dataclasses import replace
 import torch.fx as fx
 
 from xdit_compile.passes.context import PassContext, PassResult
+from xdit_compile.runtime.opargs import op_args
 from xdit_compile.runtime.reshard import SPLIT, gather_shard
 
 __all__ = ["overlap_collectives_pass"]
@@ -39,7 +40,7 @@ def overlap_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult
         if node.op != "call_function" or node.target not in SPLIT or node.kwargs or not node.users:
             continue
         start_fn, finish_fn, k, full = SPLIT[node.target]
-        if node.target is gather_shard and any(node.args[6:8]):
+        if node.target is gather_shard and (op_args(node)["head"] or op_args(node)["tail"]):
             continue  # text rows around the body: two gathers in one call, kept as it is
         deps = [a for a in node.args[:k] if isinstance(a, fx.Node)]
         anchor = max(deps, key=order.__getitem__)

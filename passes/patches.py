@@ -115,7 +115,7 @@ def _pipefusion_rule(node: fx.Node, rc: RuleCtx) -> Decision:
     the patch round): Q/K/V cut alike on the row dim, text rows whole; the output keeps the cut."""
     q, k, v, mask = node.args[:4]
     pq = rc.spec(q)
-    nd = len(rc.shape(q))  # type: ignore[arg-type]
+    nd = len(rc.shape(q))
     if not isinstance(pq, Shard) or pq.dim != nd - 2 or pq.outer != 1 or pq.inner != 1 or pq.text:
         raise Break("displaced attention with a sharded head or feature dim")
     wants: dict[fx.Node, Placement] = {}
@@ -141,9 +141,11 @@ def ulysses_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassRe
         split = node.meta.pop("xdit_patch_sp", None)
         if node.target is not torch.ops.xdit.pipefusion_attention.default or split is None:
             continue
-        node.args = (*node.args[:12], ctx.mesh.key, list(split), ctx.mesh.ulysses_rank)
+        node.kwargs = {**node.kwargs, "mesh_key": ctx.mesh.key, "sp_split": list(split),
+                       "sp_rank": ctx.mesh.ulysses_rank}
         node.meta["xdit_pass"] = "ulysses_patch_attention"
-        q, v = node.args[0].meta["val"], node.args[2].meta["val"]  # type: ignore[union-attr]
+        a = op_args(node)
+        q, v = a["q"].meta["val"], a["v"].meta["val"]
         local = list(q.shape)
         local[-2] = split[ctx.mesh.ulysses_rank]
         for (op, axis), (calls, nbytes) in usp_comm_bytes(tuple(local), int(v.shape[-1]), q.element_size(),

@@ -73,10 +73,11 @@ class RuleCtx:
         return p if isinstance(p, Replicate | Shard | Partial) else R
 
     @staticmethod
-    def shape(a: fx.Node) -> tuple[int, ...]:
-        val = a.meta.get("val")
+    def shape(a: Any) -> tuple[int, ...]:
+        """The global shape of the tensor node ``a`` (any other argument is a break)."""
+        val = a.meta.get("val") if isinstance(a, fx.Node) else None
         if not isinstance(val, torch.Tensor):
-            raise Break(f"{a.name} has no tensor metadata")
+            raise Break(f"{getattr(a, 'name', a)} has no tensor metadata")
         return tuple(int(s) for s in val.shape)
 
     def local(self, shape: Iterable[int], p: Placement) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.passes.ops import GROUP_NORMS, NORMS
+from xdit_compile.passes.ops import GROUP_NORMS, NORMS, packet
 from xdit_compile.passes.sharding.engine import (
     Break,
     Decision,
@@ -46,7 +46,7 @@ def _linear(node: fx.Node, rc: RuleCtx) -> Decision:
     sh = rc.spec(x)
     if not isinstance(sh, Shard) or not isinstance(rc.spec(w), Replicate):
         raise Break("weight is sharded")
-    if sh.dim == len(rc.shape(x)) - 1:  # type: ignore[arg-type]
+    if sh.dim == len(rc.shape(x)) - 1:
         raise Break("linear contracts the sharded dim")
     if len(node.args) > 2 and not isinstance(rc.spec(node.args[2]), Replicate):
         raise Break("bias is sharded")
@@ -71,8 +71,8 @@ def _embedding(node: fx.Node, rc: RuleCtx) -> Decision:
 
 @register_rule(*ops("matmul", "bmm", "mm", "baddbmm", "addmm"))
 def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
-    packet = node.target.overloadpacket  # type: ignore[union-attr]
-    if packet not in (aten.baddbmm, aten.addmm):
+    pk = packet(node.target)
+    if pk not in (aten.baddbmm, aten.addmm):
         return _matmul_product(node, rc, 0)
     # ``bias + a @ b``: the product's rule, then the bias (broadcast to the output) cut like
     # the output where it is full-size on the sharded dim.
@@ -94,7 +94,7 @@ def _matmul(node: fx.Node, rc: RuleCtx) -> Decision:
 def _matmul_product(node: fx.Node, rc: RuleCtx, off: int) -> Decision:
     a, b = node.args[off], node.args[off + 1]
     pa, pb = rc.spec(a), rc.spec(b)
-    na, nb = len(rc.shape(a)), len(rc.shape(b))  # type: ignore[arg-type]
+    na, nb = len(rc.shape(a)), len(rc.shape(b))
     out_nd = len(rc.shape(node))
     if isinstance(pa, Shard) and isinstance(pb, Replicate):
         if pa.dim == na - 1 or (na == 1):
@@ -171,7 +171,7 @@ def conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
         vals = list(v)  # type: ignore[call-overload]
         return vals * nsp if len(vals) == 1 else vals
 
-    if node.target.overloadpacket is aten.convolution:  # type: ignore[union-attr]
+    if packet(node.target) is aten.convolution:
         if args[6]:
             raise Break("transposed convolution on the sharded dim")
         return lst(args[3], 1), lst(args[4], 0), lst(args[5], 1), int(args[8])  # type: ignore[arg-type]
@@ -214,7 +214,7 @@ def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
     rows_in, rows_out = sum(body.split), rc.shape(node)[sh.dim]
     if rows_out * s != rows_in or not body.divisible(s):
         raise Break(f"conv kernel {k} stride {s} padding {padding[i]} on the sharded dim")
-    if node.target.overloadpacket is aten.convolution:  # type: ignore[union-attr]
+    if packet(node.target) is aten.convolution:
         raise Break("aten.convolution with a halo (its padding argument is not rewritten)")
     top = padding[i] + sh.head
     bottom = max(d * (k - 1) + 1 - s - top, 0)
@@ -300,7 +300,7 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     q, k, v = node.args[:3]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     pq, pk, pv = rc.spec(q), rc.spec(k), rc.spec(v)
-    nd = len(rc.shape(q))  # type: ignore[arg-type]
+    nd = len(rc.shape(q))
     is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
     if isinstance(pq, Shard) and pq.dim < nd - 2:
         # A batch-like dim: every (batch, head) row attends within the rank. Q/K/V (and a
@@ -323,7 +323,7 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
         raise Break("causal sequence-parallel attention is not supported")
     if "rewrite_attention" in rc.options.get("disabled", ()):
         raise Break("rewrite_attention is disabled")
-    heads = rc.shape(q)[-3] if nd >= 3 else 1  # type: ignore[arg-type]
+    heads = rc.shape(q)[-3] if nd >= 3 else 1
     u = rc.options.get("ulysses", 1)
     # Any head count: dealt unevenly where u does not divide it; fewer heads than u: the largest
     # divisor of u not above them is the Ulysses degree, the rest of the axis joins the ring.
@@ -392,11 +392,11 @@ def _flex_attention(node: fx.Node, rc: RuleCtx) -> Decision:
     its users): exact, the attention's work split. Functions that read the head index, fewer
     heads than ranks, or K/V with other head counts break."""
     q, k, v = node.args[:3]
-    nd = len(rc.shape(q))  # type: ignore[arg-type]
-    heads, n = rc.shape(q)[nd - 3], rc.degree  # type: ignore[arg-type]
+    nd = len(rc.shape(q))
+    heads, n = rc.shape(q)[nd - 3], rc.degree
     if heads < n:
         raise Break("flex attention with fewer heads than ranks")
-    if any(rc.shape(a)[-3] != heads for a in (k, v)):  # type: ignore[arg-type]
+    if any(rc.shape(a)[-3] != heads for a in (k, v)):
         raise Break("flex attention with K/V of other head counts (GQA)")
     block_mask = node.args[4]
     if _reads_head_index(node, node.args[3], 2) or _reads_head_index(node, block_mask[-1], 1):  # type: ignore[index]
@@ -419,6 +419,6 @@ def _placed_like(node: fx.Node, rc: RuleCtx) -> Decision:
     """``placed_like(x, ref)``: ``x`` moved to ``ref``'s cut (same shape), where it fits."""
     x, ref = node.args
     want = rc.spec(ref)
-    if not isinstance(x, fx.Node) or rc.shape(x) != rc.shape(ref):  # type: ignore[arg-type]
+    if not isinstance(x, fx.Node) or rc.shape(x) != rc.shape(ref):
         return Decision(out=rc.spec(x))  # type: ignore[arg-type]
     return Decision(out=want, inputs={x: want} if rc.spec(x) != want else {})

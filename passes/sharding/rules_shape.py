@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_compile.passes.ops import COMPLEX_VIEWS, POINTWISE, REDUCTIONS, RESHAPES
+from xdit_compile.passes.ops import COMPLEX_VIEWS, POINTWISE, REDUCTIONS, RESHAPES, packet
 from xdit_compile.passes.sharding.engine import (
     Break,
     Decision,
@@ -91,7 +91,7 @@ def _prelu(node: fx.Node, rc: RuleCtx) -> Decision:
     sh = rc.spec(x)
     if not isinstance(sh, Shard) or not isinstance(rc.spec(w), Replicate):
         raise Break("prelu slope is sharded")
-    if sh.dim == 1 and rc.shape(w)[0] > 1:  # type: ignore[arg-type]
+    if sh.dim == 1 and rc.shape(w)[0] > 1:
         raise Break("prelu over sharded channels")
     return Decision(out=sh)
 
@@ -242,11 +242,11 @@ def _transpose(node: fx.Node, rc: RuleCtx) -> Decision:
     sh = rc.spec(x)
     assert isinstance(sh, Shard) and isinstance(x, fx.Node)
     nd = len(rc.shape(x))
-    if node.target.overloadpacket is aten.t:  # type: ignore[union-attr]
+    if packet(node.target) is aten.t:
         a, b = 0, nd - 1
     else:
         a, b = (norm_dim(int(d), nd) for d in node.args[1:3])  # type: ignore[arg-type]
-    if node.target.overloadpacket is aten.movedim:  # type: ignore[union-attr]
+    if packet(node.target) is aten.movedim:
         order = [d for d in range(nd) if d != a]
         order.insert(b, a)
         return Decision(out=sh.with_dim(order.index(sh.dim)))
@@ -375,8 +375,8 @@ def _select(node: fx.Node, rc: RuleCtx) -> Decision:
 @register_rule(*ops("split", "split_with_sizes", "chunk", "unbind", "tensor_split"))
 def _split(node: fx.Node, rc: RuleCtx) -> Decision:
     x, sh, nd = _only_input(node, rc)
-    packet = node.target.overloadpacket  # type: ignore[union-attr]
-    if packet is aten.unbind:
+    pk = packet(node.target)
+    if pk is aten.unbind:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     else:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -384,13 +384,13 @@ def _split(node: fx.Node, rc: RuleCtx) -> Decision:
     if dim == sh.dim:
         return _split_sharded_dim(node, rc, x, sh, dim)
     n_out = len(node.meta["val"])
-    out = sh.with_dim(sh.dim - (1 if dim < sh.dim else 0)) if packet is aten.unbind else sh
+    out = sh.with_dim(sh.dim - (1 if dim < sh.dim else 0)) if pk is aten.unbind else sh
     return Decision(out=tuple(out for _ in range(n_out)))
 
 
 def _split_sharded_dim(node: fx.Node, rc: RuleCtx, x: fx.Node, sh: Shard, dim: int) -> Decision:
     """Splitting a joint dim at its head/body/tail boundaries: e.g. text and image tokens."""
-    if node.target.overloadpacket in (aten.unbind, aten.tensor_split):  # type: ignore[union-attr]
+    if packet(node.target) in (aten.unbind, aten.tensor_split):
         raise Break("unbind/tensor_split along the sharded dim")
     sizes = [int(v.shape[dim]) for v in node.meta["val"]]
     outs, local_sizes, start = [], [], 0
@@ -420,7 +420,7 @@ def _reduced(node: fx.Node, rc: RuleCtx, dims: Any, keepdim: bool) -> Decision:
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [norm_dim(int(d), nd) for d in dims]
     if sh.dim in dims:
-        if node.target.overloadpacket is aten.sum and not sh.joint and not sh.text:  # type: ignore[union-attr]
+        if packet(node.target) is aten.sum and not sh.joint and not sh.text:
             # Each rank sums its own rows: the sum over all rows is the sum of the ranks'
             # results, a pending all-reduce (linear attention's sum over tokens).
             return Decision(out=Partial())
@@ -496,7 +496,7 @@ def _type_as(node: fx.Node, rc: RuleCtx) -> Decision:
 def _complex_view(node: fx.Node, rc: RuleCtx) -> Decision:
     """Complex RoPE: the last dim pairs up into complex numbers (or back); others unchanged."""
     x, sh, nd = _only_input(node, rc)
-    if node.target.overloadpacket is aten.view_as_complex and sh.dim == nd - 1:  # type: ignore[union-attr]
+    if packet(node.target) is aten.view_as_complex and sh.dim == nd - 1:
         raise Break("view_as_complex of the sharded dim")
     return Decision(out=sh)
 
@@ -506,7 +506,7 @@ def _scatter_into(node: fx.Node, rc: RuleCtx) -> Decision:
     """``out = self`` with ``src`` written into a slice (functionalized ``x[..., a:b] = y``):
     elementwise in every dim but the sliced one, which must not be the sharded dim."""
     out_shape = rc.shape(node)
-    if node.target.overloadpacket is aten.slice_scatter:  # type: ignore[union-attr]
+    if packet(node.target) is aten.slice_scatter:
         dim = norm_dim(int(schema_arg(node, "dim", 0)), len(out_shape))
         base = rc.spec(node.args[0])
         if isinstance(base, Shard) and base.dim == dim:
@@ -598,12 +598,12 @@ def _select_along(node: fx.Node, rc: RuleCtx) -> Decision:
     """Selection, sorting and scans read every entry along their dim: exact on a shard only
     when that dim is another one (a token-choice router's top-k over experts)."""
     x, sh, nd = _only_input(node, rc)
-    packet = node.target.overloadpacket  # type: ignore[union-attr]
-    dim = 0 if packet is aten.msort else _op_dim(node, nd)
+    pk = packet(node.target)
+    dim = 0 if pk is aten.msort else _op_dim(node, nd)
     if dim == sh.dim:
-        raise Break(f"{packet.__name__} along the sharded dim")
+        raise Break(f"{pk.__name__} along the sharded dim")
     out = sh
-    if packet is aten.kthvalue and not schema_arg(node, "keepdim", False):
+    if pk is aten.kthvalue and not schema_arg(node, "keepdim", False):
         out = sh.with_dim(sh.dim - (1 if dim is not None and dim < sh.dim else 0))
     val = node.meta.get("val")
     return Decision(out=tuple(out for _ in val) if isinstance(val, tuple | list) else out)
@@ -620,7 +620,7 @@ def _indexed(node: fx.Node, rc: RuleCtx) -> Decision:
     sh = d.out
     assert isinstance(sh, Shard)
     if _op_dim(node, len(out_shape), None) == sh.dim:
-        raise Break(f"{node.target.overloadpacket.__name__} along the sharded dim")  # type: ignore[union-attr]
+        raise Break(f"{packet(node.target).__name__} along the sharded dim")
     for a in tensor_args(node):
         if len(rc.shape(a)) != len(out_shape):
             raise Break("index or source of another rank")

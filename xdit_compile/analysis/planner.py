@@ -50,6 +50,7 @@ from xdit_compile.passes.flops import node_flops
 from xdit_compile.passes.seed import graph_latent
 from xdit_compile.plan import Plan, config_heads
 from xdit_compile.runtime.mesh import MeshInfo
+from xdit_compile.runtime.opargs import op_args
 from xdit_compile.runtime.reshard import SPLIT
 
 __all__ = ["Candidate", "Workload", "account", "auto", "enumerate_plans", "format_table", "peak_activation_bytes",
@@ -123,9 +124,10 @@ def account(program: Program) -> Work:
             # Data the parallel attention ops move themselves (no fusion reaches inside them).
             inner = 0.0
             if node.target is torch.ops.xdit.usp_attention.default:
-                qkv_out = sum(local_bytes(a) for a in node.args[:3]) + local_bytes(node)
-                kv = sum(local_bytes(a) for a in node.args[1:3])
-                joint = any(node.args[7:9]) if len(node.args) > 8 else False
+                a = op_args(node)
+                qkv_out = sum(local_bytes(a[x]) for x in ("q", "k", "v")) + local_bytes(node)
+                kv = local_bytes(a["k"]) + local_bytes(a["v"])
+                joint = bool(a["head"] or a["tail"])
                 if mesh.ulysses > 1:  # pack for the all-to-alls and unpack: 2 copies of each
                     inner += 4 * qkv_out
                 if joint:  # text K/V joined to the body's (a copy), and with Ring a copy of the
@@ -142,7 +144,8 @@ def account(program: Program) -> Work:
                     inner += per_elem * local_bytes(node) / item
             elif node.target is torch.ops.xdit.distrifusion_attention.default:
                 # The whole (stale) K/V is assembled from the gathered pieces and stored: 2 copies.
-                inner += 4 * sum(_nbytes(a.meta.get("val")) for a in node.args[1:3] if isinstance(a, fx.Node))
+                a = op_args(node)
+                inner += 4 * sum(_nbytes(a[x].meta.get("val")) for x in ("k", "v"))
             w.eager_bytes += inner
             w.fused_bytes += inner
         else:
