@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xdit_compile.analysis.accounting import local_fraction
 from xdit_compile.analysis.cost import (
@@ -39,7 +40,7 @@ from xdit_compile.analysis.cost import (
     get_hardware,
     predict,
 )
-from xdit_compile.compiler.capture import capture
+from xdit_compile.compiler.capture import CaptureError, capture
 from xdit_compile.compiler.driver import PassError
 from xdit_compile.compiler.program import Program
 from xdit_compile.compiler.program import compile as compile_graph
@@ -266,27 +267,21 @@ def _rewrite(gm0: fx.GraphModule, facts: Facts, plan: Plan) -> Work | str:
     return w
 
 
-class _MetaAutocast(torch.autocast):
-    """``torch.autocast`` that accepts the ``meta`` device (as a no-op), for models that open an
-    autocast region on their inputs' device (Mochi's rotary tables)."""
-
-    def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
-        if device_type == "meta":
-            device_type, kwargs["enabled"] = "cpu", False
-        super().__init__(device_type, *args, **kwargs)
-
-
 def _capture_for_accounting(model: torch.nn.Module, real: dict[str, Any]) -> fx.GraphModule:
     """Capture ``model`` at ``real`` inputs; a model on ``meta`` gets meta copies of them, and
-    data-dependent sizes (valid text tokens from a mask) are probed on the real ones."""
+    data-dependent sizes (valid text tokens from a mask) are probed on the real ones.
+
+    A forward that needs a real device type (``torch.autocast(x.device.type)`` on its inputs,
+    Mochi's rotary tables) cannot run on ``meta``: it is captured again on fake CPU tensors of a
+    copy of the model (no memory, the same shapes and dtypes)."""
     meta = next(model.parameters()).device.type == "meta"
     inputs = _to_meta(real) if meta else real
-    saved = torch.autocast
-    torch.autocast = _MetaAutocast  # type: ignore[misc]
     try:
         gm = capture(model, (), inputs)
-    finally:
-        torch.autocast = saved  # type: ignore[misc]
+    except CaptureError:
+        if not meta:
+            raise
+        gm, inputs = _capture_fake_cpu(model, real)
     probe = find_data_dependence(gm)
     if probe is not None:
         real_cpu = pytree.tree_map(lambda x: x.to("cpu") if isinstance(x, torch.Tensor) else x, real)
@@ -294,6 +289,21 @@ def _capture_for_accounting(model: torch.nn.Module, real: dict[str, Any]) -> fx.
         flat = tuple(pytree.tree_leaves(((), inputs)))
         specialize_graph(gm, probe, values, flat)
     return gm
+
+
+def _capture_fake_cpu(model: torch.nn.Module, real: dict[str, Any]) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """``model`` (on ``meta``) captured on fake CPU tensors: a copy whose parameters and buffers
+    are fake tensors of the same shapes, strides and dtypes, at fake copies of ``real``."""
+    mode = FakeTensorMode()
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        with mode:
+            return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+
+    copy_ = copy.deepcopy(model)
+    copy_._apply(fake)
+    inputs = pytree.tree_map(lambda x: mode.from_tensor(x.to("cpu")) if isinstance(x, torch.Tensor) else x, real)
+    return capture(copy_, (), inputs), inputs
 
 
 def _layer_keys(config: Mapping[str, Any]) -> dict[str, int]:
