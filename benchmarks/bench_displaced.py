@@ -40,24 +40,50 @@ import torch.distributed as dist
 OUT = Path(__file__).parent / "results"
 MODELS: dict[str, dict[str, Any]] = {
     "pixart-sigma": {
-        "config": {"num_attention_heads": 8, "attention_head_dim": 64, "cross_attention_dim": 512,
-                   "num_layers": 8, "sample_size": 64, "caption_channels": 512},
+        "config": {
+            "num_attention_heads": 8,
+            "attention_head_dim": 64,
+            "cross_attention_dim": 512,
+            "num_layers": 8,
+            "sample_size": 64,
+            "caption_channels": 512,
+        },
         "inputs": {"height": 64, "width": 64, "text_len": 120},
-        "text": (0, True), "patch": 2,
+        "text": (0, True),
+        "patch": 2,
         "desc": "hidden 512 (8x64), 8 blocks, 1024 image tokens (32x32), 120 text tokens (cross-attention)",
     },
     "flux-dev": {
-        "config": {"num_attention_heads": 4, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56),
-                   "num_layers": 2, "num_single_layers": 4, "joint_attention_dim": 512,
-                   "pooled_projection_dim": 256},
+        "config": {
+            "num_attention_heads": 4,
+            "attention_head_dim": 128,
+            "axes_dims_rope": (16, 56, 56),
+            "num_layers": 2,
+            "num_single_layers": 4,
+            "joint_attention_dim": 512,
+            "pooled_projection_dim": 256,
+        },
         "inputs": {"height": 64, "width": 64, "text_len": 128},
-        "text": (128, True), "patch": 1,
+        "text": (128, True),
+        "patch": 1,
         "desc": "hidden 512 (4x128), 2 double + 4 single blocks, 1024 image + 128 text tokens (joint)",
     },
 }
 QUICK: dict[str, dict[str, Any]] = {
-    "pixart-sigma": {"config": {"num_layers": 4}, "inputs": {}, "text": (0, True), "patch": 2, "desc": "tiny"},
-    "flux-dev": {"config": {}, "inputs": {"text_len": 12}, "text": (12, True), "patch": 1, "desc": "tiny"},
+    "pixart-sigma": {
+        "config": {"num_layers": 4},
+        "inputs": {},
+        "text": (0, True),
+        "patch": 2,
+        "desc": "tiny",
+    },
+    "flux-dev": {
+        "config": {},
+        "inputs": {"text_len": 12},
+        "text": (12, True),
+        "patch": 1,
+        "desc": "tiny",
+    },
 }
 METHODS: list[tuple[str, dict[str, Any]]] = [
     ("serial", {}),
@@ -98,8 +124,14 @@ def _trajectory(name: str, spec: dict[str, Any], steps: int) -> list[dict[str, A
     return out
 
 
-def _run(name: str, spec: dict[str, Any], plan: dict[str, Any], steps: list[dict[str, Any]],
-         warmup: int, requests: int) -> dict[str, Any]:
+def _run(
+    name: str,
+    spec: dict[str, Any],
+    plan: dict[str, Any],
+    steps: list[dict[str, Any]],
+    warmup: int,
+    requests: int,
+) -> dict[str, Any]:
     import xdit_compile as xc
     from xdit_compile.compiler.pipefusion import parameter_bytes
     from xdit_compile.runtime.collectives import comm_stats
@@ -127,16 +159,29 @@ def _run(name: str, spec: dict[str, Any], plan: dict[str, Any], steps: list[dict
     held = parameter_bytes(pm.pipeline_modules()) if pm is not None else parameter_bytes([model])
     per = len(timed)
     comm = {k: v // per for k, v in sent.items()}
-    return {"step_ms": 1e3 * statistics.median(timed), "bytes_per_step": sum(comm.values()),
-            "params": held, "outs": outs, "comm": comm}
+    return {
+        "step_ms": 1e3 * statistics.median(timed),
+        "bytes_per_step": sum(comm.values()),
+        "params": held,
+        "outs": outs,
+        "comm": comm,
+    }
 
 
-def _oracle(name: str, spec: dict[str, Any], method: str, n: int, steps: list[dict[str, Any]], warmup: int) -> list[Any]:
+def _oracle(
+    name: str, spec: dict[str, Any], method: str, n: int, steps: list[dict[str, Any]], warmup: int
+) -> list[Any]:
     from xdit_compile.testing.oracle import DisplacedOracle, grid_layout
 
     text, first = spec["text"]
-    oracle = DisplacedOracle(_model(name, spec), method, grid_layout(spec["patch"], n), text=text,
-                             text_first=first, warmup_steps=warmup)
+    oracle = DisplacedOracle(
+        _model(name, spec),
+        method,
+        grid_layout(spec["patch"], n),
+        text=text,
+        text_first=first,
+        warmup_steps=warmup,
+    )
     return [oracle(**kw)[0] for kw in steps]
 
 
@@ -151,7 +196,9 @@ def job(name: str, quick: bool, n_steps: int, requests: int) -> list[dict[str, A
     rows: list[dict[str, Any]] = []
     serial_outs: list[Any] = []
     for label, plan in METHODS:
-        if not plan:  # serial: rank 0 alone; then on both ranks at once (what this machine can overlap)
+        if (
+            not plan
+        ):  # serial: rank 0 alone; then on both ranks at once (what this machine can overlap)
             both = label != "serial"
             dist.barrier()
             res = _run(name, spec, plan, steps, 1, requests) if rank == 0 or both else None
@@ -160,22 +207,43 @@ def job(name: str, quick: bool, n_steps: int, requests: int) -> list[dict[str, A
                 assert res is not None
                 serial_outs = serial_outs or res["outs"]
             if res is not None:
-                rows.append({"model": name, "method": label, "rank": rank, "warmup": 1, "step_ms": res["step_ms"],
-                             "bytes_per_step": 0, "params": res["params"]})
+                rows.append(
+                    {
+                        "model": name,
+                        "method": label,
+                        "rank": rank,
+                        "warmup": 1,
+                        "step_ms": res["step_ms"],
+                        "bytes_per_step": 0,
+                        "params": res["params"],
+                    }
+                )
             continue
         for warmup in (1, 2):
             if warmup == 2 and "fusion" not in label:
                 continue
             res = _run(name, spec, plan, steps, warmup, requests)
-            row = {"model": name, "method": label, "rank": rank, "warmup": warmup, "step_ms": res["step_ms"],
-                   "bytes_per_step": res["bytes_per_step"], "comm": res["comm"], "params": res["params"]}
+            row = {
+                "model": name,
+                "method": label,
+                "rank": rank,
+                "warmup": warmup,
+                "step_ms": res["step_ms"],
+                "bytes_per_step": res["bytes_per_step"],
+                "comm": res["comm"],
+                "params": res["params"],
+            }
             if rank == 0:
                 if "fusion" in label:
                     method = "pipefusion" if "pipefusion" in plan else "distrifusion"
                     n = plan.get("patches", 2)
                     ref = _oracle(name, spec, method, n, steps, warmup)
-                    row["oracle_err"] = max(_rel(o, r) for o, r in zip(res["outs"], ref, strict=True))
-                row["serial_diff"] = [_rel(o, s) for o, s in zip(res["outs"], serial_outs, strict=True)]
+                    row["oracle_err"] = max(
+                        _rel(o, r) for o, r in zip(res["outs"], ref, strict=True)
+                    )
+                row["serial_diff"] = [
+                    _rel(o, s) for o, s in zip(res["outs"], serial_outs, strict=True)
+                ]
             dist.barrier()
             rows.append(row)
     return rows
@@ -189,9 +257,12 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         spec = meta["specs"][name]
         mine = [r for r in rows if r["model"] == name]
         serial = next(r for r in mine if r["method"] == "serial")
-        lines += [f"## {name}: {spec['desc']}", "",
-                  "| method | warmup steps | ms per step | speedup | bound N*M/(M+N-1) | efficiency | bytes/step rank 0 | bytes/step rank 1 | parameter bytes rank 0 / rank 1 | error vs oracle | difference from serial, per step |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {name}: {spec['desc']}",
+            "",
+            "| method | warmup steps | ms per step | speedup | bound N*M/(M+N-1) | efficiency | bytes/step rank 0 | bytes/step rank 1 | parameter bytes rank 0 / rank 1 | error vs oracle | difference from serial, per step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for label, plan in METHODS:
             for warmup in (1, 2):
                 rs = [r for r in mine if r["method"] == label and r["warmup"] == warmup]
@@ -207,34 +278,43 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 r0 = by[0]
                 err = f"{r0['oracle_err']:.1e}" if "oracle_err" in r0 else "-"
                 diff = ", ".join(f"{d:.1e}" for d in r0.get("serial_diff", [])) or "-"
-                lines.append(f"| {label} | {warmup if 'fusion' in label else '-'} | {ms:.1f} | {speed:.2f}x | "
-                             f"{f'{bound:.2f}' if bound else '-'} | {eff} | {b0:,} | "
-                             f"{b1 if isinstance(b1, str) else f'{b1:,}'} | {params} | {err} | {diff} |")
+                lines.append(
+                    f"| {label} | {warmup if 'fusion' in label else '-'} | {ms:.1f} | {speed:.2f}x | "
+                    f"{f'{bound:.2f}' if bound else '-'} | {eff} | {b0:,} | "
+                    f"{b1 if isinstance(b1, str) else f'{b1:,}'} | {params} | {err} | {diff} |"
+                )
         lines.append("")
-    lines += ["PipeFusion's efficiency is its speedup over serial divided by the bound N*M/(M+N-1). The "
-              "bound assumes two ranks compute as fast together as one alone; the row 'serial, both ranks "
-              "at once' measures what this machine gives: each rank's serial step when both run at the "
-              "same time. The more patches overlap on the two ranks (larger M), the more of that "
-              "slowdown PipeFusion pays, while its fill and drain shrink.", "",
-              "## Method", "",
-              f"fp32, CPU ({meta['cpu']}, {meta['cores']} cores), torch {meta['torch']}; 2 gloo processes x 1 "
-              f"thread. The inputs of the {meta['steps']} steps come from one Euler trajectory of the plain model, "
-              f"the same for every method. Each method runs the trajectory as {meta['requests'] + 1} requests; "
-              f"all but the first (which compiles) are timed: median ms over their steps after the warmup "
-              f"steps, the slower rank. Bytes: sent by "
-              f"each rank per step (runtime counter). Parameter bytes: distinct storages each rank holds "
-              f"after compiling (PipeFusion frees the other stage's parameters). Error vs oracle: max "
-              f"relative difference over all steps from the single-process displaced-K/V reference; "
-              f"difference from serial: per step (warmup steps are exact). Serial and Ulysses are exact.",
-              "", f"This 2-core machine is shared: the load average was {meta['load_average'][0]:.0f} at the end "
-              f"of this run, so single timings move by 10-20%; compare rows of one table, not runs."]
+    lines += [
+        "PipeFusion's efficiency is its speedup over serial divided by the bound N*M/(M+N-1). The "
+        "bound assumes two ranks compute as fast together as one alone; the row 'serial, both ranks "
+        "at once' measures what this machine gives: each rank's serial step when both run at the "
+        "same time. The more patches overlap on the two ranks (larger M), the more of that "
+        "slowdown PipeFusion pays, while its fill and drain shrink.",
+        "",
+        "## Method",
+        "",
+        f"fp32, CPU ({meta['cpu']}, {meta['cores']} cores), torch {meta['torch']}; 2 gloo processes x 1 "
+        f"thread. The inputs of the {meta['steps']} steps come from one Euler trajectory of the plain model, "
+        f"the same for every method. Each method runs the trajectory as {meta['requests'] + 1} requests; "
+        f"all but the first (which compiles) are timed: median ms over their steps after the warmup "
+        f"steps, the slower rank. Bytes: sent by "
+        f"each rank per step (runtime counter). Parameter bytes: distinct storages each rank holds "
+        f"after compiling (PipeFusion frees the other stage's parameters). Error vs oracle: max "
+        f"relative difference over all steps from the single-process displaced-K/V reference; "
+        f"difference from serial: per step (warmup steps are exact). Serial and Ulysses are exact.",
+        "",
+        f"This 2-core machine is shared: the load average was {meta['load_average'][0]:.0f} at the end "
+        f"of this run, so single timings move by 10-20%; compare rows of one table, not runs.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--requests", type=int, default=3, help="timed requests (after one that compiles)")
+    ap.add_argument(
+        "--requests", type=int, default=3, help="timed requests (after one that compiles)"
+    )
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--quick", action="store_true", help="tiny shapes (checks the script)")
     args = ap.parse_args()
@@ -246,19 +326,31 @@ def main() -> None:
     t0 = time.time()
     try:
         for name in args.models:
-            for per_rank in pool.run(job, name, args.quick, args.steps, args.requests, timeout=3600):
+            for per_rank in pool.run(
+                job, name, args.quick, args.steps, args.requests, timeout=3600
+            ):
                 for row in per_rank:
                     print(json.dumps({k: v for k, v in row.items() if k != "comm"}), flush=True)
                     rows.append(row)
     finally:
         pool.close()
     specs = QUICK if args.quick else MODELS
-    meta = {"load_average": os.getloadavg(), "steps": args.steps, "requests": args.requests, "models": args.models, "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "total_s": round(time.time() - t0, 1), "specs": {n: specs[n] for n in args.models}}
+    meta = {
+        "load_average": os.getloadavg(),
+        "steps": args.steps,
+        "requests": args.requests,
+        "models": args.models,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "total_s": round(time.time() - t0, 1),
+        "specs": {n: specs[n] for n in args.models},
+    }
     OUT.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (OUT / f"displaced{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    (OUT / f"displaced{suffix}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=2, default=str)
+    )
     (OUT / f"displaced{suffix}.md").write_text(_markdown(rows, meta))
     print(f"total {time.time() - t0:.0f} s")
 

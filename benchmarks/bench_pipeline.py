@@ -29,14 +29,23 @@ import torch.distributed as dist
 OUT = Path(__file__).parent / "results"
 SPECS: dict[str, dict[str, Any]] = {
     "pixart-sigma": {
-        "transformer": {"num_attention_heads": 8, "attention_head_dim": 64, "cross_attention_dim": 512,
-                        "num_layers": 4, "sample_size": 64},
+        "transformer": {
+            "num_attention_heads": 8,
+            "attention_head_dim": 64,
+            "cross_attention_dim": 512,
+            "num_layers": 4,
+            "sample_size": 64,
+        },
         "call": {"height": 128, "width": 128},
         "desc": "hidden 512 (8x64), 4 blocks, 1024 image tokens (32x32), CFG batched in one call",
     },
     "wan": {
-        "transformer": {"num_attention_heads": 8, "attention_head_dim": 64, "num_layers": 2,
-                        "ffn_dim": 1024},
+        "transformer": {
+            "num_attention_heads": 8,
+            "attention_head_dim": 64,
+            "num_layers": 2,
+            "ffn_dim": 1024,
+        },
         "call": {"height": 128, "width": 128, "num_frames": 13},
         "desc": "hidden 512 (8x64), 2 blocks, 1024 video tokens (4x16x16), CFG as two calls per step",
     },
@@ -52,8 +61,13 @@ def job(name: str, calls: int, steps: int) -> list[dict[str, Any]]:
 
     rank = dist.get_rank()
     spec = SPECS[name]
-    kw = {**pipeline_defaults(name), **spec["call"], "num_inference_steps": steps, "output_type": "np",
-          "prompt": "a red fox in the snow"}
+    kw = {
+        **pipeline_defaults(name),
+        **spec["call"],
+        "num_inference_steps": steps,
+        "output_type": "np",
+        "prompt": "a red fox in the snow",
+    }
     rows, ref = [], None
     for label, plan in PLANS:
         pipe = build_pipeline(name, transformer=spec["transformer"])
@@ -74,9 +88,13 @@ def job(name: str, calls: int, steps: int) -> list[dict[str, Any]]:
         dist.barrier()
         if solo and rank == 0:
             ref = arr
-        row: dict[str, Any] = {"model": name, "plan": label, "rank": rank,
-                               "step_ms": round(1e3 * statistics.median(per_step), 1) if per_step else None,
-                               "bytes_per_call": comm_stats().total_bytes if not solo else 0}
+        row: dict[str, Any] = {
+            "model": name,
+            "plan": label,
+            "rank": rank,
+            "step_ms": round(1e3 * statistics.median(per_step), 1) if per_step else None,
+            "bytes_per_call": comm_stats().total_bytes if not solo else 0,
+        }
         if arr is not None and ref is not None and not solo:
             row["rel_error"] = float(np.abs(arr - ref).max() / max(float(np.abs(ref).max()), 1e-30))
         rows.append(row)
@@ -107,23 +125,36 @@ def main() -> None:
                 rows.append(row)
     finally:
         pool.close()
-    meta = {"calls": args.calls, "steps": args.steps, "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "total_s": round(time.time() - t0, 1), "specs": {n: SPECS[n] for n in args.models}}
+    meta = {
+        "calls": args.calls,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "total_s": round(time.time() - t0, 1),
+        "specs": {n: SPECS[n] for n in args.models},
+    }
     OUT.mkdir(exist_ok=True)
     (OUT / "pipeline_steps.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "# Pipeline denoising step latency: serial vs cfg=2 vs ulysses=2 (2 processes)", "",
+        "# Pipeline denoising step latency: serial vs cfg=2 vs ulysses=2 (2 processes)",
+        "",
         "| model | config | plan | ms per step (median) | vs serial | bytes/rank per call | rel error vs serial |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        serial = next(x["step_ms"] for x in rows if x["model"] == r["model"] and x["plan"] == "serial")
+        serial = next(
+            x["step_ms"] for x in rows if x["model"] == r["model"] and x["plan"] == "serial"
+        )
         err = f"{r['rel_error']:.1e}" if "rel_error" in r else "-"
-        lines.append(f"| {r['model']} | {SPECS[r['model']]['desc']} | {r['plan']} | {r['step_ms']} | "
-                     f"{serial / r['step_ms']:.2f}x | {r['bytes_per_call']:,} | {err} |")
+        lines.append(
+            f"| {r['model']} | {SPECS[r['model']]['desc']} | {r['plan']} | {r['step_ms']} | "
+            f"{serial / r['step_ms']:.2f}x | {r['bytes_per_call']:,} | {err} |"
+        )
     lines += [
-        "", "## Method", "",
+        "",
+        "## Method",
+        "",
         f"fp32, CPU ({meta['cpu']}, {meta['cores']} cores), torch {meta['torch']}; 2 gloo processes x 1 "
         f"thread; serial = the plain pipeline on rank 0 alone (rank 1 waits at a barrier). Each "
         f"configuration: one warm-up call (capture and compile), then {args.calls} calls of "
@@ -133,7 +164,8 @@ def main() -> None:
         f"on both ranks), so every timed step is paired. The VAE decode is not in the step times. Text encoders and VAEs are the tiny ones "
         f"(they run whole on every rank). Rel error: max |image - serial image| / max |serial "
         f"image| after decoding.",
-        "", "This shared 2-core machine moves timings by about 5% between runs.",
+        "",
+        "This shared 2-core machine moves timings by about 5% between runs.",
     ]
     (OUT / "pipeline_steps.md").write_text("\n".join(lines) + "\n")
     print(f"total {time.time() - t0:.0f} s")

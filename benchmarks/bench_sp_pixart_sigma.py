@@ -43,22 +43,32 @@ def main() -> None:
             plans.append(Plan(ulysses=2, compile="inductor"))
         for plan in plans:
             t0 = time.time()
-            res = pool.run(compare_zoo_model, "pixart-sigma", plan, size="full", iters=args.iters,
-                           warmup=args.warmup, config={"num_layers": args.layers}, timeout=3600)
+            res = pool.run(
+                compare_zoo_model,
+                "pixart-sigma",
+                plan,
+                size="full",
+                iters=args.iters,
+                warmup=args.warmup,
+                config={"num_layers": args.layers},
+                timeout=3600,
+            )
             r0 = res[0]
             par = max(r.parallel_ms for r in res)
-            rows.append({
-                "plan": str(plan),
-                "serial_ms": round(r0.serial_ms, 1),
-                "parallel_ms": round(par, 1),
-                "latency_ratio": round(par / r0.serial_ms, 3),
-                "bytes_per_rank_per_forward": [r.bytes_per_forward for r in res],
-                "comm_rank0": r0.comm,
-                "rel_error": max(r.rel_error for r in res),
-                "sharding_breaks": r0.breaks,
-                "seed": {k: list(v) if isinstance(v, tuple) else v for k, v in r0.seed.items()},
-                "wall_s": round(time.time() - t0, 1),
-            })
+            rows.append(
+                {
+                    "plan": str(plan),
+                    "serial_ms": round(r0.serial_ms, 1),
+                    "parallel_ms": round(par, 1),
+                    "latency_ratio": round(par / r0.serial_ms, 3),
+                    "bytes_per_rank_per_forward": [r.bytes_per_forward for r in res],
+                    "comm_rank0": r0.comm,
+                    "rel_error": max(r.rel_error for r in res),
+                    "sharding_breaks": r0.breaks,
+                    "seed": {k: list(v) if isinstance(v, tuple) else v for k, v in r0.seed.items()},
+                    "wall_s": round(time.time() - t0, 1),
+                }
+            )
             print(json.dumps(rows[-1]))
     finally:
         pool.close()
@@ -66,18 +76,27 @@ def main() -> None:
         "model": f"pixart-sigma full config (hidden 1152, 16 heads x 72), num_layers={args.layers}",
         "input": "latent [1, 4, 128, 128] (1024px) -> 4096 tokens; T5 300 tokens",
         "setup": "2 gloo processes x 1 thread vs 1 process x 1 thread, CPU, fp32",
-        "iters": args.iters, "warmup": args.warmup,
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
     OUT.mkdir(exist_ok=True)
     (OUT / "sp_pixart_sigma.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# {meta['model']}", "", f"{meta['input']}; {meta['setup']}; median of {args.iters}.", "",
-             "| plan | serial ms | parallel ms | ratio | bytes/rank/forward | rel error | breaks |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {meta['model']}",
+        "",
+        f"{meta['input']}; {meta['setup']}; median of {args.iters}.",
+        "",
+        "| plan | serial ms | parallel ms | ratio | bytes/rank/forward | rel error | breaks |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['plan']} | {r['serial_ms']} | {r['parallel_ms']} | {r['latency_ratio']} | "
-                     f"{r['bytes_per_rank_per_forward'][0]:,} | {r['rel_error']:.2e} | {len(r['sharding_breaks'])} |")
+        lines.append(
+            f"| {r['plan']} | {r['serial_ms']} | {r['parallel_ms']} | {r['latency_ratio']} | "
+            f"{r['bytes_per_rank_per_forward'][0]:,} | {r['rel_error']:.2e} | {len(r['sharding_breaks'])} |"
+        )
     (OUT / "sp_pixart_sigma.md").write_text("\n".join(lines) + "\n")
 
 

@@ -56,8 +56,12 @@ OUT = Path(__file__).parent / "results"
 MODELS: dict[str, dict[str, Any]] = {
     "flux-dev": {
         "config": {
-            "num_attention_heads": 4, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56),
-            "num_layers": 2, "num_single_layers": 2, "joint_attention_dim": 512,
+            "num_attention_heads": 4,
+            "attention_head_dim": 128,
+            "axes_dims_rope": (16, 56, 56),
+            "num_layers": 2,
+            "num_single_layers": 2,
+            "joint_attention_dim": 512,
             "pooled_projection_dim": 256,
         },
         # packed latents: 64x64 latent px -> 32x32 = 1024 image tokens
@@ -66,8 +70,12 @@ MODELS: dict[str, dict[str, Any]] = {
     },
     "wan2.1": {
         "config": {
-            "num_attention_heads": 4, "attention_head_dim": 128, "num_layers": 2,
-            "text_dim": 512, "freq_dim": 256, "ffn_dim": 2048,
+            "num_attention_heads": 4,
+            "attention_head_dim": 128,
+            "num_layers": 2,
+            "text_dim": 512,
+            "freq_dim": 256,
+            "ffn_dim": 2048,
         },
         # 4 latent frames of 32x32 latent px, patch (1, 2, 2) -> 4 x 16 x 16 = 1024 video tokens
         "inputs": {"height": 32, "width": 32, "frames": 4, "text_len": 256},
@@ -75,19 +83,28 @@ MODELS: dict[str, dict[str, Any]] = {
     },
     "qwen-image": {
         "config": {
-            "num_attention_heads": 4, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56),
-            "num_layers": 2, "joint_attention_dim": 512,
+            "num_attention_heads": 4,
+            "attention_head_dim": 128,
+            "axes_dims_rope": (16, 56, 56),
+            "num_layers": 2,
+            "joint_attention_dim": 512,
         },
         "inputs": {"height": 64, "width": 64, "text_len": 256},
         "desc": "1024 image tokens (32x32) + 256 text tokens (padded mask), joint attention",
     },
 }
 QUICK_MODELS: dict[str, dict[str, Any]] = {  # --quick: tiny shapes, for checking the script
-    "flux-dev": {"config": {}, "inputs": {"height": 16, "width": 16, "text_len": 12},
-                 "desc": "tiny"},
+    "flux-dev": {
+        "config": {},
+        "inputs": {"height": 16, "width": 16, "text_len": 12},
+        "desc": "tiny",
+    },
     "wan2.1": {"config": {}, "inputs": {"frames": 2, "text_len": 12}, "desc": "tiny"},
-    "qwen-image": {"config": {}, "inputs": {"height": 16, "width": 16, "text_len": 12},
-                   "desc": "tiny"},
+    "qwen-image": {
+        "config": {},
+        "inputs": {"height": 16, "width": 16, "text_len": 12},
+        "desc": "tiny",
+    },
 }
 # (implementation, mode); mode "ring_lse_patch" is diffusers' ring with the CPU LSE forward op.
 METHODS: list[tuple[str, str]] = [
@@ -190,8 +207,14 @@ class CommCounter:
         def d_agit(output_tensor, input_tensor, group=None, async_op=False):
             return _nbytes(input_tensor) * (dist.get_world_size(group) - 1)
 
-        def d_a2a(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-                  async_op=False):
+        def d_a2a(
+            output,
+            input,
+            output_split_sizes=None,
+            input_split_sizes=None,
+            group=None,
+            async_op=False,
+        ):
             return _a2a_sent(input, input_split_sizes, group)
 
         def d_send(tensor, *args, **kwargs):
@@ -247,9 +270,20 @@ def _one_accelerator() -> Iterator[None]:
         torch.accelerator.device_count = orig  # type: ignore[assignment]
 
 
-def _native_forward_op_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0,
-                                is_causal=False, scale=None, enable_gqa=False, return_lse=False,
-                                _save_ctx=True, _parallel_config=None):
+def _native_forward_op_with_lse(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+):
     """diffusers' ``_native_attention_forward_op`` (forward only) plus the log-sum-exp, from
     torch's CPU flash-attention kernel. Layout as diffusers': q/k/v/out [B, S, H, D],
     lse [B, S, H]."""
@@ -258,9 +292,11 @@ def _native_forward_op_with_lse(ctx, query, key, value, attn_mask=None, dropout_
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill(
-            ~attn_mask, float("-inf"))
+            ~attn_mask, float("-inf")
+        )
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+    )
     out = out.transpose(1, 2)
     lse = lse.transpose(1, 2)
     return (out, lse) if return_lse else out
@@ -339,8 +375,10 @@ class Variant:
             self.counter.reset()
             with _lse_patch(_base(self.mode) == "ring_lse_patch"), self.counter.installed():
                 out = self.fn()
-            comm = {k: {"calls": self.counter.calls[k], "bytes": self.counter.bytes[k]}
-                    for k in sorted(self.counter.calls)}
+            comm = {
+                k: {"calls": self.counter.calls[k], "bytes": self.counter.bytes[k]}
+                for k in sorted(self.counter.calls)
+            }
             return out, self.counter.total_bytes, comm
         return self.fn(), 0, {}
 
@@ -366,8 +404,11 @@ def _setup(v: Variant, name: str, spec: dict[str, Any]) -> None:
     if v.impl == "xdit_compile":
         from xdit_compile import Plan, parallelize
 
-        plan = {"ulysses": Plan(ulysses=2), "ring": Plan(ring=2),
-                "ulysses_wholetext": Plan(ulysses=2, disable_passes=("shard_text_rows",))}[_base(v.mode)]
+        plan = {
+            "ulysses": Plan(ulysses=2),
+            "ring": Plan(ring=2),
+            "ulysses_wholetext": Plan(ulysses=2, disable_passes=("shard_text_rows",)),
+        }[_base(v.mode)]
         if "@" in v.mode:
             plan = replace(plan, compile="inductor")
         pm = parallelize(model, plan)
@@ -382,8 +423,9 @@ def _setup(v: Variant, name: str, spec: dict[str, Any]) -> None:
     v.info["setup_s"] = time.perf_counter() - t0
 
 
-def job_model(name: str, spec: dict[str, Any], methods: list[tuple[str, str]], iters: int,
-              warmup: int) -> dict[str, Any]:
+def job_model(
+    name: str, spec: dict[str, Any], methods: list[tuple[str, str]], iters: int, warmup: int
+) -> dict[str, Any]:
     """Serial reference, then every method set up and warmed up, then ``iters`` rounds in which
     each method (and the serial model) runs once, in an order rotated every round, so slow
     drifts of this shared machine's speed hit all methods alike."""
@@ -441,10 +483,15 @@ def job_model(name: str, spec: dict[str, Any], methods: list[tuple[str, str]], i
 # ---------------------------------------------------------------------------------------------
 # Driver
 
-MODE_LABEL = {"ulysses": "ulysses=2", "ring": "ring=2", "ring_lse_patch": "ring=2 (lse patch)",
-              "ulysses@compile": "ulysses=2, compiled", "ring@compile": "ring=2, compiled",
-              "ring_lse_patch@compile": "ring=2 (lse patch), compiled",
-              "ulysses_wholetext": "ulysses=2, text rows whole"}
+MODE_LABEL = {
+    "ulysses": "ulysses=2",
+    "ring": "ring=2",
+    "ring_lse_patch": "ring=2 (lse patch)",
+    "ulysses@compile": "ulysses=2, compiled",
+    "ring@compile": "ring=2, compiled",
+    "ring_lse_patch@compile": "ring=2 (lse patch), compiled",
+    "ulysses_wholetext": "ulysses=2, text rows whole",
+}
 
 
 def main() -> None:
@@ -454,8 +501,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--quick", action="store_true", help="tiny shapes; results not written")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
-    ap.add_argument("--compile", action="store_true",
-                    help="also the compiled methods (xdit_compile inductor, diffusers torch.compile)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the compiled methods (xdit_compile inductor, diffusers torch.compile)",
+    )
     args = ap.parse_args()
     methods = METHODS + (COMPILED_METHODS if args.compile else [])
     os.environ["XDIT_WORKER_THREADS"] = "1"
@@ -474,8 +524,15 @@ def main() -> None:
         for name in args.models:
             t0 = time.time()
             try:
-                res = pool.run(job_model, name, specs[name], methods, args.iters, args.warmup,
-                               timeout=args.timeout)
+                res = pool.run(
+                    job_model,
+                    name,
+                    specs[name],
+                    methods,
+                    args.iters,
+                    args.warmup,
+                    timeout=args.timeout,
+                )
             except WorkerError as e:  # a hang or a one-sided failure: the pool restarts
                 emit({"model": name, "method": "serial", "error": str(e)[:2000]})
                 continue
@@ -492,45 +549,59 @@ def main() -> None:
     _write(rows, args, specs, total_s)
 
 
-def _rows(name: str, res: list[dict[str, Any]], methods: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def _rows(
+    name: str, res: list[dict[str, Any]], methods: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
     """Table rows of one model from the per-rank results of ``job_model``."""
     per = [r["variants"] for r in res]
     s0 = per[0]["serial"]
     serial_ms = s0["ms"]
     both = max(p["serial_both_ranks"]["ms"] for p in per)
-    rows: list[dict[str, Any]] = [{
-        "model": name, "method": "serial", "degree": 1, "ms": round(serial_ms, 1),
-        "times_ms": [round(t, 1) for t in s0["times_ms"]],
-        "serial_on_both_ranks_at_once_ms": round(both, 1),
-        "shapes": res[0]["shapes"], "out_shape": res[0]["out_shape"], "params": res[0]["params"],
-    }]
+    rows: list[dict[str, Any]] = [
+        {
+            "model": name,
+            "method": "serial",
+            "degree": 1,
+            "ms": round(serial_ms, 1),
+            "times_ms": [round(t, 1) for t in s0["times_ms"]],
+            "serial_on_both_ranks_at_once_ms": round(both, 1),
+            "shapes": res[0]["shapes"],
+            "out_shape": res[0]["out_shape"],
+            "params": res[0]["params"],
+        }
+    ]
     xdit_ms: dict[str, float] = {}
     diffusers_ms: dict[str, float] = {}
     for impl, mode in methods:
         label = f"{impl}:{mode}"
-        row: dict[str, Any] = {"model": name, "method": impl, "mode": MODE_LABEL[mode],
-                               "degree": 2}
+        row: dict[str, Any] = {"model": name, "method": impl, "mode": MODE_LABEL[mode], "degree": 2}
         vs = [p[label] for p in per]
-        err = next((v["error"] for v in vs if v["error"] and v["error"] != "failed on another "
-                    "rank"), None) or next((v["error"] for v in vs if v["error"]), None)
+        err = next(
+            (v["error"] for v in vs if v["error"] and v["error"] != "failed on another rank"), None
+        ) or next((v["error"] for v in vs if v["error"]), None)
         if err:
             row["error"] = err
-            row["traceback_tail"] = next((v.get("traceback_tail") for v in vs
-                                          if v.get("traceback_tail")), None)
+            row["traceback_tail"] = next(
+                (v.get("traceback_tail") for v in vs if v.get("traceback_tail")), None
+            )
             rows.append(row)
             continue
         slow = max(vs, key=lambda v: v["ms"])
-        row.update({
-            "ms": round(slow["ms"], 1),
-            "ms_per_rank": [round(v["ms"], 1) for v in vs],
-            "times_ms": [round(t, 1) for t in slow["times_ms"]],
-            "speedup_vs_serial": round(serial_ms / slow["ms"], 3),
-            "bytes_per_rank_per_forward": [v["bytes_per_forward"] for v in vs],
-            "comm_rank0": vs[0]["comm"],
-            "rel_error": max(v["rel_error"] for v in vs),
-            "setup_s": round(max(v["setup_s"] for v in vs), 1),
-        })
-        kind = mode.split("_")[0].split("@")[0] + ("@compile" if "@" in mode else "")  # ulysses / ring [compiled]
+        row.update(
+            {
+                "ms": round(slow["ms"], 1),
+                "ms_per_rank": [round(v["ms"], 1) for v in vs],
+                "times_ms": [round(t, 1) for t in slow["times_ms"]],
+                "speedup_vs_serial": round(serial_ms / slow["ms"], 3),
+                "bytes_per_rank_per_forward": [v["bytes_per_forward"] for v in vs],
+                "comm_rank0": vs[0]["comm"],
+                "rel_error": max(v["rel_error"] for v in vs),
+                "setup_s": round(max(v["setup_s"] for v in vs), 1),
+            }
+        )
+        kind = mode.split("_")[0].split("@")[0] + (
+            "@compile" if "@" in mode else ""
+        )  # ulysses / ring [compiled]
         if impl == "xdit_compile":
             row["sharding_breaks"] = vs[0]["sharding_breaks"]
             if mode == kind:
@@ -540,7 +611,11 @@ def _rows(name: str, res: list[dict[str, Any]], methods: list[tuple[str, str]]) 
             diffusers_ms.setdefault(kind, slow["ms"])
         rows.append(row)
     for row in rows:  # the variant without cut text rows, against the same diffusers row
-        if row.get("mode") == MODE_LABEL["ulysses_wholetext"] and "ms" in row and "ulysses" in diffusers_ms:
+        if (
+            row.get("mode") == MODE_LABEL["ulysses_wholetext"]
+            and "ms" in row
+            and "ulysses" in diffusers_ms
+        ):
             row["xdit_over_diffusers"] = round(row["ms"] / diffusers_ms["ulysses"], 3)
     return rows
 
@@ -550,14 +625,23 @@ def _write(rows: list[dict[str, Any]], args: Any, specs: dict[str, Any], total_s
 
     meta = {
         "setup": "2 gloo processes x 1 torch thread (serial: rank 0 alone, rank 1 at a barrier); "
-                 "CPU, fp32",
-        "models": {n: {"config_overrides": {k: list(v) if isinstance(v, tuple) else v
-                                            for k, v in specs[n]["config"].items()},
-                       "inputs": specs[n]["inputs"], "desc": specs[n]["desc"]}
-                   for n in args.models},
-        "iters": args.iters, "warmup": args.warmup,
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "CPU, fp32",
+        "models": {
+            n: {
+                "config_overrides": {
+                    k: list(v) if isinstance(v, tuple) else v for k, v in specs[n]["config"].items()
+                },
+                "inputs": specs[n]["inputs"],
+                "desc": specs[n]["desc"],
+            }
+            for n in args.models
+        },
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
         "total_s": round(total_s, 1),
     }
     OUT.mkdir(exist_ok=True)
@@ -583,17 +667,26 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         mode = r.get("mode", "-")
         if "error" in r:
             err = r["error"].splitlines()[0].replace("|", "\\|")
-            lines.append(f"| {r['model']} | {method} | {mode} | - | - | - | - | - | "
-                         f"**fails:** `{err[:220]}` |")
+            lines.append(
+                f"| {r['model']} | {method} | {mode} | - | - | - | - | - | "
+                f"**fails:** `{err[:220]}` |"
+            )
             continue
         if method == "serial":
             conc = r["serial_on_both_ranks_at_once_ms"]
-            lines.append(f"| {r['model']} | serial (1 process) | - | {_ms(r)} | 1 | - | 0 | 0 | "
-                         f"same forward on both ranks at once: {conc} ms |")
+            lines.append(
+                f"| {r['model']} | serial (1 process) | - | {_ms(r)} | 1 | - | 0 | 0 | "
+                f"same forward on both ranks at once: {conc} ms |"
+            )
             continue
         b = r["bytes_per_rank_per_forward"]
-        bytes_s = ("not counted (compiled; the eager row's collectives)" if min(b) < 0 else
-                   f"{b[0]:,}" if len(set(b)) == 1 else " / ".join(f"{x:,}" for x in b))
+        bytes_s = (
+            "not counted (compiled; the eager row's collectives)"
+            if min(b) < 0
+            else f"{b[0]:,}"
+            if len(set(b)) == 1
+            else " / ".join(f"{x:,}" for x in b)
+        )
         note = ""
         if method == "xdit_compile":
             note = f"{len(r.get('sharding_breaks', []))} sharding breaks"
@@ -601,7 +694,8 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             note = "diffusers ring + CPU LSE forward op"
         lines.append(
             f"| {r['model']} | {method} | {mode} | {_ms(r)} | {r['speedup_vs_serial']} | "
-            f"{r.get('xdit_over_diffusers', '-')} | {bytes_s} | {r['rel_error']:.1e} | {note} |")
+            f"{r.get('xdit_over_diffusers', '-')} | {bytes_s} | {r['rel_error']:.1e} | {note} |"
+        )
     shapes = "; ".join(f"{n}: {m['desc']}" for n, m in meta["models"].items())
     lines += [
         "",
@@ -630,7 +724,7 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "## Caveats",
         "",
-        "- Compiled rows (`--compile`): xdit_compile with `compile=\"inductor\"` (its rewritten graph "
+        '- Compiled rows (`--compile`): xdit_compile with `compile="inductor"` (its rewritten graph '
         "through inductor, the attention ops opaque), diffusers with `torch.compile(model)` after "
         "`enable_parallelism` (dynamo traces its CP hooks and functional collectives). They run in "
         "the same interleaved rounds as the eager rows; their ratio is against the compiled "
@@ -659,11 +753,14 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "so output projections and MLPs run on 128 text rows per rank like diffusers; only the "
         "text K/V projections (2 of a block's ~12 D^2 matmul FLOPs per row) run on all 256 "
         "rows on every rank. The `ulysses=2, text rows whole` row is xdit_compile with "
-        "`disable_passes=(\"shard_text_rows\",)`: text rows stay replicated through every "
+        '`disable_passes=("shard_text_rows",)`: text rows stay replicated through every '
         "layer (the previous design), Ulysses all-gathers the text outputs over heads.",
     ]
-    bad = [r for r in rows if r.get("mode") == "ring=2 (lse patch)" and "error" not in r
-           and r["rel_error"] > 1e-4]
+    bad = [
+        r
+        for r in rows
+        if r.get("mode") == "ring=2 (lse patch)" and "error" not in r and r["rel_error"] > 1e-4
+    ]
     for r in bad:
         lines.append(
             f"- {r['model']} `ring=2 (lse patch)` rel error {r['rel_error']:.1e}: diffusers' "
@@ -671,11 +768,13 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "to every K/V chunk it rotates in, so with a padded text mask (Qwen-Image's "
             "`encoder_hidden_states_mask`) the other rank's keys are masked with this rank's "
             "pattern. This is diffusers' ring code, not the LSE patch (Ulysses all-gathers the "
-            "mask and is exact).")
+            "mask and is exact)."
+        )
     serial = [r for r in rows if r["method"] == "serial" and "error" not in r]
     if serial:
-        calib = ", ".join(f"{r['model']} {r['serial_on_both_ranks_at_once_ms'] / r['ms']:.2f}x"
-                          for r in serial)
+        calib = ", ".join(
+            f"{r['model']} {r['serial_on_both_ranks_at_once_ms'] / r['ms']:.2f}x" for r in serial
+        )
         lines.append(
             "- Machine: a shared 2-vCPU KVM guest whose capacity changes over time. Calibration "
             "per model, measured in the same rounds: the serial forward run on both ranks at "
@@ -685,9 +784,12 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "state; the xdit_compile / diffusers ratios are fairer because every method of a "
             "model is timed in the same interleaved rounds. Check the min-max ranges before "
             "reading a difference of a few percent. CPU fp32 over gloo says nothing about "
-            "GPU/NCCL behaviour.")
-    lines.append(f"- Whole run (all models, all methods, including capture and warm-up): "
-                 f"{meta['total_s']:.0f} s.")
+            "GPU/NCCL behaviour."
+        )
+    lines.append(
+        f"- Whole run (all models, all methods, including capture and warm-up): "
+        f"{meta['total_s']:.0f} s."
+    )
     return "\n".join(lines) + "\n"
 
 

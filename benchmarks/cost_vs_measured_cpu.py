@@ -30,22 +30,50 @@ OUT = Path(__file__).parent / "results"
 #: Mid-size configs (hidden 512) and inputs (latent pixels); ``cfg``: the pipeline's batch holds
 #: both CFG branches.
 MODELS: dict[str, dict[str, Any]] = {
-    "pixart-sigma": {"config": {"num_attention_heads": 8, "attention_head_dim": 64, "num_layers": 4,
-                                "cross_attention_dim": 512},
-                     "inputs": {"height": 64, "width": 64, "text_len": 120}, "cfg": True,
-                     "desc": "1024 image tokens, 4 blocks, cross-attention to 120 text tokens"},
-    "sd3": {"config": {"num_attention_heads": 8, "attention_head_dim": 64, "num_layers": 4,
-                       "caption_projection_dim": 512, "pos_embed_max_size": 96},
-            "inputs": {"height": 64, "width": 64, "text_len": 77}, "cfg": True,
-            "desc": "1024 image tokens + 77+77 text tokens, joint attention, 4 blocks"},
-    "flux-dev": {"config": {"num_attention_heads": 4, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56),
-                            "num_layers": 2, "num_single_layers": 2, "joint_attention_dim": 512,
-                            "pooled_projection_dim": 256},
-                 "inputs": {"height": 64, "width": 64, "text_len": 256}, "cfg": False,
-                 "desc": "1024 image tokens + 256 text tokens, joint attention, 2+2 blocks"},
+    "pixart-sigma": {
+        "config": {
+            "num_attention_heads": 8,
+            "attention_head_dim": 64,
+            "num_layers": 4,
+            "cross_attention_dim": 512,
+        },
+        "inputs": {"height": 64, "width": 64, "text_len": 120},
+        "cfg": True,
+        "desc": "1024 image tokens, 4 blocks, cross-attention to 120 text tokens",
+    },
+    "sd3": {
+        "config": {
+            "num_attention_heads": 8,
+            "attention_head_dim": 64,
+            "num_layers": 4,
+            "caption_projection_dim": 512,
+            "pos_embed_max_size": 96,
+        },
+        "inputs": {"height": 64, "width": 64, "text_len": 77},
+        "cfg": True,
+        "desc": "1024 image tokens + 77+77 text tokens, joint attention, 4 blocks",
+    },
+    "flux-dev": {
+        "config": {
+            "num_attention_heads": 4,
+            "attention_head_dim": 128,
+            "axes_dims_rope": (16, 56, 56),
+            "num_layers": 2,
+            "num_single_layers": 2,
+            "joint_attention_dim": 512,
+            "pooled_projection_dim": 256,
+        },
+        "inputs": {"height": 64, "width": 64, "text_len": 256},
+        "cfg": False,
+        "desc": "1024 image tokens + 256 text tokens, joint attention, 2+2 blocks",
+    },
 }
 PLANS: list[dict[str, Any]] = [
-    {"ulysses": 2}, {"ring": 2}, {"cfg": 2}, {"pipefusion": 2}, {"pipefusion": 2, "patches": 4},
+    {"ulysses": 2},
+    {"ring": 2},
+    {"cfg": 2},
+    {"pipefusion": 2},
+    {"pipefusion": 2, "patches": 4},
     {"distrifusion": 2},
 ]
 
@@ -56,8 +84,15 @@ def _job(name: str, plan_kw: dict[str, Any], spec: dict[str, Any], iters: int) -
     from xdit_compile.plan import Plan
 
     inputs = {**spec["inputs"], "batch": 2 if spec["cfg"] else 1}
-    out = compare_zoo_model(name, Plan(**plan_kw), size="full", iters=iters, warmup=1, config=spec["config"],
-                            inputs=inputs).as_dict()
+    out = compare_zoo_model(
+        name,
+        Plan(**plan_kw),
+        size="full",
+        iters=iters,
+        warmup=1,
+        config=spec["config"],
+        inputs=inputs,
+    ).as_dict()
     # Calibrate right here, right after the timing, in the same two processes: this shared
     # machine's speed drifts by tens of percent within minutes, so a profile measured once at
     # the start of a long run describes none of its rows.
@@ -70,7 +105,9 @@ def _workload(name: str, spec: dict[str, Any]) -> Any:
     from xdit_compile.models import build_model, example_inputs
 
     model = build_model(name, "full", **spec["config"])
-    inputs = example_inputs(name, model, size="full", batch=2 if spec["cfg"] else 1, **spec["inputs"])
+    inputs = example_inputs(
+        name, model, size="full", batch=2 if spec["cfg"] else 1, **spec["inputs"]
+    )
     return planner.workload(model, inputs, cfg_in_batch=spec["cfg"])
 
 
@@ -91,10 +128,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--profile", default=None,
-                    help="predict every row with this calibrated profile instead of the one measured with it")
-    ap.add_argument("--predict-only", action="store_true",
-                    help="keep the measurements and profiles of results/cost_vs_measured_cpu.json, redo the predictions")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="predict every row with this calibrated profile instead of the one measured with it",
+    )
+    ap.add_argument(
+        "--predict-only",
+        action="store_true",
+        help="keep the measurements and profiles of results/cost_vs_measured_cpu.json, redo the predictions",
+    )
     a = ap.parse_args()
     if a.predict_only:
         return _repredict(a.profile)
@@ -119,29 +162,48 @@ def main() -> int:
                     continue
                 res = pool.run(_job, name, kw, spec, a.iters, timeout=1800)
                 hw = fixed or cost.Hardware.from_dict(res[0]["profile"])
-                row = {"model": name, "plan": str(Plan(**kw)), "measured_ms": max(r["parallel_ms"] for r in res),
-                       "serial_ms": res[0]["serial_ms"], "rel_error": max(r["rel_error"] for r in res),
-                       "bytes": res[0]["bytes_per_forward"], "profile": hw.as_dict()}
+                row = {
+                    "model": name,
+                    "plan": str(Plan(**kw)),
+                    "measured_ms": max(r["parallel_ms"] for r in res),
+                    "serial_ms": res[0]["serial_ms"],
+                    "rel_error": max(r["rel_error"] for r in res),
+                    "bytes": res[0]["bytes_per_forward"],
+                    "profile": hw.as_dict(),
+                }
                 _predict_row(row, load, hw)
                 rows.append(row)
-                err = (row["predicted_ms"] / row["measured_ms"] - 1) * 100 if row["predicted_ms"] else float("nan")
-                print(f"{name:<13} {row['plan']:<55} measured {row['measured_ms']:8.1f} ms  predicted "
-                      f"{row['predicted_ms']:8.1f} ms ({err:+.0f}%)  serial {row['serial_ms']:8.1f} / "
-                      f"{row['serial_predicted_ms']:8.1f} ms  [{_rates(hw)}]", flush=True)
+                err = (
+                    (row["predicted_ms"] / row["measured_ms"] - 1) * 100
+                    if row["predicted_ms"]
+                    else float("nan")
+                )
+                print(
+                    f"{name:<13} {row['plan']:<55} measured {row['measured_ms']:8.1f} ms  predicted "
+                    f"{row['predicted_ms']:8.1f} ms ({err:+.0f}%)  serial {row['serial_ms']:8.1f} / "
+                    f"{row['serial_predicted_ms']:8.1f} ms  [{_rates(hw)}]",
+                    flush=True,
+                )
     finally:
         pool.close()
-    res_all = {"models": {k: MODELS[k]["desc"] for k in a.models}, "iters": a.iters,
-               "fixed_profile": a.profile, "rows": rows}
+    res_all = {
+        "models": {k: MODELS[k]["desc"] for k in a.models},
+        "iters": a.iters,
+        "fixed_profile": a.profile,
+        "rows": rows,
+    }
     _write(res_all)
     return 0
 
 
 def _rates(hw: Any) -> str:
     sh = hw.shared or {}
-    return (f"mm {hw.matmul / 1e9:.0f}/{sh.get('matmul', 0) / 1e9:.0f} GFLOP/s, attn {hw.attention / 1e9:.0f}/"
-            f"{sh.get('attention', 0) / 1e9:.0f}, mem {hw.memory / 1e9:.0f}/{sh.get('memory', 0) / 1e9:.0f} GB/s, "
-            f"op {hw.op_overhead * 1e6:.1f} us, link {hw.levels[0][1].bandwidth / 1e9:.2f} GB/s + "
-            f"{hw.levels[0][1].latency * 1e6:.0f} us")
+    return (
+        f"mm {hw.matmul / 1e9:.0f}/{sh.get('matmul', 0) / 1e9:.0f} GFLOP/s, attn {hw.attention / 1e9:.0f}/"
+        f"{sh.get('attention', 0) / 1e9:.0f}, mem {hw.memory / 1e9:.0f}/{sh.get('memory', 0) / 1e9:.0f} GB/s, "
+        f"op {hw.op_overhead * 1e6:.1f} us, link {hw.levels[0][1].bandwidth / 1e9:.2f} GB/s + "
+        f"{hw.levels[0][1].latency * 1e6:.0f} us"
+    )
 
 
 def _write(res: dict[str, Any]) -> None:
@@ -186,38 +248,55 @@ def _markdown(res: dict[str, Any]) -> str:
         v = [get(r["profile"]) / scale for r in rows]
         return f"{min(v):.1f}-{max(v):.1f}" if v else "-"
 
-    out = ["# Cost model vs measured latency on this CPU (2 gloo processes x 1 thread)", "",
-           "Script: `benchmarks/cost_vs_measured_cpu.py` "
-           f"(median of {res.get('iters', '?')} forwards after a warmup; serial timed alone on rank 0). "
-           + (f"Every row predicted with the fixed profile `{res['fixed_profile']}`." if res.get("fixed_profile") else
-              "Each row is predicted with a profile measured by `xdit_compile.analysis.cost.measure_group()` in the same two "
-              "processes right after that row's timing (this shared machine's speed drifts by tens of percent "
-              "within minutes; medians of micro-benchmarks, never the model's own forwards). Across the rows: "
-              f"matmul {span(lambda h: h['matmul'], 1e9)} GFLOP/s alone and "
-              f"{span(lambda h: h['shared']['matmul'], 1e9)} per rank with both ranks computing, attention "
-              f"{span(lambda h: h['attention'], 1e9)} / {span(lambda h: h['shared']['attention'], 1e9)} GFLOP/s, "
-              f"memory {span(lambda h: h['memory'], 1e9)} / {span(lambda h: h['shared']['memory'], 1e9)} GB/s, "
-              f"{span(lambda h: h['op_overhead'], 1e-6)} us per op, gloo all-to-all "
-              f"{span(lambda h: h['levels'][0][1]['bandwidth'], 1e9)} GB/s + "
-              f"{span(lambda h: h['levels'][0][1]['latency'], 1e-6)} us per call."), ""]
+    out = [
+        "# Cost model vs measured latency on this CPU (2 gloo processes x 1 thread)",
+        "",
+        "Script: `benchmarks/cost_vs_measured_cpu.py` "
+        f"(median of {res.get('iters', '?')} forwards after a warmup; serial timed alone on rank 0). "
+        + (
+            f"Every row predicted with the fixed profile `{res['fixed_profile']}`."
+            if res.get("fixed_profile")
+            else "Each row is predicted with a profile measured by `xdit_compile.analysis.cost.measure_group()` in the same two "
+            "processes right after that row's timing (this shared machine's speed drifts by tens of percent "
+            "within minutes; medians of micro-benchmarks, never the model's own forwards). Across the rows: "
+            f"matmul {span(lambda h: h['matmul'], 1e9)} GFLOP/s alone and "
+            f"{span(lambda h: h['shared']['matmul'], 1e9)} per rank with both ranks computing, attention "
+            f"{span(lambda h: h['attention'], 1e9)} / {span(lambda h: h['shared']['attention'], 1e9)} GFLOP/s, "
+            f"memory {span(lambda h: h['memory'], 1e9)} / {span(lambda h: h['shared']['memory'], 1e9)} GB/s, "
+            f"{span(lambda h: h['op_overhead'], 1e-6)} us per op, gloo all-to-all "
+            f"{span(lambda h: h['levels'][0][1]['bandwidth'], 1e9)} GB/s + "
+            f"{span(lambda h: h['levels'][0][1]['latency'], 1e-6)} us per call."
+        ),
+        "",
+    ]
     for k, d in res["models"].items():
         out.append(f"- **{k}**: {d}")
-    out += ["", "| model | plan | measured ms | predicted ms | error | serial measured / predicted ms | "
-                "bytes/rank measured / predicted | max rel. diff vs serial |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "| model | plan | measured ms | predicted ms | error | serial measured / predicted ms | "
+        "bytes/rank measured / predicted | max rel. diff vs serial |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     errs, serr = [], {}
     for r in res["rows"]:
         e = r["predicted_ms"] / r["measured_ms"] - 1 if r["predicted_ms"] else None
         if e is not None:
             errs.append(abs(e))
         serr[r["model"]] = r["serial_predicted_ms"] / r["serial_ms"] - 1
-        out.append(f"| {r['model']} | {r['plan'].replace('Plan(', '').replace(', compile=None)', '')} | "
-                   f"{r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | {e * 100:+.0f}% | "
-                   f"{r['serial_ms']:.1f} / {r['serial_predicted_ms']:.1f} | {r['bytes']:,} / "
-                   f"{int(r['predicted_bytes'] or 0):,} | {r['rel_error']:.1e} |")
-    out += ["", f"Mean absolute error over {len(errs)} parallel plans: **{100 * sum(errs) / max(len(errs), 1):.0f}%** "
-                f"(max {100 * max(errs, default=0):.0f}%); serial: "
-                + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in serr.items()) + ".", ""]
+        out.append(
+            f"| {r['model']} | {r['plan'].replace('Plan(', '').replace(', compile=None)', '')} | "
+            f"{r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | {e * 100:+.0f}% | "
+            f"{r['serial_ms']:.1f} / {r['serial_predicted_ms']:.1f} | {r['bytes']:,} / "
+            f"{int(r['predicted_bytes'] or 0):,} | {r['rel_error']:.1e} |"
+        )
+    out += [
+        "",
+        f"Mean absolute error over {len(errs)} parallel plans: **{100 * sum(errs) / max(len(errs), 1):.0f}%** "
+        f"(max {100 * max(errs, default=0):.0f}%); serial: "
+        + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in serr.items())
+        + ".",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -231,8 +310,13 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models, strict=True):
         rows = [r for r in res["rows"] if r["model"] == m]
-        labels = [r["plan"].replace("Plan(", "").replace(", compile=None)", "").replace(", warmup_steps=1", "")
-                  for r in rows]
+        labels = [
+            r["plan"]
+            .replace("Plan(", "")
+            .replace(", compile=None)", "")
+            .replace(", warmup_steps=1", "")
+            for r in rows
+        ]
         x = range(len(rows))
         ax.bar([i - 0.2 for i in x], [r["measured_ms"] for r in rows], 0.4, label="measured")
         ax.bar([i + 0.2 for i in x], [r["predicted_ms"] or 0 for r in rows], 0.4, label="predicted")

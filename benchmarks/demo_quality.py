@@ -33,17 +33,39 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 #: Approximate methods measured: (label, plan kwargs, world size).
 METHODS: list[tuple[str, dict[str, Any], int]] = [
-    *[(f"PipeFusion 2 stages, {m} patches, warmup {w}", dict(pipefusion=2, patches=m, warmup_steps=w), 2)
-      for m in (2, 4, 8) for w in (1, 2)],
-    *[(f"PipeFusion 4 stages, {m} patches, warmup {w}", dict(pipefusion=4, patches=m, warmup_steps=w), 4)
-      for m in (4, 8) for w in (1, 2)],
-    *[(f"DistriFusion {n} ranks, warmup {w}", dict(distrifusion=n, warmup_steps=w), n)
-      for n in (2, 4) for w in (1, 2)],
+    *[
+        (
+            f"PipeFusion 2 stages, {m} patches, warmup {w}",
+            dict(pipefusion=2, patches=m, warmup_steps=w),
+            2,
+        )
+        for m in (2, 4, 8)
+        for w in (1, 2)
+    ],
+    *[
+        (
+            f"PipeFusion 4 stages, {m} patches, warmup {w}",
+            dict(pipefusion=4, patches=m, warmup_steps=w),
+            4,
+        )
+        for m in (4, 8)
+        for w in (1, 2)
+    ],
+    *[
+        (f"DistriFusion {n} ranks, warmup {w}", dict(distrifusion=n, warmup_steps=w), n)
+        for n in (2, 4)
+        for w in (1, 2)
+    ],
 ]
 
 
-def generate(path: str, plan: dict[str, Any] | None, prompts: list[str], seeds: list[int],
-             components: dict[str, Any] | None = None) -> np.ndarray:
+def generate(
+    path: str,
+    plan: dict[str, Any] | None,
+    prompts: list[str],
+    seeds: list[int],
+    components: dict[str, Any] | None = None,
+) -> np.ndarray:
     """Images ``[len(seeds) * len(prompts), H, W, 3]`` in [0, 1]; image i of seed s is drawn
     from the generator seeded ``1000 * s + i`` (the same on every rank and in every method)."""
     import diffusers
@@ -64,13 +86,20 @@ def generate(path: str, plan: dict[str, Any] | None, prompts: list[str], seeds: 
     for seed in seeds:
         gens = [torch.Generator().manual_seed(1000 * seed + i) for i in range(len(prompts))]
         with torch.no_grad():
-            images = pipe(prompt=prompts, generator=gens, output_type="np",
-                          use_resolution_binning=False, clean_caption=False).images
+            images = pipe(
+                prompt=prompts,
+                generator=gens,
+                output_type="np",
+                use_resolution_binning=False,
+                clean_caption=False,
+            ).images
         out.append(np.asarray(images))
     return np.concatenate(out)
 
 
-def _worker(path: str, plan: dict[str, Any], prompts: list[str], seeds: list[int]) -> np.ndarray | None:
+def _worker(
+    path: str, plan: dict[str, Any], prompts: list[str], seeds: list[int]
+) -> np.ndarray | None:
     import torch.distributed as dist
 
     images = generate(path, plan, prompts, seeds)
@@ -96,11 +125,18 @@ def _grid(path: str, seeds: list[int], out: Path) -> None:
     from xdit_compile.models import demo
 
     s = demo.SUBJECTS
-    prompts = [demo.caption(s[0]), demo.caption(s[0], "in the snow"), demo.caption(s[1], "on a blue background"),
-               demo.caption(s[2]), demo.caption(s[18], "", ("small", "on the left")),
-               demo.caption(s[22], "on a yellow background"), demo.caption(s[26], "on a black background"),
-               demo.caption(s[36], "on a pink background"), demo.caption(s[34], "", ("small", "")),
-               demo.caption(s[30], "on a green background")]
+    prompts = [
+        demo.caption(s[0]),
+        demo.caption(s[0], "in the snow"),
+        demo.caption(s[1], "on a blue background"),
+        demo.caption(s[2]),
+        demo.caption(s[18], "", ("small", "on the left")),
+        demo.caption(s[22], "on a yellow background"),
+        demo.caption(s[26], "on a black background"),
+        demo.caption(s[36], "on a pink background"),
+        demo.caption(s[34], "", ("small", "")),
+        demo.caption(s[30], "on a green background"),
+    ]
     images = generate(path, None, prompts, seeds)  # [seeds * prompts, H, W, 3]
     h = images.shape[1]
     label_w = 330
@@ -140,8 +176,13 @@ def main() -> None:
     trained = accuracy(serial, labels, refs)
     print(f"trained: retrieval accuracy {trained:.3f} over {len(serial)} images ({serial_s:.0f} s)")
     fresh = demo.build_components(seed=0)
-    untrained_images = generate(path, None, prompts, seeds, components={
-        "transformer": fresh["transformer"], "text_encoder": fresh["text_encoder"]})
+    untrained_images = generate(
+        path,
+        None,
+        prompts,
+        seeds,
+        components={"transformer": fresh["transformer"], "text_encoder": fresh["text_encoder"]},
+    )
     untrained = accuracy(untrained_images, labels, refs)
     print(f"untrained: retrieval accuracy {untrained:.3f} (chance {1 / len(prompts):.3f})")
     if not args.quick:
@@ -154,32 +195,60 @@ def main() -> None:
             pool = pools.setdefault(world, WorkerPool(world))
             t = time.perf_counter()
             images = pool.run(_worker, path, plan, prompts, seeds, timeout=3600)[0]
-            rows.append({"method": label, "plan": plan, "ranks": world, "psnr_db": psnr(images, serial),
-                         "accuracy": accuracy(images, labels, refs), "seconds": time.perf_counter() - t})
-            tqdm.write(f"  {label}: PSNR {rows[-1]['psnr_db']:.1f} dB, accuracy {rows[-1]['accuracy']:.3f}")
+            rows.append(
+                {
+                    "method": label,
+                    "plan": plan,
+                    "ranks": world,
+                    "psnr_db": psnr(images, serial),
+                    "accuracy": accuracy(images, labels, refs),
+                    "seconds": time.perf_counter() - t,
+                }
+            )
+            tqdm.write(
+                f"  {label}: PSNR {rows[-1]['psnr_db']:.1f} dB, accuracy {rows[-1]['accuracy']:.3f}"
+            )
     finally:
         for pool in pools.values():
             pool.close()
-    result = {"subjects": len(prompts), "seeds": seeds, "images": len(serial), "chance": 1 / len(prompts),
-              "trained_accuracy": trained, "untrained_accuracy": untrained, "serial_seconds": serial_s,
-              "distance": f"MSE of {demo.POOL}x{demo.POOL}-average-pooled images", "methods": rows}
+    result = {
+        "subjects": len(prompts),
+        "seeds": seeds,
+        "images": len(serial),
+        "chance": 1 / len(prompts),
+        "trained_accuracy": trained,
+        "untrained_accuracy": untrained,
+        "serial_seconds": serial_s,
+        "distance": f"MSE of {demo.POOL}x{demo.POOL}-average-pooled images",
+        "methods": rows,
+    }
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
-        "# Demo pipeline quality (`benchmarks/demo_quality.py`)", "",
+        "# Demo pipeline quality (`benchmarks/demo_quality.py`)",
+        "",
         f"{len(prompts)} subjects x {len(seeds)} seeds = {len(serial)} images of the plain prompt "
-        f"(\"{prompts[0]}\") at the pipeline's defaults (20 steps, guidance 4.5, 64x64). Retrieval: the "
+        f'("{prompts[0]}") at the pipeline\'s defaults (20 steps, guidance 4.5, 64x64). Retrieval: the '
         f"nearest of the {len(prompts)} reference renderings under the {result['distance']}; chance "
-        f"{1 / len(prompts):.3f}.", "",
-        "| pipeline | retrieval accuracy |", "|---|---|",
+        f"{1 / len(prompts):.3f}.",
+        "",
+        "| pipeline | retrieval accuracy |",
+        "|---|---|",
         f"| trained (committed, fp16 weights run in fp32) | {trained:.3f} |",
-        f"| untrained DiT + text encoder (trained VAE) | {untrained:.3f} |", "",
+        f"| untrained DiT + text encoder (trained VAE) | {untrained:.3f} |",
+        "",
         "Approximate methods, same prompts and seeds, against the serial images (PSNR over [0, 1] "
-        "pixels, mean over images):", "",
-        "| method | ranks | PSNR vs serial (dB) | retrieval accuracy | seconds |", "|---|---|---|---|---|",
-        *[f"| {r['method']} | {r['ranks']} | {r['psnr_db']:.1f} | {r['accuracy']:.3f} | {r['seconds']:.0f} |"
-          for r in rows],
-        "", "Published anchors: DistriFusion reports 22-24.6 dB PSNR against the original SDXL images "
-        "with 5 of 50 steps warm; PipeFusion reports FID close to the original's.", "",
+        "pixels, mean over images):",
+        "",
+        "| method | ranks | PSNR vs serial (dB) | retrieval accuracy | seconds |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['method']} | {r['ranks']} | {r['psnr_db']:.1f} | {r['accuracy']:.3f} | {r['seconds']:.0f} |"
+            for r in rows
+        ],
+        "",
+        "Published anchors: DistriFusion reports 22-24.6 dB PSNR against the original SDXL images "
+        "with 5 of 50 steps warm; PipeFusion reports FID close to the original's.",
+        "",
         "![grid](demo_grid.png)" if not args.quick else "",
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

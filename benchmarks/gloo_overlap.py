@@ -95,17 +95,32 @@ def main() -> int:
     med = {k: max(statistics.median(res[r][k]) for r in res) for k in CASES}
     ideal = max(med["compute"], med["all_to_all"])
     hidden = (med["sync"] - med["async"]) / med["all_to_all"] if med["all_to_all"] else 0.0
-    out = {"iters": a.iters, "mb_sent": a.mb / 2, "median_ms": med, "ideal_overlap_ms": ideal,
-           "fraction_of_all_to_all_hidden": hidden, "times_ms": {str(r): res[r] for r in res}}
+    out = {
+        "iters": a.iters,
+        "mb_sent": a.mb / 2,
+        "median_ms": med,
+        "ideal_overlap_ms": ideal,
+        "fraction_of_all_to_all_hidden": hidden,
+        "times_ms": {str(r): res[r] for r in res},
+    }
     OUT.mkdir(exist_ok=True)
     (OUT / "gloo_overlap.json").write_text(json.dumps(out, indent=1))
-    md = ["# Async all-to-all vs compute on this machine (2 gloo processes x 1 thread)", "",
-          "Script: `benchmarks/gloo_overlap.py`. Median of "
-          f"{a.iters} interleaved runs each, slower rank; each rank sends {a.mb / 2:g} MB per all-to-all.", "",
-          "| case | ms |", "|---|---|"]
+    md = [
+        "# Async all-to-all vs compute on this machine (2 gloo processes x 1 thread)",
+        "",
+        "Script: `benchmarks/gloo_overlap.py`. Median of "
+        f"{a.iters} interleaved runs each, slower rank; each rank sends {a.mb / 2:g} MB per all-to-all.",
+        "",
+        "| case | ms |",
+        "|---|---|",
+    ]
     md += [f"| {k} | {med[k]:.2f} |" for k in CASES]
-    md += ["", f"Perfect overlap would give {ideal:.2f} ms for `async`. Fraction of the all-to-all hidden "
-               f"by starting it before the compute: **{hidden:.0%}**.", ""]
+    md += [
+        "",
+        f"Perfect overlap would give {ideal:.2f} ms for `async`. Fraction of the all-to-all hidden "
+        f"by starting it before the compute: **{hidden:.0%}**.",
+        "",
+    ]
     (OUT / "gloo_overlap.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0

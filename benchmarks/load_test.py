@@ -38,8 +38,10 @@ import numpy as np
 from xdit_compile.serve.client import wait_ready
 
 OUT = Path(__file__).parent / "results"
-PAIRS = [(f"prompt {i}: a small {c} shape", 100 + i) for i, c in
-         enumerate(("red", "green", "blue", "yellow", "black", "white", "pink", "orange"))]
+PAIRS = [
+    (f"prompt {i}: a small {c} shape", 100 + i)
+    for i, c in enumerate(("red", "green", "blue", "yellow", "black", "white", "pink", "orange"))
+]
 LEVELS = (1, 4, 16)
 
 
@@ -60,28 +62,65 @@ def _health(url: str) -> dict[str, Any] | None:
 class Service:
     def __init__(self, port: int, max_batch: int, max_queue: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "xdit_compile.cli.main", "serve", "--model", "pixart-sigma", "--cfg", "2", "--port",
-               str(port), "--max-batch", str(max_batch), "--max-n", "1", "--max-queue", str(max_queue), "--max-steps", "400"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "xdit_compile.cli.main",
+            "serve",
+            "--model",
+            "pixart-sigma",
+            "--cfg",
+            "2",
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max_batch),
+            "--max-n",
+            "1",
+            "--max-queue",
+            str(max_queue),
+            "--max-steps",
+            "400",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
         self.start_s = wait_ready(self.url, timeout=300, alive=lambda: self.proc.poll() is None)
 
     def stop(self) -> None:
         try:
-            urllib.request.urlopen(urllib.request.Request(self.url + "/admin/shutdown", method="POST"), timeout=30)
+            urllib.request.urlopen(
+                urllib.request.Request(self.url + "/admin/shutdown", method="POST"), timeout=30
+            )
             self.proc.wait(60)
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
 
 
-def _level(svc: Service, concurrency: int, n_requests: int, steps: int, max_s: float,
-           refs: dict[int, np.ndarray] | None) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+def _level(
+    svc: Service,
+    concurrency: int,
+    n_requests: int,
+    steps: int,
+    max_s: float,
+    refs: dict[int, np.ndarray] | None,
+) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
     from xdit_compile.serve.client import ClientError, generate_images
 
     lock = threading.Lock()
     todo = list(range(n_requests))
     lat: list[float] = []
-    out: dict[str, Any] = {"concurrency": concurrency, "sent": 0, "ok": 0, "lost": 0, "mixed_up": 0, "rejected_429": 0}
+    out: dict[str, Any] = {
+        "concurrency": concurrency,
+        "sent": 0,
+        "ok": 0,
+        "lost": 0,
+        "mixed_up": 0,
+        "rejected_429": 0,
+    }
     got: dict[int, np.ndarray] = {}
     t_end = time.monotonic() + max_s
 
@@ -94,7 +133,9 @@ def _level(svc: Service, concurrency: int, n_requests: int, steps: int, max_s: f
                 out["sent"] += 1
             prompt, seed = PAIRS[i % len(PAIRS)]
             try:
-                res = generate_images(svc.url, prompt, seed=seed, steps=steps, timeout=300, retries_on_429=1000)
+                res = generate_images(
+                    svc.url, prompt, seed=seed, steps=steps, timeout=300, retries_on_429=1000
+                )
             except (ClientError, OSError):
                 with lock:
                     out["lost"] += 1
@@ -114,9 +155,12 @@ def _level(svc: Service, concurrency: int, n_requests: int, steps: int, max_s: f
             f.result()
     wall = time.monotonic() - t0
     lat.sort()
-    out.update(wall_s=wall, throughput_rps=out["ok"] / wall if wall else 0.0,
-               p50_s=statistics.median(lat) if lat else None,
-               p99_s=lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] if lat else None)
+    out.update(
+        wall_s=wall,
+        throughput_rps=out["ok"] / wall if wall else 0.0,
+        p50_s=statistics.median(lat) if lat else None,
+        p99_s=lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] if lat else None,
+    )
     return out, got
 
 
@@ -145,8 +189,12 @@ def _recovery(svc: Service, steps: int) -> dict[str, Any]:
     healthy = time.monotonic() - t0
     generate_images(svc.url, PAIRS[0][0], seed=PAIRS[0][1], steps=steps, timeout=300)
     served = time.monotonic() - t0
-    return {"in_flight_status": box.get("code"), "in_flight_message": box.get("message"),
-            "healthy_after_s": healthy, "first_image_after_s": served}
+    return {
+        "in_flight_status": box.get("code"),
+        "in_flight_message": box.get("message"),
+        "healthy_after_s": healthy,
+        "first_image_after_s": served,
+    }
 
 
 def main() -> int:
@@ -159,9 +207,18 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from xdit_compile.testing.launcher import free_port
 
-    res: dict[str, Any] = {"setup": {"model": "pixart-sigma (tiny pipeline, 32x32)", "plan": "cfg=2",
-                                     "processes": 2, "requests_per_level": a.requests, "steps": a.steps,
-                                     "max_queue": a.max_queue, "pairs": len(PAIRS)}, "runs": {}}
+    res: dict[str, Any] = {
+        "setup": {
+            "model": "pixart-sigma (tiny pipeline, 32x32)",
+            "plan": "cfg=2",
+            "processes": 2,
+            "requests_per_level": a.requests,
+            "steps": a.steps,
+            "max_queue": a.max_queue,
+            "pairs": len(PAIRS),
+        },
+        "runs": {},
+    }
     refs: dict[int, np.ndarray] | None = None
     for label, batch in (("no batching", 1), ("batching (max 4)", 4)):
         svc = Service(free_port(), batch, a.max_queue)
@@ -190,24 +247,33 @@ def main() -> int:
 
 def _markdown(res: dict[str, Any]) -> str:
     s = res["setup"]
-    out = ["# Load test of `xdit-compile serve` (loopback, bounded)", "",
-           f"`benchmarks/load_test.py`: {s['model']}, `{s['plan']}` on {s['processes']} gloo processes (this 2-core "
-           f"CPU), {s['requests_per_level']} requests per level of {s['steps']} steps, closed-loop clients, 429 "
-           f"retried after `Retry-After`, queue limit {s['max_queue']}. Every answer is checked against its "
-           f"(prompt, seed) pair's image made alone ({s['pairs']} pairs): a different image is *mixed up*, an "
-           "error or no answer is *lost*.", "",
-           "| run | concurrency | answered | throughput req/s | p50 s | p99 s | lost | mixed up | 429 answers |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# Load test of `xdit-compile serve` (loopback, bounded)",
+        "",
+        f"`benchmarks/load_test.py`: {s['model']}, `{s['plan']}` on {s['processes']} gloo processes (this 2-core "
+        f"CPU), {s['requests_per_level']} requests per level of {s['steps']} steps, closed-loop clients, 429 "
+        f"retried after `Retry-After`, queue limit {s['max_queue']}. Every answer is checked against its "
+        f"(prompt, seed) pair's image made alone ({s['pairs']} pairs): a different image is *mixed up*, an "
+        "error or no answer is *lost*.",
+        "",
+        "| run | concurrency | answered | throughput req/s | p50 s | p99 s | lost | mixed up | 429 answers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, run in res["runs"].items():
         for r in run["levels"]:
-            out.append(f"| {label} | {r['concurrency']} | {r['ok']}/{r['sent']} | {r['throughput_rps']:.2f} | "
-                       f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['lost']} | {r['mixed_up']} | {r['rejected_429']} |")
+            out.append(
+                f"| {label} | {r['concurrency']} | {r['ok']}/{r['sent']} | {r['throughput_rps']:.2f} | "
+                f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['lost']} | {r['mixed_up']} | {r['rejected_429']} |"
+            )
     rec = res.get("recovery")
     if rec:
-        out += ["", f"Killed worker (rank 1, SIGKILL) during a request: the request in flight got HTTP "
-                    f"{rec.get('in_flight_status')} ({rec.get('in_flight_message')}); `/health` was ok again after "
-                    f"{rec['healthy_after_s']:.1f} s and the next image was served {rec['first_image_after_s']:.1f} s "
-                    "after the kill (the group is restarted: pipeline reloaded, parallelized and warmed up)."]
+        out += [
+            "",
+            f"Killed worker (rank 1, SIGKILL) during a request: the request in flight got HTTP "
+            f"{rec.get('in_flight_status')} ({rec.get('in_flight_message')}); `/health` was ok again after "
+            f"{rec['healthy_after_s']:.1f} s and the next image was served {rec['first_image_after_s']:.1f} s "
+            "after the kill (the group is restarted: pipeline reloaded, parallelized and warmed up).",
+        ]
     return "\n".join(out) + "\n"
 
 

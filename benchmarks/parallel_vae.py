@@ -32,8 +32,13 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).parent / "results"
-CONFIG: dict[str, Any] = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=2)
+CONFIG: dict[str, Any] = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=16,
+    layers_per_block=2,
+)
 
 
 def _vae() -> Any:
@@ -57,11 +62,23 @@ def static_rows(pixels: list[int], degrees: list[int]) -> list[dict[str, Any]]:
         for n in degrees:
             dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=n)
             pm = xc.parallelize(getattr(vae, part), xc.Plan(ring=n))
-            pm.prepare(torch.empty(1, 16, px // 8, px // 8) if part == "decoder" else torch.empty(1, 3, px, px))
+            pm.prepare(
+                torch.empty(1, 16, px // 8, px // 8)
+                if part == "decoder"
+                else torch.empty(1, 3, px, px)
+            )
             r = xc.explain(pm)
-            rows.append({"part": part, "pixels": px, "ranks": n, "peak_activation_bytes": r.activation_bytes,
-                         "flops_per_rank": r.flops, "bytes_sent": r.bytes_per_forward,
-                         "breaks": len(r.breaks)})
+            rows.append(
+                {
+                    "part": part,
+                    "pixels": px,
+                    "ranks": n,
+                    "peak_activation_bytes": r.activation_bytes,
+                    "flops_per_rank": r.flops,
+                    "bytes_sent": r.bytes_per_forward,
+                    "breaks": len(r.breaks),
+                }
+            )
             print(rows[-1], flush=True)
             dist.destroy_process_group()
     return rows
@@ -86,7 +103,9 @@ def _measure(pixels: int, parallel: bool) -> dict[str, Any]:
     with torch.no_grad():
         vae.decode(z, return_dict=False)  # the first call captures (parallel) / warms up
         dist.barrier()
-        Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark to the current RSS
+        Path("/proc/self/clear_refs").write_text(
+            "5"
+        )  # resets the high-water mark to the current RSS
         before = _rss_kb()[0]
         t0 = time.perf_counter()
         img = vae.decode(z, return_dict=False)[0]
@@ -109,11 +128,24 @@ def measured_rows(pixels: int) -> list[dict[str, Any]]:
     pool = WorkerPool(2)
     par = pool.run(_measure, pixels, True, timeout=3600)
     pool.close()
-    out.append({"pixels": pixels, "run": "serial (1 process)", "seconds": serial["seconds"],
-                "peak_rss_growth_bytes": [serial["peak_rss_growth_bytes"]], "rel_error": 0.0})
-    out.append({"pixels": pixels, "run": "ring=2 (2 processes)", "seconds": max(r["seconds"] for r in par),
-                "peak_rss_growth_bytes": [r["peak_rss_growth_bytes"] for r in par],
-                "rel_error": max(rel_error(r["image"], serial["image"]) for r in par)})
+    out.append(
+        {
+            "pixels": pixels,
+            "run": "serial (1 process)",
+            "seconds": serial["seconds"],
+            "peak_rss_growth_bytes": [serial["peak_rss_growth_bytes"]],
+            "rel_error": 0.0,
+        }
+    )
+    out.append(
+        {
+            "pixels": pixels,
+            "run": "ring=2 (2 processes)",
+            "seconds": max(r["seconds"] for r in par),
+            "peak_rss_growth_bytes": [r["peak_rss_growth_bytes"] for r in par],
+            "rel_error": max(rel_error(r["image"], serial["image"]) for r in par),
+        }
+    )
     for r in out:
         print({k: v for k, v in r.items()}, flush=True)
     return out
@@ -125,31 +157,51 @@ def _mb(b: float) -> str:
 
 def write(static: list[dict[str, Any]], measured: list[dict[str, Any]], pixels: int) -> None:
     OUT.mkdir(exist_ok=True)
-    (OUT / "parallel_vae.json").write_text(json.dumps({"config": CONFIG, "static": static, "measured": measured},
-                                                      indent=1, default=str) + "\n")
-    lines = ["# Parallel VAE (`parallelize_vae`, `--parallel-vae`)", "",
-             "`benchmarks/parallel_vae.py`: the full-size AutoencoderKL (Flux/SD3 shape: blocks "
-             "(128, 256, 512, 512), 16 latent channels, random weights), the decoder's latent rows and the "
-             "encoder's image rows cut over the ranks (`Plan(ring=N)`).", "",
-             "## Per rank, from `explain` (static, no GPU needed)", "",
-             "Peak activation bytes: graph values alive at once on one rank (the attention's own buffers "
-             "and the weights, 198 MB fp32, not counted).", "",
-             "| part | image | ranks | peak activations MB / rank | vs 1 rank | GFLOPs / rank | sent MB / rank | breaks |",
-             "|---|---|---|---|---|---|---|---|"]
+    (OUT / "parallel_vae.json").write_text(
+        json.dumps(
+            {"config": CONFIG, "static": static, "measured": measured}, indent=1, default=str
+        )
+        + "\n"
+    )
+    lines = [
+        "# Parallel VAE (`parallelize_vae`, `--parallel-vae`)",
+        "",
+        "`benchmarks/parallel_vae.py`: the full-size AutoencoderKL (Flux/SD3 shape: blocks "
+        "(128, 256, 512, 512), 16 latent channels, random weights), the decoder's latent rows and the "
+        "encoder's image rows cut over the ranks (`Plan(ring=N)`).",
+        "",
+        "## Per rank, from `explain` (static, no GPU needed)",
+        "",
+        "Peak activation bytes: graph values alive at once on one rank (the attention's own buffers "
+        "and the weights, 198 MB fp32, not counted).",
+        "",
+        "| part | image | ranks | peak activations MB / rank | vs 1 rank | GFLOPs / rank | sent MB / rank | breaks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base = {(r["part"], r["pixels"]): r["peak_activation_bytes"] for r in static if r["ranks"] == 1}
     for r in static:
-        lines.append(f"| {r['part']} | {r['pixels']}x{r['pixels']} | {r['ranks']} | {_mb(r['peak_activation_bytes'])} | "
-                     f"{r['peak_activation_bytes'] / base[(r['part'], r['pixels'])]:.2f} | "
-                     f"{r['flops_per_rank'] / 1e9:,.0f} | "
-                     f"{r['bytes_sent'] / 2**20:,.1f} | {r['breaks']} |")
+        lines.append(
+            f"| {r['part']} | {r['pixels']}x{r['pixels']} | {r['ranks']} | {_mb(r['peak_activation_bytes'])} | "
+            f"{r['peak_activation_bytes'] / base[(r['part'], r['pixels'])]:.2f} | "
+            f"{r['flops_per_rank'] / 1e9:,.0f} | "
+            f"{r['bytes_sent'] / 2**20:,.1f} | {r['breaks']} |"
+        )
     if measured:
-        lines += ["", f"## Measured on this CPU ({pixels}x{pixels}, fp32, 1 torch thread per process, gloo)", "",
-                  "Second decode call (the first captures). Peak RSS growth: how far each process's resident-memory "
-                  "high-water mark rose above its resident memory before the decode (weights excluded).", "",
-                  "| run | seconds | peak RSS growth MB per process | max rel. difference vs serial |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Measured on this CPU ({pixels}x{pixels}, fp32, 1 torch thread per process, gloo)",
+            "",
+            "Second decode call (the first captures). Peak RSS growth: how far each process's resident-memory "
+            "high-water mark rose above its resident memory before the decode (weights excluded).",
+            "",
+            "| run | seconds | peak RSS growth MB per process | max rel. difference vs serial |",
+            "|---|---|---|---|",
+        ]
         for r in measured:
-            lines.append(f"| {r['run']} | {r['seconds']:.2f} | "
-                         f"{', '.join(_mb(b) for b in r['peak_rss_growth_bytes'])} | {r['rel_error']:.1e} |")
+            lines.append(
+                f"| {r['run']} | {r['seconds']:.2f} | "
+                f"{', '.join(_mb(b) for b in r['peak_rss_growth_bytes'])} | {r['rel_error']:.1e} |"
+            )
     (OUT / "parallel_vae.md").write_text("\n".join(lines) + "\n")
 
 

@@ -29,15 +29,41 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).parent / "results"
-CONFIG = {"num_attention_heads": 4, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "num_layers": 2,
-          "num_single_layers": 2, "joint_attention_dim": 512, "pooled_projection_dim": 256}
+CONFIG = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 128,
+    "axes_dims_rope": (16, 56, 56),
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "joint_attention_dim": 512,
+    "pooled_projection_dim": 256,
+}
 INPUTS = {"height": 64, "width": 64, "text_len": 256}
 
-_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-           "aten::_weight_int8pack_mm", "aten::mkldnn_linear")
+_MATMUL = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::_weight_int8pack_mm",
+    "aten::mkldnn_linear",
+)
 _ATTN = ("scaled_dot_product", "flash_attention", "_efficient_attention", "math_attention")
-_COMM = ("c10d", "gloo", "all_to_all", "alltoall", "all_gather", "allgather", "send", "recv", "wait_tensor",
-         "barrier", "broadcast")
+_COMM = (
+    "c10d",
+    "gloo",
+    "all_to_all",
+    "alltoall",
+    "all_gather",
+    "allgather",
+    "send",
+    "recv",
+    "wait_tensor",
+    "barrier",
+    "broadcast",
+)
 
 
 def _category(name: str) -> str:
@@ -101,9 +127,18 @@ def _job(variant: str, iters: int) -> dict[str, Any]:
     barrier = cats.pop("barrier", 0.0)
     wall_ms = wall * 1e3 - barrier
     cats["framework + Python"] = max(wall_ms - sum(cats.values()), 0.0)
-    calls = ({"all_to_all@ulysses": {"calls": counter.calls.get("funcol.all_to_all_single", 0)}}
-             if counter is not None else comm_stats().as_dict())
-    return {"rank": dist.get_rank(), "variant": variant, "wall_ms": wall_ms, "categories": cats, "calls": calls}
+    calls = (
+        {"all_to_all@ulysses": {"calls": counter.calls.get("funcol.all_to_all_single", 0)}}
+        if counter is not None
+        else comm_stats().as_dict()
+    )
+    return {
+        "rank": dist.get_rank(),
+        "variant": variant,
+        "wall_ms": wall_ms,
+        "categories": cats,
+        "calls": calls,
+    }
 
 
 def main() -> int:
@@ -116,10 +151,15 @@ def main() -> int:
     pool = WorkerPool(2)
     res: dict[str, Any] = {}
     try:
-        for label, variant in (("xdit_compile ulysses=2, Q/K/V in 3 all-to-alls (before)", "before"),
-                               ("xdit_compile ulysses=2", "ulysses"), ("diffusers CP ulysses=2", "diffusers"),
-                               ("xdit_compile ring=2", "ring"), ("xdit_compile ulysses=2, again", "ulysses"),
-                               ("diffusers CP ulysses=2, again", "diffusers"), ("xdit_compile ring=2, again", "ring")):
+        for label, variant in (
+            ("xdit_compile ulysses=2, Q/K/V in 3 all-to-alls (before)", "before"),
+            ("xdit_compile ulysses=2", "ulysses"),
+            ("diffusers CP ulysses=2", "diffusers"),
+            ("xdit_compile ring=2", "ring"),
+            ("xdit_compile ulysses=2, again", "ulysses"),
+            ("diffusers CP ulysses=2, again", "diffusers"),
+            ("xdit_compile ring=2, again", "ring"),
+        ):
             res[label] = pool.run(_job, variant, a.iters, timeout=1800)
             print(label, [round(r["wall_ms"], 1) for r in res[label]], flush=True)
     finally:
@@ -134,18 +174,25 @@ def main() -> int:
 
 def _markdown(res: dict[str, Any], iters: int) -> str:
     cats = ["matmul", "attention", "other ops", "communication", "framework + Python"]
-    out = ["# Where the time goes: Flux mid-size, ulysses=2, 2 gloo processes x 1 thread", "",
-           f"`benchmarks/profile_breakdown.py`: torch profiler, self CPU time per op category, ms per forward "
-           f"(mean of {iters} forwards after 2 warmup forwards; barriers excluded). Communication is gloo's "
-           "transfer and the wait for the peer together. diffusers' attention wrappers (Python) count as "
-           "other ops; Ring's send/recv run while its local block attends.", "",
-           "| variant | rank | wall ms | " + " | ".join(cats) + " | all-to-all calls |",
-           "|---|---|---|" + "---|" * len(cats) + "---|"]
+    out = [
+        "# Where the time goes: Flux mid-size, ulysses=2, 2 gloo processes x 1 thread",
+        "",
+        f"`benchmarks/profile_breakdown.py`: torch profiler, self CPU time per op category, ms per forward "
+        f"(mean of {iters} forwards after 2 warmup forwards; barriers excluded). Communication is gloo's "
+        "transfer and the wait for the peer together. diffusers' attention wrappers (Python) count as "
+        "other ops; Ring's send/recv run while its local block attends.",
+        "",
+        "| variant | rank | wall ms | " + " | ".join(cats) + " | all-to-all calls |",
+        "|---|---|---|" + "---|" * len(cats) + "---|",
+    ]
     for label, ranks in res.items():
         for r in ranks:
             calls = r["calls"].get("all_to_all@ulysses", {}).get("calls", 0) // max(iters, 1)
-            out.append(f"| {label} | {r['rank']} | {r['wall_ms']:.1f} | "
-                       + " | ".join(f"{r['categories'].get(c, 0.0):.1f}" for c in cats) + f" | {calls} |")
+            out.append(
+                f"| {label} | {r['rank']} | {r['wall_ms']:.1f} | "
+                + " | ".join(f"{r['categories'].get(c, 0.0):.1f}" for c in cats)
+                + f" | {calls} |"
+            )
     return "\n".join(out) + "\n"
 
 

@@ -37,14 +37,29 @@ def _one(name: str, size: str, uneven: bool, plan: xc.Plan) -> dict:
         try:
             pm.prepare(**kwargs)
         except ValueError as e:  # e.g. heads not divisible by ulysses: the plan is refused
-            return {"model": name, "size": size, "uneven": uneven, "plan": str(plan), "refused": str(e)}
+            return {
+                "model": name,
+                "size": size,
+                "uneven": uneven,
+                "plan": str(plan),
+                "refused": str(e),
+            }
         except RuntimeError as e:  # e.g. a model that cannot be captured as one graph
-            return {"model": name, "size": size, "uneven": uneven, "plan": str(plan),
-                    "refused": f"not compiled: {str(e).splitlines()[0]}"}
+            return {
+                "model": name,
+                "size": size,
+                "uneven": uneven,
+                "plan": str(plan),
+                "refused": f"not compiled: {str(e).splitlines()[0]}",
+            }
         rep = xc.explain(pm)
         return {
-            "model": name, "size": size, "uneven": uneven, "plan": str(plan),
-            "split": list(rep.seed["split"]), "breaks": [f"{b.op}: {b.reason} at {b.source}" for b in rep.breaks],
+            "model": name,
+            "size": size,
+            "uneven": uneven,
+            "plan": str(plan),
+            "split": list(rep.seed["split"]),
+            "breaks": [f"{b.op}: {b.reason} at {b.source}" for b in rep.breaks],
             "bytes_rank0": rep.bytes_per_forward,
             "comm": {f"{op}@{axis}": calls for (op, axis), (calls, _) in rep.comm_totals().items()},
         }
@@ -66,18 +81,26 @@ def main() -> None:
                     print(json.dumps(rows[-1])[:300], flush=True)
     OUT.mkdir(exist_ok=True)
     (OUT / "sharding_breaks.json").write_text(json.dumps(rows, indent=1))
-    lines = ["# Sharding breaks per zoo model (static, rank 0's view)", "",
-             "Full size = published config with every block stack cut to 2 layers, and full-size inputs.", "",
-             "| model | size | input | plan | split (seed dim) | breaks | collectives per forward | bytes/rank |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Sharding breaks per zoo model (static, rank 0's view)",
+        "",
+        "Full size = published config with every block stack cut to 2 layers, and full-size inputs.",
+        "",
+        "| model | size | input | plan | split (seed dim) | breaks | collectives per forward | bytes/rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         inp = "uneven" if r["uneven"] else "default"
         if "refused" in r:
-            lines.append(f"| {r['model']} | {r['size']} | {inp} | {r['plan']} | - | refused: {r['refused'][-120:]} | - | - |")
+            lines.append(
+                f"| {r['model']} | {r['size']} | {inp} | {r['plan']} | - | refused: {r['refused'][-120:]} | - | - |"
+            )
             continue
         comm = ", ".join(f"{k} x{v}" for k, v in r["comm"].items())
         brk = len(r["breaks"]) if not r["breaks"] else "<br>".join(r["breaks"])
-        lines.append(f"| {r['model']} | {r['size']} | {inp} | {r['plan']} | {r['split']} | {brk} | {comm} | {r['bytes_rank0']:,} |")
+        lines.append(
+            f"| {r['model']} | {r['size']} | {inp} | {r['plan']} | {r['split']} | {brk} | {comm} | {r['bytes_rank0']:,} |"
+        )
     (OUT / "sharding_breaks.md").write_text("\n".join(lines) + "\n")
 
 

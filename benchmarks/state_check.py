@@ -26,10 +26,23 @@ from typing import Any
 
 import torch
 
-MODELS = {"flux-dev": dict(height=1024, width=1024), "sd3.5": dict(height=1024, width=1024),
-          "qwen-image": dict(height=1024, width=1024), "wan2.1": dict(height=480, width=832, frames=81),
-          "hunyuan-video": dict(height=720, width=1280, frames=129)}
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+MODELS = {
+    "flux-dev": dict(height=1024, width=1024),
+    "sd3.5": dict(height=1024, width=1024),
+    "qwen-image": dict(height=1024, width=1024),
+    "wan2.1": dict(height=480, width=832, frames=81),
+    "hunyuan-video": dict(height=720, width=1280, frames=129),
+}
+TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+]
 
 
 def _model(name: str, lora: bool) -> torch.nn.Module:
@@ -44,10 +57,15 @@ def _model(name: str, lora: bool) -> torch.nn.Module:
         from peft import LoraConfig
 
         present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {
-            n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.count(".") >= 1}
+            n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]
+            for n, _ in model.named_modules()
+            if n.count(".") >= 1
+        }
         targets = [t for t in TARGETS if t in present]
         for adapter in ("a", "b"):
-            model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=targets), adapter_name=adapter)
+            model.add_adapter(
+                LoraConfig(r=16, lora_alpha=16, target_modules=targets), adapter_name=adapter
+            )
         model.set_adapters(["a", "b"], [1.0, 0.5])
     return model
 
@@ -70,9 +88,14 @@ def _check_us(model: torch.nn.Module, calls: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     fingerprint(model)
     fp_ms = (time.perf_counter() - t0) * 1e3
-    return {"modules": len(watch.snapshot.dicts), "tensors": len(watch.snapshot.tensors),
-            "objects": len(watch.snapshot.objects), "check_us": _median_us(watch.quick, calls),
-            "full_us": _median_us(watch.matches, max(1, calls // 20)), "fingerprint_ms": fp_ms}
+    return {
+        "modules": len(watch.snapshot.dicts),
+        "tensors": len(watch.snapshot.tensors),
+        "objects": len(watch.snapshot.objects),
+        "check_us": _median_us(watch.quick, calls),
+        "full_us": _median_us(watch.matches, max(1, calls // 20)),
+        "fingerprint_ms": fp_ms,
+    }
 
 
 def _forward_ms(name: str, geo: dict[str, int]) -> dict[str, float]:
@@ -81,8 +104,11 @@ def _forward_ms(name: str, geo: dict[str, int]) -> dict[str, float]:
     load = zoo_workload(name, **geo)
     out = {}
     for world in (1, 8):
-        best = next(c for c in rank_plans(load, world, "h200-sxm", steps=1, approximate=False)
-                    if c.prediction is not None)
+        best = next(
+            c
+            for c in rank_plans(load, world, "h200-sxm", steps=1, approximate=False)
+            if c.prediction is not None
+        )
         p = best.prediction
         out[f"forward_ms_{world}gpu"] = (p.compute + sum(p.comm.values())) * 1e3
         out[f"plan_{world}gpu"] = str(best.plan)
@@ -112,20 +138,27 @@ def main() -> None:
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["# The per-call model-state check at full size", "",
-             f"`python benchmarks/state_check.py` (torch {torch.__version__}, this machine's CPU, one thread of "
-             "Python). Per call: median of 5 runs of `StateWatch.quick()`, the check every call makes. Full: "
-             "`StateWatch.matches()`, the whole snapshot compared with the live tree (only where the mutation counter "
-             "moved, and at each new request). Fingerprint: the hashable state taken when it did change. Forward: the "
-             "cost model's H200 prediction for one transformer call (bf16, fastest exact plan) at the published "
-             "resolution. LoRA: two PEFT adapters (r=16) on every attention projection, both active.",
-             "", "| model | LoRA | modules | per call (µs) | share of forward, 1 GPU | share, 8 GPUs | full (ms) "
-             "| fingerprint (ms) | forward 1 / 8 GPUs (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# The per-call model-state check at full size",
+        "",
+        f"`python benchmarks/state_check.py` (torch {torch.__version__}, this machine's CPU, one thread of "
+        "Python). Per call: median of 5 runs of `StateWatch.quick()`, the check every call makes. Full: "
+        "`StateWatch.matches()`, the whole snapshot compared with the live tree (only where the mutation counter "
+        "moved, and at each new request). Fingerprint: the hashable state taken when it did change. Forward: the "
+        "cost model's H200 prediction for one transformer call (bf16, fastest exact plan) at the published "
+        "resolution. LoRA: two PEFT adapters (r=16) on every attention projection, both active.",
+        "",
+        "| model | LoRA | modules | per call (µs) | share of forward, 1 GPU | share, 8 GPUs | full (ms) "
+        "| fingerprint (ms) | forward 1 / 8 GPUs (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {'2 adapters' if r['lora'] else '-'} | {r['modules']:,} | "
-                     f"{r['check_us']:.1f} | {r['share_1gpu']:.4%} | {r['share_8gpu']:.3%} | "
-                     f"{r['full_us'] / 1e3:.1f} | {r['fingerprint_ms']:.0f} | {r['forward_ms_1gpu']:.0f} / "
-                     f"{r['forward_ms_8gpu']:.1f} ({r['plan_8gpu'].removeprefix('Plan(').split(',')[0]}) |")
+        lines.append(
+            f"| {r['model']} | {'2 adapters' if r['lora'] else '-'} | {r['modules']:,} | "
+            f"{r['check_us']:.1f} | {r['share_1gpu']:.4%} | {r['share_8gpu']:.3%} | "
+            f"{r['full_us'] / 1e3:.1f} | {r['fingerprint_ms']:.0f} | {r['forward_ms_1gpu']:.0f} / "
+            f"{r['forward_ms_8gpu']:.1f} ({r['plan_8gpu'].removeprefix('Plan(').split(',')[0]}) |"
+        )
     return "\n".join(lines) + "\n"
 
 

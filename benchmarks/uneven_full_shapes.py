@@ -54,23 +54,53 @@ def _cases() -> list[Case]:
     flux = {**layer_overrides("flux-dev", "full", 1), **NARROW, "axes_dims_rope": (8, 28, 28)}
     cog = {"num_layers": 1, **NARROW}
     return [
-        Case("flux-dev", flux, {"height": 126, "width": 126, "text_len": 512}, (1, 63, 63), 512,
-             "1008x1008 px -> latent 126x126 -> packed 2x2: 63x63 tokens",
-             [Plan(ulysses=2), Plan(ring=2), *D4]),
-        Case("cogvideox-2b", cog, {"height": 60, "width": 90, "frames": 13, "text_len": 226},
-             (13, 30, 45), 226, "49 frames 480x720 -> latent 13x60x90 -> patch 2: 13x30x45", D4),
-        Case("cogvideox-5b", cog, {"height": 60, "width": 90, "frames": 13, "text_len": 226},
-             (13, 30, 45), 226, "49 frames 480x720 -> latent 13x60x90 -> patch 2: 13x30x45", D4),
-        Case("mochi", {"num_layers": 2, **NARROW},
-             {"height": 60, "width": 106, "frames": 28, "text_len": 256}, (28, 30, 53), 256,
-             "163 frames 480x848 -> latent 28x60x106 -> patch 2: 28x30x53", D4),
+        Case(
+            "flux-dev",
+            flux,
+            {"height": 126, "width": 126, "text_len": 512},
+            (1, 63, 63),
+            512,
+            "1008x1008 px -> latent 126x126 -> packed 2x2: 63x63 tokens",
+            [Plan(ulysses=2), Plan(ring=2), *D4],
+        ),
+        Case(
+            "cogvideox-2b",
+            cog,
+            {"height": 60, "width": 90, "frames": 13, "text_len": 226},
+            (13, 30, 45),
+            226,
+            "49 frames 480x720 -> latent 13x60x90 -> patch 2: 13x30x45",
+            D4,
+        ),
+        Case(
+            "cogvideox-5b",
+            cog,
+            {"height": 60, "width": 90, "frames": 13, "text_len": 226},
+            (13, 30, 45),
+            226,
+            "49 frames 480x720 -> latent 13x60x90 -> patch 2: 13x30x45",
+            D4,
+        ),
+        Case(
+            "mochi",
+            {"num_layers": 2, **NARROW},
+            {"height": 60, "width": 106, "frames": 28, "text_len": 256},
+            (28, 30, 53),
+            256,
+            "163 frames 480x848 -> latent 28x60x106 -> patch 2: 28x30x53",
+            D4,
+        ),
         # Extra: 28 frames split evenly over 4 ranks; 157 frames (27 latent) do not.
-        Case("mochi", {"num_layers": 2, **NARROW},
-             {"height": 60, "width": 106, "frames": 27, "text_len": 256}, (27, 30, 53), 256,
-             "extra: 157 frames 480x848 -> latent 27x60x106 -> patch 2: 27x30x53",
-             [Plan(ulysses=2, ring=2)]),
+        Case(
+            "mochi",
+            {"num_layers": 2, **NARROW},
+            {"height": 60, "width": 106, "frames": 27, "text_len": 256},
+            (27, 30, 53),
+            256,
+            "extra: 157 frames 480x848 -> latent 27x60x106 -> patch 2: 27x30x53",
+            [Plan(ulysses=2, ring=2)],
+        ),
     ]
-
 
 
 def _shapes(x: Any) -> list[list[int]]:
@@ -97,13 +127,20 @@ def _job(case: Case, plan: Plan, iters: int) -> dict[str, Any]:
     out, parallel_ms = timed(lambda: pm(**kwargs), iters, barrier=True)
     same = _shapes(out) == _shapes(ref)
     return {
-        "rank": rank, "rel_error": rel_error(out, ref) if same else math.inf,
-        "out_shape": _shapes(out), "serial_shape": _shapes(ref), "shape_equal": same,
-        "serial_ms": serial_ms, "parallel_ms": parallel_ms,
+        "rank": rank,
+        "rel_error": rel_error(out, ref) if same else math.inf,
+        "out_shape": _shapes(out),
+        "serial_shape": _shapes(ref),
+        "shape_equal": same,
+        "serial_ms": serial_ms,
+        "parallel_ms": parallel_ms,
         "bytes_per_forward": stats.total_bytes // iters,
         "comm": {k: v["calls"] // iters for k, v in stats.as_dict().items()},
         "breaks": [f"{b.op} at {b.source}: {b.reason}" for b in entry.breaks],
-        "seed": {k: list(v) if isinstance(v, tuple) else v for k, v in (entry.seed.as_dict() if entry.seed else {}).items()},
+        "seed": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in (entry.seed.as_dict() if entry.seed else {}).items()
+        },
     }
 
 
@@ -117,11 +154,17 @@ def _local_tokens(case: Case, seed: dict[str, Any]) -> list[int]:
 def _row(case: Case, plan: Plan, res: list[dict[str, Any]] | str, wall: float) -> dict[str, Any]:
     cfg = {**layer_overrides(case.model, "full", 99), **case.config}  # 99: keep the config's
     row: dict[str, Any] = {
-        "model": case.model, "plan": str(plan), "world": plan.world_size, "shape": case.shape,
-        "heads": cfg["num_attention_heads"], "head_dim": cfg["attention_head_dim"],
+        "model": case.model,
+        "plan": str(plan),
+        "world": plan.world_size,
+        "shape": case.shape,
+        "heads": cfg["num_attention_heads"],
+        "head_dim": cfg["attention_head_dim"],
         "hidden": cfg["num_attention_heads"] * cfg["attention_head_dim"],
         "layers": {k: v for k, v in cfg.items() if k.startswith("num_") and k.endswith("layers")},
-        "grid": list(case.grid), "tokens": math.prod(case.grid), "text_tokens": case.text,
+        "grid": list(case.grid),
+        "tokens": math.prod(case.grid),
+        "text_tokens": case.text,
         "wall_s": round(wall, 1),
     }
     if isinstance(res, str):
@@ -129,27 +172,34 @@ def _row(case: Case, plan: Plan, res: list[dict[str, Any]] | str, wall: float) -
     r0, err = res[0], max(r["rel_error"] for r in res)
     ok = err < TOL and all(r["shape_equal"] for r in res)
     return {
-        **row, "status": "ok" if ok else "WRONG",
+        **row,
+        "status": "ok" if ok else "WRONG",
         "seed": {k: r0["seed"][k] for k in ("input", "shape", "dim", "patch", "split")},
         "local_tokens": _local_tokens(case, r0["seed"]),
-        "rel_error": err, "rel_error_per_rank": [r["rel_error"] for r in res],
-        "out_shape": r0["out_shape"], "serial_shape": r0["serial_shape"],
+        "rel_error": err,
+        "rel_error_per_rank": [r["rel_error"] for r in res],
+        "out_shape": r0["out_shape"],
+        "serial_shape": r0["serial_shape"],
         "shape_equal": all(r["shape_equal"] for r in res),
         "serial_ms": round(r0["serial_ms"], 1),
         "parallel_ms": round(max(r["parallel_ms"] for r in res), 1),
-        "bytes_per_rank": [r["bytes_per_forward"] for r in res], "comm_rank0": r0["comm"],
+        "bytes_per_rank": [r["bytes_per_forward"] for r in res],
+        "comm_rank0": r0["comm"],
         "breaks": r0["breaks"],
     }
 
 
 def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        "# Uneven token counts at real pipeline shapes (run, serial vs parallel)", "",
-        "## Method", "",
+        "# Uneven token counts at real pipeline shapes (run, serial vs parallel)",
+        "",
+        "## Method",
+        "",
         f"- {meta['setup']}; torch {meta['torch']}, {meta['cores']} cores; fp32; "
         f"median of {meta['iters']} forward(s) (latencies are informational only).",
         "- Each model is the zoo's published (`full`) config with only these changed: "
-        + "; ".join(meta["configs"]) + ". Input-facing dims (latent channels, text embedding "
+        + "; ".join(meta["configs"])
+        + ". Input-facing dims (latent channels, text embedding "
         "dims, patch sizes) are the published ones, so the token grids are the pipelines'.",
         "- Serial reference: the plain diffusers module on rank 0 alone (one process, same "
         "weights and inputs), broadcast to the other ranks. Parallel: "
@@ -159,18 +209,27 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "- local tokens: the latent tokens each rank holds (seed split of the outermost "
         "token-grid dim in whole patches, times the tokens per unit); text tokens are "
         "whole on every rank at the input; joint attention returns them cut evenly over the ranks and the Q/K/V projections gather them back (text K/V are never sent).",
-        "- bytes/rank: bytes sent by rank 0 per forward (every rank's in the JSON).", "",
-        "## Results", "",
+        "- bytes/rank: bytes sent by rank 0 per forward (every rank's in the JSON).",
+        "",
+        "## Results",
+        "",
         "| model | shape | hidden/heads/layers | tokens (+text) | plan | local tokens per rank | "
         "rel error | out shape = serial | serial ms | parallel ms | bytes/rank | breaks | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lay = ", ".join(f"{k}={v}" for k, v in r["layers"].items())
-        head = (f"| {r['model']} | {r['shape']} | {r['hidden']} / {r['heads']}x{r['head_dim']} / "
-                f"{lay} | {r['tokens']} (+{r['text_tokens']}) | {r['plan']} |")
+        head = (
+            f"| {r['model']} | {r['shape']} | {r['hidden']} / {r['heads']}x{r['head_dim']} / "
+            f"{lay} | {r['tokens']} (+{r['text_tokens']}) | {r['plan']} |"
+        )
         if not r["status"].startswith(("ok", "WRONG")):
-            lines.append(head + " - | - | - | - | - | - | - | " + r["status"][:300].replace("\n", " ").replace("|", "/") + " |")
+            lines.append(
+                head
+                + " - | - | - | - | - | - | - | "
+                + r["status"][:300].replace("\n", " ").replace("|", "/")
+                + " |"
+            )
             continue
         brk = len(r["breaks"]) if not r["breaks"] else "<br>".join(r["breaks"])
         lines.append(
@@ -196,8 +255,15 @@ def main() -> None:
     for i, c in enumerate(cases):
         if c.model == "mochi" and args.mochi_frames != 28 and c.grid[0] == 28:
             f = args.mochi_frames
-            cases[i] = Case(c.model, c.config, {**c.inputs, "frames": f}, (f, 30, 53), c.text,
-                            f"{c.shape} (REDUCED to {f} latent frames)", c.plans)
+            cases[i] = Case(
+                c.model,
+                c.config,
+                {**c.inputs, "frames": f},
+                (f, 30, 53),
+                c.text,
+                f"{c.shape} (REDUCED to {f} latent frames)",
+                c.plans,
+            )
     pools: dict[int, WorkerPool] = {}
     rows = []
     try:
@@ -212,9 +278,25 @@ def main() -> None:
                     where = [ln for ln in lines if ln.startswith("File ")]
                     res = lines[0] + (f" (raised at {where[-1]})" if where else "")
                 rows.append(_row(case, plan, res, time.time() - t0))
-                print(json.dumps({k: rows[-1].get(k) for k in (
-                    "model", "plan", "status", "local_tokens", "rel_error", "shape_equal",
-                    "serial_ms", "parallel_ms", "wall_s")}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            k: rows[-1].get(k)
+                            for k in (
+                                "model",
+                                "plan",
+                                "status",
+                                "local_tokens",
+                                "rel_error",
+                                "shape_equal",
+                                "serial_ms",
+                                "parallel_ms",
+                                "wall_s",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
     finally:
         for p in pools.values():
             p.close()
@@ -224,8 +306,11 @@ def main() -> None:
 def _meta(iters: int) -> dict[str, Any]:
     return {
         "setup": "gloo worker processes x 1 thread each (2 or 4) vs 1 process x 1 thread, CPU",
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "iters": iters, "tolerance": TOL,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "iters": iters,
+        "tolerance": TOL,
         "configs": [
             "flux-dev: 1 double + 1 single block, 4 heads x 64 (hidden 256), axes_dims_rope "
             "(8, 28, 28); 512 T5 tokens (FluxPipeline's default max_sequence_length)",

@@ -41,8 +41,12 @@ def _config(stem: str) -> Any:
     """The first tester config of a diffusers test file (an instance), or raise."""
     mod = importlib.import_module(f"{FOLDER}.{stem}")
     for obj in vars(mod).values():
-        if (isinstance(obj, type) and obj.__module__ == mod.__name__ and "get_init_dict" in vars(obj)
-                and "get_dummy_inputs" in vars(obj)):
+        if (
+            isinstance(obj, type)
+            and obj.__module__ == mod.__name__
+            and "get_init_dict" in vars(obj)
+            and "get_dummy_inputs" in vars(obj)
+        ):
             return obj()
     raise LookupError(f"{stem}: no class with get_init_dict and get_dummy_inputs")
 
@@ -71,11 +75,19 @@ def _one(stem: str, plan_kw: dict[str, int]) -> dict[str, Any]:
         ref = _leaves(model(**inputs))
         out = _leaves(pm(**inputs))
     entry = pm.last
-    return {"class": type(model).__name__, "rel_error": rel_error(tuple(out), tuple(ref)),
-            "share": _flops_share(pm), "breaks": [str(b) for b in _breaks(pm, entry)],
-            "regions": len(pm.all_regions()) if pm.regions is not None else 0,
-            "region_error": pm.region_error,
-            "seed": {k: v for k, v in (entry.seed.as_dict() if entry.seed else {}).items() if k != "shape"} if entry is not None else {}}
+    return {
+        "class": type(model).__name__,
+        "rel_error": rel_error(tuple(out), tuple(ref)),
+        "share": _flops_share(pm),
+        "breaks": [str(b) for b in _breaks(pm, entry)],
+        "regions": len(pm.all_regions()) if pm.regions is not None else 0,
+        "region_error": pm.region_error,
+        "seed": {
+            k: v for k, v in (entry.seed.as_dict() if entry.seed else {}).items() if k != "shape"
+        }
+        if entry is not None
+        else {},
+    }
 
 
 def _short(b: str) -> str:
@@ -84,21 +96,37 @@ def _short(b: str) -> str:
     return f"{op} ({reason})"
 
 
-def _row(stem: str, label: str, res: list[dict[str, Any]] | None, error: str = "") -> dict[str, Any]:
+def _row(
+    stem: str, label: str, res: list[dict[str, Any]] | None, error: str = ""
+) -> dict[str, Any]:
     row: dict[str, Any] = {"file": stem, "plan": label}
     if res is None:
         refused = "ValueError" in error or "NotImplementedError" in error
-        row.update(cls="?", rel_error=None, share=None, breaks=[], n_breaks=0,
-                   outcome="refused" if refused else "failed", capture=error)
+        row.update(
+            cls="?",
+            rel_error=None,
+            share=None,
+            breaks=[],
+            n_breaks=0,
+            outcome="refused" if refused else "failed",
+            capture=error,
+        )
     else:
         r0 = res[0]
-        row.update(cls=r0["class"], rel_error=max(r["rel_error"] for r in res),
-                   share=max(r["share"] for r in res), breaks=sorted({_short(b) for b in r0["breaks"]}),
-                   n_breaks=len(r0["breaks"]),
-                   capture=f"{r0['regions']} regions ({r0['region_error'][:120]})" if r0["regions"]
-                   else "whole graph")
+        row.update(
+            cls=r0["class"],
+            rel_error=max(r["rel_error"] for r in res),
+            share=max(r["share"] for r in res),
+            breaks=sorted({_short(b) for b in r0["breaks"]}),
+            n_breaks=len(r0["breaks"]),
+            capture=f"{r0['regions']} regions ({r0['region_error'][:120]})"
+            if r0["regions"]
+            else "whole graph",
+        )
         exact = row["rel_error"] < EXACT
-        row["outcome"] = ("parallel" if exact and row["share"] <= PARALLEL else "exact") if exact else "WRONG"
+        row["outcome"] = (
+            ("parallel" if exact and row["share"] <= PARALLEL else "exact") if exact else "WRONG"
+        )
     return row
 
 
@@ -107,13 +135,14 @@ def main() -> None:
     ap.add_argument("--diffusers-src", required=True, help="a diffusers checkout (holds tests/)")
     ap.add_argument("--files", default="", help="test file stems, comma-separated (default: all)")
     ap.add_argument("--out", default="benchmarks/results/unseen")
-    ap.add_argument("--merge", action="store_true", help="replace these files' rows in an existing result")
+    ap.add_argument(
+        "--merge", action="store_true", help="replace these files' rows in an existing result"
+    )
     a = ap.parse_args()
     src = Path(a.diffusers_src).resolve()
     sys.path.insert(0, str(src))  # before the pools start: workers copy sys.path
     folder = src / Path(*FOLDER.split("."))
-    stems = a.files.split(",") if a.files else sorted(
-        p.stem for p in folder.glob("test_*.py"))
+    stems = a.files.split(",") if a.files else sorted(p.stem for p in folder.glob("test_*.py"))
     pool = WorkerPool(2)
     rows: list[dict[str, Any]] = []
     t0 = time.time()
@@ -129,8 +158,11 @@ def main() -> None:
                 row = _row(stem, label, None, first.strip()[:300])
             rows.append(row)
             err = "-" if row["rel_error"] is None else f"{row['rel_error']:.1e}"
-            print(f"{stem:52s} {label:10s} {row['outcome']:8s} err {err:>8s} breaks {row['n_breaks']} "
-                  f"{row['capture'][:90]}", flush=True)
+            print(
+                f"{stem:52s} {label:10s} {row['outcome']:8s} err {err:>8s} breaks {row['n_breaks']} "
+                f"{row['capture'][:90]}",
+                flush=True,
+            )
     pool.close()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,26 +179,37 @@ def _markdown(rows: list[dict[str, Any]], seconds: float) -> str:
     import diffusers
     import torch
 
-    lines = ["# Unseen models: diffusers' own test configs at ulysses=2 and ring=2", "",
-             f"`python benchmarks/unseen.py --diffusers-src PATH` (diffusers {diffusers.__version__}, torch "
-             f"{torch.__version__}, gloo on CPU, 2 processes, fp32, {seconds:.0f} s for the last run). Each row "
-             "is the first tester config of one `tests/models/transformers` file of diffusers. Exact: relative "
-             f"error < {EXACT}. Parallel: exact and this rank's FLOPs share <= {PARALLEL}. Refused: the plan "
-             "was rejected with a message. WRONG: a result above the tolerance.", ""]
+    lines = [
+        "# Unseen models: diffusers' own test configs at ulysses=2 and ring=2",
+        "",
+        f"`python benchmarks/unseen.py --diffusers-src PATH` (diffusers {diffusers.__version__}, torch "
+        f"{torch.__version__}, gloo on CPU, 2 processes, fp32, {seconds:.0f} s for the last run). Each row "
+        "is the first tester config of one `tests/models/transformers` file of diffusers. Exact: relative "
+        f"error < {EXACT}. Parallel: exact and this rank's FLOPs share <= {PARALLEL}. Refused: the plan "
+        "was rejected with a message. WRONG: a result above the tolerance.",
+        "",
+    ]
     for label, _ in PLANS:
         sub = [r for r in rows if r["plan"] == label]
         c = Counter(r["outcome"] for r in sub)
-        lines.append(f"- **{label}**: {c['parallel'] + c['exact']}/{len(sub)} exact, {c['parallel']}/{len(sub)} "
-                     f"exact and parallel, {c['refused']} refused, {c['failed']} failed, "
-                     f"**{c['WRONG']} wrong**")
-    lines += ["", "| file | class | plan | outcome | rel. error | share | breaks | capture / message |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- **{label}**: {c['parallel'] + c['exact']}/{len(sub)} exact, {c['parallel']}/{len(sub)} "
+            f"exact and parallel, {c['refused']} refused, {c['failed']} failed, "
+            f"**{c['WRONG']} wrong**"
+        )
+    lines += [
+        "",
+        "| file | class | plan | outcome | rel. error | share | breaks | capture / message |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         err = "-" if r["rel_error"] is None else f"{r['rel_error']:.1e}"
         share = "-" if r["share"] is None else f"{r['share']:.2f}"
         brk = "; ".join(r["breaks"]) if r["breaks"] else "0"
-        lines.append(f"| {r['file'].removeprefix('test_models_')} | {r['cls']} | {r['plan']} | {r['outcome']} | "
-                     f"{err} | {share} | {brk} | {r['capture']} |")
+        lines.append(
+            f"| {r['file'].removeprefix('test_models_')} | {r['cls']} | {r['plan']} | {r['outcome']} | "
+            f"{err} | {share} | {brk} | {r['capture']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -27,8 +27,11 @@ def main(prompt: str, seeds: tuple[int, ...] = (0, 1, 2)) -> list[str]:
     written = []
     for seed in seeds:
         # the demo's transformer is smaller than PixArt's resolution bins: draw at 64x64 as saved
-        image = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed),
-                     use_resolution_binning=False).images[0]
+        image = pipe(
+            prompt=prompt,
+            generator=torch.Generator().manual_seed(seed),
+            use_resolution_binning=False,
+        ).images[0]
         if torch.distributed.get_rank() == 0:
             image.save(f"demo_{seed}.png")
             written.append(f"demo_{seed}.png")

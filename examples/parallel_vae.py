@@ -24,20 +24,27 @@ import xdit_compile as xc
 def main() -> dict[str, float]:
     _, world = xc.init_distributed()
     torch.manual_seed(0)  # identical weights on every rank (parallelize checks this)
-    vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
-                        layers_per_block=1).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=16,
+        layers_per_block=1,
+    ).eval()
     g = torch.Generator().manual_seed(1)
-    z = torch.randn(1, 4, 24, 20, generator=g)          # a 96x80 image's latent
+    z = torch.randn(1, 4, 24, 20, generator=g)  # a 96x80 image's latent
     image = torch.randn(1, 3, 96, 80, generator=g)
     with torch.no_grad():
         ref_image = vae.decode(z).sample
         ref_latent = vae.encode(image).latent_dist.mean
         xc.parallelize_vae(vae, xc.Plan(ring=world))
-        out_image = vae.decode(z).sample                  # every rank gets the whole image
+        out_image = vae.decode(z).sample  # every rank gets the whole image
         out_latent = vae.encode(image).latent_dist.mean
-    errs = {"decode": float((out_image - ref_image).abs().max() / ref_image.abs().max()),
-            "encode": float((out_latent - ref_latent).abs().max() / ref_latent.abs().max())}
+    errs = {
+        "decode": float((out_image - ref_image).abs().max() / ref_image.abs().max()),
+        "encode": float((out_latent - ref_latent).abs().max() / ref_latent.abs().max()),
+    }
     if torch.distributed.get_rank() == 0:
         print(xc.explain(vae.decoder).summary())
         for k, v in errs.items():

@@ -25,14 +25,28 @@ def main() -> list[tuple[float, float]]:
     xc.init_distributed()
     torch.manual_seed(0)
     model = PixArtTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
-        num_layers=4, cross_attention_dim=64, caption_channels=32, sample_size=16,
-        norm_type="ada_norm_single", use_additional_conditions=False,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        cross_attention_dim=64,
+        caption_channels=32,
+        sample_size=16,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
     ).eval()
     g = torch.Generator().manual_seed(1)
     x, text = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 20, 32, generator=g)
-    steps = [dict(hidden_states=x + 0.5 * t * torch.randn(x.shape, generator=g), encoder_hidden_states=text,
-                  timestep=torch.tensor([900 - 300 * t]), return_dict=False) for t in range(3)]
+    steps = [
+        dict(
+            hidden_states=x + 0.5 * t * torch.randn(x.shape, generator=g),
+            encoder_hidden_states=text,
+            timestep=torch.tensor([900 - 300 * t]),
+            return_dict=False,
+        )
+        for t in range(3)
+    ]
     oracle = DisplacedOracle(model, "pipefusion", grid_layout(2, 4), warmup_steps=1)
     refs = [oracle(**s)[0] for s in steps]
     with torch.no_grad():

@@ -21,9 +21,16 @@ def main() -> dict[str, float]:
     xc.init_distributed()
     torch.manual_seed(0)  # identical weights on every rank (parallelize checks this)
     model = PixArtTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
-        num_layers=2, cross_attention_dim=64, caption_channels=32, sample_size=16,
-        norm_type="ada_norm_single", use_additional_conditions=False,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=64,
+        caption_channels=32,
+        sample_size=16,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
     ).eval()
     g = torch.Generator().manual_seed(1)
     inputs = dict(

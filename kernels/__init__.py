@@ -1,6 +1,8 @@
 """Attention backends and kernels, imported as ``xdit_compile.kernels``."""
 
-if __name__ == "kernels":  # a bare `import kernels` found this folder through the repository root on sys.path
+if (
+    __name__ == "kernels"
+):  # a bare `import kernels` found this folder through the repository root on sys.path
     import runpy as _runpy
     from pathlib import Path as _Path
 

@@ -12,10 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionBackend", "attention_with_lse", "register_backend", "merge_partial", "backends"]
+__all__ = [
+    "AttentionBackend",
+    "attention_with_lse",
+    "register_backend",
+    "merge_partial",
+    "backends",
+]
 
 LseFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float], tuple[torch.Tensor, torch.Tensor]
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float],
+    tuple[torch.Tensor, torch.Tensor],
 ]
 
 
@@ -42,7 +49,9 @@ def backends() -> list[str]:
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if mask is None or mask.dtype != torch.bool:
         return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, float("-inf")
+    )
 
 
 def _math(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
@@ -74,7 +83,9 @@ def _cpu_flash(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
 
 
 def _cuda_flash(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, False, False, scale=scale
+    )[:2]
     return out, lse.float()
 
 
@@ -82,7 +93,9 @@ def _cuda_efficient(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
     bias = _additive(mask, q.dtype)
     if bias is not None:
         bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias, True, scale=scale
+    )[:2]
     # lse may be padded to a multiple of 32 rows
     return _fix_empty_rows(out, lse[..., : q.shape[2]].float(), bias)
 
@@ -96,8 +109,12 @@ register_backend(
     AttentionBackend(
         "cuda_flash",
         _cuda_flash,
-        lambda q, k, v, m: q.device.type == "cuda" and m is None and _same_head_dim(q, k, v)
-        and q.dtype in (torch.float16, torch.bfloat16),
+        lambda q, k, v, m: (
+            q.device.type == "cuda"
+            and m is None
+            and _same_head_dim(q, k, v)
+            and q.dtype in (torch.float16, torch.bfloat16)
+        ),
         priority=30,
     )
 )
@@ -113,8 +130,11 @@ register_backend(
     AttentionBackend(
         "cpu_flash",
         _cpu_flash,
-        lambda q, k, v, m: q.device.type == "cpu" and _same_head_dim(q, k, v)
-        and q.dtype in (torch.float32, torch.bfloat16),
+        lambda q, k, v, m: (
+            q.device.type == "cpu"
+            and _same_head_dim(q, k, v)
+            and q.dtype in (torch.float32, torch.bfloat16)
+        ),
         priority=10,
     )
 )

@@ -6,7 +6,9 @@
 pipeline (text encoders, tokenizers, VAE, scheduler), all built offline with random weights.
 """
 
-if __name__ == "models":  # a bare `import models` found this folder through the repository root on sys.path
+if (
+    __name__ == "models"
+):  # a bare `import models` found this folder through the repository root on sys.path
     import runpy as _runpy
     from pathlib import Path as _Path
 

@@ -170,8 +170,13 @@ def cogvideox_inputs(
             )
         else:  # CogVideoX 1.5
             rope = get_3d_rotary_pos_embed(
-                cfg.attention_head_dim, None, grid, (frames + p_t - 1) // p_t,
-                grid_type="slice", max_size=(base_h, base_w), device=spec.device,
+                cfg.attention_head_dim,
+                None,
+                grid,
+                (frames + p_t - 1) // p_t,
+                grid_type="slice",
+                max_size=(base_h, base_w),
+                device=spec.device,
             )
         inputs["image_rotary_emb"] = rope
     inputs["return_dict"] = False

@@ -23,8 +23,16 @@ from typing import Any
 
 from .zoo import get_entry, list_models
 
-__all__ = ["COVERAGE_JSON", "END", "README", "START", "readme_region", "replace_region", "support_table",
-           "write_readme"]
+__all__ = [
+    "COVERAGE_JSON",
+    "END",
+    "README",
+    "START",
+    "readme_region",
+    "replace_region",
+    "support_table",
+    "write_readme",
+]
 
 _ROOT = Path(__file__).resolve().parents[1]
 #: The committed coverage results (a checkout's file: an installed wheel has no benchmarks/).
@@ -33,15 +41,23 @@ README = _ROOT / "README.md"
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 
 #: What each parallel degree is called in the table's header.
-_METHOD = {"ulysses": "Ulysses", "ring": "Ring", "cfg": "CFG", "dp": "data parallel",
-           "pipefusion": "PipeFusion", "distrifusion": "DistriFusion"}
+_METHOD = {
+    "ulysses": "Ulysses",
+    "ring": "Ring",
+    "cfg": "CFG",
+    "dp": "data parallel",
+    "pipefusion": "PipeFusion",
+    "distrifusion": "DistriFusion",
+}
 _GROUP = {"zoo": "tests + coverage.py", "coverage": "coverage.py"}
 
 
 def _header(plan: str) -> str:
     """``"ulysses=2 x ring=2"`` -> ``"USP `ulysses=2 x ring=2`"``; one degree -> its name."""
     axes = [part.split("=")[0].strip() for part in plan.split(" x ")]
-    name = "USP" if set(axes) == {"ulysses", "ring"} else " x ".join(_METHOD.get(a, a) for a in axes)
+    name = (
+        "USP" if set(axes) == {"ulysses", "ring"} else " x ".join(_METHOD.get(a, a) for a in axes)
+    )
     return f"{name} `{plan}`"
 
 
@@ -60,8 +76,11 @@ def _cell(rows: list[dict[str, Any]]) -> str:
 
 def _capture(rows: Iterable[dict[str, Any]]) -> str:
     """How the class was captured: one whole graph, or the most regions any run needed."""
-    regions = [int(r["capture"].split()[0]) for r in rows
-               if re.match(r"\d+ regions", str(r.get("capture", "")))]
+    regions = [
+        int(r["capture"].split()[0])
+        for r in rows
+        if re.match(r"\d+ regions", str(r.get("capture", "")))
+    ]
     return f"{max(regions)} regions" if regions else "whole graph"
 
 
@@ -80,7 +99,14 @@ def support_table(coverage: Path | str = COVERAGE_JSON) -> str:
         cells = [_cell([r for r in mine if r["plan"] == p]) for p in plans]
         groups = " / ".join(dict.fromkeys(_GROUP.get(e.group, e.group) for e in entries))
         video = "video" if any(e.video for e in entries) else "image"
-        row = [f"`{cls}`", ", ".join(f"`{n}`" for n in names), video, *cells, _capture(mine), groups]
+        row = [
+            f"`{cls}`",
+            ", ".join(f"`{n}`" for n in names),
+            video,
+            *cells,
+            _capture(mine),
+            groups,
+        ]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",

@@ -38,8 +38,9 @@ def _images(subjects: int | None = None) -> tuple[list[demo.Sample], torch.Tenso
     return samples, images
 
 
-def train_vae(vae: Any, images: torch.Tensor, work: Path, args: argparse.Namespace,
-              log: dict[str, Any]) -> None:
+def train_vae(
+    vae: Any, images: torch.Tensor, work: Path, args: argparse.Namespace, log: dict[str, Any]
+) -> None:
     from tqdm import tqdm
 
     ckpt = work / "vae.pt"
@@ -72,13 +73,26 @@ def train_vae(vae: Any, images: torch.Tensor, work: Path, args: argparse.Namespa
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
-            _save(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                         "losses": losses, "elapsed": time.perf_counter() - start,
-                         "rng": torch.get_rng_state()})
+            _save(
+                ckpt,
+                {
+                    "model": vae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "losses": losses,
+                    "elapsed": time.perf_counter() - start,
+                    "rng": torch.get_rng_state(),
+                },
+            )
     bar.close()
     vae.eval()
-    log["vae"] = {"steps": step, "batch": args.vae_batch, "seconds": time.perf_counter() - start,
-                  "final_loss": sum(losses[-100:]) / len(losses[-100:]), "losses": losses}
+    log["vae"] = {
+        "steps": step,
+        "batch": args.vae_batch,
+        "seconds": time.perf_counter() - start,
+        "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+        "losses": losses,
+    }
 
 
 @torch.no_grad()
@@ -91,23 +105,37 @@ def encode_latents(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.cat(means), torch.cat(stds)
 
 
-def train_dit(components: dict[str, Any], samples: list[demo.Sample], mean: torch.Tensor,
-              std: torch.Tensor, scale: float, work: Path, args: argparse.Namespace,
-              log: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+def train_dit(
+    components: dict[str, Any],
+    samples: list[demo.Sample],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    scale: float,
+    work: Path,
+    args: argparse.Namespace,
+    log: dict[str, Any],
+) -> dict[str, dict[str, torch.Tensor]]:
     from diffusers import DDPMScheduler
     from tqdm import tqdm
 
     dit, te, tok = components["transformer"], components["text_encoder"], components["tokenizer"]
     noise: Any = DDPMScheduler(**demo.NOISE)
     captions = [s.caption for s in samples]
-    enc = tok(captions + [""], padding="max_length", max_length=args.text_len, truncation=True,
-              return_tensors="pt")
+    enc = tok(
+        captions + [""],
+        padding="max_length",
+        max_length=args.text_len,
+        truncation=True,
+        return_tensors="pt",
+    )
     ids, mask = enc.input_ids, enc.attention_mask
     empty = len(captions)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    ema = {"transformer": {k: v.detach().clone() for k, v in dit.state_dict().items()},
-           "text_encoder": {k: v.detach().clone() for k, v in te.state_dict().items()}}
+    ema = {
+        "transformer": {k: v.detach().clone() for k, v in dit.state_dict().items()},
+        "text_encoder": {k: v.detach().clone() for k, v in te.state_dict().items()},
+    }
     ckpt = work / "dit.pt"
     step, losses, elapsed = 0, [], 0.0
     if ckpt.exists():
@@ -140,8 +168,13 @@ def train_dit(components: dict[str, Any], samples: list[demo.Sample], mean: torc
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = a.sqrt() * eps - (1 - a).sqrt() * x0
         text = te(ids[rows], attention_mask=mask[rows])[0]
-        pred = dit(xt, encoder_hidden_states=text, encoder_attention_mask=mask[rows], timestep=t,
-                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        pred = dit(
+            xt,
+            encoder_hidden_states=text,
+            encoder_attention_mask=mask[rows],
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
         loss = F.mse_loss(pred, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -160,12 +193,27 @@ def train_dit(components: dict[str, Any], samples: list[demo.Sample], mean: torc
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}", lr=f"{lr:.1e}")
         if step % args.checkpoint_every == 0 or step == args.dit_steps:
-            _save(ckpt, {"transformer": dit.state_dict(), "text_encoder": te.state_dict(),
-                         "opt": opt.state_dict(), "ema": ema, "step": step, "losses": losses,
-                         "elapsed": time.perf_counter() - start, "rng": torch.get_rng_state()})
+            _save(
+                ckpt,
+                {
+                    "transformer": dit.state_dict(),
+                    "text_encoder": te.state_dict(),
+                    "opt": opt.state_dict(),
+                    "ema": ema,
+                    "step": step,
+                    "losses": losses,
+                    "elapsed": time.perf_counter() - start,
+                    "rng": torch.get_rng_state(),
+                },
+            )
     bar.close()
-    log["dit"] = {"steps": step, "batch": args.batch, "seconds": time.perf_counter() - start,
-                  "final_loss": sum(losses[-200:]) / len(losses[-200:]), "losses": losses}
+    log["dit"] = {
+        "steps": step,
+        "batch": args.batch,
+        "seconds": time.perf_counter() - start,
+        "final_loss": sum(losses[-200:]) / len(losses[-200:]),
+        "losses": losses,
+    }
     return ema
 
 
@@ -176,7 +224,10 @@ def _plot(log: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, title in ((axes[0], "vae", "VAE (L1 + MSE)"), (axes[1], "dit", "DiT + T5 (v MSE)")):
+    for ax, key, title in (
+        (axes[0], "vae", "VAE (L1 + MSE)"),
+        (axes[1], "dit", "DiT + T5 (v MSE)"),
+    ):
         losses = torch.tensor(log[key]["losses"])
         k = max(1, len(losses) // 100)
         smooth = losses[: len(losses) // k * k].view(-1, k).mean(1)
@@ -215,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     components = demo.build_components(args.seed)
     log: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     samples, images = _images(args.subjects)
-    print(f"{len(samples)} training images of {len(demo.SUBJECTS)} subjects; "
-          f"font {demo.font_path()}")
+    print(
+        f"{len(samples)} training images of {len(demo.SUBJECTS)} subjects; font {demo.font_path()}"
+    )
     vae = components["vae"]
     train_vae(vae, images, args.work, args, log)
     mean, std = encode_latents(vae, images)
@@ -240,9 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("vae", "dit"):
         log[key]["losses"] = log[key]["losses"][::10]  # keep the file small
     (args.out.parent / "training.json").write_text(json.dumps(log, indent=1))
-    print(f"saved {args.out}: vae {log['vae']['final_loss']:.4f} in "
-          f"{log['vae']['seconds'] / 60:.1f} min, dit {log['dit']['final_loss']:.4f} in "
-          f"{log['dit']['seconds'] / 60:.1f} min")
+    print(
+        f"saved {args.out}: vae {log['vae']['final_loss']:.4f} in "
+        f"{log['vae']['seconds'] / 60:.1f} min, dit {log['dit']['final_loss']:.4f} in "
+        f"{log['dit']['seconds'] / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

@@ -326,7 +326,9 @@ _ENTRIES: tuple[ZooEntry, ...] = (
 
 # Cross-attention DiTs first, then the joint text+image/video attention DiTs of zoo_joint.py.
 # Then the coverage entries of zoo_more.py (not in the default list).
-_REGISTRY: dict[str, ZooEntry] = {entry.name: entry for entry in (*_ENTRIES, *JOINT_ENTRIES, *MORE_ENTRIES)}
+_REGISTRY: dict[str, ZooEntry] = {
+    entry.name: entry for entry in (*_ENTRIES, *JOINT_ENTRIES, *MORE_ENTRIES)
+}
 
 
 def list_models(coverage: bool = False) -> list[str]:
@@ -349,8 +351,11 @@ def layer_overrides(name: str, size: str, layers: int) -> dict[str, int]:
     """Config overrides that cut every stack of blocks of ``name`` to ``layers`` (e.g. Flux's
     ``num_layers`` and ``num_single_layers``), for full-size shapes at a fraction of the cost."""
     config = get_entry(name).config(size)
-    return {k: min(layers, int(v)) for k, v in config.items()
-            if k.startswith("num_") and k.endswith("layers") and isinstance(v, int)}
+    return {
+        k: min(layers, int(v))
+        for k, v in config.items()
+        if k.startswith("num_") and k.endswith("layers") and isinstance(v, int)
+    }
 
 
 def build_model(

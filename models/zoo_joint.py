@@ -157,7 +157,12 @@ _COG_2B_TINY, _COG_2B_FULL = _cogvideox(30, 30, rotary=False)
 _COG_5B_TINY, _COG_5B_FULL = _cogvideox(48, 42, rotary=True)
 # 49 frames of 480x720 -> 13 x 60 x 90 latents (30 x 45 tokens); uneven: 29 token rows.
 _COG_FULL = LatentSize(
-    height=60, width=90, uneven_height=58, uneven_width=90, frames=13, uneven_frames=13,
+    height=60,
+    width=90,
+    uneven_height=58,
+    uneven_width=90,
+    frames=13,
+    uneven_frames=13,
     text_len=226,
 )
 _COG_DESC = (
@@ -304,8 +309,13 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
         sizes={
             "tiny": _VIDEO_TINY,
             "full": LatentSize(
-                height=60, width=106, uneven_height=58, uneven_width=106, frames=28,
-                uneven_frames=27, text_len=256,
+                height=60,
+                width=106,
+                uneven_height=58,
+                uneven_width=106,
+                frames=28,
+                uneven_frames=27,
+                text_len=256,
             ),
         },
         video=True,
@@ -353,8 +363,13 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
         sizes={
             "tiny": _VIDEO_TINY,
             "full": LatentSize(
-                height=68, width=120, uneven_height=66, uneven_width=120, frames=16,
-                uneven_frames=15, text_len=256,
+                height=68,
+                width=120,
+                uneven_height=66,
+                uneven_width=120,
+                frames=16,
+                uneven_frames=15,
+                text_len=256,
             ),
         },
         video=True,
@@ -396,8 +411,13 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
         sizes={
             "tiny": _VIDEO_TINY,
             "full": LatentSize(
-                height=60, width=104, uneven_height=58, uneven_width=104, frames=21,
-                uneven_frames=21, text_len=512,
+                height=60,
+                width=104,
+                uneven_height=58,
+                uneven_width=104,
+                frames=21,
+                uneven_frames=21,
+                text_len=512,
             ),
         },
         video=True,

@@ -1,6 +1,8 @@
 """Graph passes and op rules, imported as ``xdit_compile.passes``."""
 
-if __name__ == "passes":  # a bare `import passes` found this folder through the repository root on sys.path
+if (
+    __name__ == "passes"
+):  # a bare `import passes` found this folder through the repository root on sys.path
     import runpy as _runpy
     from pathlib import Path as _Path
 

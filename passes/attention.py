@@ -86,7 +86,9 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         k, v = expand_gqa(gm, node)
         mask = _arg(node, 3, "attn_mask", None)
         if _arg(node, 4, "dropout_p", 0.0):
-            raise ValueError(f"{node.name}: attention dropout > 0 is not supported (inference only)")
+            raise ValueError(
+                f"{node.name}: attention dropout > 0 is not supported (inference only)"
+            )
         scale = _arg(node, 6, "scale", None)
         split = list(node.meta["xdit_split"])
         head, tail = node.meta.get("xdit_joint", (0, 0))
@@ -100,7 +102,9 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kwargs: dict[str, object] = {"text_rank": ctx.mesh.sp_rank} if shard_text else {}
         if q_cut:
             kwargs["q_cut"] = True
-        if "xdit_kv" in node.meta:  # K/V in a layout of their own (e.g. image queries, image + text keys)
+        if (
+            "xdit_kv" in node.meta
+        ):  # K/V in a layout of their own (e.g. image queries, image + text keys)
             rows, kv_head, kv_tail = node.meta["xdit_kv"]
             kv_split = list(rows)
             kwargs.update(kv_split=kv_split, kv_head=kv_head, kv_tail=kv_tail)
@@ -108,22 +112,42 @@ def rewrite_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if u_eff > 0:
             kwargs["ulysses"] = u_eff
         # xdit_origin: the captured SDPA it replaces (tests compare with it)
-        new = replace_node(gm, node, torch.ops.xdit.usp_attention.default,
-                           (q, k, v, mask, scale, ctx.mesh.key, split, head, tail), kwargs, xdit_origin=node.name)
+        new = replace_node(
+            gm,
+            node,
+            torch.ops.xdit.usp_attention.default,
+            (q, k, v, mask, scale, ctx.mesh.key, split, head, tail),
+            kwargs,
+            xdit_origin=node.name,
+        )
         qv, vv = q.meta["val"], v.meta["val"]  # type: ignore[union-attr]
-        new.meta["xdit_work"] = _work_share(ctx.mesh, int(qv.shape[-3]), split, head + tail, shard_text, u_eff)
+        new.meta["xdit_work"] = _work_share(
+            ctx.mesh, int(qv.shape[-3]), split, head + tail, shard_text, u_eff
+        )
         local_q = list(qv.shape)
         local_q[-2] = split[ctx.mesh.sp_rank]  # body rows (text rows are counted apart)
         for (op, axis), (calls, nbytes) in usp_comm_bytes(
-            tuple(local_q), int(vv.shape[-1]), qv.element_size(), ctx.mesh, split, (head, tail), shard_text, q_cut,
-            kv_split, u_eff,
+            tuple(local_q),
+            int(vv.shape[-1]),
+            qv.element_size(),
+            ctx.mesh,
+            split,
+            (head, tail),
+            shard_text,
+            q_cut,
+            kv_split,
+            u_eff,
         ).items():
-            ctx.collectives.append(CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention"))
+            ctx.collectives.append(
+                CollectiveSite(new.name, op, axis, calls, nbytes, "usp_attention")
+            )
         changed = True
     return PassResult(gm, changed)
 
 
-def _work_share(info: MeshInfo, heads: int, split: list[int], text: int, shard_text: bool, ulysses: int) -> float:
+def _work_share(
+    info: MeshInfo, heads: int, split: list[int], text: int, shard_text: bool, ulysses: int
+) -> float:
     """This rank's share of the attention's FLOPs: its heads (dealt unevenly where the degree
     does not divide them) of its Ulysses group's query rows (with its text query rows), over
     all keys. The first ranks get the extra heads and rows: rank 0 is the slowest, and the cost
@@ -132,22 +156,37 @@ def _work_share(info: MeshInfo, heads: int, split: list[int], text: int, shard_t
     u = info.ulysses if ulysses <= 0 else ulysses
     first = (info.sp_rank // u) * u
     n = len(split)
-    q_text = sum(even_split(text, n)[first:first + u]) if shard_text else text
-    return (hi - lo) / heads * (sum(split[first:first + u]) + q_text) / (sum(split) + text)
+    q_text = sum(even_split(text, n)[first : first + u]) if shard_text else text
+    return (hi - lo) / heads * (sum(split[first : first + u]) + q_text) / (sum(split) + text)
 
 
-def _distrifusion(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, qkv: tuple, split: list[int],
-                  head: int, tail: int) -> None:
+def _distrifusion(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    ctx: PassContext,
+    qkv: tuple,
+    split: list[int],
+    head: int,
+    tail: int,
+) -> None:
     """SDPA -> ``xdit::distrifusion_attention`` (text rows are whole on every rank here)."""
     if node.meta.get("xdit_shard_text"):
         raise RuntimeError(f"{node.name}: DistriFusion keeps text rows whole (shard_text_rows off)")
     state = ctx.facts.state_key
     kv_rows, kv_head, kv_tail = node.meta.get("xdit_kv", (split, head, tail))
-    assert list(kv_rows) == split, "the sharding rule keeps displaced K/V rows cut like the queries'"
-    new = replace_node(gm, node, torch.ops.xdit.distrifusion_attention.default,
-                       (*qkv, state, node.name, ctx.mesh.key, split, head, tail),
-                       {"kv_head": kv_head, "kv_tail": kv_tail} if "xdit_kv" in node.meta else {},
-                       xdit_displaced=node.name)
+    assert list(kv_rows) == split, (
+        "the sharding rule keeps displaced K/V rows cut like the queries'"
+    )
+    new = replace_node(
+        gm,
+        node,
+        torch.ops.xdit.distrifusion_attention.default,
+        (*qkv, state, node.name, ctx.mesh.key, split, head, tail),
+        {"kv_head": kv_head, "kv_tail": kv_tail} if "xdit_kv" in node.meta else {},
+        xdit_displaced=node.name,
+    )
     k, v = qkv[1].meta["val"], qkv[2].meta["val"]
     nbytes = distrifusion_comm_bytes(tuple(k.shape), int(v.shape[-1]), k.element_size(), split)
-    ctx.collectives.append(CollectiveSite(new.name, "all_gather", "distrifusion", 1, nbytes, "displaced K/V"))
+    ctx.collectives.append(
+        CollectiveSite(new.name, "all_gather", "distrifusion", 1, nbytes, "displaced K/V")
+    )

@@ -39,12 +39,19 @@ def _batch_inputs(gm: fx.GraphModule, name: str | None = None) -> tuple[int, lis
     entries = [_entry(n) for n in gm.graph.find_nodes(op="placeholder")]
     found = graph_latent(gm, name)
     if found is None:
-        raise SeedError("no latent input found: batch parallelism splits dim 0 of hidden_states "
-                         "(name it with Plan(seed='name'))")
+        raise SeedError(
+            "no latent input found: batch parallelism splits dim 0 of hidden_states "
+            "(name it with Plan(seed='name'))"
+        )
     latent = _entry(found)
     batch = int(latent.meta["val"].shape[0])
-    nodes = [n for n in entries if isinstance(v := n.meta.get("val"), torch.Tensor)
-             and v.dim() >= 1 and int(v.shape[0]) == batch]
+    nodes = [
+        n
+        for n in entries
+        if isinstance(v := n.meta.get("val"), torch.Tensor)
+        and v.dim() >= 1
+        and int(v.shape[0]) == batch
+    ]
     return batch, nodes
 
 
@@ -54,13 +61,18 @@ def seed_batch_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False)
     batch, nodes = _batch_inputs(gm, ctx.plan.seed)
     if batch < degree:
-        what = ("CFG parallel needs both branches in one call (batch 2: [uncond, cond])"
-                if ctx.axis == "cfg" else "data parallel needs a batch of at least dp")
+        what = (
+            "CFG parallel needs both branches in one call (batch 2: [uncond, cond])"
+            if ctx.axis == "cfg"
+            else "data parallel needs a batch of at least dp"
+        )
         raise SeedError(f"the latent batch is {batch}, {ctx.axis}={degree} cannot split it: {what}")
     split = even_split(batch, degree)
     for n in nodes:
         n.meta["xdit_seed"] = Shard(0, split)
-    ctx.batch_seeds[ctx.axis] = BatchSeed(inputs=[n.name for n in nodes], batch=batch, split=tuple(split))
+    ctx.batch_seeds[ctx.axis] = BatchSeed(
+        inputs=[n.name for n in nodes], batch=batch, split=tuple(split)
+    )
     return PassResult(gm, True)
 
 

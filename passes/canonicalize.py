@@ -68,13 +68,24 @@ def canonicalize_graph_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _mark_flex_outputs(gm: fx.GraphModule) -> bool:
     changed = False
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.flex_attention):
+    for node in gm.graph.find_nodes(
+        op="call_function", target=torch.ops.higher_order.flex_attention
+    ):
         for use in list(node.users):
-            if use.target is operator.getitem and use.args[1] == 0 and not any(
-                    u.target is placed_like for u in use.users):
+            if (
+                use.target is operator.getitem
+                and use.args[1] == 0
+                and not any(u.target is placed_like for u in use.users)
+            ):
                 with gm.graph.inserting_after(use):
                     mark = gm.graph.call_function(placed_like, (use, node.args[0]))
-                mark.meta.update({k: v for k, v in use.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+                mark.meta.update(
+                    {
+                        k: v
+                        for k, v in use.meta.items()
+                        if k in ("val", "stack_trace", "nn_module_stack")
+                    }
+                )
                 mark.meta["xdit_pass"] = "canonicalize"
                 use.replace_all_uses_with(mark, delete_user_cb=lambda u, m=mark: u is not m)
                 changed = True

@@ -103,8 +103,14 @@ class SeedChoice:
     shape: tuple[int, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"input": self.input, "arg": self.arg, "dim": self.dim, "patch": self.patch,
-                "split": self.split, "shape": self.shape}
+        return {
+            "input": self.input,
+            "arg": self.arg,
+            "dim": self.dim,
+            "patch": self.patch,
+            "split": self.split,
+            "shape": self.shape,
+        }
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -25,8 +25,13 @@ __all__ = ["fake_run"]
 
 
 class _FakeRun(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, static: dict[fx.Node, list[int]], write: bool,
-                 on_node: Callable[[fx.Node, Any], None] | None) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        static: dict[fx.Node, list[int]],
+        write: bool,
+        on_node: Callable[[fx.Node, Any], None] | None,
+    ) -> None:
         super().__init__(gm)
         self.static, self.write, self.on_node = static, write, on_node
 
@@ -47,9 +52,14 @@ class _FakeRun(fx.Interpreter):
         return out
 
 
-def fake_run(gm: fx.GraphModule, example: tuple[Any, ...] | None = None, *,
-             static: dict[fx.Node, list[int]] | None = None, write: bool = False,
-             on_node: Callable[[fx.Node, Any], None] | None = None) -> None:
+def fake_run(
+    gm: fx.GraphModule,
+    example: tuple[Any, ...] | None = None,
+    *,
+    static: dict[fx.Node, list[int]] | None = None,
+    write: bool = False,
+    on_node: Callable[[fx.Node, Any], None] | None = None,
+) -> None:
     """Run ``gm`` on fake tensors made from ``example`` (default: the placeholders' values)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     if example is None:

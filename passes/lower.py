@@ -50,7 +50,9 @@ class PatchRefusal(ValueError):
     """The model mixes tokens of different patches outside attention: PipeFusion cannot run it."""
 
 
-def _refuse(node: fx.Node, what: str, ctx: PassContext, user: fx.Node | None = None) -> PatchRefusal:
+def _refuse(
+    node: fx.Node, what: str, ctx: PassContext, user: fx.Node | None = None
+) -> PatchRefusal:
     """``node``: the redistribute marker (its first user is the op that needed it)."""
     from xdit_compile.passes.sharding.propagate import source_line
 
@@ -61,13 +63,22 @@ def _refuse(node: fx.Node, what: str, ctx: PassContext, user: fx.Node | None = N
         f"PipeFusion cannot cut this model into patches: {user.name} ({user.target}) needs a "
         f"{what} across the token sequence outside attention{why}, at {source_line(user)}; the "
         f"patches of a step are computed one after another, so other patches' values do not "
-        f"exist yet. Use ulysses/ring or distrifusion for this model")
+        f"exist yet. Use ulysses/ring or distrifusion for this model"
+    )
 
 
-def _new(gm: fx.GraphModule, before: fx.Node, fn: object, args: tuple, like: fx.Node, placement: object) -> fx.Node:
+def _new(
+    gm: fx.GraphModule, before: fx.Node, fn: object, args: tuple, like: fx.Node, placement: object
+) -> fx.Node:
     with gm.graph.inserting_before(before):
         n = gm.graph.call_function(fn, args)  # type: ignore[arg-type]
-    n.meta.update({k: v for k, v in like.meta.items() if k in ("val", "stack_trace", "nn_module_stack", "xdit_block")})
+    n.meta.update(
+        {
+            k: v
+            for k, v in like.meta.items()
+            if k in ("val", "stack_trace", "nn_module_stack", "xdit_block")
+        }
+    )
     n.meta["xdit_pass"] = "lower_collectives"
     n.meta["xdit_placement"] = placement
     return n
@@ -83,9 +94,18 @@ def _gather(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, ctx: Pass
     if src.text and src.joint:
         nbytes += _text_bytes(src, row, val.element_size(), r)
     brk = node.meta.get("xdit_break")
-    what = (f"sharding break at {', '.join(brk)}" if brk else "output" if node.meta.get("xdit_output_gather")
-            else "text rows" if src.text else "regroup")  # regroup: a rule asked for another cut
-    ctx.collectives.append(CollectiveSite(new.name, "all_gather", ctx.axis, 1, nbytes, what, graph_level=True))
+    what = (
+        f"sharding break at {', '.join(brk)}"
+        if brk
+        else "output"
+        if node.meta.get("xdit_output_gather")
+        else "text rows"
+        if src.text
+        else "regroup"
+    )  # regroup: a rule asked for another cut
+    ctx.collectives.append(
+        CollectiveSite(new.name, "all_gather", ctx.axis, 1, nbytes, what, graph_level=True)
+    )
     return new
 
 
@@ -95,18 +115,23 @@ def _text_bytes(sh: Shard, row: int, itemsize: int, rank: int) -> int:
     return row * max(rows) * itemsize * (n - 1)  # pieces padded to the largest (some may be empty)
 
 
-def _text_move(gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, dst: Shard, ctx: PassContext) -> fx.Node:
+def _text_move(
+    gm: fx.GraphModule, node: fx.Node, x: fx.Node, src: Shard, dst: Shard, ctx: PassContext
+) -> fx.Node:
     """Joint rows with cut text <-> whole text: gather or cut only the text rows."""
     r, n = ctx.axis_rank, ctx.degree
     if dst.text:
-        return _new(gm, node, slice_text, (x, src.dim, src.head, src.tail, n, r, dst.text_to), node, dst)
+        return _new(
+            gm, node, slice_text, (x, src.dim, src.head, src.tail, n, r, dst.text_to), node, dst
+        )
     if ctx.axis == "patch":
         raise _refuse(node, "gather of text rows", ctx)
-    new = _new(gm, node, gather_text, (x, src.dim, src.head, src.tail, n, ctx.group, r),
-               node, dst)
+    new = _new(gm, node, gather_text, (x, src.dim, src.head, src.tail, n, ctx.group, r), node, dst)
     val = node.meta["val"]
     nbytes = _text_bytes(src, val.numel() // src.total, val.element_size(), r)
-    ctx.collectives.append(CollectiveSite(new.name, "all_gather", ctx.axis, 1, nbytes, "text rows", graph_level=True))
+    ctx.collectives.append(
+        CollectiveSite(new.name, "all_gather", ctx.axis, 1, nbytes, "text rows", graph_level=True)
+    )
     return new
 
 
@@ -117,24 +142,36 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     cur = x
     if ctx.axis == "patch" and isinstance(src, Shard | Partial) and dst == Replicate():
         if not node.meta.get("xdit_output_gather") or isinstance(src, Partial):
-            raise _refuse(node, "partial sum" if isinstance(src, Partial) else "gather (sharding break)", ctx)
+            raise _refuse(
+                node, "partial sum" if isinstance(src, Partial) else "gather (sharding break)", ctx
+            )
         ctx.patch_outputs[x.name] = src  # the runtime joins the patches
         node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
         return
-    if isinstance(src, Shard) and isinstance(dst, Shard) and replace(src, text=dst.text, text_to=dst.text_to) == dst:
+    if (
+        isinstance(src, Shard)
+        and isinstance(dst, Shard)
+        and replace(src, text=dst.text, text_to=dst.text_to) == dst
+    ):
         if src.joint:  # only the text rows change
             cur = _text_move(gm, node, x, src, dst, ctx)
         node.replace_all_uses_with(cur)  # rows of text only: the same layout
         gm.graph.erase_node(node)
         return
     if ctx.axis == "patch" and isinstance(src, Partial | Shard):
-        raise _refuse(node, "partial sum" if isinstance(src, Partial) else "regrouping of rows", ctx)
+        raise _refuse(
+            node, "partial sum" if isinstance(src, Partial) else "regrouping of rows", ctx
+        )
     if isinstance(src, Partial):
         cur = _new(gm, node, all_reduce_sum, (cur, ctx.group), node, Replicate())
         val = node.meta["val"]
         nbytes = all_reduce_bytes(val.numel() * val.element_size(), ctx.degree)
-        ctx.collectives.append(CollectiveSite(cur.name, "all_reduce", ctx.axis, 1, nbytes, "partial sum", graph_level=True))
+        ctx.collectives.append(
+            CollectiveSite(
+                cur.name, "all_reduce", ctx.axis, 1, nbytes, "partial sum", graph_level=True
+            )
+        )
     if isinstance(src, Shard):
         cur = _gather(gm, node, cur, src, ctx)
     if isinstance(dst, Shard):
@@ -159,7 +196,14 @@ def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
     dim, top, bottom, head, rows, body = conv.meta.pop("xdit_halo")
     x = conv.args[0]
     assert isinstance(x, fx.Node)
-    new = _new(gm, conv, torch.ops.xdit.halo_pad.default, (x, dim, top, bottom, ctx.mesh.key, head, rows), x, body)
+    new = _new(
+        gm,
+        conv,
+        torch.ops.xdit.halo_pad.default,
+        (x, dim, top, bottom, ctx.mesh.key, head, rows),
+        x,
+        body,
+    )
     args = list(conv.args)
     nsp = len(x.meta["val"].shape) - 2
     pos = 4
@@ -177,29 +221,51 @@ def _lower_halo(gm: fx.GraphModule, conv: fx.Node, ctx: PassContext) -> None:
     shifts = int(top > 0) + int(bottom > 0)
     if shifts:  # (none: only a constant pad's rows to cut away)
         ctx.collectives.append(
-            CollectiveSite(new.name, "send_recv", "sp", shifts, halo_bytes(row, top, bottom, val.element_size()),
-                           "conv halo")
+            CollectiveSite(
+                new.name,
+                "send_recv",
+                "sp",
+                shifts,
+                halo_bytes(row, top, bottom, val.element_size()),
+                "conv halo",
+            )
         )
 
 
 def _lower_group_norm(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     """``aten.group_norm(x, groups, weight, bias, eps, cudnn)`` over sharded rows."""
     if ctx.axis == "patch":
-        raise _refuse(node, "group_norm statistics (a normalization over token rows)", ctx, user=node)
+        raise _refuse(
+            node, "group_norm statistics (a normalization over token rows)", ctx, user=node
+        )
     del node.meta["xdit_group_norm"]
     args = list(node.args) + [None] * (5 - len(node.args))
     x, groups, weight, bias = args[0], int(args[1]), args[2], args[3]  # type: ignore[arg-type]
     eps = float(args[4]) if args[4] is not None else float(node.kwargs.get("eps", 1e-5))  # type: ignore[arg-type]
     weight = node.kwargs.get("weight", weight)
     bias = node.kwargs.get("bias", bias)
-    new = _new(gm, node, group_norm_sharded, (x, groups, weight, bias, eps, ctx.group, ctx.degree),
-               node, node.meta["xdit_placement"])
+    new = _new(
+        gm,
+        node,
+        group_norm_sharded,
+        (x, groups, weight, bias, eps, ctx.group, ctx.degree),
+        node,
+        node.meta["xdit_placement"],
+    )
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     batch = int(node.meta["val"].shape[0])
-    ctx.collectives.append(CollectiveSite(new.name, "all_gather", ctx.axis, 1,
-                                          group_norm_bytes(batch, groups, ctx.degree), "group_norm statistics",
-                                          graph_level=True))
+    ctx.collectives.append(
+        CollectiveSite(
+            new.name,
+            "all_gather",
+            ctx.axis,
+            1,
+            group_norm_bytes(batch, groups, ctx.degree),
+            "group_norm statistics",
+            graph_level=True,
+        )
+    )
 
 
 def _rescale_earlier_rounds(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -209,8 +275,13 @@ def _rescale_earlier_rounds(gm: fx.GraphModule, ctx: PassContext) -> None:
     for i, site in enumerate(ctx.collectives):
         n = nodes.get(site.node)
         p = n.meta.get("xdit_placement") if n is not None else None
-        if site.graph_level and site.axis != ctx.axis and isinstance(p, Shard) and n is not None \
-                and n.target is gather_shard:
+        if (
+            site.graph_level
+            and site.axis != ctx.axis
+            and isinstance(p, Shard)
+            and n is not None
+            and n.target is gather_shard
+        ):
             scaled = site.bytes_per_forward * p.local_size(ctx.axis_rank) // p.total
             ctx.collectives[i] = replace(site, bytes_per_forward=scaled)
 

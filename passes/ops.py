@@ -86,25 +86,110 @@ SDPA = _aten(
 )
 #: Every attention: SDPA, flex attention and the project's parallel attention ops (their first
 #: two arguments are ``q`` and ``k``).
-ATTENTION = SDPA | frozenset({
-    torch.ops.higher_order.flex_attention,
-    torch.ops.xdit.usp_attention,
-    torch.ops.xdit.distrifusion_attention,
-    torch.ops.xdit.pipefusion_attention,
-})
+ATTENTION = SDPA | frozenset(
+    {
+        torch.ops.higher_order.flex_attention,
+        torch.ops.xdit.usp_attention,
+        torch.ops.xdit.distrifusion_attention,
+        torch.ops.xdit.pipefusion_attention,
+    }
+)
 
 #: Element ``i`` of the output comes from element ``i`` of every (broadcast) input.
 POINTWISE = _aten(
-    "add", "sub", "mul", "div", "rsub", "pow", "neg", "exp", "log", "sqrt", "rsqrt", "reciprocal",
-    "sigmoid", "tanh", "silu", "gelu", "relu", "leaky_relu", "erf", "sin", "cos", "abs", "clamp",
-    "clamp_min", "clamp_max", "maximum", "minimum", "where", "masked_fill", "eq", "ne", "lt", "le",
-    "gt", "ge", "logical_and", "logical_or", "logical_not", "bitwise_not", "_to_copy", "to",
-    "clone", "contiguous", "alias", "detach", "dropout", "lerp", "addcmul", "addcdiv", "square", "floor",
-    "ceil", "round", "sign", "mish", "hardswish", "hardsigmoid", "softplus", "elu", "zeros_like",
-    "ones_like", "empty_like", "full_like", "fill", "nan_to_num", "fmod", "remainder", "isnan",
-    "logaddexp", "exp2", "log1p", "expm1", "bitwise_and", "bitwise_or", "float_power", "gelu_",
-    "silu_", "native_dropout", "sgn", "trunc", "frac", "atan2", "log2", "tan", "asin", "acos",
-    "atan", "sinh", "cosh", "relu6", "hardtanh", "selu", "celu",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "rsub",
+    "pow",
+    "neg",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "sigmoid",
+    "tanh",
+    "silu",
+    "gelu",
+    "relu",
+    "leaky_relu",
+    "erf",
+    "sin",
+    "cos",
+    "abs",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "maximum",
+    "minimum",
+    "where",
+    "masked_fill",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "logical_and",
+    "logical_or",
+    "logical_not",
+    "bitwise_not",
+    "_to_copy",
+    "to",
+    "clone",
+    "contiguous",
+    "alias",
+    "detach",
+    "dropout",
+    "lerp",
+    "addcmul",
+    "addcdiv",
+    "square",
+    "floor",
+    "ceil",
+    "round",
+    "sign",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "softplus",
+    "elu",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "fill",
+    "nan_to_num",
+    "fmod",
+    "remainder",
+    "isnan",
+    "logaddexp",
+    "exp2",
+    "log1p",
+    "expm1",
+    "bitwise_and",
+    "bitwise_or",
+    "float_power",
+    "gelu_",
+    "silu_",
+    "native_dropout",
+    "sgn",
+    "trunc",
+    "frac",
+    "atan2",
+    "log2",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "relu6",
+    "hardtanh",
+    "selu",
+    "celu",
 )
 #: Pointwise ops whose arithmetic (transcendentals) can outlast their memory traffic on a CPU
 #: core: the cost model times each (``xdit_compile.analysis.cost.ELEMENTWISE``).
@@ -112,16 +197,38 @@ TRANSCENDENTAL = _aten("gelu", "silu", "tanh", "sigmoid", "exp", "sin", "cos", "
 assert TRANSCENDENTAL <= POINTWISE
 
 #: New shapes over the same elements in the same (row-major) order.
-RESHAPES = _aten("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
-                 "view_copy", "_reshape_alias")
+RESHAPES = _aten(
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "view_copy",
+    "_reshape_alias",
+)
 #: Reshapes that copy where their input's strides admit no view of the new shape.
 _MAY_COPY = _aten("reshape", "flatten", "unflatten")
 #: Real <-> complex views: the last dim of 2 (real, imaginary) becomes one complex element.
 COMPLEX_VIEWS = _aten("view_as_real", "view_as_complex")
 #: Views that move, pick or alias elements without copying them.
 VIEWS = COMPLEX_VIEWS | _aten(
-    "permute", "transpose", "t", "expand", "slice", "select", "split", "split_with_sizes", "unbind",
-    "chunk", "narrow", "as_strided", "movedim", "alias", "detach",
+    "permute",
+    "transpose",
+    "t",
+    "expand",
+    "slice",
+    "select",
+    "split",
+    "split_with_sizes",
+    "unbind",
+    "chunk",
+    "narrow",
+    "as_strided",
+    "movedim",
+    "alias",
+    "detach",
 )
 #: Shape queries and checks: no data.
 _METADATA = _aten("sym_size", "sym_numel", "_assert_tensor_metadata", "lift_fresh_copy")
@@ -132,9 +239,26 @@ FREE = (RESHAPES - _aten("view_copy")) | VIEWS | _METADATA | frozenset({operator
 _FREE_CUSTOM = frozenset({"xdit::specialized"})
 
 #: Reductions over dims (``dim`` / ``keepdim`` schema arguments).
-REDUCTIONS = _aten("sum", "mean", "amax", "amin", "var", "std", "max", "min", "argmax", "argmin",
-                   "prod", "logsumexp", "norm", "var_mean", "std_mean", "all", "any",
-                   "linalg_vector_norm")
+REDUCTIONS = _aten(
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "var",
+    "std",
+    "max",
+    "min",
+    "argmax",
+    "argmin",
+    "prod",
+    "logsumexp",
+    "norm",
+    "var_mean",
+    "std_mean",
+    "all",
+    "any",
+    "linalg_vector_norm",
+)
 #: Normalizations over the trailing dims (``normalized_shape`` is the second argument).
 NORMS = _aten("layer_norm", "rms_norm", "native_layer_norm", "_fused_rms_norm")
 #: Normalizations over channel groups.
@@ -252,7 +376,7 @@ def _einsum_flops(node: fx.Node) -> int:
     for i, nxt in enumerate(letters[1:], start=1):
         both = acc | set(nxt)
         flops += 2 * math.prod(sizes[c] for c in both)
-        later = out.union(*(set(t) for t in letters[i + 1:]))
+        later = out.union(*(set(t) for t in letters[i + 1 :]))
         acc = both & later
     return flops
 

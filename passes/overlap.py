@@ -51,7 +51,9 @@ def overlap_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult
             start = gm.graph.call_function(start_fn, tuple(node.args[:k]))  # type: ignore[arg-type]
         order[start] = (order[anchor] + order[start.next]) / 2
         with gm.graph.inserting_before(first_use):
-            finish = gm.graph.call_function(finish_fn, (start, *node.args[:k]) if full else (start,))  # type: ignore[arg-type]
+            finish = gm.graph.call_function(
+                finish_fn, (start, *node.args[:k]) if full else (start,)
+            )  # type: ignore[arg-type]
         order[finish] = (order[finish.prev] + order[first_use]) / 2
         for key in ("stack_trace", "nn_module_stack", "xdit_block"):
             if key in node.meta:

@@ -41,8 +41,13 @@ from xdit_compile.runtime import displaced as _rt_displaced  # noqa: F401  (regi
 from xdit_compile.runtime.attention import usp_comm_bytes
 from xdit_compile.runtime.opargs import op_args
 
-__all__ = ["mark_step_level_pass", "patch_round", "patch_sequence_round", "rewrite_patch_attention_pass",
-           "ulysses_patch_attention_pass"]
+__all__ = [
+    "mark_step_level_pass",
+    "patch_round",
+    "patch_sequence_round",
+    "rewrite_patch_attention_pass",
+    "ulysses_patch_attention_pass",
+]
 
 aten = torch.ops.aten
 
@@ -57,24 +62,49 @@ def rewrite_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassRe
     state = ctx.facts.state_key
     changed = False
     for node in list(gm.graph.nodes):
-        if node.target is not aten.scaled_dot_product_attention.default or node.meta.get("xdit_attention") != "usp":
+        if (
+            node.target is not aten.scaled_dot_product_attention.default
+            or node.meta.get("xdit_attention") != "usp"
+        ):
             continue
         q = node.args[0]
         k, v = expand_gqa(gm, node)
         if _arg(node, 4, "dropout_p", 0.0):
-            raise ValueError(f"{node.name}: attention dropout > 0 is not supported (inference only)")
+            raise ValueError(
+                f"{node.name}: attention dropout > 0 is not supported (inference only)"
+            )
         head, tail = node.meta.get("xdit_joint", (0, 0))
         out = node.meta["xdit_placement"]
         assert isinstance(out, Shard)
         out_text = bool(head or tail) and out.text_rows(patch) != (0, 0)
-        args = (q, k, v, _arg(node, 3, "attn_mask", None), _arg(node, 6, "scale", None), state, node.name,
-                list(node.meta["xdit_split"]), patch, head, tail, out_text)
+        args = (
+            q,
+            k,
+            v,
+            _arg(node, 3, "attn_mask", None),
+            _arg(node, 6, "scale", None),
+            state,
+            node.name,
+            list(node.meta["xdit_split"]),
+            patch,
+            head,
+            tail,
+            out_text,
+        )
         kwargs = {}
-        if "xdit_kv" in node.meta:  # K/V text rows of their own (the rule keeps K/V rows cut like Q's)
+        if (
+            "xdit_kv" in node.meta
+        ):  # K/V text rows of their own (the rule keeps K/V rows cut like Q's)
             _, kv_head, kv_tail = node.meta["xdit_kv"]
             kwargs = {"kv_head": kv_head, "kv_tail": kv_tail}
-        replace_node(gm, node, torch.ops.xdit.pipefusion_attention.default, args, kwargs,
-                     xdit_displaced=node.name)
+        replace_node(
+            gm,
+            node,
+            torch.ops.xdit.pipefusion_attention.default,
+            args,
+            kwargs,
+            xdit_displaced=node.name,
+        )
         changed = True
     return PassResult(gm, changed)
 
@@ -90,9 +120,13 @@ def mark_step_level_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             p = n.meta.get("xdit_placement")
             replicated = isinstance(p, Replicate) or (
-                isinstance(p, tuple) and all(isinstance(x, Replicate) for x in p))
-            step[n] = replicated and all(step.get(a, False) for a in n.all_input_nodes) \
+                isinstance(p, tuple) and all(isinstance(x, Replicate) for x in p)
+            )
+            step[n] = (
+                replicated
+                and all(step.get(a, False) for a in n.all_input_nodes)
                 and n.meta.get("xdit_displaced") is None
+            )
         n.meta["xdit_step_level"] = step[n]
     return PassResult(gm, False)
 
@@ -124,7 +158,11 @@ def _pipefusion_rule(node: fx.Node, rc: RuleCtx) -> Decision:
     for a in (k, v):
         pk = rc.spec(a)
         # K/V's text rows (whole) are Q's, or their own (kv_head/kv_tail); the body is cut like Q's.
-        same_body = isinstance(pk, Shard) and not pk.text and replace(pk, head=0, tail=0) == replace(pq, head=0, tail=0)
+        same_body = (
+            isinstance(pk, Shard)
+            and not pk.text
+            and replace(pk, head=0, tail=0) == replace(pq, head=0, tail=0)
+        )
         if not same_body or (kv_head < 0 and pk != pq):
             raise Break("displaced attention with K/V cut unlike Q")
     if isinstance(mask, fx.Node) and not isinstance(rc.spec(mask), Replicate):
@@ -141,21 +179,30 @@ def ulysses_patch_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> PassRe
         split = node.meta.pop("xdit_patch_sp", None)
         if node.target is not torch.ops.xdit.pipefusion_attention.default or split is None:
             continue
-        node.kwargs = {**node.kwargs, "mesh_key": ctx.mesh.key, "sp_split": list(split),
-                       "sp_rank": ctx.mesh.ulysses_rank}
+        node.kwargs = {
+            **node.kwargs,
+            "mesh_key": ctx.mesh.key,
+            "sp_split": list(split),
+            "sp_rank": ctx.mesh.ulysses_rank,
+        }
         node.meta["xdit_pass"] = "ulysses_patch_attention"
         a = op_args(node)
         q, v = a["q"].meta["val"], a["v"].meta["val"]
         local = list(q.shape)
         local[-2] = split[ctx.mesh.ulysses_rank]
-        for (op, axis), (calls, nbytes) in usp_comm_bytes(tuple(local), int(v.shape[-1]), q.element_size(),
-                                                          ctx.mesh, list(split)).items():
-            ctx.collectives.append(CollectiveSite(node.name, op, axis, calls, nbytes, "pipefusion_attention"))
+        for (op, axis), (calls, nbytes) in usp_comm_bytes(
+            tuple(local), int(v.shape[-1]), q.element_size(), ctx.mesh, list(split)
+        ).items():
+            ctx.collectives.append(
+                CollectiveSite(node.name, op, axis, calls, nbytes, "pipefusion_attention")
+            )
         changed = True
     return PassResult(gm, changed)
 
 
-def patch_sequence_round(seed: PassFn, propagate: PassFn, rewrite: PassFn, lower: PassFn) -> list[Pass]:
+def patch_sequence_round(
+    seed: PassFn, propagate: PassFn, rewrite: PassFn, lower: PassFn
+) -> list[Pass]:
     """After the patch round: each patch's rows cut over ``ulysses`` (text rows whole)."""
     return [
         Pass("seed", seed),

@@ -9,8 +9,14 @@ import torch.fx as fx
 __all__ = ["replace_node"]
 
 
-def replace_node(gm: fx.GraphModule, node: fx.Node, target: Any, args: tuple[Any, ...],
-                 kwargs: dict[str, Any] | None = None, **meta: Any) -> fx.Node:
+def replace_node(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    target: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    **meta: Any,
+) -> fx.Node:
     """Replace ``node`` by a call of ``target(*args, **kwargs)`` in its place: the new node takes
     ``node``'s metadata (its value, placement, block, source line) updated with ``meta``, and
     every use of ``node``; ``node`` is erased. The driver stamps the pass that made it."""

@@ -41,8 +41,11 @@ def graph_latent(gm: fx.GraphModule, name: str | None = None) -> fx.Node | None:
     """The latent input placeholder (:func:`xdit_compile.latent.find_latent`: the input the
     output's shape follows; ``name`` is ``Plan.seed``)."""
     phs = list(gm.graph.find_nodes(op="placeholder"))
-    outs = [a for a in pytree.tree_leaves(next(iter(gm.graph.find_nodes(op="output"))).args)
-            if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+    outs = [
+        a
+        for a in pytree.tree_leaves(next(iter(gm.graph.find_nodes(op="output"))).args)
+        if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+    ]
     out_shape = tuple(int(s) for s in outs[0].meta["val"].shape) if outs else None
     i = find_latent([(str(p.target), p.meta.get("val")) for p in phs], out_shape, name)
     return phs[i] if i is not None else None
@@ -52,7 +55,12 @@ def _latent_input(gm: fx.GraphModule, name: str | None, piece: bool = False) -> 
     """The latent input; with ``piece``, the last of the local pieces earlier rounds cut of it
     (PipeFusion's patch, a CFG half), which the sequence axes cut further."""
     node = graph_latent(gm, name)
-    while node is not None and piece and len(node.users) == 1 and next(iter(node.users)).target is slice_shard:
+    while (
+        node is not None
+        and piece
+        and len(node.users) == 1
+        and next(iter(node.users)).target is slice_shard
+    ):
         node = next(iter(node.users))
     return node
 
@@ -79,7 +87,9 @@ def patch_stride(node: fx.Node, dim_from_end: int) -> int:
                 stride = conv_params(n)[0]
             except Break:  # transposed or string-padded: no downsampling to align to
                 stride = []
-            s = scale[n.args[0]] * (int(stride[-dim_from_end]) if dim_from_end <= len(stride) else 1)  # type: ignore[index]
+            s = scale[n.args[0]] * (
+                int(stride[-dim_from_end]) if dim_from_end <= len(stride) else 1
+            )  # type: ignore[index]
         scale[n] = s
         best = max(best, s)
     return best
@@ -113,8 +123,14 @@ def _unit(node: fx.Node, shape: tuple[int, ...], dim: int) -> int:
     return g if shape[dim] % g == 0 else 1
 
 
-def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: int | None,
-                dim: int | None = None, outermost: bool = False) -> tuple[int, int]:
+def _choose_dim(
+    shape: tuple[int, ...],
+    node: fx.Node,
+    degree: int,
+    channels: int | None,
+    dim: int | None = None,
+    outermost: bool = False,
+) -> tuple[int, int]:
     """The token-grid dim to cut (outermost first, the next one where it has fewer token rows
     than ``degree``; ``dim`` forces one) and its patch size."""
     nd = len(shape)
@@ -136,7 +152,9 @@ def _choose_dim(shape: tuple[int, ...], node: fx.Node, degree: int, channels: in
 def _ambiguous_video(shape: tuple[int, ...], channels: int | None) -> bool:
     """``[B, C, F, H, W]`` or ``[B, F, C, H, W]``: the config's channel count does not tell
     (both dims have that size, or neither does)."""
-    return len(shape) == 5 and (channels is None or (shape[1] == channels) == (shape[2] == channels))
+    return len(shape) == 5 and (
+        channels is None or (shape[1] == channels) == (shape[2] == channels)
+    )
 
 
 def _trial(gm: fx.GraphModule, ctx: PassContext, name: str, shard: Shard) -> tuple[float, int]:
@@ -151,8 +169,16 @@ def _trial(gm: fx.GraphModule, ctx: PassContext, name: str, shard: Shard) -> tup
     trial = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     node = next(n for n in trial.graph.nodes if n.name == name)
     node.meta["xdit_seed"] = shard
-    tctx = dc_replace(ctx, breaks=[], collectives=[], stats=[], graphs={}, seed=None,
-                      patch_outputs=dict(ctx.patch_outputs), batch_seeds=dict(ctx.batch_seeds))
+    tctx = dc_replace(
+        ctx,
+        breaks=[],
+        collectives=[],
+        stats=[],
+        graphs={},
+        seed=None,
+        patch_outputs=dict(ctx.patch_outputs),
+        batch_seeds=dict(ctx.batch_seeds),
+    )
     try:
         propagate_sharding_pass(trial, tctx)
     except (ValueError, RuntimeError):  # a cut the rules refuse outright: the worst trial
@@ -167,8 +193,14 @@ def _trial(gm: fx.GraphModule, ctx: PassContext, name: str, shard: Shard) -> tup
     return (max(local) / total if total else 1.0), len(tctx.breaks)
 
 
-def _tried_dim(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, shape: tuple[int, ...], degree: int,
-               dims: list[int]) -> tuple[int, int, float] | None:
+def _tried_dim(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    node: fx.Node,
+    shape: tuple[int, ...],
+    degree: int,
+    dims: list[int],
+) -> tuple[int, int, float] | None:
     """Of ``dims`` with enough token rows, the one whose cut leaves this rank the least of the
     forward's FLOPs (then: the fewest breaks; then: the first), with its share; None if none has
     enough rows."""
@@ -177,7 +209,9 @@ def _tried_dim(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, shape: tuple
         g = _unit(node, shape, dim)
         if shape[dim] // g < degree:
             continue
-        share, breaks = _trial(gm, ctx, node.name, Shard(dim, even_split(shape[dim] // g, degree, g)))
+        share, breaks = _trial(
+            gm, ctx, node.name, Shard(dim, even_split(shape[dim] // g, degree, g))
+        )
         key = (round(share, 6), breaks, i, dim)
         if best is None or key < best:
             best = key
@@ -204,12 +238,20 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     patches = ctx.axis == "patch"
     dims, ambiguous = _token_dims(shape, channels)
     dim, g = _choose_dim(shape, node, degree, channels, ctx.plan.seed_dim, outermost=patches)
-    if ctx.plan.seed_dim is None and node.op == "placeholder" and not patches and (
-            ambiguous or shape[dim] // g < degree):
+    if (
+        ctx.plan.seed_dim is None
+        and node.op == "placeholder"
+        and not patches
+        and (ambiguous or shape[dim] // g < degree)
+    ):
         # The layout does not tell, or its token dims have too few rows: try every dim but the
         # batch (the known channels too) and keep the cut that parallelizes the most.
         few = shape[dim] // g < degree
-        others = [d for d in range(1, len(shape)) if d not in dims and (channels is None or shape[d] != channels)]
+        others = [
+            d
+            for d in range(1, len(shape))
+            if d not in dims and (channels is None or shape[d] != channels)
+        ]
         tried = _tried_dim(gm, ctx, node, shape, degree, dims + (others if few else []))
         # Past the token dims, only a cut that really parallelizes (not one that breaks at the
         # first op and runs the rest whole) is taken; else the refusal below says why.
@@ -217,10 +259,12 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             dim, g = tried[:2]
     units = shape[dim] // g
     if units < degree:
-        what = (f"{degree} PipeFusion patches need at least {degree}: use fewer patches"
-                if ctx.axis == "patch" else
-                f"sequence parallel degree {degree} needs at least {degree}: use a larger "
-                f"resolution or a smaller ulysses x ring")
+        what = (
+            f"{degree} PipeFusion patches need at least {degree}: use fewer patches"
+            if ctx.axis == "patch"
+            else f"sequence parallel degree {degree} needs at least {degree}: use a larger "
+            f"resolution or a smaller ulysses x ring"
+        )
         raise SeedError(
             f"input {node.name} has {units} token rows along dim {dim} (size {shape[dim]}, patch "
             f"{g}); {what}"
@@ -228,8 +272,14 @@ def seed_inputs_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     split = even_split(units, degree, g)
     node.meta["xdit_seed"] = Shard(dim, split)
     arg = graph_latent(gm, ctx.plan.seed)
-    seed = SeedChoice(input=node.name, arg=str(arg.target) if arg is not None else node.name, dim=dim,
-                      patch=g, split=tuple(split), shape=shape)
+    seed = SeedChoice(
+        input=node.name,
+        arg=str(arg.target) if arg is not None else node.name,
+        dim=dim,
+        patch=g,
+        split=tuple(split),
+        shape=shape,
+    )
     if ctx.axis == "patch":
         ctx.patch_seed = seed
     else:

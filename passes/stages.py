@@ -34,7 +34,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["Piece", "StageCut", "balance", "block_order", "copy_graph_module", "extract_piece", "extract_prologue"]
+__all__ = [
+    "Piece",
+    "StageCut",
+    "balance",
+    "block_order",
+    "copy_graph_module",
+    "extract_piece",
+    "extract_prologue",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +63,7 @@ class StageCut:
 
     def stage_blocks(self, stage: int) -> tuple[str, ...]:
         start = sum(self.counts[:stage])
-        return self.blocks[start:start + self.counts[stage]]
+        return self.blocks[start : start + self.counts[stage]]
 
     @property
     def stages(self) -> int:
@@ -127,8 +135,10 @@ def _assign(gm: fx.GraphModule, cut: StageCut) -> dict[fx.Node, int | None]:
         if blk is not None:
             s = cut.stage_of(blk)
             if ins and max(ins) > s:
-                raise ValueError(f"{n.name} in block {blk} (stage {s}) uses a value of stage {max(ins)}: "
-                                 f"the graph does not run its blocks in order")
+                raise ValueError(
+                    f"{n.name} in block {blk} (stage {s}) uses a value of stage {max(ins)}: "
+                    f"the graph does not run its blocks in order"
+                )
             stage[n] = s
         else:
             stage[n] = max(ins) if ins else None
@@ -170,8 +180,13 @@ def extract_piece(gm: fx.GraphModule, cut: StageCut, s: int) -> Piece:
     def needs_later(n: fx.Node, after: int) -> bool:
         return any(t > after for t in _users_stage(n, stage, last))
 
-    relay_in = [n for n in gm.graph.nodes if (t0 := stage.get(n)) is not None and t0 < s
-                and any(t >= s for t in _users_stage(n, stage, last))]
+    relay_in = [
+        n
+        for n in gm.graph.nodes
+        if (t0 := stage.get(n)) is not None
+        and t0 < s
+        and any(t >= s for t in _users_stage(n, stage, last))
+    ]
     members: set[fx.Node] = {n for n, t in stage.items() if t == s}
     roots: list[fx.Node] = list(members)
     if s == last:
@@ -184,8 +199,15 @@ def extract_piece(gm: fx.GraphModule, cut: StageCut, s: int) -> Piece:
             if a in stage and stage[a] is None and a not in members:
                 members.add(a)
                 stack.append(a)
-    sends = [] if s == last else [n for n in gm.graph.nodes if (n in members or n in relay_in) and needs_later(n, s)
-                                  and stage.get(n) is not None]
+    sends = (
+        []
+        if s == last
+        else [
+            n
+            for n in gm.graph.nodes
+            if (n in members or n in relay_in) and needs_later(n, s) and stage.get(n) is not None
+        ]
+    )
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     inputs: list[tuple[str, Any]] = []

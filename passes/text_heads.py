@@ -83,8 +83,12 @@ class _Walk:
         pk = packet(n.target)
         args: Any = n.args
         if hd is None:  # features [..., S, H*D]: only the linear that makes them
-            if pk is aten.linear and isinstance(n.meta.get("xdit_placement"), Replicate) and head_dim \
-                    and sd == len(out) - 2:
+            if (
+                pk is aten.linear
+                and isinstance(n.meta.get("xdit_placement"), Replicate)
+                and head_dim
+                and sd == len(out) - 2
+            ):
                 self.linears[n] = head_dim
                 return
             raise _Abort
@@ -97,7 +101,7 @@ class _Walk:
             self._in(n, args[0], swap.get(hd, hd), swap.get(sd, sd))
         elif pk in RESHAPES or pk in COMPLEX_VIEWS:  # (complex RoPE's views reshape the last dim)
             src = _shape(args[0])
-            if src[:hd + 1] == out[:hd + 1]:  # only dims after the heads change
+            if src[: hd + 1] == out[: hd + 1]:  # only dims after the heads change
                 self._in(n, args[0], hd, sd)  # type: ignore[arg-type]
             elif hd == len(out) - 2 and src[:-1] == out[:-2] and src[-1] == out[-2] * out[-1]:
                 self._in(n, args[0], None, sd, out[-1])  # type: ignore[arg-type]  # features -> (H, D)
@@ -135,7 +139,11 @@ class _Walk:
                 self._in(n, a, hd, sd)
         elif pk in REDUCTIONS:
             dims, keep = schema_arg(n, "dim"), bool(schema_arg(n, "keepdim", False))
-            if not keep or not isinstance(dims, list | tuple) or any(int(d) % len(out) <= hd for d in dims):
+            if (
+                not keep
+                or not isinstance(dims, list | tuple)
+                or any(int(d) % len(out) <= hd for d in dims)
+            ):
                 raise _Abort
             self._in(n, args[0], hd, sd)
         elif pk in _POINTWISE:
@@ -151,7 +159,9 @@ class _Walk:
         else:
             raise _Abort
 
-    def _in(self, user: fx.Node, a: Any, hd: int | None, sd: int, head_dim: int | None = None) -> None:
+    def _in(
+        self, user: fx.Node, a: Any, hd: int | None, sd: int, head_dim: int | None = None
+    ) -> None:
         if not isinstance(a, fx.Node):
             raise _Abort
         self.edges.add((a, user))
@@ -187,15 +197,29 @@ def _localize(gm: fx.GraphModule, lin: fx.Node, head_dim: int, h_rng: tuple[int,
     s, e = h_rng[0] * head_dim, h_rng[1] * head_dim
     with gm.graph.inserting_before(lin):
         w_loc = gm.graph.call_function(aten.slice.Tensor, (w, 0, s, e))
-        b_loc = gm.graph.call_function(aten.slice.Tensor, (b, 0, s, e)) if isinstance(b, fx.Node) else None
+        b_loc = (
+            gm.graph.call_function(aten.slice.Tensor, (b, 0, s, e))
+            if isinstance(b, fx.Node)
+            else None
+        )
         new = gm.graph.call_function(aten.linear.default, (x, w_loc, b_loc))
         pad = gm.graph.call_function(aten.constant_pad_nd.default, (new, [s, width - e], 0.0))
     wv = w.meta["val"]  # type: ignore[union-attr]
-    vals = {w_loc: wv.new_empty((e - s, *wv.shape[1:])), new: out.new_empty((*out.shape[:-1], e - s)), pad: out}
+    vals = {
+        w_loc: wv.new_empty((e - s, *wv.shape[1:])),
+        new: out.new_empty((*out.shape[:-1], e - s)),
+        pad: out,
+    }
     if b_loc is not None:
         vals[b_loc] = b.meta["val"].new_empty((e - s,))  # type: ignore[union-attr]
     for n, v in vals.items():
-        n.meta.update({k: lin.meta[k] for k in ("stack_trace", "nn_module_stack", "xdit_block") if k in lin.meta})
+        n.meta.update(
+            {
+                k: lin.meta[k]
+                for k in ("stack_trace", "nn_module_stack", "xdit_block")
+                if k in lin.meta
+            }
+        )
         n.meta["val"] = v
         n.meta["xdit_placement"] = Replicate()
         n.meta["xdit_pass"] = "text_heads"
@@ -211,14 +235,18 @@ def text_heads_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for usp in list(gm.graph.find_nodes(op="call_function", target=_USP)):
             a = op_args(usp)
             q_text = (int(a["head"]), int(a["tail"]))
-            kv_text = (int(a["kv_head"]), int(a["kv_tail"])) if a["kv_split"] is not None else q_text
+            kv_text = (
+                (int(a["kv_head"]), int(a["kv_tail"])) if a["kv_split"] is not None else q_text
+            )
             heads = int(a["q"].meta["val"].shape[-3])
             h_rng = ulysses_heads(ctx.mesh, heads, int(a["ulysses"]))  # as the op deals them
             if h_rng == (0, heads):  # Ring only (one head, say): every rank reads every head
                 continue
             # Q's text rows too, where they are on every rank (not cut: then they travel with the
             # image rows and need every head).
-            roots = [(a["k"], kv_text), (a["v"], kv_text)] + ([] if a["q_cut"] else [(a["q"], q_text)])
+            roots = [(a["k"], kv_text), (a["v"], kv_text)] + (
+                [] if a["q_cut"] else [(a["q"], q_text)]
+            )
             for root, (head, tail) in roots:
                 if not (head or tail):
                     continue

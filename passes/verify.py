@@ -32,9 +32,15 @@ def verify_local_shapes(gm: fx.GraphModule, ctx: PassContext, after: str = "") -
         p = n.meta.get("xdit_placement")
         glob = n.meta.get("xdit_shape")
         if isinstance(out, torch.Tensor) and glob is not None and not isinstance(p, tuple):
-            want = local_shape(glob, p if isinstance(p, Replicate | Shard | Partial) else Replicate(), ctx.axis_rank)
+            want = local_shape(
+                glob,
+                p if isinstance(p, Replicate | Shard | Partial) else Replicate(),
+                ctx.axis_rank,
+            )
             if list(out.shape) != want:
-                errors.append(f"{n.format_node()}: local shape {list(out.shape)}, expected {want} ({p})")
+                errors.append(
+                    f"{n.format_node()}: local shape {list(out.shape)}, expected {want} ({p})"
+                )
 
     fake_run(gm, on_node=check)
     if errors:

@@ -1,6 +1,8 @@
 """Mesh, counted collectives, parallel attention, schedules; imported as ``xdit_compile.runtime``."""
 
-if __name__ == "runtime":  # a bare `import runtime` found this folder through the repository root on sys.path
+if (
+    __name__ == "runtime"
+):  # a bare `import runtime` found this folder through the repository root on sys.path
     import runpy as _runpy
     from pathlib import Path as _Path
 

@@ -77,8 +77,8 @@ class _Ulysses:
     def a2a(self, flat: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
         if self.n != self.size:  # nothing to or from the ranks outside the sub-block
             pad = [0] * self.size
-            recv = pad[:self.base] + recv + pad[self.base + self.n:]
-            send = pad[:self.base] + send + pad[self.base + self.n:]
+            recv = pad[: self.base] + recv + pad[self.base + self.n :]
+            send = pad[: self.base] + send + pad[self.base + self.n :]
         return all_to_all(flat, recv, send, self.group, "ulysses")
 
 
@@ -88,7 +88,9 @@ def _ulysses_in(x: torch.Tensor, rows: list[int], ux: _Ulysses) -> torch.Tensor:
     return _ulysses_in_fused([x], rows, ux)[0]
 
 
-def _ulysses_in_fused(xs: Sequence[torch.Tensor], rows: list[int], ux: _Ulysses) -> list[torch.Tensor]:
+def _ulysses_in_fused(
+    xs: Sequence[torch.Tensor], rows: list[int], ux: _Ulysses
+) -> list[torch.Tensor]:
     """:func:`_ulysses_in` of several ``[..., H, s_me, D_i]`` tensors (same rows and heads) in
     one all-to-all: each peer's heads of every tensor are packed side by side on the last dim
     (one copy, as for one tensor), sent together, and split again."""
@@ -96,8 +98,12 @@ def _ulysses_in_fused(xs: Sequence[torch.Tensor], rows: list[int], ux: _Ulysses)
     *lead, h, s, _ = xs[0].shape
     dims = [int(x.shape[-1]) for x in xs]
     hs, lead_n = head_groups(h, n), math.prod(lead)
-    if len(set(hs)) == 1:  # [n, ..., H/n, s, sum(D_i)]: peer-major, every tensor's heads side by side
-        chunks = torch.cat([x.reshape(*lead, n, h // n, s, x.shape[-1]).movedim(-4, 0) for x in xs], dim=-1)
+    if (
+        len(set(hs)) == 1
+    ):  # [n, ..., H/n, s, sum(D_i)]: peer-major, every tensor's heads side by side
+        chunks = torch.cat(
+            [x.reshape(*lead, n, h // n, s, x.shape[-1]).movedim(-4, 0) for x in xs], dim=-1
+        )
         flat = chunks.reshape(-1)
     else:
         pieces = [x.split(hs, dim=-3) for x in xs]
@@ -105,7 +111,10 @@ def _ulysses_in_fused(xs: Sequence[torch.Tensor], rows: list[int], ux: _Ulysses)
     mine, width = hs[ux.me], sum(dims)
     recv = [lead_n * mine * r * width for r in rows]
     out = ux.a2a(flat, recv, [lead_n * hj * s * width for hj in hs])
-    block = torch.cat([p.reshape(*lead, mine, r, width) for p, r in zip(out.split(recv), rows, strict=True)], dim=-2)
+    block = torch.cat(
+        [p.reshape(*lead, mine, r, width) for p, r in zip(out.split(recv), rows, strict=True)],
+        dim=-2,
+    )
     return list(block.split(dims, dim=-1)) if len(xs) > 1 else [block]
 
 
@@ -119,7 +128,9 @@ def _ulysses_out(x: torch.Tensor, rows: list[int], ux: _Ulysses, h: int) -> torc
     out = ux.a2a(flat, recv, [lead_n * hm * r * d for r in rows])
     if len(set(hs)) == 1:
         return out.reshape(n, *lead, hm, s_me, d).movedim(0, -4).reshape(*lead, n * hm, s_me, d)
-    return torch.cat([p.reshape(*lead, hj, s_me, d) for p, hj in zip(out.split(recv), hs, strict=True)], dim=-3)
+    return torch.cat(
+        [p.reshape(*lead, hj, s_me, d) for p, hj in zip(out.split(recv), hs, strict=True)], dim=-3
+    )
 
 
 def _gather_heads(x: torch.Tensor, ux: _Ulysses, h: int) -> torch.Tensor:
@@ -131,16 +142,28 @@ def _gather_heads(x: torch.Tensor, ux: _Ulysses, h: int) -> torch.Tensor:
     piece = x.contiguous().reshape(-1)
     recv = [math.prod(lead) * hj * rows * d for hj in hs]
     out = ux.a2a(torch.cat([piece] * ux.n), recv, [piece.numel()] * ux.n)
-    return torch.cat([p.reshape(*lead, hj, rows, d) for p, hj in zip(out.split(recv), hs, strict=True)], dim=-3)
+    return torch.cat(
+        [p.reshape(*lead, hj, rows, d) for p, hj in zip(out.split(recv), hs, strict=True)], dim=-3
+    )
 
 
-def _ulysses_in_text(qh: torch.Tensor, qb: torch.Tensor, qt: torch.Tensor, group: list[int], hs: Sequence[int],
-                     ts: Sequence[int], ux: _Ulysses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ulysses_in_text(
+    qh: torch.Tensor,
+    qb: torch.Tensor,
+    qt: torch.Tensor,
+    group: list[int],
+    hs: Sequence[int],
+    ts: Sequence[int],
+    ux: _Ulysses,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_ulysses_in` of rows ``[text head piece, body, text tail piece]``: returns this
     rank's heads of the group's head pieces, body block and tail pieces, each in rank order."""
     sizes = [a + b + c for a, b, c in zip(hs, group, ts, strict=True)]
     rows = _ulysses_in(torch.cat([qh, qb, qt], dim=-2), sizes, ux)
-    parts = [p.split([a, b, c], dim=-2) for p, a, b, c in zip(rows.split(sizes, dim=-2), hs, group, ts, strict=True)]
+    parts = [
+        p.split([a, b, c], dim=-2)
+        for p, a, b, c in zip(rows.split(sizes, dim=-2), hs, group, ts, strict=True)
+    ]
     return tuple(torch.cat([p[i] for p in parts], dim=-2) for i in range(3))  # type: ignore[return-value]
 
 
@@ -148,13 +171,14 @@ def _positions(*ranges: tuple[int, int], device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
 
 
-def _mask_for(mask: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tensor,
-              h_rng: tuple[int, int]) -> torch.Tensor | None:
+def _mask_for(
+    mask: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tensor, h_rng: tuple[int, int]
+) -> torch.Tensor | None:
     """The rows/columns/heads of a global (replicated) mask that these q/k rows see."""
     if mask is None:
         return None
     if mask.dim() >= 3 and mask.shape[-3] > 1:
-        mask = mask[..., h_rng[0]:h_rng[1], :, :]
+        mask = mask[..., h_rng[0] : h_rng[1], :, :]
     if mask.shape[-2] > 1:
         mask = mask.index_select(-2, q_pos.to(mask.device))
     if mask.shape[-1] > 1:
@@ -174,8 +198,19 @@ class _RingPeers:
     src: int
 
 
-def _ring(q, k, v, mask, scale, ring: _RingPeers, blocks: list[int], q_pos, key_base: int,  # type: ignore[no-untyped-def]
-          h_rng, extra=None):
+def _ring(
+    q,
+    k,
+    v,
+    mask,
+    scale,
+    ring: _RingPeers,
+    blocks: list[int],
+    q_pos,
+    key_base: int,  # type: ignore[no-untyped-def]
+    h_rng,
+    extra=None,
+):
     """Attention of the local queries over every ring block of body K/V, merged by the
     log-sum-exp. ``extra = (k, v, positions)``: keys every rank holds (text), attended together
     with the local block and never sent."""
@@ -190,14 +225,22 @@ def _ring(q, k, v, mask, scale, ring: _RingPeers, blocks: list[int], q_pos, key_
             nxt = (me - step - 1) % r
             shape = (*k.shape[:-2], blocks[nxt], k.shape[-1])
             vshape = (*v.shape[:-2], blocks[nxt], v.shape[-1])
-            pending = send_recv([cur_k, cur_v], [torch.Size(shape), torch.Size(vshape)],
-                                ring.dst, ring.src, ring.group, "ring")
+            pending = send_recv(
+                [cur_k, cur_v],
+                [torch.Size(shape), torch.Size(vshape)],
+                ring.dst,
+                ring.src,
+                ring.group,
+                "ring",
+            )
         k_pos = _positions((key_base + offs[src], key_base + offs[src + 1]), device=q.device)
         kk, vv = cur_k, cur_v
         if step == 0 and extra is not None:
             kk, vv = torch.cat([extra[0], cur_k], dim=-2), torch.cat([extra[1], cur_v], dim=-2)
             k_pos = torch.cat([extra[2], k_pos])
-        blk_out, blk_lse = attention_with_lse(q, kk, vv, _mask_for(mask, q_pos, k_pos, h_rng), scale)
+        blk_out, blk_lse = attention_with_lse(
+            q, kk, vv, _mask_for(mask, q_pos, k_pos, h_rng), scale
+        )
         out, lse = merge_partial(out, lse, blk_out, blk_lse)
         if pending is not None:
             for w in pending[0]:
@@ -214,8 +257,10 @@ def _join(*parts: torch.Tensor) -> torch.Tensor:
     return nonempty[0] if len(nonempty) == 1 else torch.cat(parts, dim=-2)
 
 
-def _split3(t: torch.Tensor, head: int, body: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return t[..., :head, :], t[..., head:head + body, :], t[..., head + body:, :]
+def _split3(
+    t: torch.Tensor, head: int, body: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return t[..., :head, :], t[..., head : head + body, :], t[..., head + body :, :]
 
 
 @dataclass(frozen=True)
@@ -236,21 +281,41 @@ class _Axes:
     def of(cls, info: MeshInfo, ulysses: int = -1) -> _Axes:
         u = info.ulysses if ulysses <= 0 else ulysses
         if info.ulysses % u:
-            raise ValueError(f"Ulysses degree {u} does not divide the ulysses axis ({info.ulysses})")
+            raise ValueError(
+                f"Ulysses degree {u} does not divide the ulysses axis ({info.ulysses})"
+            )
         sub = info.ulysses // u
-        return cls(u, info.ring * sub, info.ulysses_rank % u, info.ring_rank * sub + info.ulysses_rank // u, sub)
+        return cls(
+            u,
+            info.ring * sub,
+            info.ulysses_rank % u,
+            info.ring_rank * sub + info.ulysses_rank // u,
+            sub,
+        )
 
     def ulysses(self, pm: ParallelMesh) -> _Ulysses:
-        return _Ulysses(pm.group("ulysses"), pm.info.ulysses, (pm.info.ulysses_rank // self.u) * self.u, self.u,
-                        self.me_u)
+        return _Ulysses(
+            pm.group("ulysses"),
+            pm.info.ulysses,
+            (pm.info.ulysses_rank // self.u) * self.u,
+            self.u,
+            self.me_u,
+        )
 
     def ring(self, pm: ParallelMesh) -> _RingPeers:
         if self.sub == 1:
-            return _RingPeers(pm.group("ring"), self.r, self.me, (self.me + 1) % self.r, (self.me - 1) % self.r)
+            return _RingPeers(
+                pm.group("ring"), self.r, self.me, (self.me + 1) % self.r, (self.me - 1) % self.r
+            )
         # Sub-blocks of the ulysses axis join the ring: peers by sequence-parallel index.
         assert pm.info.distrifusion == 1
-        return _RingPeers(pm.group("sp"), self.r, self.me, ((self.me + 1) % self.r) * self.u + self.me_u,
-                          ((self.me - 1) % self.r) * self.u + self.me_u)
+        return _RingPeers(
+            pm.group("sp"),
+            self.r,
+            self.me,
+            ((self.me + 1) % self.r) * self.u + self.me_u,
+            ((self.me - 1) % self.r) * self.u + self.me_u,
+        )
 
 
 def ulysses_heads(info: MeshInfo, heads: int, ulysses: int = -1) -> tuple[int, int]:
@@ -261,10 +326,23 @@ def ulysses_heads(info: MeshInfo, heads: int, ulysses: int = -1) -> tuple[int, i
     return off[ax.me_u], off[ax.me_u + 1]
 
 
-def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-         scale: float | None, mesh_key: str, split: list[int], head: int, tail: int,
-         shard_text: bool = False, q_cut: bool = False, kv_split: list[int] | None = None,
-         kv_head: int = 0, kv_tail: int = 0, ulysses: int = -1) -> torch.Tensor:
+def _usp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    mesh_key: str,
+    split: list[int],
+    head: int,
+    tail: int,
+    shard_text: bool = False,
+    q_cut: bool = False,
+    kv_split: list[int] | None = None,
+    kv_head: int = 0,
+    kv_tail: int = 0,
+    ulysses: int = -1,
+) -> torch.Tensor:
     pm = get_mesh(mesh_key)
     ax = _Axes.of(pm.info, ulysses)
     u, h = ax.u, q.shape[-3]
@@ -273,8 +351,8 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         kv_split, kv_head, kv_tail = split, head, tail
     # Per ring block: the Ulysses group's slice lengths and the block's range in the body; Q's
     # rows and K/V's rows each by their own layout.
-    groups = [split[i * u:(i + 1) * u] for i in range(ax.r)]
-    kgroups = [kv_split[i * u:(i + 1) * u] for i in range(ax.r)]
+    groups = [split[i * u : (i + 1) * u] for i in range(ax.r)]
+    kgroups = [kv_split[i * u : (i + 1) * u] for i in range(ax.r)]
     blocks, kblocks = [sum(g) for g in groups], [sum(g) for g in kgroups]
     offs, body_total, kv_total = _offsets(blocks), sum(split), sum(kv_split)
     me, sp_rank = ax.me, ax.me * u + ax.me_u
@@ -288,9 +366,14 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     ux = ax.ulysses(pm) if u > 1 else None
     if ux is not None:
         if q_cut:  # the text query pieces travel with the image rows (other rows than K/V's)
-            kb, vb = (_ulysses_in_fused([kb, vb], kgroups[me], ux) if FUSE_QKV else
-                      [_ulysses_in(t, kgroups[me], ux) for t in (kb, vb)])
-            qh, qb, qt = _ulysses_in_text(qh, qb, qt, groups[me], hs[first:first + u], ts[first:first + u], ux)
+            kb, vb = (
+                _ulysses_in_fused([kb, vb], kgroups[me], ux)
+                if FUSE_QKV
+                else [_ulysses_in(t, kgroups[me], ux) for t in (kb, vb)]
+            )
+            qh, qb, qt = _ulysses_in_text(
+                qh, qb, qt, groups[me], hs[first : first + u], ts[first : first + u], ux
+            )
         elif FUSE_QKV and kgroups[me] == groups[me]:  # Q, K and V in one all-to-all
             qb, kb, vb = _ulysses_in_fused([qb, kb, vb], groups[me], ux)
         elif FUSE_QKV:  # K/V rows cut otherwise than Q's: Q alone, K and V together
@@ -301,30 +384,39 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             kb, vb = (_ulysses_in(t, kgroups[me], ux) for t in (kb, vb))
         h_rng = ulysses_heads(pm.info, h, u)
         # Text rows are on every rank: each takes its heads' slice, nothing is sent.
-        kh, kt, vh, vt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (kh, kt, vh, vt))
+        kh, kt, vh, vt = (t[..., h_rng[0] : h_rng[1], :, :] for t in (kh, kt, vh, vt))
         if not q_cut:
-            qh, qt = (t[..., h_rng[0]:h_rng[1], :, :] for t in (qh, qt))
+            qh, qt = (t[..., h_rng[0] : h_rng[1], :, :] for t in (qh, qt))
     q_text = ((0, head), (head + body_total, head + body_total + tail))
     kv_text = ((0, kv_head), (kv_head + kv_total, kv_head + kv_total + kv_tail))
     if shard_text and (head or tail):
         # Only the text query rows whose outputs this Ulysses group keeps: its ranks' pieces.
         ho, to = _offsets(hs), _offsets(ts)
         if not q_cut:
-            qh, qt = qh[..., ho[first]:ho[first + u], :], qt[..., to[first]:to[first + u], :]
+            qh, qt = qh[..., ho[first] : ho[first + u], :], qt[..., to[first] : to[first + u], :]
         tail_at = head + body_total
         q_text = ((ho[first], ho[first + u]), (tail_at + to[first], tail_at + to[first + u]))
     q_all = _join(qh, qb, qt)
-    q_pos = _positions(q_text[0], (head + offs[me], head + offs[me + 1]), q_text[1], device=q.device)
+    q_pos = _positions(
+        q_text[0], (head + offs[me], head + offs[me + 1]), q_text[1], device=q.device
+    )
     if ax.r > 1:
         # Text K/V are on every rank: attended once, with the local block (never sent).
-        extra = (_join(kh, kt), _join(vh, vt), _positions(*kv_text, device=q.device)) \
-            if kv_head or kv_tail else None
+        extra = (
+            (_join(kh, kt), _join(vh, vt), _positions(*kv_text, device=q.device))
+            if kv_head or kv_tail
+            else None
+        )
         res = _ring(q_all, kb, vb, mask, scale, ax.ring(pm), kblocks, q_pos, kv_head, h_rng, extra)
     else:
         k_pos = torch.arange(kv_head + kv_total + kv_tail, device=q.device)
         res = torch.nn.functional.scaled_dot_product_attention(
-            q_all, _join(kh, kb, kt), _join(vh, vb, vt),
-            attn_mask=_mask_for(mask, q_pos, k_pos, h_rng), scale=scale)
+            q_all,
+            _join(kh, kb, kt),
+            _join(vh, vb, vt),
+            attn_mask=_mask_for(mask, q_pos, k_pos, h_rng),
+            scale=scale,
+        )
     if not (head or tail):
         return _ulysses_out(res, groups[me], ux, h) if ux is not None else res
     oh, ob, ot = _split3(res, qh.shape[-2], blocks[me] if ux is not None else s_me)
@@ -338,8 +430,18 @@ def _usp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return torch.cat([oh, ob, ot], dim=-2)
 
 
-def _text_rows_out(oh: torch.Tensor, ob: torch.Tensor, ot: torch.Tensor, head: int, tail: int,
-                   group: list[int], ux: _Ulysses | None, first: int, h: int, n: int) -> torch.Tensor:
+def _text_rows_out(
+    oh: torch.Tensor,
+    ob: torch.Tensor,
+    ot: torch.Tensor,
+    head: int,
+    tail: int,
+    group: list[int],
+    ux: _Ulysses | None,
+    first: int,
+    h: int,
+    n: int,
+) -> torch.Tensor:
     """Output rows ``[head piece, body, tail piece]``: the text rows cut evenly over all ranks.
 
     ``oh``/``ot`` hold the text rows of this Ulysses group's pieces (all heads of them with Ring
@@ -349,11 +451,15 @@ def _text_rows_out(oh: torch.Tensor, ob: torch.Tensor, ot: torch.Tensor, head: i
     if ux is None:
         return torch.cat([oh, ob, ot], dim=-2)
     hs, ts = even_split(head, n), even_split(tail, n)
-    ho, to = _offsets(hs[first:first + ux.n]), _offsets(ts[first:first + ux.n])
+    ho, to = _offsets(hs[first : first + ux.n]), _offsets(ts[first : first + ux.n])
     bo = _offsets(group)
     pieces, sizes = [], []
     for k in range(ux.n):
-        pieces += [oh[..., ho[k]:ho[k + 1], :], ob[..., bo[k]:bo[k + 1], :], ot[..., to[k]:to[k + 1], :]]
+        pieces += [
+            oh[..., ho[k] : ho[k + 1], :],
+            ob[..., bo[k] : bo[k + 1], :],
+            ot[..., to[k] : to[k + 1], :],
+        ]
         sizes.append(ho[k + 1] - ho[k] + group[k] + to[k + 1] - to[k])
     return _ulysses_out(torch.cat(pieces, dim=-2), sizes, ux, h)
 
@@ -388,13 +494,43 @@ def usp_attention(
     """
     # Contiguous, as the fake says: compiled graphs assert the real strides against the fake's
     # (Ring without text rows would return the attention kernel's [B, S, H, D]-ordered output).
-    return _usp(q, k, v, attn_mask, scale, mesh_key, split, head, tail, text_rank >= 0, q_cut,
-                None if kv_split is None else list(kv_split), kv_head, kv_tail, ulysses).contiguous()
+    return _usp(
+        q,
+        k,
+        v,
+        attn_mask,
+        scale,
+        mesh_key,
+        split,
+        head,
+        tail,
+        text_rank >= 0,
+        q_cut,
+        None if kv_split is None else list(kv_split),
+        kv_head,
+        kv_tail,
+        ulysses,
+    ).contiguous()
 
 
 @usp_attention.register_fake
-def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1, q_cut=False,  # type: ignore[no-untyped-def]
-      kv_split=None, kv_head=0, kv_tail=0, ulysses=-1):
+def _(
+    q,
+    k,
+    v,
+    attn_mask,
+    scale,
+    mesh_key,
+    split,
+    head=0,
+    tail=0,
+    text_rank=-1,
+    q_cut=False,  # type: ignore[no-untyped-def]
+    kv_split=None,
+    kv_head=0,
+    kv_tail=0,
+    ulysses=-1,
+):
     rows = q.shape[-2]
     if text_rank >= 0:
         n = len(split)
@@ -403,9 +539,16 @@ def _(q, k, v, attn_mask, scale, mesh_key, split, head=0, tail=0, text_rank=-1, 
 
 
 def usp_comm_bytes(
-    q_shape: tuple[int, ...], v_dim: int, itemsize: int, info: MeshInfo, split: list[int],
-    text: tuple[int, int] = (0, 0), shard_text: bool = False, q_cut: bool = False,
-    kv_split: list[int] | None = None, ulysses: int = -1,
+    q_shape: tuple[int, ...],
+    v_dim: int,
+    itemsize: int,
+    info: MeshInfo,
+    split: list[int],
+    text: tuple[int, int] = (0, 0),
+    shard_text: bool = False,
+    q_cut: bool = False,
+    kv_split: list[int] | None = None,
+    ulysses: int = -1,
 ) -> dict[tuple[str, str], tuple[int, int]]:
     """Static (calls, bytes sent by ``info.rank``) per (op, axis) of one ``usp_attention`` call
     (``kv_split``: K/V's body rows where they are cut otherwise than Q's; ``ulysses``: the
@@ -418,8 +561,8 @@ def usp_comm_bytes(
     ax = _Axes.of(info, ulysses)
     u, r = ax.u, ax.r
     kv_split = split if kv_split is None else kv_split
-    groups = [split[i * u:(i + 1) * u] for i in range(r)]
-    kgroups = [kv_split[i * u:(i + 1) * u] for i in range(r)]
+    groups = [split[i * u : (i + 1) * u] for i in range(r)]
+    kgroups = [kv_split[i * u : (i + 1) * u] for i in range(r)]
     mine, kmine = groups[ax.me], kgroups[ax.me]
     s_me, ks_me = mine[ax.me_u], kmine[ax.me_u]
     hs = head_groups(h, u)
@@ -435,12 +578,20 @@ def usp_comm_bytes(
             send_in += tok * h_others * piece * d
         if shard_text:  # peers' text pieces travel with their body rows
             ths, tts = even_split(text[0], n), even_split(text[1], n)
-            send_out += tok * h_me * v_dim * sum(ths[first + k] + tts[first + k]
-                                                 for k in range(u) if k != ax.me_u)
+            send_out += (
+                tok
+                * h_me
+                * v_dim
+                * sum(ths[first + k] + tts[first + k] for k in range(u) if k != ax.me_u)
+            )
         # Q, K, V fused in one all-to-all (K, V only, where Q's rows travel apart), then the output.
         calls = (3 if q_cut or kmine != mine else 2) if FUSE_QKV else 4
-        gathered = sum(text) and not shard_text  # text outputs shared over heads; text K/V never sent
-        if gathered and (len(set(hs)) > 1 or ax.sub > 1):  # uneven heads or a sub-block: an all-to-all
+        gathered = (
+            sum(text) and not shard_text
+        )  # text outputs shared over heads; text K/V never sent
+        if gathered and (
+            len(set(hs)) > 1 or ax.sub > 1
+        ):  # uneven heads or a sub-block: an all-to-all
             calls += 1
             send_out += tok * h_me * v_dim * sum(text) * (u - 1)
         elif gathered:

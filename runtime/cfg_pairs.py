@@ -37,8 +37,9 @@ __all__ = ["CfgPairs", "latent", "latent_batch"]
 logger = logging.getLogger(__name__)
 
 
-def latent(args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any = None,
-           name: str | None = None) -> torch.Tensor | None:
+def latent(
+    args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any = None, name: str | None = None
+) -> torch.Tensor | None:
     """The call's latent input (:func:`xdit_compile.latent.find_latent`; ``forward`` names the
     arguments, ``name`` is the one the compiled graph seeds or ``Plan.seed``)."""
     cands = call_inputs(forward, args, kwargs)
@@ -48,8 +49,9 @@ def latent(args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any = None,
     return cands[i][1] if i is not None else None
 
 
-def latent_batch(args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any = None,
-                 name: str | None = None) -> int:
+def latent_batch(
+    args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any = None, name: str | None = None
+) -> int:
     """Batch size of the call's latent input (1 if there is none)."""
     x = latent(args, kwargs, forward, name)
     return int(x.shape[0]) if x is not None else 1
@@ -75,8 +77,9 @@ class CfgPairs:
     kept: Any = None
     """The first call's output (rank 0) or placeholder (rank 1), until the second call."""
 
-    def call(self, run: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-             x: torch.Tensor | None = None) -> Any:
+    def call(
+        self, run: Any, args: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor | None = None
+    ) -> Any:
         """``run(args, kwargs)`` computes one call on this rank's sequence-parallel group; ``x``
         is the call's latent input (found by :func:`latent` if not given)."""
         ident = _identity(x if x is not None else latent(args, kwargs))
@@ -85,9 +88,11 @@ class CfgPairs:
             if len(self.seen) == 2:
                 self.mode = "pairs" if self.seen[0] == self.seen[1] and ident else "off"
                 if self.mode == "off":
-                    logger.warning("cfg=%d: the transformer is not called in CFG pairs with the "
-                                   "same latents; every call runs on all cfg ranks (no CFG speedup)",
-                                   dist.get_world_size(self.group))
+                    logger.warning(
+                        "cfg=%d: the transformer is not called in CFG pairs with the "
+                        "same latents; every call runs on all cfg ranks (no CFG speedup)",
+                        dist.get_world_size(self.group),
+                    )
             return run(args, kwargs)
         if self.mode == "off":
             return run(args, kwargs)
@@ -113,7 +118,9 @@ class CfgPairs:
         if self.rank == 0:
             out = other
         else:
-            for dst, src in zip(pytree.tree_leaves(self.kept), pytree.tree_leaves(other), strict=True):
+            for dst, src in zip(
+                pytree.tree_leaves(self.kept), pytree.tree_leaves(other), strict=True
+            ):
                 if isinstance(dst, torch.Tensor):
                     dst.copy_(src)
             out = mine

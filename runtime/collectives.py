@@ -57,8 +57,10 @@ class CommStats:
             self.bytes.clear()
 
     def as_dict(self) -> dict[str, dict[str, int]]:
-        return {f"{op}@{axis}": {"calls": self.calls[(op, axis)], "bytes": self.bytes[(op, axis)]}
-                for op, axis in sorted(self.calls)}
+        return {
+            f"{op}@{axis}": {"calls": self.calls[(op, axis)], "bytes": self.bytes[(op, axis)]}
+            for op, axis in sorted(self.calls)
+        }
 
 
 _STATS = CommStats()
@@ -132,7 +134,10 @@ def send_recv(
     ``dst``/``src`` are ranks inside ``group``. Returns ``(works, received)``; wait on every work
     before reading ``received``.
     """
-    recvs = [torch.empty(s, dtype=t.dtype, device=t.device) for s, t in zip(recv_shapes, sends, strict=True)]
+    recvs = [
+        torch.empty(s, dtype=t.dtype, device=t.device)
+        for s, t in zip(recv_shapes, sends, strict=True)
+    ]
     ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, group_peer=dst) for t in sends]
     ops += [dist.P2POp(dist.irecv, r, group=group, group_peer=src) for r in recvs]
     count("send_recv", axis, sum(_nbytes(t) for t in sends))

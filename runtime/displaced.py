@@ -64,7 +64,9 @@ class DisplacedState:
     """Index of the current call among the calls of this step (CFG branches)."""
     buffers: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
     """(branch, layer) -> [K, V] of the whole sequence (DistriFusion: of the body rows)."""
-    pending: dict[tuple[int, str], tuple[Any, torch.Tensor, list[int]]] = field(default_factory=dict)
+    pending: dict[tuple[int, str], tuple[Any, torch.Tensor, list[int]]] = field(
+        default_factory=dict
+    )
     """(branch, layer) -> DistriFusion's in-flight all-gather: (work, output, split)."""
     poison: Any = None
     """Test hook: ``poison(when, layer, patch, k_buffer, v_buffer)`` runs on a PipeFusion buffer
@@ -76,9 +78,14 @@ class DisplacedState:
     def begin_call(self, latent: torch.Tensor | None) -> None:
         """Count a transformer call: the next branch of this step if it got the same latent
         tensor as the previous call, else a new step."""
-        same = (latent is not None and self._latent is not None and latent.data_ptr() == self._latent.data_ptr()
-                and latent.shape == self._latent.shape and latent.stride() == self._latent.stride()
-                and latent._version == self._latent_version)
+        same = (
+            latent is not None
+            and self._latent is not None
+            and latent.data_ptr() == self._latent.data_ptr()
+            and latent.shape == self._latent.shape
+            and latent.stride() == self._latent.stride()
+            and latent._version == self._latent_version
+        )
         if same:
             self.branch += 1
         else:
@@ -129,12 +136,19 @@ def offsets(split: list[int]) -> list[int]:
     return out
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-          scale: float | None) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
     if q.shape[-2] == 0:
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
     # Contiguous, like the fake implementations (inductor checks strides of opaque ops).
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale
+    ).contiguous()
 
 
 def _mask_rows(mask: torch.Tensor | None, q_pos: torch.Tensor) -> torch.Tensor | None:
@@ -168,8 +182,9 @@ def _unpack(gathered: torch.Tensor, split: list[int]) -> list[torch.Tensor]:
     return [kv[0], kv[1]]
 
 
-def _gather_kv(kb: torch.Tensor, vb: torch.Tensor, split: list[int], group: dist.ProcessGroup,
-               async_op: bool) -> tuple[Any, torch.Tensor]:
+def _gather_kv(
+    kb: torch.Tensor, vb: torch.Tensor, split: list[int], group: dist.ProcessGroup, async_op: bool
+) -> tuple[Any, torch.Tensor]:
     packed = _pack(kb, vb, max(split))
     out = packed.new_empty((len(split) * 2, *packed.shape[1:]))
     count("all_gather", "distrifusion", packed.numel() * packed.element_size() * (len(split) - 1))
@@ -177,14 +192,26 @@ def _gather_kv(kb: torch.Tensor, vb: torch.Tensor, split: list[int], group: dist
     return work, out.view(len(split), *packed.shape)
 
 
-def _distrifusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                  scale: float | None, state_key: str, layer: str, mesh_key: str, split: list[int],
-                  head: int, tail: int, kv_head: int, kv_tail: int) -> torch.Tensor:
+def _distrifusion(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    state_key: str,
+    layer: str,
+    mesh_key: str,
+    split: list[int],
+    head: int,
+    tail: int,
+    kv_head: int,
+    kv_tail: int,
+) -> torch.Tensor:
     pm = get_mesh(mesh_key)
     rank, group = pm.info.sp_rank, pm.group("sp")
     st = get_state(state_key)
     s_me, offs = split[rank], offsets(split)
-    kb, vb = k[..., kv_head:kv_head + s_me, :], v[..., kv_head:kv_head + s_me, :]
+    kb, vb = k[..., kv_head : kv_head + s_me, :], v[..., kv_head : kv_head + s_me, :]
     slot = st.slot(layer)
     if st.exact or (slot not in st.buffers and slot not in st.pending):
         # Warmup: this step's K/V of every rank, now (exact); they also fill the buffer.
@@ -203,13 +230,17 @@ def _distrifusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         body_v = torch.cat([old_v[..., :lo, :], vb, old_v[..., hi:, :]], dim=-2)
         work, out = _gather_kv(kb, vb, split, group, async_op=True)
         st.pending[slot] = (work, out, split)
-    k_all = torch.cat([k[..., :kv_head, :], body_k, k[..., kv_head + s_me:, :]], dim=-2)
-    v_all = torch.cat([v[..., :kv_head, :], body_v, v[..., kv_head + s_me:, :]], dim=-2)
+    k_all = torch.cat([k[..., :kv_head, :], body_k, k[..., kv_head + s_me :, :]], dim=-2)
+    v_all = torch.cat([v[..., :kv_head, :], body_v, v[..., kv_head + s_me :, :]], dim=-2)
     # Query rows: [text head, this rank's body rows, text tail] at their global positions.
     q_head = q.shape[-2] - s_me - tail
     body_at = head + offs[rank]
-    q_pos = _arange((0, q_head), (body_at, body_at + s_me),
-                    (head + sum(split), head + sum(split) + tail), device=q.device)
+    q_pos = _arange(
+        (0, q_head),
+        (body_at, body_at + s_me),
+        (head + sum(split), head + sum(split) + tail),
+        device=q.device,
+    )
     return _sdpa(q, k_all, v_all, _mask_rows(mask, q_pos), scale)
 
 
@@ -235,16 +266,33 @@ def distrifusion_attention(
     K/V's own text rows where they differ from Q's (-1: Q's)."""
     kv_head, kv_tail = (head, tail) if kv_head < 0 else (kv_head, kv_tail)
     # Contiguous, as the fake says (compiled graphs assert the real strides against it).
-    return _distrifusion(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head, tail,
-                         kv_head, kv_tail).contiguous()
+    return _distrifusion(
+        q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head, tail, kv_head, kv_tail
+    ).contiguous()
 
 
 @distrifusion_attention.register_fake
-def _(q, k, v, attn_mask, scale, state_key, layer, mesh_key, split, head=0, tail=0, kv_head=-1, kv_tail=-1):  # type: ignore[no-untyped-def]
+def _(
+    q,
+    k,
+    v,
+    attn_mask,
+    scale,
+    state_key,
+    layer,
+    mesh_key,
+    split,
+    head=0,
+    tail=0,
+    kv_head=-1,
+    kv_tail=-1,
+):  # type: ignore[no-untyped-def]
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-def distrifusion_comm_bytes(k_shape: tuple[int, ...], v_dim: int, itemsize: int, split: list[int]) -> int:
+def distrifusion_comm_bytes(
+    k_shape: tuple[int, ...], v_dim: int, itemsize: int, split: list[int]
+) -> int:
     """Bytes one rank sends per layer and step: its body K and V (padded to the largest piece)
     to every other rank (``k_shape``: this rank's local K)."""
     lead = 1
@@ -257,10 +305,24 @@ def distrifusion_comm_bytes(k_shape: tuple[int, ...], v_dim: int, itemsize: int,
 # PipeFusion
 
 
-def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                        scale: float | None, state_key: str, layer: str, split: list[int], patch: int,
-                        head: int, tail: int, out_text: bool, mesh_key: str, sp_split: list[int],
-                        kv_head: int, kv_tail: int) -> torch.Tensor:
+def _pipefusion_ulysses(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    state_key: str,
+    layer: str,
+    split: list[int],
+    patch: int,
+    head: int,
+    tail: int,
+    out_text: bool,
+    mesh_key: str,
+    sp_split: list[int],
+    kv_head: int,
+    kv_tail: int,
+) -> torch.Tensor:
     """A patch cut further over the ``ulysses`` axis: an all-to-all gives every rank all of the
     patch's rows for its heads; its buffer holds those heads of the whole sequence (text rows are
     on every rank: each takes its heads, nothing is sent). The output goes back to row pieces."""
@@ -282,27 +344,57 @@ def _pipefusion_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
     def heads_of(t: torch.Tensor, head: int) -> torch.Tensor:
         text = t.shape[-2] - s_me  # 0, or the text rows (whole)
-        th, body, tt = t[..., :text and head, :], t[..., (text and head):(text and head) + s_me, :], \
-            t[..., (text and head) + s_me:, :]
+        th, body, tt = (
+            t[..., : text and head, :],
+            t[..., (text and head) : (text and head) + s_me, :],
+            t[..., (text and head) + s_me :, :],
+        )
         body = _ulysses_in(body, sp_split, ux)
         return torch.cat([th[..., lo:hi, :, :], body, tt[..., lo:hi, :, :]], dim=-2)
 
     if mask is not None and mask.dim() >= 3 and mask.shape[-3] > 1:
         mask = mask[..., lo:hi, :, :]
-    res = _pipefusion(heads_of(q, head), heads_of(k, kv_head), heads_of(v, kv_head), mask, scale, state_key,
-                      layer, split, patch, head, tail, out_text, kv_head, kv_tail)
+    res = _pipefusion(
+        heads_of(q, head),
+        heads_of(k, kv_head),
+        heads_of(v, kv_head),
+        mask,
+        scale,
+        state_key,
+        layer,
+        split,
+        patch,
+        head,
+        tail,
+        out_text,
+        kv_head,
+        kv_tail,
+    )
     rows = split[patch]
     th = head if out_text else 0
-    body = _ulysses_out(res[..., th:th + rows, :], sp_split, ux, h)
+    body = _ulysses_out(res[..., th : th + rows, :], sp_split, ux, h)
     if not out_text:
         return body
-    text = _gather_heads(torch.cat([res[..., :th, :], res[..., th + rows:, :]], dim=-2), ux, h)
+    text = _gather_heads(torch.cat([res[..., :th, :], res[..., th + rows :, :]], dim=-2), ux, h)
     return torch.cat([text[..., :head, :], body, text[..., head:, :]], dim=-2)
 
 
-def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                scale: float | None, state_key: str, layer: str, split: list[int], patch: int,
-                head: int, tail: int, out_text: bool, kv_head: int, kv_tail: int) -> torch.Tensor:
+def _pipefusion(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    state_key: str,
+    layer: str,
+    split: list[int],
+    patch: int,
+    head: int,
+    tail: int,
+    out_text: bool,
+    kv_head: int,
+    kv_tail: int,
+) -> torch.Tensor:
     st = get_state(state_key)
     offs = offsets(split)
     total = kv_head + offs[-1] + kv_tail  # the buffer: K/V rows of the whole sequence
@@ -312,8 +404,10 @@ def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     kv_text = k.shape[-2] - s_me  # 0, or kv_head + kv_tail: this patch holds the K/V text rows
     if slot not in st.buffers:
         if len(split) > 1 and patch != 0:
-            raise RuntimeError(f"PipeFusion layer {layer}: patch {patch} runs before the buffer "
-                               f"was filled (the first step of a request must run whole)")
+            raise RuntimeError(
+                f"PipeFusion layer {layer}: patch {patch} runs before the buffer "
+                f"was filled (the first step of a request must run whole)"
+            )
         shape = (*k.shape[:-2], total, k.shape[-1])
         st.buffers[slot] = [k.new_zeros(shape), v.new_zeros((*shape[:-1], v.shape[-1]))]
     buf_k, buf_v = st.buffers[slot]
@@ -322,21 +416,25 @@ def _pipefusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     if kv_text:  # fresh text K/V (the text rows' patch): written before any other patch reads
         buf_k[..., :kv_head, :] = k[..., :kv_head, :]
         buf_v[..., :kv_head, :] = v[..., :kv_head, :]
-        buf_k[..., total - kv_tail:, :] = k[..., k.shape[-2] - kv_tail:, :]
-        buf_v[..., total - kv_tail:, :] = v[..., v.shape[-2] - kv_tail:, :]
+        buf_k[..., total - kv_tail :, :] = k[..., k.shape[-2] - kv_tail :, :]
+        buf_v[..., total - kv_tail :, :] = v[..., v.shape[-2] - kv_tail :, :]
     kb0 = kv_head if kv_text else 0
-    buf_k[..., lo:hi, :] = k[..., kb0:kb0 + s_me, :]
-    buf_v[..., lo:hi, :] = v[..., kb0:kb0 + s_me, :]
+    buf_k[..., lo:hi, :] = k[..., kb0 : kb0 + s_me, :]
+    buf_v[..., lo:hi, :] = v[..., kb0 : kb0 + s_me, :]
     if st.poison is not None:
         st.poison("read", layer, patch, buf_k, buf_v)
     q_text = q.shape[-2] - s_me  # 0, or head + tail
     if q_text and not out_text:  # text queries whose output another patch keeps
-        q = q[..., head:head + s_me, :]
+        q = q[..., head : head + s_me, :]
         q_text = 0
     # Query rows at their positions in Q's global layout (the mask's rows).
     q_total, q_lo = head + offs[-1] + tail, head + offs[patch]
-    q_pos = _arange((0, head if q_text else 0), (q_lo, q_lo + s_me), (q_total - (tail if q_text else 0), q_total),
-                    device=q.device)
+    q_pos = _arange(
+        (0, head if q_text else 0),
+        (q_lo, q_lo + s_me),
+        (q_total - (tail if q_text else 0), q_total),
+        device=q.device,
+    )
     return _sdpa(q, buf_k, buf_v, _mask_rows(mask, q_pos), scale)
 
 
@@ -371,20 +469,66 @@ def pipefusion_attention(
     kv_head, kv_tail = (head, tail) if kv_head < 0 else (kv_head, kv_tail)
     if mesh_key:
         assert sp_split is not None
-        out = _pipefusion_ulysses(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail,
-                                  out_text, mesh_key, list(sp_split), kv_head, kv_tail)
+        out = _pipefusion_ulysses(
+            q,
+            k,
+            v,
+            attn_mask,
+            scale,
+            state_key,
+            layer,
+            split,
+            patch,
+            head,
+            tail,
+            out_text,
+            mesh_key,
+            list(sp_split),
+            kv_head,
+            kv_tail,
+        )
     else:
-        out = _pipefusion(q, k, v, attn_mask, scale, state_key, layer, split, patch, head, tail, out_text,
-                          kv_head, kv_tail)
+        out = _pipefusion(
+            q,
+            k,
+            v,
+            attn_mask,
+            scale,
+            state_key,
+            layer,
+            split,
+            patch,
+            head,
+            tail,
+            out_text,
+            kv_head,
+            kv_tail,
+        )
     return out.contiguous()  # as the fake says (compiled graphs assert the real strides against it)
 
 
 @pipefusion_attention.register_fake
-def _(q, k, v, attn_mask, scale, state_key, layer, split, patch, head=0, tail=0, out_text=False,  # type: ignore[no-untyped-def]
-      mesh_key=None, sp_split=None, sp_rank=0, kv_head=-1, kv_tail=-1):
+def _(
+    q,
+    k,
+    v,
+    attn_mask,
+    scale,
+    state_key,
+    layer,
+    split,
+    patch,
+    head=0,
+    tail=0,
+    out_text=False,  # type: ignore[no-untyped-def]
+    mesh_key=None,
+    sp_split=None,
+    sp_rank=0,
+    kv_head=-1,
+    kv_tail=-1,
+):
     rows = (split[patch] if not mesh_key else sp_split[sp_rank]) + (head + tail if out_text else 0)
     return q.new_empty((*q.shape[:-2], rows, v.shape[-1]))
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +549,9 @@ def displaced_buffer(node: fx.Node) -> DisplacedBuffer | None:
     other node. The shapes are the node's (local) K/V shapes."""
     if node.target is torch.ops.xdit.pipefusion_attention.default:
         a = op_args(node)
-        kv_head, kv_tail = (a["head"], a["tail"]) if a["kv_head"] < 0 else (a["kv_head"], a["kv_tail"])
+        kv_head, kv_tail = (
+            (a["head"], a["tail"]) if a["kv_head"] < 0 else (a["kv_head"], a["kv_tail"])
+        )
         rows = kv_head + sum(a["split"]) + kv_tail
     elif node.target is torch.ops.xdit.distrifusion_attention.default:
         a = op_args(node)
@@ -415,5 +561,7 @@ def displaced_buffer(node: fx.Node) -> DisplacedBuffer | None:
     k, v = a["k"].meta["val"], a["v"].meta["val"]
     shape = (*(int(s) for s in k.shape[:-2]), int(rows), int(k.shape[-1]))
     numel = torch.Size(shape).numel()
-    nbytes = numel * k.element_size() + numel // int(k.shape[-1]) * int(v.shape[-1]) * v.element_size()
+    nbytes = (
+        numel * k.element_size() + numel // int(k.shape[-1]) * int(v.shape[-1]) * v.element_size()
+    )
     return DisplacedBuffer(str(a["layer"]), shape, int(nbytes))

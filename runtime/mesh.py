@@ -52,7 +52,9 @@ class MeshInfo:
 
     @property
     def sp_rank(self) -> int:
-        return (self.distrifusion_rank * self.ring + self.ring_rank) * self.ulysses + self.ulysses_rank
+        return (
+            self.distrifusion_rank * self.ring + self.ring_rank
+        ) * self.ulysses + self.ulysses_rank
 
     def degree(self, axis: str) -> int:
         """Degree of a sharding axis: "sp" (the sequence axes), "cfg" or "dp"."""
@@ -72,8 +74,23 @@ class MeshInfo:
         df, r = r % plan.distrifusion, r // plan.distrifusion
         pf, r = r % plan.pipefusion, r // plan.pipefusion
         cfg, r = r % plan.cfg, r // plan.cfg
-        return cls(key, rank, plan.world_size, plan.ulysses, plan.ring, uly, ring,
-                   plan.cfg, cfg, plan.dp, r % plan.dp, plan.pipefusion, pf, plan.distrifusion, df)
+        return cls(
+            key,
+            rank,
+            plan.world_size,
+            plan.ulysses,
+            plan.ring,
+            uly,
+            ring,
+            plan.cfg,
+            cfg,
+            plan.dp,
+            r % plan.dp,
+            plan.pipefusion,
+            pf,
+            plan.distrifusion,
+            df,
+        )
 
 
 class ParallelMesh:
@@ -90,7 +107,9 @@ class ParallelMesh:
         if axis not in self._groups:
             assert self.mesh is not None, "mesh has no process groups (static analysis only)"
             if axis == "sp":
-                self._groups[axis] = self.mesh["distrifusion", "ring", "ulysses"]._flatten("sp").get_group()
+                self._groups[axis] = (
+                    self.mesh["distrifusion", "ring", "ulysses"]._flatten("sp").get_group()
+                )
             else:
                 self._groups[axis] = self.mesh.get_group(axis)
         return self._groups[axis]
@@ -140,8 +159,10 @@ def build_mesh(plan: Plan) -> ParallelMesh:
     backend = dist.get_backend()
     device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device, shape, mesh_dim_names=names)
-    key = (f"mesh{len(_MESHES)}_d{plan.dp}c{plan.cfg}p{plan.pipefusion}f{plan.distrifusion}"
-           f"r{plan.ring}u{plan.ulysses}")
+    key = (
+        f"mesh{len(_MESHES)}_d{plan.dp}c{plan.cfg}p{plan.pipefusion}f{plan.distrifusion}"
+        f"r{plan.ring}u{plan.ulysses}"
+    )
     info = MeshInfo.of(plan, rank, key)
     pm = ParallelMesh(info, mesh)
     register_mesh(pm)

@@ -61,24 +61,40 @@ def assemble(pieces: list[torch.Tensor], p: Shard) -> torch.Tensor:
     """Join the patches' pieces of a tensor cut by ``p`` (the inverse of the local slices)."""
     dim = p.dim
     heads = [pc.narrow(dim, 0, p.text_rows(j)[0]) for j, pc in enumerate(pieces)]
-    tails = [pc.narrow(dim, pc.shape[dim] - p.text_rows(j)[1], p.text_rows(j)[1]) for j, pc in enumerate(pieces)]
-    bodies = [pc.narrow(dim, h.shape[dim], pc.shape[dim] - h.shape[dim] - t.shape[dim])
-              for pc, h, t in zip(pieces, heads, tails, strict=True)]
+    tails = [
+        pc.narrow(dim, pc.shape[dim] - p.text_rows(j)[1], p.text_rows(j)[1])
+        for j, pc in enumerate(pieces)
+    ]
+    bodies = [
+        pc.narrow(dim, h.shape[dim], pc.shape[dim] - h.shape[dim] - t.shape[dim])
+        for pc, h, t in zip(pieces, heads, tails, strict=True)
+    ]
     if p.outer == 1 and p.inner == 1:
         body = torch.cat(bodies, dim)
     else:
-        views = [b.reshape(*b.shape[:dim], p.outer, s, p.inner, *b.shape[dim + 1:])
-                 for b, s in zip(bodies, p.split, strict=True)]
+        views = [
+            b.reshape(*b.shape[:dim], p.outer, s, p.inner, *b.shape[dim + 1 :])
+            for b, s in zip(bodies, p.split, strict=True)
+        ]
         v = torch.cat(views, dim + 1)
-        body = v.reshape(*v.shape[:dim], -1, *v.shape[dim + 3:])
+        body = v.reshape(*v.shape[:dim], -1, *v.shape[dim + 3 :])
     return torch.cat([*heads, body, *tails], dim)
 
 
 class PipeRunner:
     """Runs one input signature's PipeFusion program on this rank (see the module docstring)."""
 
-    def __init__(self, warm: Variant, main: Variant, state: DisplacedState, mesh: ParallelMesh | None,
-                 stage: int, stages: int, in_spec: Any, out_spec: Any) -> None:
+    def __init__(
+        self,
+        warm: Variant,
+        main: Variant,
+        state: DisplacedState,
+        mesh: ParallelMesh | None,
+        stage: int,
+        stages: int,
+        in_spec: Any,
+        out_spec: Any,
+    ) -> None:
         self.variants = {1: warm, main.patches: main}
         self.main = main
         self.state, self.mesh = state, mesh
@@ -95,20 +111,26 @@ class PipeRunner:
         pro = var.prologue(*[flat[i] for i in var.prologue_args]) if var.prologue_names else ()
         values = dict(zip(var.prologue_names, pro, strict=True))
         outs = _Exec(self, var, flat, values).run(self.schedules[var.patches])
-        return pytree.tree_unflatten(outs, self.out_spec) if self.out_spec is not None else tuple(outs)
+        return (
+            pytree.tree_unflatten(outs, self.out_spec) if self.out_spec is not None else tuple(outs)
+        )
 
 
 class _Exec:
     """One call's interpretation of the schedule on this rank."""
 
-    def __init__(self, runner: PipeRunner, var: Variant, flat: list[Any], pro: dict[str, Any]) -> None:
+    def __init__(
+        self, runner: PipeRunner, var: Variant, flat: list[Any], pro: dict[str, Any]
+    ) -> None:
         self.r, self.var, self.flat, self.pro = runner, var, flat, pro
         self.group = runner.mesh.group("pipefusion") if runner.stages > 1 and runner.mesh else None
         self.recv: dict[int, tuple[list[Any], list[torch.Tensor]]] = {}
         self.pending: list[tuple[Any, torch.Tensor]] = []
         self.outputs: dict[int, Any] = {}
         self.result: list[Any] = []
-        self.device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        self.device = next(
+            (x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu")
+        )
 
     def _tag(self, patch: int, k: int) -> int:
         return patch * 1024 + k
@@ -121,9 +143,14 @@ class _Exec:
         return self.result
 
     def _post(self, j: int) -> None:
-        bufs = [torch.empty(shape, dtype=dtype, device=self.device) for _, shape, dtype in self.var.programs[j].recv]
-        works = [dist.irecv(b, group=self.group, group_src=self.r.stage - 1, tag=self._tag(j, k))
-                 for k, b in enumerate(bufs)]
+        bufs = [
+            torch.empty(shape, dtype=dtype, device=self.device)
+            for _, shape, dtype in self.var.programs[j].recv
+        ]
+        works = [
+            dist.irecv(b, group=self.group, group_src=self.r.stage - 1, tag=self._tag(j, k))
+            for k, b in enumerate(bufs)
+        ]
         self.recv[j] = (works, bufs)
 
     def _wait(self, j: int) -> None:
@@ -133,8 +160,10 @@ class _Exec:
     def _run(self, j: int) -> None:
         prog = self.var.programs[j]
         got = self.recv.pop(j, ([], []))[1]
-        args = [self.flat[key] if kind == "in" else self.pro[key] if kind == "pro" else got[key]
-                for kind, key in prog.inputs]
+        args = [
+            self.flat[key] if kind == "in" else self.pro[key] if kind == "pro" else got[key]
+            for kind, key in prog.inputs
+        ]
         self.outputs[j] = prog.gm(*args)
         for op, axis, calls, nbytes in prog.comm:
             count(op, axis, nbytes, calls)
@@ -156,8 +185,10 @@ class _Exec:
         if self.r.stage == last:
             self._join()
         else:
-            self.result = [torch.empty(sd[0], dtype=sd[1], device=self.device) if sd is not None else None
-                           for sd in self.var.out_shapes]
+            self.result = [
+                torch.empty(sd[0], dtype=sd[1], device=self.device) if sd is not None else None
+                for sd in self.var.out_shapes
+            ]
         assert self.group is not None
         src = dist.get_global_rank(self.group, last)
         for i, t in enumerate(self.result):

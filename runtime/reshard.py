@@ -17,15 +17,29 @@ from xdit_compile.runtime.collectives import send_recv
 from xdit_compile.runtime.mesh import get_mesh
 
 __all__ = [
-    "SPLIT", "all_reduce_bytes", "all_reduce_finish", "all_reduce_start", "all_reduce_sum", "gather_bytes",
-    "gather_shard", "gather_shard_finish", "gather_shard_start", "gather_text", "gather_text_finish",
-    "gather_text_start", "group_norm_bytes", "group_norm_sharded", "halo_pad", "slice_shard", "slice_text",
+    "SPLIT",
+    "all_reduce_bytes",
+    "all_reduce_finish",
+    "all_reduce_start",
+    "all_reduce_sum",
+    "gather_bytes",
+    "gather_shard",
+    "gather_shard_finish",
+    "gather_shard_start",
+    "gather_text",
+    "gather_text_finish",
+    "gather_text_start",
+    "group_norm_bytes",
+    "group_norm_sharded",
+    "halo_pad",
+    "slice_shard",
+    "slice_text",
 ]
 
 
 def _factor_view(x: torch.Tensor, dim: int, outer: int, inner: int) -> torch.Tensor:
     n = x.shape[dim] // (outer * inner)
-    return x.reshape(*x.shape[:dim], outer, n, inner, *x.shape[dim + 1:])
+    return x.reshape(*x.shape[:dim], outer, n, inner, *x.shape[dim + 1 :])
 
 
 def _text_rows(head: int, tail: int, n: int, text_rank: int) -> tuple[int, int]:
@@ -35,31 +49,61 @@ def _text_rows(head: int, tail: int, n: int, text_rank: int) -> tuple[int, int]:
     return even_split(head, n)[text_rank], even_split(tail, n)[text_rank]
 
 
-def _three(x: torch.Tensor, dim: int, h: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return x.narrow(dim, 0, h), x.narrow(dim, h, x.shape[dim] - h - t), x.narrow(dim, x.shape[dim] - t, t)
+def _three(
+    x: torch.Tensor, dim: int, h: int, t: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        x.narrow(dim, 0, h),
+        x.narrow(dim, h, x.shape[dim] - h - t),
+        x.narrow(dim, x.shape[dim] - t, t),
+    )
 
 
-def gather_text(x: torch.Tensor, dim: int, head: int, tail: int, n: int, group_name: str,
-                text_rank: int) -> torch.Tensor:
+def gather_text(
+    x: torch.Tensor, dim: int, head: int, tail: int, n: int, group_name: str, text_rank: int
+) -> torch.Tensor:
     """Joint rows ``[head piece, body, tail piece]`` -> ``[head, body, tail]``: one all-gather of
     every rank's text pieces (evenly cut head and tail rows); the body stays as it is."""
-    return gather_text_finish(gather_text_start(x, dim, head, tail, n, group_name, text_rank),
-                              x, dim, head, tail, n, group_name, text_rank)
+    return gather_text_finish(
+        gather_text_start(x, dim, head, tail, n, group_name, text_rank),
+        x,
+        dim,
+        head,
+        tail,
+        n,
+        group_name,
+        text_rank,
+    )
 
 
-def gather_text_start(x: torch.Tensor, dim: int, head: int, tail: int, n: int, group_name: str,
-                      text_rank: int) -> torch.Tensor:
+def gather_text_start(
+    x: torch.Tensor, dim: int, head: int, tail: int, n: int, group_name: str, text_rank: int
+) -> torch.Tensor:
     """The first half of :func:`gather_text`: starts the all-gather of the text pieces and
     returns its (not yet waited for) result."""
     h, t = _text_rows(head, tail, n, text_rank)
     hp, _, tp = _three(x, dim, h, t)
     hs, ts = even_split(head, n), even_split(tail, n)
-    return gather_shard_start(torch.cat([hp, tp], dim), dim, 1, 1, [a + b for a, b in zip(hs, ts, strict=True)],
-                              group_name)
+    return gather_shard_start(
+        torch.cat([hp, tp], dim),
+        dim,
+        1,
+        1,
+        [a + b for a, b in zip(hs, ts, strict=True)],
+        group_name,
+    )
 
 
-def gather_text_finish(g: torch.Tensor, x: torch.Tensor, dim: int, head: int, tail: int, n: int,
-                       group_name: str, text_rank: int) -> torch.Tensor:
+def gather_text_finish(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    dim: int,
+    head: int,
+    tail: int,
+    n: int,
+    group_name: str,
+    text_rank: int,
+) -> torch.Tensor:
     """The second half of :func:`gather_text`: waits for ``g`` and joins the text to ``x``'s body."""
     h, t = _text_rows(head, tail, n, text_rank)
     hp, body, tp = _three(x, dim, h, t)
@@ -100,13 +144,23 @@ def gather_shard(
         if text_rank >= 0:
             x = gather_text(x, dim, head, tail, len(split), group_name, text_rank)
         hp, body, tp = _three(x, dim, head, tail)
-        return torch.cat([hp, gather_shard(body, dim, outer, inner, split, group_name), tp], dim=dim)
-    return gather_shard_finish(gather_shard_start(x, dim, outer, inner, split, group_name),
-                               x, dim, outer, inner, split, group_name)
+        return torch.cat(
+            [hp, gather_shard(body, dim, outer, inner, split, group_name), tp], dim=dim
+        )
+    return gather_shard_finish(
+        gather_shard_start(x, dim, outer, inner, split, group_name),
+        x,
+        dim,
+        outer,
+        inner,
+        split,
+        group_name,
+    )
 
 
-def gather_shard_start(x: torch.Tensor, dim: int, outer: int, inner: int, split: list[int],
-                       group_name: str) -> torch.Tensor:
+def gather_shard_start(
+    x: torch.Tensor, dim: int, outer: int, inner: int, split: list[int], group_name: str
+) -> torch.Tensor:
     """The first half of :func:`gather_shard` (no text rows): pads this rank's piece and starts
     the all-gather; returns its (not yet waited for) result, ``[n * max(split), ...]``."""
     n, m = len(split), max(split)
@@ -116,8 +170,15 @@ def gather_shard_start(x: torch.Tensor, dim: int, outer: int, inner: int, split:
     return torch.ops._c10d_functional.all_gather_into_tensor(v.contiguous(), n, group_name)
 
 
-def gather_shard_finish(g: torch.Tensor, x: torch.Tensor, dim: int, outer: int, inner: int, split: list[int],
-                        group_name: str) -> torch.Tensor:
+def gather_shard_finish(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    dim: int,
+    outer: int,
+    inner: int,
+    split: list[int],
+    group_name: str,
+) -> torch.Tensor:
     """The second half of :func:`gather_shard`: waits for ``g`` and cuts it to the global tensor
     (``x``: this rank's piece, or any tensor with its sizes in the dims other than ``dim``)."""
     m = max(split)
@@ -126,7 +187,7 @@ def gather_shard_finish(g: torch.Tensor, x: torch.Tensor, dim: int, outer: int, 
         g = torch.cat([p[:s] for p, s in zip(g.split(m), split, strict=True)])
     g = g.movedim(0, dim + 1)
     # Contiguous like the tensor the original graph computed, so its view ops stay valid.
-    return g.reshape(*x.shape[:dim], outer * sum(split) * inner, *x.shape[dim + 1:]).contiguous()
+    return g.reshape(*x.shape[:dim], outer * sum(split) * inner, *x.shape[dim + 1 :]).contiguous()
 
 
 def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -144,10 +205,15 @@ def all_reduce_finish(g: torch.Tensor) -> torch.Tensor:
     return fc.wait_tensor(g)
 
 
-
-
-def group_norm_sharded(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       eps: float, group_name: str, n: int) -> torch.Tensor:
+def group_norm_sharded(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    group_name: str,
+    n: int,
+) -> torch.Tensor:
     """``group_norm`` of ``x`` ``[B, C, *spatial]`` whose spatial rows are cut over the ``n``
     ranks of ``group_name`` (uneven pieces, even empty ones, allowed).
 
@@ -162,7 +228,9 @@ def group_norm_sharded(x: torch.Tensor, groups: int, weight: torch.Tensor | None
     mean = xs.sum(-1) / max(cnt, 1)
     m2 = (xs - mean.unsqueeze(-1)).square().sum(-1)
     stats = torch.stack([torch.full_like(mean, float(cnt)), mean, m2])  # [3, B, G]
-    g = fc.wait_tensor(torch.ops._c10d_functional.all_gather_into_tensor(stats.contiguous(), n, group_name))
+    g = fc.wait_tensor(
+        torch.ops._c10d_functional.all_gather_into_tensor(stats.contiguous(), n, group_name)
+    )
     counts, means, m2s = g.reshape(n, 3, b, groups).unbind(1)
     total = counts.sum(0)
     mu = (counts * means).sum(0) / total
@@ -193,14 +261,17 @@ def gather_bytes(unit_numel: int, itemsize: int, split: list[int]) -> int:
     return unit_numel * max(split) * itemsize * (len(split) - 1)
 
 
-def slice_text(x: torch.Tensor, dim: int, head: int, tail: int, n: int, text_rank: int,
-               owner: int = -1) -> torch.Tensor:
+def slice_text(
+    x: torch.Tensor, dim: int, head: int, tail: int, n: int, text_rank: int, owner: int = -1
+) -> torch.Tensor:
     """Joint rows ``[head, body, tail]`` -> ``[head piece, body, tail piece]`` (no communication):
     even pieces, or with ``owner >= 0`` all text rows on rank ``owner`` and none elsewhere."""
     hp, body, tp = _three(x, dim, head, tail)
     hs, ts = text_split(head, n, owner), text_split(tail, n, owner)
     ho, to = sum(hs[:text_rank]), sum(ts[:text_rank])
-    return torch.cat([hp.narrow(dim, ho, hs[text_rank]), body, tp.narrow(dim, to, ts[text_rank])], dim)
+    return torch.cat(
+        [hp.narrow(dim, ho, hs[text_rank]), body, tp.narrow(dim, to, ts[text_rank])], dim
+    )
 
 
 def slice_shard(
@@ -219,19 +290,25 @@ def slice_shard(
     this rank's even piece of them; ``(rank, n, owner)``: all of them on rank ``owner``)."""
     if head or tail:
         body = x.narrow(dim, head, x.shape[dim] - head - tail)
-        parts = [x.narrow(dim, 0, head), slice_shard(body, dim, outer, inner, start, length),
-                 x.narrow(dim, x.shape[dim] - tail, tail)]
+        parts = [
+            x.narrow(dim, 0, head),
+            slice_shard(body, dim, outer, inner, start, length),
+            x.narrow(dim, x.shape[dim] - tail, tail),
+        ]
         out = torch.cat(parts, dim=dim)
-        return slice_text(out, dim, head, tail, text[1], text[0], *text[2:]) if text[0] >= 0 else out
+        return (
+            slice_text(out, dim, head, tail, text[1], text[0], *text[2:]) if text[0] >= 0 else out
+        )
     if outer == 1 and inner == 1:
         return x.narrow(dim, start, length)
     v = _factor_view(x, dim, outer, inner).narrow(dim + 1, start, length)
-    return v.reshape(*x.shape[:dim], outer * length * inner, *x.shape[dim + 1:])
+    return v.reshape(*x.shape[:dim], outer * length * inner, *x.shape[dim + 1 :])
 
 
 @torch.library.custom_op("xdit::halo_pad", mutates_args=())
-def halo_pad(x: torch.Tensor, dim: int, top: int, bottom: int, mesh_key: str, head: int = 0,
-             rows: int = -1) -> torch.Tensor:
+def halo_pad(
+    x: torch.Tensor, dim: int, top: int, bottom: int, mesh_key: str, head: int = 0, rows: int = -1
+) -> torch.Tensor:
     """This rank's rows of ``dim`` with ``top`` rows of the previous rank before them and
     ``bottom`` rows of the next rank after them (zeros past the global edges).
 

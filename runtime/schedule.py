@@ -63,7 +63,9 @@ def speedup_bound(stages: int, patches: int) -> float:
     return stages * patches / (patches + stages - 1)
 
 
-def simulate(schedule: list[list[Action]], cost: list[float] | None = None) -> list[dict[int, float]]:
+def simulate(
+    schedule: list[list[Action]], cost: list[float] | None = None
+) -> list[dict[int, float]]:
     """Dry-run ``schedule``; returns per rank ``{patch: start time of its RUN}``.
 
     ``cost[s]``: time of one ``RUN`` on rank ``s`` (default 1). Raises :class:`Deadlock`.
@@ -103,7 +105,9 @@ def simulate(schedule: list[list[Action]], cost: list[float] | None = None) -> l
                 pc[r] += 1
                 progress = True
         if not progress:
-            stuck = ", ".join(f"rank {r}: {schedule[r][pc[r]]}" for r in range(n) if pc[r] < len(schedule[r]))
+            stuck = ", ".join(
+                f"rank {r}: {schedule[r][pc[r]]}" for r in range(n) if pc[r] < len(schedule[r])
+            )
             raise Deadlock(f"schedule deadlocks: {stuck}")
     return starts
 

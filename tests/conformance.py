@@ -41,13 +41,28 @@ from xdit_compile.passes.sharding.engine import RULES, redistribute  # noqa: E40
 from xdit_compile.placement import Shard, even_split  # noqa: E402
 from xdit_compile.plan import Plan  # noqa: E402
 
-__all__ = ["Sample", "Result", "rule_ops", "samples", "placements", "check_sample", "run_conformance"]
+__all__ = [
+    "Sample",
+    "Result",
+    "rule_ops",
+    "samples",
+    "placements",
+    "check_sample",
+    "run_conformance",
+]
 
 aten = torch.ops.aten
 
 # Ops whose values are undefined (uninitialized memory, random masks): only their placement
 # logic is exercised through DiT samples where they are deterministic (dropout in eval).
-UNDEFINED_VALUES = {"empty", "empty_like", "new_empty", "new_empty_strided", "dropout", "native_dropout"}
+UNDEFINED_VALUES = {
+    "empty",
+    "empty_like",
+    "new_empty",
+    "new_empty_strided",
+    "dropout",
+    "native_dropout",
+}
 
 
 # Registered ops the harness cannot check: export decomposes them (reshape, flatten, chunk,
@@ -55,9 +70,29 @@ UNDEFINED_VALUES = {"empty", "empty_like", "new_empty", "new_empty_strided", "dr
 # their values are undefined (``empty*``). Their rules stay for graphs captured other ways; the
 # conformance test checks this list is exact.
 UNCHECKED = {
-    "_prelu_kernel", "arange", "chunk", "contiguous", "dropout", "empty", "gelu_", "unflatten", "empty_like", "flatten", "full", "movedim", "new_empty",
-    "new_empty_strided", "norm", "ones", "reshape", "scalar_tensor", "silu_", "swapaxes", "tensor_split",
-    "to", "zeros",
+    "_prelu_kernel",
+    "arange",
+    "chunk",
+    "contiguous",
+    "dropout",
+    "empty",
+    "gelu_",
+    "unflatten",
+    "empty_like",
+    "flatten",
+    "full",
+    "movedim",
+    "new_empty",
+    "new_empty_strided",
+    "norm",
+    "ones",
+    "reshape",
+    "scalar_tensor",
+    "silu_",
+    "swapaxes",
+    "tensor_split",
+    "to",
+    "zeros",
 }
 
 
@@ -88,7 +123,9 @@ def rule_ops() -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for t in RULES:
         qualified = getattr(t, "_qualified_op_name", None) or getattr(t, "name", lambda: "")()
-        if isinstance(t, torch._ops.OpOverloadPacket | torch._ops.OpOverload) and not str(qualified).startswith("aten::"):
+        if isinstance(t, torch._ops.OpOverloadPacket | torch._ops.OpOverload) and not str(
+            qualified
+        ).startswith("aten::"):
             continue
         if isinstance(t, torch._ops.OpOverloadPacket):
             out.setdefault(t.__name__, []).append(t)
@@ -134,8 +171,13 @@ def _opinfo_samples(name: str, ops: list[Any], per_op: int) -> Iterator[Sample]:
                 got += 1
                 pos = [j for j, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
 
-                def fn(*xs: torch.Tensor, leaves: list = leaves, pos: list = pos, spec: Any = spec,
-                       call: Callable = op.op) -> Any:
+                def fn(
+                    *xs: torch.Tensor,
+                    leaves: list = leaves,
+                    pos: list = pos,
+                    spec: Any = spec,
+                    call: Callable = op.op,
+                ) -> Any:
                     vals = list(leaves)
                     for j, x in zip(pos, xs, strict=True):
                         vals[j] = x
@@ -165,90 +207,248 @@ def _heads(z: torch.Tensor) -> torch.Tensor:
 _LAYOUTS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]] = {
     "image_q_joint_kv": lambda x, t: (x, torch.cat([x * 2, t], 1), torch.cat([x + 1, t * 3], 1)),
     "joint_q_image_kv": lambda x, t: (torch.cat([t, x], 1), x * 2, x + 1),
-    "q_text_head_kv_text_tail": lambda x, t: (torch.cat([t, x], 1), torch.cat([x * 2, t * 2], 1),
-                                              torch.cat([x + 1, t + 1], 1)),
-    "other_text_lengths": lambda x, t: (torch.cat([t[:, :1], x], 1), torch.cat([t, x * 2], 1),
-                                        torch.cat([t + 1, x + 1], 1)),
+    "q_text_head_kv_text_tail": lambda x, t: (
+        torch.cat([t, x], 1),
+        torch.cat([x * 2, t * 2], 1),
+        torch.cat([x + 1, t + 1], 1),
+    ),
+    "other_text_lengths": lambda x, t: (
+        torch.cat([t[:, :1], x], 1),
+        torch.cat([t, x * 2], 1),
+        torch.cat([t + 1, x + 1], 1),
+    ),
 }
 
 # DiT-shaped samples: the op with the argument forms diffusers models use.
 DIT_SAMPLES: dict[str, list[Sample]] = {
-    "linear": [Sample("dit.linear", lambda x, w, b: F.linear(x, w, b), (_g(2, 6, 4), _g(5, 4), _g(5)))],
+    "linear": [
+        Sample("dit.linear", lambda x, w, b: F.linear(x, w, b), (_g(2, 6, 4), _g(5, 4), _g(5)))
+    ],
     "scaled_dot_product_attention": [
-        Sample("dit.sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-               (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1), _g(1, 2, 6, 4, seed=2))),
-        Sample("dit.sdpa_cross", lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-               (_g(1, 2, 6, 4), _g(1, 2, 3, 4, seed=1), _g(1, 2, 3, 4, seed=2))),
-        Sample("dit.sdpa_frames_joint", lambda t, x: F.scaled_dot_product_attention(
-            *[torch.cat([t, x.flatten(1, 2)], 1).unflatten(-1, (2, 2)).transpose(1, 2)] * 3),
-            (_g(1, 3, 4), _g(1, 2, 6, 4))),
-        Sample("dit.sdpa_mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-               (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1), _g(1, 2, 6, 4, seed=2), _g(1, 1, 6, 6, seed=3))),
+        Sample(
+            "dit.sdpa",
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+            (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1), _g(1, 2, 6, 4, seed=2)),
+        ),
+        Sample(
+            "dit.sdpa_cross",
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+            (_g(1, 2, 6, 4), _g(1, 2, 3, 4, seed=1), _g(1, 2, 3, 4, seed=2)),
+        ),
+        Sample(
+            "dit.sdpa_frames_joint",
+            lambda t, x: F.scaled_dot_product_attention(
+                *[torch.cat([t, x.flatten(1, 2)], 1).unflatten(-1, (2, 2)).transpose(1, 2)] * 3
+            ),
+            (_g(1, 3, 4), _g(1, 2, 6, 4)),
+        ),
+        Sample(
+            "dit.sdpa_mask",
+            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+            (
+                _g(1, 2, 6, 4),
+                _g(1, 2, 6, 4, seed=1),
+                _g(1, 2, 6, 4, seed=2),
+                _g(1, 1, 6, 6, seed=3),
+            ),
+        ),
         # Q and K/V in different joint layouts (image rows x, text rows t): text on K/V only
         # (image queries over image + text keys), on Q only, at the head of Q and the tail of
         # K/V, with other text lengths; and a key mask over image + text keys.
-        *[Sample(f"dit.sdpa_layout_{name}", lambda x, t, f=f: F.scaled_dot_product_attention(
-            *[_heads(z) for z in f(x, t)]), (_g(1, 6, 8), _g(1, 3, 8, seed=1))) for name, f in _LAYOUTS.items()],
-        Sample("dit.sdpa_layout_image_q_key_mask", lambda x, t, m: F.scaled_dot_product_attention(
-            *[_heads(z) for z in _LAYOUTS["image_q_joint_kv"](x, t)], attn_mask=m),
-            (_g(1, 6, 8), _g(1, 3, 8, seed=1), _g(1, 1, 1, 9, seed=3))),
+        *[
+            Sample(
+                f"dit.sdpa_layout_{name}",
+                lambda x, t, f=f: F.scaled_dot_product_attention(*[_heads(z) for z in f(x, t)]),
+                (_g(1, 6, 8), _g(1, 3, 8, seed=1)),
+            )
+            for name, f in _LAYOUTS.items()
+        ],
+        Sample(
+            "dit.sdpa_layout_image_q_key_mask",
+            lambda x, t, m: F.scaled_dot_product_attention(
+                *[_heads(z) for z in _LAYOUTS["image_q_joint_kv"](x, t)], attn_mask=m
+            ),
+            (_g(1, 6, 8), _g(1, 3, 8, seed=1), _g(1, 1, 1, 9, seed=3)),
+        ),
     ],
     "conv2d": [
-        Sample("dit.patch_embed", lambda x, w, b: F.conv2d(x, w, b, stride=2), (_g(1, 3, 8, 6), _g(4, 3, 2, 2), _g(4))),
-        Sample("dit.same_conv", lambda x, w: F.conv2d(x, w, padding=1), (_g(1, 3, 8, 6), _g(4, 3, 3, 3))),
-        Sample("vae.downsample", lambda x, w: F.conv2d(x, w, stride=2, padding=1), (_g(1, 3, 8, 6), _g(4, 3, 3, 3))),
-        Sample("vae.pad_then_downsample", lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1)), w, stride=2),
-               (_g(1, 3, 8, 6), _g(4, 3, 3, 3))),
+        Sample(
+            "dit.patch_embed",
+            lambda x, w, b: F.conv2d(x, w, b, stride=2),
+            (_g(1, 3, 8, 6), _g(4, 3, 2, 2), _g(4)),
+        ),
+        Sample(
+            "dit.same_conv",
+            lambda x, w: F.conv2d(x, w, padding=1),
+            (_g(1, 3, 8, 6), _g(4, 3, 3, 3)),
+        ),
+        Sample(
+            "vae.downsample",
+            lambda x, w: F.conv2d(x, w, stride=2, padding=1),
+            (_g(1, 3, 8, 6), _g(4, 3, 3, 3)),
+        ),
+        Sample(
+            "vae.pad_then_downsample",
+            lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1)), w, stride=2),
+            (_g(1, 3, 8, 6), _g(4, 3, 3, 3)),
+        ),
     ],
-    "upsample_nearest2d": [Sample("vae.upsample2x", lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
-                                  (_g(1, 3, 5, 4),)),
-                           Sample("vae.upsample_to_size", lambda x: F.interpolate(x, size=(15, 8), mode="nearest"),
-                                  (_g(1, 3, 5, 4),))],
-    "upsample_nearest1d": [Sample("vae.upsample1d", lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
-                                  (_g(1, 3, 5),))],
-    "upsample_nearest3d": [Sample("vae.upsample3d", lambda x: F.interpolate(x, scale_factor=(1.0, 2.0, 2.0),
-                                                                            mode="nearest"), (_g(1, 2, 3, 4, 3),))],
-    "_upsample_nearest_exact1d": [Sample("vae.upsample_exact1d", lambda x: F.interpolate(
-        x, scale_factor=2.0, mode="nearest-exact"), (_g(1, 3, 5),))],
-    "_upsample_nearest_exact2d": [Sample("vae.upsample_exact2d", lambda x: F.interpolate(
-        x, scale_factor=2.0, mode="nearest-exact"), (_g(1, 3, 5, 4),))],
-    "_upsample_nearest_exact3d": [Sample("vae.upsample_exact3d", lambda x: F.interpolate(
-        x, scale_factor=2.0, mode="nearest-exact"), (_g(1, 2, 3, 4, 3),))],
-    "conv3d": [Sample("dit.patch_embed3d", lambda x, w: F.conv3d(x, w, stride=(1, 2, 2)),
-                      (_g(1, 3, 4, 4, 4), _g(4, 3, 1, 2, 2)))],
+    "upsample_nearest2d": [
+        Sample(
+            "vae.upsample2x",
+            lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
+            (_g(1, 3, 5, 4),),
+        ),
+        Sample(
+            "vae.upsample_to_size",
+            lambda x: F.interpolate(x, size=(15, 8), mode="nearest"),
+            (_g(1, 3, 5, 4),),
+        ),
+    ],
+    "upsample_nearest1d": [
+        Sample(
+            "vae.upsample1d",
+            lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
+            (_g(1, 3, 5),),
+        )
+    ],
+    "upsample_nearest3d": [
+        Sample(
+            "vae.upsample3d",
+            lambda x: F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"),
+            (_g(1, 2, 3, 4, 3),),
+        )
+    ],
+    "_upsample_nearest_exact1d": [
+        Sample(
+            "vae.upsample_exact1d",
+            lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest-exact"),
+            (_g(1, 3, 5),),
+        )
+    ],
+    "_upsample_nearest_exact2d": [
+        Sample(
+            "vae.upsample_exact2d",
+            lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest-exact"),
+            (_g(1, 3, 5, 4),),
+        )
+    ],
+    "_upsample_nearest_exact3d": [
+        Sample(
+            "vae.upsample_exact3d",
+            lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest-exact"),
+            (_g(1, 2, 3, 4, 3),),
+        )
+    ],
+    "conv3d": [
+        Sample(
+            "dit.patch_embed3d",
+            lambda x, w: F.conv3d(x, w, stride=(1, 2, 2)),
+            (_g(1, 3, 4, 4, 4), _g(4, 3, 1, 2, 2)),
+        )
+    ],
     "layer_norm": [Sample("dit.layer_norm", lambda x: F.layer_norm(x, (6,)), (_g(2, 8, 6),))],
-    "group_norm": [Sample("dit.group_norm", lambda x: F.group_norm(x, 2), (_g(2, 4, 6, 4),)),
-                   Sample("vae.group_norm_affine", lambda x, w, b: F.group_norm(x, 2, w, b) * 1,
-                          (_g(1, 4, 6, 4) * 3 + 1, _g(4, seed=1), _g(4, seed=2)))],
-    "embedding": [Sample("dit.embedding", lambda i, w: F.embedding(i, w),
-                         (torch.tensor([[0, 3, 1, 2], [2, 2, 0, 1]]), _g(4, 5)))],
+    "group_norm": [
+        Sample("dit.group_norm", lambda x: F.group_norm(x, 2), (_g(2, 4, 6, 4),)),
+        Sample(
+            "vae.group_norm_affine",
+            lambda x, w, b: F.group_norm(x, 2, w, b) * 1,
+            (_g(1, 4, 6, 4) * 3 + 1, _g(4, seed=1), _g(4, seed=2)),
+        ),
+    ],
+    "embedding": [
+        Sample(
+            "dit.embedding",
+            lambda i, w: F.embedding(i, w),
+            (torch.tensor([[0, 3, 1, 2], [2, 2, 0, 1]]), _g(4, 5)),
+        )
+    ],
     # Fewer frames than ranks: rows of every frame on each rank (a shard merged with the frame
     # dim), joined to text rows and attended over.
-    "cat": [Sample("dit.cat_text_image", lambda t, x: torch.cat([t, x], 1), (_g(1, 3, 4), _g(1, 6, 4))),
-            Sample("dit.cat_text_frames", lambda t, x: torch.cat([t, x.flatten(1, 2)], 1),
-                   (_g(1, 3, 4), _g(1, 2, 6, 4)))],
-    "split_with_sizes": [Sample("dit.split_text_frames", lambda t, x: torch.cat([t, x.flatten(1, 2)], 1).split(
-        [3, 12], 1)[1] * 2, (_g(1, 3, 4), _g(1, 2, 6, 4)))],
-    "matmul": [Sample("dit.matmul_qk", lambda q, k: q @ k.transpose(-1, -2), (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1)))],
-    "bmm": [Sample("dit.bmm_contract", lambda a, b: torch.bmm(a.transpose(1, 2), b), (_g(2, 6, 3), _g(2, 6, 4)))],
-    "repeat_interleave": [Sample("dit.repeat_interleave", lambda x: x.repeat_interleave(2, dim=0), (_g(2, 6, 3),))],
+    "cat": [
+        Sample("dit.cat_text_image", lambda t, x: torch.cat([t, x], 1), (_g(1, 3, 4), _g(1, 6, 4))),
+        Sample(
+            "dit.cat_text_frames",
+            lambda t, x: torch.cat([t, x.flatten(1, 2)], 1),
+            (_g(1, 3, 4), _g(1, 2, 6, 4)),
+        ),
+    ],
+    "split_with_sizes": [
+        Sample(
+            "dit.split_text_frames",
+            lambda t, x: torch.cat([t, x.flatten(1, 2)], 1).split([3, 12], 1)[1] * 2,
+            (_g(1, 3, 4), _g(1, 2, 6, 4)),
+        )
+    ],
+    "matmul": [
+        Sample(
+            "dit.matmul_qk",
+            lambda q, k: q @ k.transpose(-1, -2),
+            (_g(1, 2, 6, 4), _g(1, 2, 6, 4, seed=1)),
+        )
+    ],
+    "bmm": [
+        Sample(
+            "dit.bmm_contract",
+            lambda a, b: torch.bmm(a.transpose(1, 2), b),
+            (_g(2, 6, 3), _g(2, 6, 4)),
+        )
+    ],
+    "repeat_interleave": [
+        Sample("dit.repeat_interleave", lambda x: x.repeat_interleave(2, dim=0), (_g(2, 6, 3),))
+    ],
     "unflatten": [Sample("dit.unflatten_heads", lambda x: x.unflatten(-1, (2, 3)), (_g(2, 6, 6),))],
-    "view_as_complex": [Sample("dit.complex_rope", lambda x, f: torch.view_as_real(
-        torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * torch.view_as_complex(f)).flatten(-2),
-        (_g(1, 6, 2, 4), _g(6, 1, 2, 2, seed=1)))],
-    "slice_scatter": [Sample("dit.rope_on_image_part", lambda q: torch.slice_scatter(q, q[:, 2:] * 2, 1, 2),
-                             (_g(1, 8, 4),)),
-                      Sample("dit.update_frames_after_the_first", lambda x, p: torch.slice_scatter(
-                          x, x[:, 1:] + p, 1, 1), (_g(1, 7, 4), _g(1, 6, 4, seed=1)))],
+    "view_as_complex": [
+        Sample(
+            "dit.complex_rope",
+            lambda x, f: torch.view_as_real(
+                torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * torch.view_as_complex(f)
+            ).flatten(-2),
+            (_g(1, 6, 2, 4), _g(6, 1, 2, 2, seed=1)),
+        )
+    ],
+    "slice_scatter": [
+        Sample(
+            "dit.rope_on_image_part",
+            lambda q: torch.slice_scatter(q, q[:, 2:] * 2, 1, 2),
+            (_g(1, 8, 4),),
+        ),
+        Sample(
+            "dit.update_frames_after_the_first",
+            lambda x, p: torch.slice_scatter(x, x[:, 1:] + p, 1, 1),
+            (_g(1, 7, 4), _g(1, 6, 4, seed=1)),
+        ),
+    ],
     # Slices that cut into the sharded body: each rank keeps its rows of the slice (uneven cuts).
-    "slice": [Sample("dit.slice_cuts_body", lambda x: x[:, 1:] * 2, (_g(2, 7, 4),)),
-              Sample("dit.slice_middle_of_body", lambda x: x[:, 2:5] + 1, (_g(2, 7, 4),))],
-    "sum": [Sample("dit.sum_over_tokens", lambda x: x.sum(1) * 2, (_g(2, 6, 4),)),
-            Sample("dit.sum_over_tokens_and_channels", lambda x: x.sum((1, 2), keepdim=True), (_g(2, 6, 4),))],
-    "prelu": [Sample("dit.prelu_channels_like_tokens", lambda x, w: F.prelu(x, w), (_g(2, 4, 4), _g(4) - 0.5))],
-    "dropout": [Sample("dit.dropout_eval", lambda x: F.dropout(x, 0.1, training=False), (_g(2, 6, 3),))],
-    "pad_sequence": [Sample("dit.pad_sequence_batch", lambda x, y: torch.nn.utils.rnn.pad_sequence(
-        [x, y * 2], batch_first=True, padding_value=0.0) + 1, (_g(6, 4), _g(6, 4, seed=1)))],
+    "slice": [
+        Sample("dit.slice_cuts_body", lambda x: x[:, 1:] * 2, (_g(2, 7, 4),)),
+        Sample("dit.slice_middle_of_body", lambda x: x[:, 2:5] + 1, (_g(2, 7, 4),)),
+    ],
+    "sum": [
+        Sample("dit.sum_over_tokens", lambda x: x.sum(1) * 2, (_g(2, 6, 4),)),
+        Sample(
+            "dit.sum_over_tokens_and_channels",
+            lambda x: x.sum((1, 2), keepdim=True),
+            (_g(2, 6, 4),),
+        ),
+    ],
+    "prelu": [
+        Sample(
+            "dit.prelu_channels_like_tokens", lambda x, w: F.prelu(x, w), (_g(2, 4, 4), _g(4) - 0.5)
+        )
+    ],
+    "dropout": [
+        Sample("dit.dropout_eval", lambda x: F.dropout(x, 0.1, training=False), (_g(2, 6, 3),))
+    ],
+    "pad_sequence": [
+        Sample(
+            "dit.pad_sequence_batch",
+            lambda x, y: (
+                torch.nn.utils.rnn.pad_sequence([x, y * 2], batch_first=True, padding_value=0.0) + 1
+            ),
+            (_g(6, 4), _g(6, 4, seed=1)),
+        )
+    ],
 }
 
 A = aten
@@ -264,8 +464,11 @@ for _name, _fn, _ts in [
     ("copy", lambda x, y: A.copy(x, y), (_g(2, 6, 4), _g(2, 6, 4, seed=1))),
     ("detach", lambda x: A.detach(x) * 1, _X),
     ("_unsafe_view", lambda x: A._unsafe_view(x * 1, [2, 3, 8]), _X),
-    ("convolution", lambda x, w: A.convolution(x, w, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1),
-     (_g(1, 3, 8, 6), _g(4, 3, 2, 2))),
+    (
+        "convolution",
+        lambda x, w: A.convolution(x, w, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1),
+        (_g(1, 3, 8, 6), _g(4, 3, 2, 2)),
+    ),
     ("_fused_rms_norm", lambda x, w: A._fused_rms_norm(x, [4], w, 1e-6)[0], (_g(2, 6, 4), _g(4))),
     ("view_as_real", lambda x: torch.view_as_real(torch.view_as_complex(x)) * 1, (_g(2, 6, 4, 2),)),
     ("norm", lambda x: torch.norm(x, 2, dim=2), _X),
@@ -289,7 +492,9 @@ for _name, _fn, _ts in [
     DIT_SAMPLES.setdefault(_name, []).append(Sample(f"aten.{_name}", _fn, _ts))
 
 
-def samples(name: str, opinfos: dict[str, list[Any]], per_op: int = 3, most: int = 12) -> list[Sample]:
+def samples(
+    name: str, opinfos: dict[str, list[Any]], per_op: int = 3, most: int = 12
+) -> list[Sample]:
     """The DiT samples of op ``name``, then up to ``per_op`` samples of each of its OpInfos
     (variants included), ``most`` in all."""
     out = list(DIT_SAMPLES.get(name, []))
@@ -344,7 +549,9 @@ def _breaks_at(ctx: Any, packet_name: str) -> bool:
     return any(b.op.split(".")[1] == packet_name for b in ctx.breaks if b.op.startswith("aten."))
 
 
-def check_sample(packet: str, s: Sample, plans: list[Plan], limit: int = 24, first_failure: bool = False) -> Result:
+def check_sample(
+    packet: str, s: Sample, plans: list[Plan], limit: int = 24, first_failure: bool = False
+) -> Result:
     """Every placement case of sample ``s`` on every plan (``first_failure``: stop at the first
     failing case)."""
     res = Result(packet, s.name)
@@ -358,14 +565,19 @@ def check_sample(packet: str, s: Sample, plans: list[Plan], limit: int = 24, fir
             ref = reference(gm, *s.tensors)
             again = reference(gm, *s.tensors)["output"]
     except Exception as e:  # noqa: BLE001  (a sample the capture path cannot take)
-        res.skipped = f"capture: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        res.skipped = (
+            f"capture: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        )
         return res
     for a, b in zip(pytree.tree_leaves(ref["output"]), pytree.tree_leaves(again), strict=True):
         if isinstance(a, torch.Tensor) and not torch.equal(a, b) and not a.isnan().any():
             res.skipped = "nondeterministic (random) values"
             return res
-    if any(isinstance(v := n.meta.get("val"), torch.Tensor) and any(not isinstance(d, int) for d in v.shape)
-           for n in gm.graph.nodes):
+    if any(
+        isinstance(v := n.meta.get("val"), torch.Tensor)
+        and any(not isinstance(d, int) for d in v.shape)
+        for n in gm.graph.nodes
+    ):
         res.skipped = "data-dependent sizes (the specialize step makes them static first)"
         return res
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
@@ -391,26 +603,35 @@ def check_sample(packet: str, s: Sample, plans: list[Plan], limit: int = 24, fir
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         outs = run.run(*s.tensors, enable_io_processing=False)
-                    for got, want in zip(pytree.tree_leaves(outs), pytree.tree_leaves(ref["output"]), strict=True):
+                    for got, want in zip(
+                        pytree.tree_leaves(outs), pytree.tree_leaves(ref["output"]), strict=True
+                    ):
                         if isinstance(want, torch.Tensor):
                             torch.testing.assert_close(got, want, equal_nan=True)
                     partials.append(run.partials)
                 for name in partials[0]:  # pending sums: the ranks' pieces add up to the value
-                    torch.testing.assert_close(sum(p[name] for p in partials), ref[name], equal_nan=True,
-                                               msg=f"partial sums of {name}")
+                    torch.testing.assert_close(
+                        sum(p[name] for p in partials),
+                        ref[name],
+                        equal_nan=True,
+                        msg=f"partial sums of {name}",
+                    )
             except Exception as e:  # noqa: BLE001  (every failure is reported with its case)
                 desc = ", ".join(f"in{i}={p}" for i, p in seeds.items())
                 msg = str(e).strip().splitlines()
-                res.failures.append(f"{s.name} [{desc}] {plan.describe() if hasattr(plan, 'describe') else plan}: "
-                                    f"{type(e).__name__}: {' | '.join(msg[:3])[:300]}")
+                res.failures.append(
+                    f"{s.name} [{desc}] {plan.describe() if hasattr(plan, 'describe') else plan}: "
+                    f"{type(e).__name__}: {' | '.join(msg[:3])[:300]}"
+                )
                 continue
             res.breaks += broke
             res.kept += not broke
     return res
 
 
-def run_conformance(per_op: int = 3, limit: int = 24, only: set[str] | None = None,
-                    plans: list[Plan] | None = None) -> dict[str, list[Result]]:
+def run_conformance(
+    per_op: int = 3, limit: int = 24, only: set[str] | None = None, plans: list[Plan] | None = None
+) -> dict[str, list[Result]]:
     plans = plans or [Plan(ulysses=2), Plan(ring=3)]
     opinfos = _opinfo_index()
     table: dict[str, list[Result]] = {}
@@ -438,8 +659,10 @@ def main() -> None:
         fails = [f for r in results for f in r.failures]
         n_cases += cases
         n_fail += len(fails)
-        print(f"{name:32s} samples {sum(1 for r in results if r.cases):3d}  cases {cases:4d}  kept {kept:4d}  "
-              f"failures {len(fails)}")
+        print(
+            f"{name:32s} samples {sum(1 for r in results if r.cases):3d}  cases {cases:4d}  kept {kept:4d}  "
+            f"failures {len(fails)}"
+        )
         for f in fails[:5]:
             print("    FAIL", f)
         for r in results:

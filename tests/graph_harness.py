@@ -123,15 +123,19 @@ def piece(t: torch.Tensor, p: Any, rank: int) -> torch.Tensor:
     """Rank ``rank``'s part of the global tensor ``t`` under placement ``p`` (which must describe
     all of ``t``'s rows: a layout of another length is an error, not a slice)."""
     if isinstance(p, Shard):
-        assert p.total == t.shape[p.dim], f"placement {p} ({p.total} rows) on a tensor of {tuple(t.shape)}"
+        assert p.total == t.shape[p.dim], (
+            f"placement {p} ({p.total} rows) on a tensor of {tuple(t.shape)}"
+        )
         text = (rank, len(p.split)) if p.text else (-1, 0)
-        return slice_shard(t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank], p.head,
-                           p.tail, text)
+        return slice_shard(
+            t, p.dim, p.outer, p.inner, p.offset(rank), p.split[rank], p.head, p.tail, text
+        )
     return t
 
 
-def simulated_gather(fn: Any, x: torch.Tensor, glob: torch.Tensor, src: Shard, rank: int,
-                     *args: Any) -> torch.Tensor:
+def simulated_gather(
+    fn: Any, x: torch.Tensor, glob: torch.Tensor, src: Shard, rank: int, *args: Any
+) -> torch.Tensor:
     """The real ``fn`` (``gather_shard``, ``gather_text`` or ``group_norm_sharded``) on local
     ``x``, its all-gathers simulated: the i-th all-gather returns every rank's i-th send buffer,
     recorded by running ``fn`` on that rank's piece of the global value (with that rank's
@@ -208,8 +212,16 @@ def usp_layouts(n: fx.Node) -> tuple[Shard, Shard, Shard]:
     n_ranks = len(a["split"])
     q_text = a["q_cut"]
     kv_split = a["kv_split"] if a["kv_split"] is not None else a["split"]
-    kv_head, kv_tail = (a["kv_head"], a["kv_tail"]) if a["kv_split"] is not None else (a["head"], a["tail"])
-    pq = Shard(dim, tuple(a["split"]), head=a["head"], tail=a["tail"], text=bool(q_text and (a["head"] or a["tail"])))
+    kv_head, kv_tail = (
+        (a["kv_head"], a["kv_tail"]) if a["kv_split"] is not None else (a["head"], a["tail"])
+    )
+    pq = Shard(
+        dim,
+        tuple(a["split"]),
+        head=a["head"],
+        tail=a["tail"],
+        text=bool(q_text and (a["head"] or a["tail"])),
+    )
     pk = Shard(dim, tuple(kv_split), head=kv_head, tail=kv_tail)
     out_text = a["text_rank"] >= 0 and bool(a["head"] or a["tail"])
     po = Shard(dim, tuple(a["split"]), head=a["head"], tail=a["tail"], text=out_text)
@@ -231,8 +243,9 @@ class RankRun(fx.Interpreter):
     op itself is tested on real process groups (``tests/test_attention_layouts.py``).
     """
 
-    def __init__(self, gm: fx.GraphModule, ref: dict[str, Any], rank: int,
-                 orig: fx.GraphModule | None = None) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, ref: dict[str, Any], rank: int, orig: fx.GraphModule | None = None
+    ) -> None:
         super().__init__(gm)
         self.ref, self.rank = ref, rank
         self.orig = {n.name: n for n in orig.graph.nodes} if orig is not None else {}
@@ -268,14 +281,22 @@ class RankRun(fx.Interpreter):
             p = a.meta.get("xdit_placement")
             if isinstance(p, Shard) and (p.outer, p.inner) != (1, 1):
                 lay = p  # rows merged with another dim: the op takes the rows as they come
-            where = f"rank {self.rank}: {n.name} input {'qkv'[i]} against {sdpa.name} in layout {lay}"
+            where = (
+                f"rank {self.rank}: {n.name} input {'qkv'[i]} against {sdpa.name} in layout {lay}"
+            )
             exp = piece(want, lay, self.rank)
-            assert got.shape == exp.shape, f"{where}: shape {tuple(got.shape)} != {tuple(exp.shape)}"
+            assert got.shape == exp.shape, (
+                f"{where}: shape {tuple(got.shape)} != {tuple(exp.shape)}"
+            )
             torch.testing.assert_close(got, exp, msg=where)
         p, po = n.meta.get("xdit_placement"), layouts[2]
-        if isinstance(p, Shard) and (p.outer, p.inner) == (1, 1):  # consumers read the op's output by p
+        if isinstance(p, Shard) and (p.outer, p.inner) == (
+            1,
+            1,
+        ):  # consumers read the op's output by p
             assert (p.split, p.head, p.tail, p.text) == (po.split, po.head, po.tail, po.text), (
-                f"rank {self.rank}: {n.name} returns {po} by its arguments, placed as {p}")
+                f"rank {self.rank}: {n.name} returns {po} by its arguments, placed as {p}"
+            )
 
     def run_node(self, n: fx.Node) -> Any:
         t, p = n.target, n.meta.get("xdit_placement")
@@ -297,7 +318,9 @@ class RankRun(fx.Interpreter):
             src = n.args[0].meta["xdit_placement"]
             local = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args[1:]]
             out = simulated_gather(t, self.env[n.args[0]], x, src, self.rank, *local)
-            torch.testing.assert_close(out, piece(g, p, self.rank), msg=f"rank {self.rank}: {n.name}")
+            torch.testing.assert_close(
+                out, piece(g, p, self.rank), msg=f"rank {self.rank}: {n.name}"
+            )
             self.checked += 1
             return out
         if t is HALO:  # the rank's rows of the body, with top/bottom neighbour (or zero) rows

@@ -28,7 +28,16 @@ from xdit_compile.plan import Plan
 from xdit_compile.runtime.reshard import slice_shard
 
 __all__ = [
-    "TABLE", "TXT", "Case", "R", "S1", "X", "aten", "joint_then", "reasons", "seed_each_test",
+    "TABLE",
+    "TXT",
+    "Case",
+    "R",
+    "S1",
+    "X",
+    "aten",
+    "joint_then",
+    "reasons",
+    "seed_each_test",
     "slices_of",
 ]
 

@@ -40,8 +40,17 @@ def test_lazy_capture_is_cached_per_signature(pools):
         assert r["types"] == ("Transformer2DModelOutput", "Transformer2DModelOutput")
         assert r["dc_err"] < 1e-4
         assert r["graphs"] == sorted(
-            ["capture", "canonicalize", "annotate", "seed", "propagate_sharding",
-             "rewrite_attention", "lower_collectives", "text_heads", "overlap_collectives"]
+            [
+                "capture",
+                "canonicalize",
+                "annotate",
+                "seed",
+                "propagate_sharding",
+                "rewrite_attention",
+                "lower_collectives",
+                "text_heads",
+                "overlap_collectives",
+            ]
         )
 
 
@@ -56,7 +65,10 @@ def _different_weights():
 def test_parameters_must_match_across_ranks(pools):
     from xdit_compile.testing.launcher import WorkerError
 
-    with pytest.raises(WorkerError, match=r"parameters differ between ranks .*(pos_embed|weight).*broadcast_weights=True"):
+    with pytest.raises(
+        WorkerError,
+        match=r"parameters differ between ranks .*(pos_embed|weight).*broadcast_weights=True",
+    ):
         pools(2).run(_different_weights, timeout=120)
 
 
@@ -107,8 +119,12 @@ def _auto_plan():
     # The plan every rank received is the one the cost model gives for these inputs (computed
     # again here, on each rank, independently of rank 0's choice).
     direct = xc.auto_plan(model, inputs, dist.get_world_size(), "h100-sxm")
-    return {"plan": pm.plan, "direct": direct, "err": float((out - ref).abs().max() / ref.abs().max()),
-            "text": str(xc.Plan(auto=True, hardware="h100-sxm"))}
+    return {
+        "plan": pm.plan,
+        "direct": direct,
+        "err": float((out - ref).abs().max() / ref.abs().max()),
+        "text": str(xc.Plan(auto=True, hardware="h100-sxm")),
+    }
 
 
 @pytest.mark.dist
@@ -142,17 +158,23 @@ def _groups_after_parallelizing_again():
     first = xc.parallelize(model, xc.Plan(ulysses=2))
     first(**x)
     before = groups()
-    again = [xc.parallelize(build_model("pixart-sigma", seed=i), xc.Plan(ulysses=2)) for i in range(3)]
+    again = [
+        xc.parallelize(build_model("pixart-sigma", seed=i), xc.Plan(ulysses=2)) for i in range(3)
+    ]
     out = again[-1](**x)[0]
     ring = xc.parallelize(model, xc.Plan(ring=2))  # other degrees: a mesh of its own, once
     ring(**x)
     after_ring = groups()
     xc.parallelize(model, xc.Plan(ring=2))(**x)
     ref = build_model("pixart-sigma", seed=2)(**x)[0]
-    return {"same_mesh": all(p.mesh is first.mesh for p in again), "new_groups": groups() - before,
-            "ring_own": ring.mesh is not first.mesh, "ring_groups": after_ring - before,
-            "ring_again": groups() - after_ring,
-            "err": float((out - ref).abs().max() / ref.abs().max())}
+    return {
+        "same_mesh": all(p.mesh is first.mesh for p in again),
+        "new_groups": groups() - before,
+        "ring_own": ring.mesh is not first.mesh,
+        "ring_groups": after_ring - before,
+        "ring_again": groups() - after_ring,
+        "err": float((out - ref).abs().max() / ref.abs().max()),
+    }
 
 
 @pytest.mark.dist

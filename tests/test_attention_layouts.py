@@ -45,22 +45,32 @@ class LayoutDiT(nn.Module):
         self.out = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(2))
         self.proj = nn.Linear(DIM, 4)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x, t = hidden_states, encoder_hidden_states
         for img, txt, out in zip(self.img, self.txt, self.out, strict=True):
             xq, xk, xv = img(x).chunk(3, -1)
             tq, tk, tv = txt(t).chunk(3, -1)
-            q = torch.cat([tq[:, :self.q_text], xq], 1) if self.q_text else xq
+            q = torch.cat([tq[:, : self.q_text], xq], 1) if self.q_text else xq
             if self.kv_text:
-                tk, tv = tk[:, :self.kv_text], tv[:, :self.kv_text]
-                k, v = ((torch.cat([a, b], 1) if self.kv_first else torch.cat([b, a], 1))
-                        for a, b in ((tk, xk), (tv, xv)))
+                tk, tv = tk[:, : self.kv_text], tv[:, : self.kv_text]
+                k, v = (
+                    (torch.cat([a, b], 1) if self.kv_first else torch.cat([b, a], 1))
+                    for a, b in ((tk, xk), (tv, xv))
+                )
             else:
                 k, v = xk, xv
             heads = [z.unflatten(-1, (HEADS, -1)).transpose(1, 2) for z in (q, k, v)]
-            o = out(F.scaled_dot_product_attention(*heads, attn_mask=key_mask).transpose(1, 2).flatten(2))
-            x = x + o[:, self.q_text:]
+            o = out(
+                F.scaled_dot_product_attention(*heads, attn_mask=key_mask)
+                .transpose(1, 2)
+                .flatten(2)
+            )
+            x = x + o[:, self.q_text :]
             if self.q_text == TEXT:  # the text rows' outputs update the text (fewer: unused)
                 t = t + o[:, :TEXT]
         return self.proj(x)
@@ -94,12 +104,19 @@ def _exact(layout: str, plan: dict, masked: bool) -> dict:
     pm = xc.parallelize(model, Plan(**plan))
     out = pm(**kw)
     usp = [n for n in pm.last.graph.graph.nodes if n.target is torch.ops.xdit.usp_attention.default]
-    return {"err": rel_error(out, ref), "breaks": [b.reason for b in pm.last.breaks], "usp": len(usp)}
+    return {
+        "err": rel_error(out, ref),
+        "breaks": [b.reason for b in pm.last.breaks],
+        "usp": len(usp),
+    }
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan,world", [(dict(ulysses=2), 2), (dict(ring=2), 2), (dict(ulysses=2, ring=2), 4)],
-                         ids=["ulysses2", "ring2", "usp2x2"])
+@pytest.mark.parametrize(
+    "plan,world",
+    [(dict(ulysses=2), 2), (dict(ring=2), 2), (dict(ulysses=2, ring=2), 4)],
+    ids=["ulysses2", "ring2", "usp2x2"],
+)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_is_exact(pools, layout, plan, world):
     for r in pools(world).run(_exact, layout, plan, False):
@@ -108,7 +125,9 @@ def test_layout_is_exact(pools, layout, plan, world):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan,world", [(dict(ulysses=2), 2), (dict(ring=2), 2)], ids=["ulysses2", "ring2"])
+@pytest.mark.parametrize(
+    "plan,world", [(dict(ulysses=2), 2), (dict(ring=2), 2)], ids=["ulysses2", "ring2"]
+)
 def test_image_queries_over_masked_joint_keys(pools, plan, world):
     """A key mask over image + text keys: its columns follow K/V's layout, its rows Q's."""
     for r in pools(world).run(_exact, "image_q_joint_kv", plan, True):
@@ -121,16 +140,24 @@ def _displaced(layout: str, plan: dict, method: str, n: int) -> dict:
     from xdit_compile.testing.oracle import DisplacedOracle, grid_layout
 
     model, ins = _model(layout, steps=3)
-    oracle = DisplacedOracle(model, method, grid_layout(1, n), text=model.kv_text,
-                             text_first=model.kv_first, warmup_steps=1)
+    oracle = DisplacedOracle(
+        model,
+        method,
+        grid_layout(1, n),
+        text=model.kv_text,
+        text_first=model.kv_first,
+        warmup_steps=1,
+    )
     refs = [oracle(**kw) for kw in ins]
     with torch.no_grad():
         serial = [model(**kw) for kw in ins]
     pm = xc.parallelize(model, Plan(**plan, warmup_steps=1))
     outs = [pm(**kw) for kw in ins]
-    return {"oracle": [rel_error(o, r) for o, r in zip(outs, refs, strict=True)],
-            "serial": [rel_error(o, s) for o, s in zip(outs, serial, strict=True)],
-            "breaks": len(xc.explain(pm).breaks)}
+    return {
+        "oracle": [rel_error(o, r) for o, r in zip(outs, refs, strict=True)],
+        "serial": [rel_error(o, s) for o, s in zip(outs, serial, strict=True)],
+        "breaks": len(xc.explain(pm).breaks),
+    }
 
 
 @pytest.mark.dist
@@ -154,14 +181,28 @@ def _nucleus(plan: dict, masked: bool) -> dict:
 
     torch.manual_seed(0)
     model = NucleusMoEImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=False).eval()
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+        moe_enabled=False,
+    ).eval()
     g = torch.Generator().manual_seed(0)
     mask = torch.ones(1, 8, dtype=torch.long)
     if masked:
         mask[:, 5:] = 0
-    kw = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
-              encoder_hidden_states_mask=mask, timestep=torch.tensor([1.0]), img_shapes=[(1, 4, 4)], return_dict=False)
+    kw = dict(
+        hidden_states=torch.randn(1, 16, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.tensor([1.0]),
+        img_shapes=[(1, 4, 4)],
+        return_dict=False,
+    )
     with torch.no_grad():
         ref = model(**kw)
     pm = xc.parallelize(model, Plan(**plan))

@@ -41,8 +41,11 @@ def test_dp2_uneven_batch_matches_serial(pools, name):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan", [dict(cfg=2, ulysses=2), dict(dp=2, ring=2), dict(cfg=2, ring=2),
-                                  dict(dp=2, cfg=2)], ids=lambda p: "x".join(f"{k}{v}" for k, v in p.items()))
+@pytest.mark.parametrize(
+    "plan",
+    [dict(cfg=2, ulysses=2), dict(dp=2, ring=2), dict(cfg=2, ring=2), dict(dp=2, cfg=2)],
+    ids=lambda p: "x".join(f"{k}{v}" for k, v in p.items()),
+)
 @pytest.mark.parametrize("name", ["pixart-sigma", "sd3"])
 def test_hybrid_4_ranks(pools, name, plan):
     batch = 4 if plan.get("dp", 1) * plan.get("cfg", 1) == 4 else 2

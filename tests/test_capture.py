@@ -31,7 +31,9 @@ def test_uncapturable_model_names_line():
     assert "_DataDependent" in msg
     assert "test_capture.py" in msg and "x.sum() > 0" in msg
     assert "non-strict export" in msg
-    assert "strict export" not in msg.replace("non-strict export", "")  # strict fails the same way: not tried
+    assert "strict export" not in msg.replace(
+        "non-strict export", ""
+    )  # strict fails the same way: not tried
     err = info.value  # the same facts, structured (regions and reports read these, not the text)
     assert err.model == "_DataDependent" and [a.mode for a in err.attempts] == ["non-strict"]
     assert "x.sum() > 0" in err.attempts[0].location and err.reason == str(err.attempts[0])
@@ -79,7 +81,11 @@ class _CachedTable(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "pos", None) is None or self.pos.shape[1] != x.shape[1]:
-            self.register_buffer("pos", torch.arange(x.shape[1], dtype=x.dtype)[None, :, None].sin(), persistent=False)
+            self.register_buffer(
+                "pos",
+                torch.arange(x.shape[1], dtype=x.dtype)[None, :, None].sin(),
+                persistent=False,
+            )
         joint = x.new_zeros(1, x.shape[1] + 2, x.shape[2])
         joint.data[:, 2:].copy_(self.pos.expand_as(x))
         return self.lin(x + self.pos) + joint[:, 2:]

@@ -81,10 +81,16 @@ def test_bytes_equal_the_closed_forms(pixart_cfg, n):
     uly = load.work(xc.Plan(ulysses=n)).comm
     # Per self-attention layer: q, k, v in and the output back, each a [B, S/N, hs] shard of which
     # (N-1)/N leaves the rank: (4/N) * S * hs * (N-1)/N per sample. Cross-attention sends nothing.
-    assert uly[("all_to_all", "ulysses")] == [2 * layers, layers * 4 * b * (tokens // n) * hs * (n - 1) // n * item]
+    assert uly[("all_to_all", "ulysses")] == [
+        2 * layers,
+        layers * 4 * b * (tokens // n) * hs * (n - 1) // n * item,
+    ]
     ring = load.work(xc.Plan(ring=n)).comm
     # K and V blocks pass N-1 times: 2 * S * hs * (N-1)/N per sample.
-    assert ring[("send_recv", "ring")] == [(n - 1) * layers, layers * 2 * b * (tokens // n) * hs * (n - 1) * item]
+    assert ring[("send_recv", "ring")] == [
+        (n - 1) * layers,
+        layers * 2 * b * (tokens // n) * hs * (n - 1) * item,
+    ]
     bsz, _, h, w = inputs["hidden_states"].shape
     out = bsz * model.config.out_channels * h * w * item  # the output (noise and variance channels)
     cfg = load.work(xc.Plan(cfg=2)).comm
@@ -104,7 +110,13 @@ def _measured_vs_planned(cases: list[tuple[xc.Plan, int]]) -> list[tuple[str, fl
         pm(**inputs)
         comm_stats().reset()
         pm(**inputs)
-        out.append((str(plan), float(comm_stats().total_bytes), float(sum(b for _, b in planned.comm.values()))))
+        out.append(
+            (
+                str(plan),
+                float(comm_stats().total_bytes),
+                float(sum(b for _, b in planned.comm.values())),
+            )
+        )
     return out
 
 
@@ -128,27 +140,45 @@ def test_links_follow_the_mesh_layout():
     assert cost.axis_span(p, "ulysses") == 4 and cost.axis_span(p, "cfg") == 8
     assert l40.link(4, 1, 8).name == "pcie"  # ulysses: inside one socket's half of the node
     assert l40.link(8, 1, 8).name == "upi"  # cfg: across the sockets
-    assert l40.link(3, 1, 6).name == "pcie" and l40.link(6, 1, 6).name == "upi"  # 6 GPUs: 3 per socket
+    assert (
+        l40.link(3, 1, 6).name == "pcie" and l40.link(6, 1, 6).name == "upi"
+    )  # 6 GPUs: 3 per socket
     assert h100.link(8, 1, 8).name == "nvlink"
     assert h100.link(8, 2, 16).name == "nvlink" and h100.link(16, 2, 16).name == "network"
 
 
 def _work(**kw) -> cost.Work:
-    return cost.Work(matmul_flops=1e12, attention_flops=1e12, eager_bytes=1e9, fused_bytes=1e8, ops=100,
-                     kernels=10, serial_flops=2e12, **kw)
+    return cost.Work(
+        matmul_flops=1e12,
+        attention_flops=1e12,
+        eager_bytes=1e9,
+        fused_bytes=1e8,
+        ops=100,
+        kernels=10,
+        serial_flops=2e12,
+        **kw,
+    )
 
 
 def test_ring_hides_behind_attention_and_ulysses_does_not():
     hw = cost.get_hardware("h100-sxm")
     attn = 1e12 / hw.attention
     small = 0.1 * attn * hw.levels[0][1].bandwidth  # bytes a tenth of the attention time moves
-    ring = cost.predict(xc.Plan(ring=4), _work(comm={("send_recv", "ring"): [3, small]}, ring_steps=4), hw)
+    ring = cost.predict(
+        xc.Plan(ring=4), _work(comm={("send_recv", "ring"): [3, small]}, ring_steps=4), hw
+    )
     assert ring.comm["ring"] == 0 and ring.hidden > 0
     uly = cost.predict(xc.Plan(ulysses=4), _work(comm={("all_to_all", "ulysses"): [4, small]}), hw)
-    assert uly.comm["ulysses"] == pytest.approx(4 * hw.levels[0][1].latency + small / hw.levels[0][1].bandwidth)
+    assert uly.comm["ulysses"] == pytest.approx(
+        4 * hw.levels[0][1].latency + small / hw.levels[0][1].bandwidth
+    )
     big = 10 * attn * hw.levels[0][1].bandwidth
-    ring_big = cost.predict(xc.Plan(ring=4), _work(comm={("send_recv", "ring"): [3, big]}, ring_steps=4), hw)
-    assert ring_big.comm["ring"] == pytest.approx(ring_big.comm["ring"] + ring_big.hidden - 0.75 * attn)
+    ring_big = cost.predict(
+        xc.Plan(ring=4), _work(comm={("send_recv", "ring"): [3, big]}, ring_steps=4), hw
+    )
+    assert ring_big.comm["ring"] == pytest.approx(
+        ring_big.comm["ring"] + ring_big.hidden - 0.75 * attn
+    )
 
 
 def test_pipefusion_bubble():
@@ -167,8 +197,14 @@ def test_faster_hardware_is_never_slower(pixart_cfg):
     _, _, load = pixart_cfg
     base = cost.get_hardware("l40-pcie")
     faster = dataclasses.replace(
-        base, matmul=2 * base.matmul, attention=2 * base.attention, memory=2 * base.memory,
-        levels=tuple((s, dataclasses.replace(lk, bandwidth=2 * lk.bandwidth)) for s, lk in base.levels))
+        base,
+        matmul=2 * base.matmul,
+        attention=2 * base.attention,
+        memory=2 * base.memory,
+        levels=tuple(
+            (s, dataclasses.replace(lk, bandwidth=2 * lk.bandwidth)) for s, lk in base.levels
+        ),
+    )
     for plan in planner.enumerate_plans(4, batch=2, cfg_in_batch=True):
         w = load.work(plan)
         if isinstance(w, str):
@@ -205,7 +241,11 @@ class _Gelus(torch.nn.Module):
         # A permuted tensor reshaped: no view of it has this shape, so the reshape copies.
         y = h.permute(0, 2, 1).reshape(x.shape[0], -1)
         z = h.reshape(x.shape[0], -1)  # contiguous: a view, free
-        return torch.nn.functional.gelu(y, approximate="tanh") + torch.nn.functional.gelu(z) + torch.sigmoid(z)
+        return (
+            torch.nn.functional.gelu(y, approximate="tanh")
+            + torch.nn.functional.gelu(z)
+            + torch.sigmoid(z)
+        )
 
 
 def test_transcendentals_and_copying_reshapes_are_accounted():
@@ -226,8 +266,10 @@ def test_transcendentals_and_copying_reshapes_are_accounted():
     assert slow - base == pytest.approx(n / 1e6 - 2 * 4 * n / hw.memory, rel=1e-9)
     assert base == cost.predict(xc.Plan(), w, dataclasses.replace(hw, elementwise={}), steps=1).step
     # Compiled graphs fuse pointwise ops into vectorized kernels: no eager arithmetic term.
-    assert cost.predict(xc.Plan(compile="inductor"), w, hw, steps=1).step == \
-        cost.predict(xc.Plan(compile="inductor"), w, fast, steps=1).step
+    assert (
+        cost.predict(xc.Plan(compile="inductor"), w, hw, steps=1).step
+        == cost.predict(xc.Plan(compile="inductor"), w, fast, steps=1).step
+    )
 
 
 # --------------------------------------------------------------------------- planner
@@ -237,7 +279,9 @@ def test_invalid_plans_say_why(pixart_cfg):
     _, _, load = pixart_cfg
     got = load.work(xc.Plan(pipefusion=4))
     assert isinstance(got, str) and "4 stages but 2 blocks" in got
-    ranked = planner.rank_plans(load, 4, "h100-sxm", plans=[xc.Plan(pipefusion=4), xc.Plan(ulysses=4)])
+    ranked = planner.rank_plans(
+        load, 4, "h100-sxm", plans=[xc.Plan(pipefusion=4), xc.Plan(ulysses=4)]
+    )
     assert ranked[-1].prediction is None and "blocks" in ranked[-1].invalid
     assert ranked[0].prediction is not None
 
@@ -265,12 +309,43 @@ def test_auto_picks_cfg_for_a_cfg_pipeline(pixart_cfg):
 
 def test_cli_plan(capsys, tmp_path):
     out = tmp_path / "plans.json"
-    assert cli(["plan", "--model", "pixart-sigma", "--size", "tiny", "--gpus", "4", "--hardware", "l40-pcie",
-                "--json", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "plan",
+                "--model",
+                "pixart-sigma",
+                "--size",
+                "tiny",
+                "--gpus",
+                "4",
+                "--hardware",
+                "l40-pcie",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "4 x l40-pcie" in text and "best: Plan(" in text and "cfg=2" in text
     assert out.exists() and '"plans"' in out.read_text()
-    assert cli(["plan", "--model", "pixart-sigma", "--size", "tiny", "--gpus", "4", "--hardware", "tpu"]) == 2
+    assert (
+        cli(
+            [
+                "plan",
+                "--model",
+                "pixart-sigma",
+                "--size",
+                "tiny",
+                "--gpus",
+                "4",
+                "--hardware",
+                "tpu",
+            ]
+        )
+        == 2
+    )
 
 
 def test_meta_capture_of_a_full_size_model_is_cheap():

@@ -50,8 +50,10 @@ def test_references_are_the_font_renderings():
     except FileNotFoundError as e:
         pytest.skip(str(e))
     assert torch.equal(demo.reference_images(), demo.committed_references())
-    assert demo.caption(demo.SUBJECTS[0], "in the snow", ("small", "on the left")) == \
-        "a small fox face on the left in the snow"
+    assert (
+        demo.caption(demo.SUBJECTS[0], "in the snow", ("small", "on the left"))
+        == "a small fox face on the left in the snow"
+    )
 
 
 def test_demo_loads_offline_and_draws(monkeypatch):
@@ -70,23 +72,50 @@ def test_demo_loads_offline_and_draws(monkeypatch):
     prompts = [demo.caption(demo.SUBJECTS[i]) for i in subjects]
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     with torch.no_grad():
-        images = pipe(prompt=prompts, generator=gens, output_type="pt", use_resolution_binning=False,
-                      clean_caption=False).images
+        images = pipe(
+            prompt=prompts,
+            generator=gens,
+            output_type="pt",
+            use_resolution_binning=False,
+            clean_caption=False,
+        ).images
     assert images.shape == (10, 3, 64, 64)
-    acc = demo.retrieval_accuracy(images * 2 - 1, torch.tensor(subjects), demo.committed_references())
+    acc = demo.retrieval_accuracy(
+        images * 2 - 1, torch.tensor(subjects), demo.committed_references()
+    )
     assert acc >= 0.7, acc
 
 
 @pytest.mark.dist
-def test_generate_saved_demo_uses_its_defaults(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_generate_saved_demo_uses_its_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """No --steps/--height: the saved pipeline's own defaults (20 steps, 64x64, guidance 4.5,
     300 text tokens), serial vs cfg=2 x ulysses=2 within 1e-4 (fp32)."""
     out = tmp_path / "fox.png"
-    rc = main(["generate", "--model", str(demo.demo_path()), "--prompt", "a fox face in the snow", "--cfg", "2",
-               "--ulysses", "2", "--compare-serial", "--output", str(out), "--timeout", "600"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(demo.demo_path()),
+            "--prompt",
+            "a fox face in the snow",
+            "--cfg",
+            "2",
+            "--ulysses",
+            "2",
+            "--compare-serial",
+            "--output",
+            str(out),
+            "--timeout",
+            "600",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "20 steps" in text and "num_inference_steps=20" in text and "guidance_scale=4.5" in text, text
+    assert (
+        "20 steps" in text and "num_inference_steps=20" in text and "guidance_scale=4.5" in text
+    ), text
     assert "max_sequence_length=300" in text, text
     from PIL import Image
 
@@ -101,8 +130,24 @@ def test_generate_demo_bf16(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     images = {}
     for dtype in ("bfloat16", "float32"):
         out = tmp_path / f"{dtype}.png"
-        rc = main(["generate", "--model", "demo", "--prompt", "a red apple", "--ring", "2", "--dtype", dtype,
-                   "--compare-serial", "--output", str(out), "--timeout", "600"])
+        rc = main(
+            [
+                "generate",
+                "--model",
+                "demo",
+                "--prompt",
+                "a red apple",
+                "--ring",
+                "2",
+                "--dtype",
+                dtype,
+                "--compare-serial",
+                "--output",
+                str(out),
+                "--timeout",
+                "600",
+            ]
+        )
         text = capsys.readouterr().out
         assert rc == 0, text
         if dtype == "bfloat16":
@@ -125,8 +170,22 @@ def test_training_script_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) 
     from xdit_compile.models.train_demo import main as train
 
     work, out = tmp_path / "work", tmp_path / "pipe" / "p"
-    common = ["--work", str(work), "--out", str(out), "--subjects", "2", "--vae-batch", "4", "--batch", "4",
-              "--checkpoint-every", "1", "--threads", "1"]
+    common = [
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--subjects",
+        "2",
+        "--vae-batch",
+        "4",
+        "--batch",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--threads",
+        "1",
+    ]
     train([*common, "--vae-steps", "2", "--dit-steps", "2"])
     assert "resumed" not in capsys.readouterr().out
     train([*common, "--vae-steps", "3", "--dit-steps", "4"])

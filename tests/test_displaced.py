@@ -21,8 +21,13 @@ from xdit_compile import Plan
 
 ORACLE_TOL, STALE_MIN, EXACT_TOL = 1e-5, 1e-3, 1e-4
 #: Joint text: (text in joint attention, text before the image tokens).
-TEXT = {"pixart-sigma": (False, True), "sd3": (True, False), "flux-dev": (True, True),
-        "hunyuan-dit": (False, True), "qwen-image": (True, True)}
+TEXT = {
+    "pixart-sigma": (False, True),
+    "sd3": (True, False),
+    "flux-dev": (True, True),
+    "hunyuan-dit": (False, True),
+    "qwen-image": (True, True),
+}
 
 
 def _inputs(name: str, model, steps: int, uneven: bool = False) -> list[dict]:
@@ -39,12 +44,26 @@ def _oracle(name: str, model, method: str, n: int, warmup: int, kw: dict):
 
     joint, first = TEXT[name]
     text = kw["encoder_hidden_states"].shape[1] if joint else 0
-    return DisplacedOracle(model, method, grid_layout(getattr(model.config, "patch_size", 1) or 1, n),
-                           text=text, text_first=first, warmup_steps=warmup)
+    return DisplacedOracle(
+        model,
+        method,
+        grid_layout(getattr(model.config, "patch_size", 1) or 1, n),
+        text=text,
+        text_first=first,
+        warmup_steps=warmup,
+    )
 
 
-def _vs_oracle(name: str, plan_kw: dict, method: str, n: int, steps: int = 3, warmup: int = 1,
-               config: dict | None = None, uneven: bool = False) -> dict:
+def _vs_oracle(
+    name: str,
+    plan_kw: dict,
+    method: str,
+    n: int,
+    steps: int = 3,
+    warmup: int = 1,
+    config: dict | None = None,
+    uneven: bool = False,
+) -> dict:
     """Per step: (error vs oracle, difference from serial); the oracle and serial run first
     (PipeFusion frees other stages' parameters of the model in place)."""
     import xdit_compile as xc
@@ -65,10 +84,13 @@ def _vs_oracle(name: str, plan_kw: dict, method: str, n: int, steps: int = 3, wa
     comm = set(comm_stats().as_dict())
     pm.reset()  # a new request: the same outputs again
     again = [pm(**i) for i in ins]
-    return {"oracle": [rel_error(o, r) for o, r in zip(outs, refs, strict=True)],
-            "serial": [rel_error(o, s) for o, s in zip(outs, serial, strict=True)],
-            "again": [rel_error(a, o) for a, o in zip(again, outs, strict=True)],
-            "breaks": len(xc.explain(pm).breaks), "comm": comm}
+    return {
+        "oracle": [rel_error(o, r) for o, r in zip(outs, refs, strict=True)],
+        "serial": [rel_error(o, s) for o, s in zip(outs, serial, strict=True)],
+        "again": [rel_error(a, o) for a, o in zip(again, outs, strict=True)],
+        "breaks": len(xc.explain(pm).breaks),
+        "comm": comm,
+    }
 
 
 def _check(results: list[dict], warmup: int = 1) -> None:
@@ -97,7 +119,9 @@ def test_distrifusion_matches_oracle(pools, name):
 def test_pipefusion_ulysses_matches_oracle(pools, name):
     """pipefusion=2 x ulysses=2: each patch's rows cut over 2 ranks, all-to-alls in attention,
     the buffers hold each rank's heads."""
-    results = pools(4).run(_vs_oracle, name, dict(pipefusion=2, ulysses=2, patches=2), "pipefusion", 2)
+    results = pools(4).run(
+        _vs_oracle, name, dict(pipefusion=2, ulysses=2, patches=2), "pipefusion", 2
+    )
     _check(results)
     assert all("all_to_all@ulysses" in r["comm"] for r in results)
 
@@ -105,8 +129,16 @@ def test_pipefusion_ulysses_matches_oracle(pools, name):
 @pytest.mark.dist
 def test_pipefusion_four_stages_uneven_patches(pools):
     """4 stages of 2 blocks, 3 patches of 8 token rows (3 + 3 + 2: uneven), two warmup steps."""
-    results = pools(4).run(_vs_oracle, "pixart-sigma", dict(pipefusion=4, patches=5), "pipefusion", 5,
-                           steps=4, warmup=2, config={"num_layers": 8})
+    results = pools(4).run(
+        _vs_oracle,
+        "pixart-sigma",
+        dict(pipefusion=4, patches=5),
+        "pipefusion",
+        5,
+        steps=4,
+        warmup=2,
+        config={"num_layers": 8},
+    )
     _check(results, warmup=2)
 
 
@@ -114,8 +146,16 @@ def test_pipefusion_four_stages_uneven_patches(pools):
 def test_pipefusion_relays_skip_connections(pools):
     """HunyuanDiT's long skips (block i's output feeds block L-1-i) cross stages: at 4 stages of
     one block, block 0's output is relayed through stages 1 and 2 to stage 3."""
-    _check(pools(4).run(_vs_oracle, "hunyuan-dit", dict(pipefusion=4, patches=4), "pipefusion", 4,
-                        config={"num_layers": 4}))
+    _check(
+        pools(4).run(
+            _vs_oracle,
+            "hunyuan-dit",
+            dict(pipefusion=4, patches=4),
+            "pipefusion",
+            4,
+            config={"num_layers": 4},
+        )
+    )
 
 
 @pytest.mark.dist
@@ -127,10 +167,16 @@ def test_distrifusion_uneven_rows(pools, name):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan", [dict(pipefusion=2, patches=4), dict(distrifusion=2)], ids=["pipefusion", "distrifusion"])
+@pytest.mark.parametrize(
+    "plan",
+    [dict(pipefusion=2, patches=4), dict(distrifusion=2)],
+    ids=["pipefusion", "distrifusion"],
+)
 def test_warmup_on_every_step_equals_serial(pools, plan):
     method = "pipefusion" if "pipefusion" in plan else "distrifusion"
-    for r in pools(2).run(_vs_oracle, "sd3", plan, method, 4 if "pipefusion" in plan else 2, steps=3, warmup=3):
+    for r in pools(2).run(
+        _vs_oracle, "sd3", plan, method, 4 if "pipefusion" in plan else 2, steps=3, warmup=3
+    ):
         assert max(r["serial"]) < EXACT_TOL and max(r["oracle"]) < EXACT_TOL, r
 
 
@@ -189,7 +235,12 @@ def _params(plan_kw: dict, config: dict) -> tuple[int, int, int]:
 def test_pipefusion_parameter_bytes_per_rank(pools, n):
     """Each rank holds 1/N of the block parameters plus the shared modules it uses (measured:
     distinct storages of the model and the compiled pieces after the others were freed)."""
-    config = {"num_layers": 8, "num_attention_heads": 4, "attention_head_dim": 16, "cross_attention_dim": 64}
+    config = {
+        "num_layers": 8,
+        "num_attention_heads": 4,
+        "attention_head_dim": 16,
+        "cross_attention_dim": 64,
+    }
     for total, blocks, held in pools(n).run(_params, dict(pipefusion=n), config):
         expected = blocks / n + (total - blocks)
         assert abs(held - expected) <= 0.1 * expected, (held, expected, total)
@@ -209,9 +260,14 @@ def _comm(name: str, plan_kw: dict) -> dict:
     comm_stats().reset()
     out = pm(**ins[1])[0]
     report = xc.explain(pm)
-    return {"measured": comm_stats().as_dict(), "static": report.comm_totals(), "out": out.numel(),
-            "inner": model.config.num_attention_heads * model.config.attention_head_dim,
-            "text": ins[0]["encoder_hidden_states"].shape[1], "stage": pm.mesh.info.pipefusion_rank}
+    return {
+        "measured": comm_stats().as_dict(),
+        "static": report.comm_totals(),
+        "out": out.numel(),
+        "inner": model.config.num_attention_heads * model.config.attention_head_dim,
+        "text": ins[0]["encoder_hidden_states"].shape[1],
+        "stage": pm.mesh.info.pipefusion_rank,
+    }
 
 
 def _measured(r: dict) -> dict:
@@ -229,11 +285,17 @@ def test_pipefusion_bytes_closed_form(pools, name, patches):
         tokens = 64  # 8 x 8 token grid (packed 16 x 16 latent for Flux)
         text = r["text"] if name == "flux-dev" else 0
         if r["stage"] == 0:
-            assert _measured(r) == {("send", "pipefusion"): (_measured(r)[("send", "pipefusion")][0],
-                                                            (tokens + text) * r["inner"] * 4)}, r
+            assert _measured(r) == {
+                ("send", "pipefusion"): (
+                    _measured(r)[("send", "pipefusion")][0],
+                    (tokens + text) * r["inner"] * 4,
+                )
+            }, r
         else:
             assert _measured(r) == {("broadcast", "pipefusion"): (1, r["out"] * 4)}, r
-        assert {k: v[1] for k, v in r["static"].items()} == {k: v[1] for k, v in _measured(r).items()}
+        assert {k: v[1] for k, v in r["static"].items()} == {
+            k: v[1] for k, v in _measured(r).items()
+        }
 
 
 @pytest.mark.dist
@@ -243,7 +305,10 @@ def test_distrifusion_bytes_closed_form(pools):
     for r in pools(2).run(_comm, "pixart-sigma", dict(distrifusion=2)):
         layers = 2
         kv = 2 * layers * (64 // 2) * r["inner"] * 4
-        assert _measured(r) == {("all_gather", "distrifusion"): (layers, kv), ("all_gather", "sp"): (1, r["out"] * 4 // 2)}
+        assert _measured(r) == {
+            ("all_gather", "distrifusion"): (layers, kv),
+            ("all_gather", "sp"): (1, r["out"] * 4 // 2),
+        }
         assert r["static"] == _measured(r)
 
 
@@ -297,6 +362,8 @@ def test_pipefusion_large_transfers(pools):
 def test_pipefusion_and_distrifusion_inductor(pools):
     """The stage pieces (PipeFusion) and the rewritten graph (DistriFusion) through
     torch.compile: same results as the oracle (inductor's fused kernels: ~1e-6 differences)."""
-    for plan, method in ((dict(pipefusion=2, patches=2, compile="inductor"), "pipefusion"),
-                         (dict(distrifusion=2, compile="inductor"), "distrifusion")):
+    for plan, method in (
+        (dict(pipefusion=2, patches=2, compile="inductor"), "pipefusion"),
+        (dict(distrifusion=2, compile="inductor"), "distrifusion"),
+    ):
         _check(pools(2).run(_vs_oracle, "pixart-sigma", plan, method, 2, timeout=900))

@@ -16,8 +16,12 @@ import torch
 
 TOL = 1e-4
 #: Per pipeline: (patch size, video, joint text before the image (None: no joint text)).
-LAYOUT = {"pixart-sigma": (2, False, None), "sd3": (2, False, False), "flux": (1, False, True),
-          "wan": ((1, 2, 2), True, None)}
+LAYOUT = {
+    "pixart-sigma": (2, False, None),
+    "sd3": (2, False, False),
+    "flux": (1, False, True),
+    "wan": ((1, 2, 2), True, None),
+}
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -42,8 +46,14 @@ def _vs_oracle(name: str, plan_kw: dict, method: str, n: int, prompt: Any = "a r
     patch, video, text_first = LAYOUT[name]
     ref_pipe = build_pipeline(name)
     text = (lambda k: k["encoder_hidden_states"].shape[1]) if text_first is not None else 0
-    oracle = DisplacedOracle(ref_pipe.transformer, method, grid_layout(patch, n, frames_dim=video),
-                             text=text, text_first=bool(text_first), warmup_steps=1)
+    oracle = DisplacedOracle(
+        ref_pipe.transformer,
+        method,
+        grid_layout(patch, n, frames_dim=video),
+        text=text,
+        text_first=bool(text_first),
+        warmup_steps=1,
+    )
     object.__setattr__(ref_pipe, "transformer", oracle)
     ref_pipe.__class__ = type(ref_pipe.__class__.__name__, (ref_pipe.__class__,), {})
     reference = []
@@ -52,8 +62,12 @@ def _vs_oracle(name: str, plan_kw: dict, method: str, n: int, prompt: Any = "a r
         reference.append(_run(ref_pipe, prompt, kw))
     pipe = xc.parallelize_pipeline(build_pipeline(name), xc.Plan(**plan_kw))
     first, second = _run(pipe, prompt, kw), _run(pipe, prompt, kw)
-    return {"oracle": rel_error(first, reference[0]), "again": rel_error(second, first),
-            "serial": rel_error(first, serial), "finite": bool(torch.isfinite(first).all())}
+    return {
+        "oracle": rel_error(first, reference[0]),
+        "again": rel_error(second, first),
+        "serial": rel_error(first, serial),
+        "finite": bool(torch.isfinite(first).all()),
+    }
 
 
 def _check(results: list[dict]) -> None:
@@ -75,11 +89,20 @@ def test_pipeline_distrifusion2(pools, name):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name,plan,method,n,prompt", [
-    ("pixart-sigma", dict(pipefusion=2, patches=4, cfg=2), "pipefusion", 4, "a red fox"),
-    ("sd3", dict(distrifusion=2, cfg=2), "distrifusion", 2, "a red fox"),
-    ("wan", dict(pipefusion=2, cfg=2), "pipefusion", 2, "a red fox"),  # CFG as call pairs
-    ("flux", dict(pipefusion=2, dp=2), "pipefusion", 2, ["a red fox", "a blue whale"]),
-], ids=["pixart-pipefusion2-cfg2", "sd3-distrifusion2-cfg2", "wan-pipefusion2-cfg2", "flux-pipefusion2-dp2"])
+@pytest.mark.parametrize(
+    "name,plan,method,n,prompt",
+    [
+        ("pixart-sigma", dict(pipefusion=2, patches=4, cfg=2), "pipefusion", 4, "a red fox"),
+        ("sd3", dict(distrifusion=2, cfg=2), "distrifusion", 2, "a red fox"),
+        ("wan", dict(pipefusion=2, cfg=2), "pipefusion", 2, "a red fox"),  # CFG as call pairs
+        ("flux", dict(pipefusion=2, dp=2), "pipefusion", 2, ["a red fox", "a blue whale"]),
+    ],
+    ids=[
+        "pixart-pipefusion2-cfg2",
+        "sd3-distrifusion2-cfg2",
+        "wan-pipefusion2-cfg2",
+        "flux-pipefusion2-dp2",
+    ],
+)
 def test_pipeline_hybrids(pools, name, plan, method, n, prompt):
     _check(pools(4).run(_vs_oracle, name, plan, method, n, prompt))

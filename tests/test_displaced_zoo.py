@@ -26,7 +26,9 @@ def fake_pg():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("plan", [xc.Plan(pipefusion=2), xc.Plan(distrifusion=2)], ids=["pipefusion2", "distrifusion2"])
+@pytest.mark.parametrize(
+    "plan", [xc.Plan(pipefusion=2), xc.Plan(distrifusion=2)], ids=["pipefusion2", "distrifusion2"]
+)
 @pytest.mark.parametrize("name", list_models())
 def test_zoo_compiles_or_is_refused(fake_pg, name, plan):
     model = build_model(name, "tiny")
@@ -34,7 +36,9 @@ def test_zoo_compiles_or_is_refused(fake_pg, name, plan):
     pm = xc.parallelize(model, plan)
     refused = PIPEFUSION_REFUSED.get(name) if plan.pipefusion > 1 else None
     if refused:
-        with pytest.raises(ValueError, match=f"PipeFusion cannot cut this model into patches: .*{refused}"):
+        with pytest.raises(
+            ValueError, match=f"PipeFusion cannot cut this model into patches: .*{refused}"
+        ):
             pm.prepare(**kwargs)
         return
     pm.prepare(**kwargs)
@@ -48,10 +52,19 @@ def test_zoo_compiles_or_is_refused(fake_pg, name, plan):
         assert (len(report.displaced) > 0) == (name not in NO_SOFTMAX_ATTENTION)
 
 
-@pytest.mark.parametrize("plan,match", [
-    (xc.Plan(pipefusion=2, stage_blocks=(1, 2)), r"stage_blocks=\(1, 2\) sums to 3, but the model has 2 blocks"),
-    (xc.Plan(pipefusion=2, patches=16), "8 token rows .* 16 PipeFusion patches need at least 16: use fewer patches"),
-])
+@pytest.mark.parametrize(
+    "plan,match",
+    [
+        (
+            xc.Plan(pipefusion=2, stage_blocks=(1, 2)),
+            r"stage_blocks=\(1, 2\) sums to 3, but the model has 2 blocks",
+        ),
+        (
+            xc.Plan(pipefusion=2, patches=16),
+            "8 token rows .* 16 PipeFusion patches need at least 16: use fewer patches",
+        ),
+    ],
+)
 def test_pipefusion_plans_that_cannot_work(fake_pg, plan, match):
     model = build_model("pixart-sigma", "tiny")
     with pytest.raises(ValueError, match=match):
@@ -63,5 +76,7 @@ def test_more_stages_than_blocks():
 
     with pytest.raises(ValueError, match="4 stages need at least 4 blocks, the model has 2"):
         balance([1, 1], 4)
-    with pytest.raises(ValueError, match="PipeFusion with Ring attention is not built; cut each patch with ulysses"):
+    with pytest.raises(
+        ValueError, match="PipeFusion with Ring attention is not built; cut each patch with ulysses"
+    ):
         xc.Plan(pipefusion=2, ring=2)

@@ -21,8 +21,10 @@ def test_every_axis_is_built():
     assert Plan(pipefusion=2, ulysses=2, cfg=2).world_size == 8
     assert Plan(distrifusion=4, cfg=2).world_size == 8
     assert Plan(pipefusion=4).displaced_patches == 4  # patches default to the stage count
-    assert str(Plan(pipefusion=2, patches=8, warmup_steps=2)) == \
-        "Plan(pipefusion=2, patches=8, warmup_steps=2, compile=None)"
+    assert (
+        str(Plan(pipefusion=2, patches=8, warmup_steps=2))
+        == "Plan(pipefusion=2, patches=8, warmup_steps=2, compile=None)"
+    )
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
@@ -57,16 +59,25 @@ def test_world_size_mismatch_in_workers(pools):
 @pytest.mark.parametrize("plan", [Plan(ring=2), Plan(ulysses=2)], ids=["ring2", "ulysses2"])
 def test_heads_ulysses_does_not_divide_run_exact(pools, plan):
     """3 heads over 2 Ulysses ranks: uneven head groups (2 + 1), no refusal (tests/test_heads.py)."""
-    (r0, r1) = pools(2).run(compare_zoo_model, "pixart-sigma", plan,
-                            config={"num_attention_heads": 3, "cross_attention_dim": 24})
+    (r0, r1) = pools(2).run(
+        compare_zoo_model,
+        "pixart-sigma",
+        plan,
+        config={"num_attention_heads": 3, "cross_attention_dim": 24},
+    )
     assert r0.rel_error < 1e-4 and r1.rel_error < 1e-4
 
 
 @pytest.mark.dist
 def test_too_few_rows(pools):
     with pytest.raises(WorkerError, match="token rows .* needs at least 4"):
-        pools(4).run(compare_zoo_model, "dit-xl-2", Plan(ulysses=2, ring=2),
-                     inputs={"height": 6, "width": 6}, timeout=120)
+        pools(4).run(
+            compare_zoo_model,
+            "dit-xl-2",
+            Plan(ulysses=2, ring=2),
+            inputs={"height": 6, "width": 6},
+            timeout=120,
+        )
 
 
 def _die_on_rank_1():
@@ -101,7 +112,8 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
         "if __name__ == '__main__':\n"
         "    pool = WorkerPool(2)\n"
         "    print(*pool.run(os.getpid), flush=True)\n"
-        "    os._exit(0)  # no pool.close(): the workers are orphaned\n")
+        "    os._exit(0)  # no pool.close(): the workers are orphaned\n"
+    )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2, out.stderr[-2000:]

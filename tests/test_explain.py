@@ -47,7 +47,9 @@ def test_pixart_ulysses2_report(fake_pg):
     attn = [c for c in report.collectives if c.what == "usp_attention"]
     # One USP op per self-attention layer, each 4 all-to-alls (q, k, v in; output back).
     assert len(attn) == layers
-    assert all(c.op == "all_to_all" and c.axis == "ulysses" and c.calls == 2 for c in attn)  # QKV fused, out
+    assert all(
+        c.op == "all_to_all" and c.axis == "ulysses" and c.calls == 2 for c in attn
+    )  # QKV fused, out
     per_call = _ulysses_bytes(1, heads, tokens, dim, 2)
     assert all(c.bytes_per_forward == 4 * per_call for c in attn)
     # Cross-attention (K/V from text) stays plain local SDPA: no collective in that module.
@@ -99,7 +101,9 @@ def test_peak_activation_bytes(fake_pg):
     floats. ulysses=2: the whole input plus this rank's S/2 rows of the two hidden values."""
     s, c = 8, 16
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(c, 4 * c), torch.nn.ReLU(), torch.nn.Linear(4 * c, c)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(c, 4 * c), torch.nn.ReLU(), torch.nn.Linear(4 * c, c)
+    ).eval()
     plan = xc.Plan(ulysses=fake_pg) if fake_pg > 1 else xc.Plan()
     pm = xc.parallelize(model, plan)
     pm.prepare(torch.randn(1, s, c))
@@ -118,7 +122,9 @@ class _BreakAndRegroup(torch.nn.Module):
         self.qkv = torch.nn.Linear(8, 24)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        q, k, v = (z.unflatten(-1, (2, 4)).transpose(1, 2) for z in self.qkv(hidden_states).chunk(3, -1))
+        q, k, v = (
+            z.unflatten(-1, (2, 4)).transpose(1, 2) for z in self.qkv(hidden_states).chunk(3, -1)
+        )
         k = k.transpose(1, 2).flip(1).transpose(1, 2)  # flipped tokens: no rule for flip
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return o.transpose(1, 2).flatten(2) + torch.flip(hidden_states, [1]) * hidden_states.flip(1)
@@ -134,9 +140,15 @@ def test_break_count_agrees_with_the_break_gathers(fake_pg):
     assert report.breaks, "the flips must break"
     break_nodes = {b.node for b in report.breaks}
     gathers = [c for c in report.collectives if c.op == "all_gather"]
-    labelled = {name for c in gathers if c.what.startswith("sharding break at ")
-                for name in c.what.removeprefix("sharding break at ").split(", ")}
+    labelled = {
+        name
+        for c in gathers
+        if c.what.startswith("sharding break at ")
+        for name in c.what.removeprefix("sharding break at ").split(", ")
+    }
     assert labelled == break_nodes
     text = report.summary()
     assert f"sharding breaks: {len(report.breaks)}" in text
-    assert text.count("(sharding break at ") == sum(c.what.startswith("sharding break") for c in gathers)
+    assert text.count("(sharding break at ") == sum(
+        c.what.startswith("sharding break") for c in gathers
+    )

@@ -57,8 +57,11 @@ def _gqa(plan: dict) -> dict:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan", [dict(ulysses=2), dict(ring=2), dict(distrifusion=2),
-                                  dict(pipefusion=2, patches=2)], ids=str)
+@pytest.mark.parametrize(
+    "plan",
+    [dict(ulysses=2), dict(ring=2), dict(distrifusion=2), dict(pipefusion=2, patches=2)],
+    ids=str,
+)
 def test_gqa_attention_is_kept(pools, plan):
     for r in pools(2).run(_gqa, plan):
         assert r["err"] < EXACT_TOL, r

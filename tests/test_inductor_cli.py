@@ -16,8 +16,9 @@ from xdit_compile.jobs.compare import compare_zoo_model
 @pytest.mark.slow
 def test_inductor_matches_serial(pools):
     # Inductor may fuse/reorder float ops: same 1e-4 relative bound as eager.
-    for r in pools(2).run(compare_zoo_model, "pixart-sigma", Plan(ulysses=2, compile="inductor"),
-                          timeout=600):
+    for r in pools(2).run(
+        compare_zoo_model, "pixart-sigma", Plan(ulysses=2, compile="inductor"), timeout=600
+    ):
         assert r.rel_error < 1e-4, r
         assert r.breaks == []
 
@@ -28,15 +29,22 @@ def test_inductor_ring_without_text_rows(pools):
     """Ring's attention kernel returns its output in [B, S, H, D] order; the compiled graph
     asserts the op's real strides against its fake (contiguous) ones: Wan's self-attention
     (no text rows joined) under ring=2, compiled."""
-    for r in pools(2).run(compare_zoo_model, "wan2.1", Plan(ring=2, compile="inductor"), timeout=600):
+    for r in pools(2).run(
+        compare_zoo_model, "wan2.1", Plan(ring=2, compile="inductor"), timeout=600
+    ):
         assert r.rel_error < 1e-4, r
         assert r.breaks == []
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "xdit_compile.cli.main", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "xdit_compile.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_cli_explain_without_workers():
@@ -49,8 +57,19 @@ def test_cli_explain_without_workers():
 @pytest.mark.dist
 def test_cli_run(tmp_path):
     out = tmp_path / "r.json"
-    p = _cli("run", "--model", "dit-xl-2", "--nproc", "2", "--ring", "2", "--iters", "1",
-             "--json", str(out))
+    p = _cli(
+        "run",
+        "--model",
+        "dit-xl-2",
+        "--nproc",
+        "2",
+        "--ring",
+        "2",
+        "--iters",
+        "1",
+        "--json",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     assert "max relative difference vs serial" in p.stdout
     assert out.exists()

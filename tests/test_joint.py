@@ -21,9 +21,16 @@ def _flux(text_len: int) -> tuple[torch.nn.Module, dict]:
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=16,
-        guidance_embeds=False, axes_dims_rope=(2, 2, 4),
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
     ).eval()
     g = torch.Generator().manual_seed(1)
     h, w = 5, 7  # 35 image tokens: uneven over 2 and 4 ranks
@@ -52,13 +59,17 @@ def _bytes_by_op(plan: xc.Plan, text_len: int) -> dict:
     pm.prepare(**inputs)
     comm_stats().reset()
     out = pm(**inputs)
-    return {"err": rel_error(out, ref), "comm": comm_stats().as_dict(),
-            "breaks": len(pm.last.breaks)}
+    return {
+        "err": rel_error(out, ref),
+        "comm": comm_stats().as_dict(),
+        "breaks": len(pm.last.breaks),
+    }
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan,world", [(dict(ulysses=2), 2), (dict(ring=2), 2),
-                                        (dict(ulysses=2, ring=2), 4)])
+@pytest.mark.parametrize(
+    "plan,world", [(dict(ulysses=2), 2), (dict(ring=2), 2), (dict(ulysses=2, ring=2), 4)]
+)
 def test_text_kv_never_sent(pools, plan, world):
     """Default: text rows leave attention cut over the ranks (each rank gets its even piece of
     them with all heads, riding in Ulysses' output all-to-all), and are gathered back as hidden
@@ -77,7 +88,9 @@ def test_text_kv_never_sent(pools, plan, world):
             # the text *queries*. Sending text K/V would add two more terms per layer.
             peer = rank ^ 1  # ring-major, ulysses-minor: the other rank of this Ulysses pair
             grown = [even_split(22, world)[r] - even_split(6, world)[r] for r in range(world)]
-            grow = b["comm"]["all_to_all@ulysses"]["bytes"] - a["comm"]["all_to_all@ulysses"]["bytes"]
+            grow = (
+                b["comm"]["all_to_all@ulysses"]["bytes"] - a["comm"]["all_to_all@ulysses"]["bytes"]
+            )
             assert grow == (2 * grown[peer] + 1 * grown[rank]) * 2 * 8 * 4
         # The single-stream block gathers its cut text rows (hidden states) before Q/K/V.
         assert b["comm"]["all_gather@sp"]["bytes"] > a["comm"]["all_gather@sp"]["bytes"]
@@ -99,7 +112,9 @@ def test_text_kv_never_sent_with_whole_text_rows(pools, plan, world):
         if plan.get("ulysses", 1) > 1:
             # 2 joint attention layers gather text outputs over heads: [1, 2 heads, T, 8] fp32
             # sent to the one peer of the Ulysses group.
-            grow = b["comm"]["all_gather@ulysses"]["bytes"] - a["comm"]["all_gather@ulysses"]["bytes"]
+            grow = (
+                b["comm"]["all_gather@ulysses"]["bytes"] - a["comm"]["all_gather@ulysses"]["bytes"]
+            )
             assert grow == 2 * (22 - 6) * 2 * 8 * 4
         else:
             assert "all_gather@ulysses" not in b["comm"]
@@ -112,8 +127,15 @@ def _overlap_on_and_off():
         pm = xc.parallelize(model, xc.Plan(ulysses=2, disable_passes=off))
         outs[label] = pm(**inputs)[0]
         nodes = list(pm.last.graph.graph.nodes)
-        orders[label] = [(n.name, n.op if n.op != "call_function" else getattr(n.target, "__name__", str(n.target)),
-                          sorted(u.name for u in n.users), [str(a) for a in n.all_input_nodes]) for n in nodes]
+        orders[label] = [
+            (
+                n.name,
+                n.op if n.op != "call_function" else getattr(n.target, "__name__", str(n.target)),
+                sorted(u.name for u in n.users),
+                [str(a) for a in n.all_input_nodes],
+            )
+            for n in nodes
+        ]
     return {"same": torch.equal(outs["on"], outs["off"]), "orders": orders}
 
 
@@ -135,13 +157,17 @@ def test_overlap_collectives_start_early_finish_late_same_result(pools):
             j = pos[finish]
             # right after the producer of its input (or the last placeholder); the finish right
             # before its first user
-            assert on[i - 1][0] in inputs or (on[i - 1][1] == "placeholder" and on[i][1] != "placeholder")
+            assert on[i - 1][0] in inputs or (
+                on[i - 1][1] == "placeholder" and on[i][1] != "placeholder"
+            )
             first_use = min(pos[u] for u in on[j][2])
             assert first_use == j + 1
         text = next(i for i, e in starts if e[1] == "gather_text_start")
         finish = pos[on[text][2][0]]
         between = [on[k][1] for k in range(text + 1, finish)]
-        assert between.count("linear.default") >= 2, between  # proj_mlp and to_q run during the gather
+        assert between.count("linear.default") >= 2, (
+            between
+        )  # proj_mlp and to_q run during the gather
 
 
 def _text_heads_on_and_off():
@@ -156,8 +182,12 @@ def _text_heads_on_and_off():
         out = pm(**inputs)[0]
         rep = xc.explain(pm)
         pads = [n.args[1] for n in pm.last.graph.graph.nodes if "constant_pad_nd" in str(n.target)]
-        res[label] = {"err": float((out - ref).abs().max() / ref.abs().max()), "out": out,
-                      "flops": rep.flops, "pads": pads}
+        res[label] = {
+            "err": float((out - ref).abs().max() / ref.abs().max()),
+            "out": out,
+            "flops": rep.flops,
+            "pads": pads,
+        }
     return res
 
 
@@ -188,7 +218,9 @@ class _LeakyJoint(torch.nn.Module):
         self.tq, self.tk, self.tv = (torch.nn.Linear(16, 16) for _ in range(3))
         self.out = torch.nn.Linear(16, 16)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         b, s, _ = hidden_states.shape
         t = encoder_hidden_states.shape[1]
 
@@ -199,7 +231,11 @@ class _LeakyJoint(torch.nn.Module):
         q = torch.cat([heads(self.tq(encoder_hidden_states)), heads(self.q(hidden_states))], dim=2)
         k = torch.cat([heads(tk), heads(self.k(hidden_states))], dim=2)
         v = torch.cat([heads(self.tv(encoder_hidden_states)), heads(self.v(hidden_states))], dim=2)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s + t, 16)
+        o = (
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            .transpose(1, 2)
+            .reshape(b, s + t, 16)
+        )
         o = self.out(o[:, t:])
         return o + tk.mean() if self.leak else o
 
@@ -218,8 +254,13 @@ def fake_pg2():
 def test_text_heads_leaves_text_kv_used_elsewhere(fake_pg2, leak):
     torch.manual_seed(0)
     model = _LeakyJoint(leak).eval()
-    inputs = {"hidden_states": torch.randn(1, 8, 16), "encoder_hidden_states": torch.randn(1, 4, 16)}
+    inputs = {
+        "hidden_states": torch.randn(1, 8, 16),
+        "encoder_hidden_states": torch.randn(1, 4, 16),
+    }
     pm = xc.parallelize(model, xc.Plan(ulysses=2, seed="hidden_states"))
     pm.prepare(**inputs)
-    assert any("usp_attention" in str(n.target) for n in pm.last.graph.graph.nodes)  # joint, text rows kept
+    assert any(
+        "usp_attention" in str(n.target) for n in pm.last.graph.graph.nodes
+    )  # joint, text rows kept
     assert pm.last.text_heads_localized == (2 if leak else 3)  # Q and V only when K leaks

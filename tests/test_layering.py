@@ -18,8 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Repository folder -> the package it installs as (pyproject's package-dir).
-FOLDERS = {"xdit_compile": "xdit_compile", "passes": "xdit_compile.passes", "runtime": "xdit_compile.runtime",
-           "kernels": "xdit_compile.kernels", "models": "xdit_compile.models"}
+FOLDERS = {
+    "xdit_compile": "xdit_compile",
+    "passes": "xdit_compile.passes",
+    "runtime": "xdit_compile.runtime",
+    "kernels": "xdit_compile.kernels",
+    "models": "xdit_compile.models",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -59,14 +64,21 @@ def _imports(name: str) -> set[str]:
 #: Layer of each module by prefix (the longest prefix wins); a module may import its own layer
 #: and those below it.
 LAYERS: list[tuple[str, int]] = [
-    ("xdit_compile.plan", 0), ("xdit_compile.placement", 0), ("xdit_compile.latent", 0),
-    ("xdit_compile._shadow", 0), ("xdit_compile.models", 0),
-    ("xdit_compile.runtime", 1), ("xdit_compile.kernels", 1),
+    ("xdit_compile.plan", 0),
+    ("xdit_compile.placement", 0),
+    ("xdit_compile.latent", 0),
+    ("xdit_compile._shadow", 0),
+    ("xdit_compile.models", 0),
+    ("xdit_compile.runtime", 1),
+    ("xdit_compile.kernels", 1),
     ("xdit_compile.passes", 2),
     ("xdit_compile.compiler", 3),
     ("xdit_compile.analysis", 4),
-    ("xdit_compile.api", 5), ("xdit_compile.pipeline", 5), ("xdit_compile", 5),
-    ("xdit_compile.jobs", 6), ("xdit_compile.testing", 6),
+    ("xdit_compile.api", 5),
+    ("xdit_compile.pipeline", 5),
+    ("xdit_compile", 5),
+    ("xdit_compile.jobs", 6),
+    ("xdit_compile.testing", 6),
     ("xdit_compile.serve", 7),
     ("xdit_compile.cli", 8),
 ]
@@ -153,8 +165,11 @@ def test_the_cycle_check_finds_a_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any("xdit_compile.api" in c and "xdit_compile.compiler.driver" in c for c in _cycles())
 
 
-@pytest.mark.parametrize("name", sorted(n for n, p in MODULES.items() if p.name == "__init__.py"),
-                         ids=lambda n: n.removeprefix("xdit_compile."))
+@pytest.mark.parametrize(
+    "name",
+    sorted(n for n, p in MODULES.items() if p.name == "__init__.py"),
+    ids=lambda n: n.removeprefix("xdit_compile."),
+)
 def test_every_package_says_what_it_holds(name: str) -> None:
     doc = ast.get_docstring(ast.parse(MODULES[name].read_text()))
     assert doc and len(doc) > 40, f"{name} has no docstring saying what it holds"

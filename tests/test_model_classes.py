@@ -40,7 +40,11 @@ class Audio1D(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv_in, self.qkv, self.conv_out = nn.Conv1d(8, 16, 1), nn.Linear(16, 48), nn.Conv1d(16, 8, 1)
+        self.conv_in, self.qkv, self.conv_out = (
+            nn.Conv1d(8, 16, 1),
+            nn.Linear(16, 48),
+            nn.Conv1d(16, 8, 1),
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(hidden_states).transpose(1, 2)
@@ -71,7 +75,9 @@ class PoseAfterFirstFrame(nn.Module):
         super().__init__()
         self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 4)
 
-    def forward(self, hidden_states: torch.Tensor, pose_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, pose_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         x = hidden_states.clone()
         x[:, :, 1:] = x[:, :, 1:] + pose_hidden_states
         b, c, f, h, w = x.shape
@@ -101,12 +107,16 @@ class ItemSizedText(nn.Module):
         super().__init__()
         self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                lengths: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
         text = encoder_hidden_states[:, : lengths[0].item()]
         x = torch.cat([text, hidden_states], 1)
         x = x + _attend(x, self.qkv)
-        return self.out(x[:, text.shape[1]:])
+        return self.out(x[:, text.shape[1] :])
 
 
 class FrameCausalFlex(nn.Module):
@@ -127,8 +137,12 @@ class FrameCausalFlex(nn.Module):
         def mask(b_, h_, q_idx, kv_idx):  # noqa: ANN001, ANN202
             return frame[q_idx] >= frame[kv_idx]
 
-        block = create_block_mask(mask, None, None, n, n, device=hidden_states.device, _compile=False)
-        q, k, v = (z.unflatten(-1, (2, 16)).transpose(1, 2) for z in self.qkv(hidden_states).chunk(3, -1))
+        block = create_block_mask(
+            mask, None, None, n, n, device=hidden_states.device, _compile=False
+        )
+        q, k, v = (
+            z.unflatten(-1, (2, 16)).transpose(1, 2) for z in self.qkv(hidden_states).chunk(3, -1)
+        )
         o = flex_attention(q, k, v, block_mask=block)
         return self.out(hidden_states + o.transpose(1, 2).flatten(2))
 
@@ -156,16 +170,20 @@ def _inputs(name: str) -> tuple[nn.Module, dict[str, Any]]:
         return SideBySide(), {"hidden_states": torch.randn(1, 4, 4, 1, 2, 2, generator=g)}
     if name == "pose_after_first_frame":
         # one pixel per frame: the frames are the dim to cut (5 frames: 3 + 2, then 2 + 2 after the first)
-        return PoseAfterFirstFrame(), {"hidden_states": torch.randn(1, 4, 5, 1, 1, generator=g),
-                                       "pose_hidden_states": torch.randn(1, 4, 4, 1, 1, generator=g)}
+        return PoseAfterFirstFrame(), {
+            "hidden_states": torch.randn(1, 4, 5, 1, 1, generator=g),
+            "pose_hidden_states": torch.randn(1, 4, 4, 1, 1, generator=g),
+        }
     if name == "padded_batch":
         return PaddedBatch(), {"hidden_states": torch.randn(1, 11, 8, generator=g)}
     if name == "frame_causal_flex":
         return FrameCausalFlex(), {"hidden_states": torch.randn(1, 12, 32, generator=g)}
     if name == "item_sized_text":
-        return ItemSizedText(), {"hidden_states": torch.randn(1, 9, 8, generator=g),
-                                 "encoder_hidden_states": torch.randn(1, 6, 8, generator=g),
-                                 "lengths": torch.tensor([4])}
+        return ItemSizedText(), {
+            "hidden_states": torch.randn(1, 9, 8, generator=g),
+            "encoder_hidden_states": torch.randn(1, 6, 8, generator=g),
+            "lengths": torch.tensor([4]),
+        }
     return EmptyParameter(), {"hidden_states": torch.randn(1, 9, 8, generator=g)}
 
 
@@ -179,12 +197,23 @@ def _run(name: str, plan_kw: dict[str, int]) -> dict[str, Any]:
     with torch.no_grad():
         ref = model(**kw)
     out = pm(**kw)
-    return {"err": rel_error(out, ref), "breaks": [b.reason for b in pm.last.breaks], "share": _flops_share(pm),
-            "seed_dim": pm.last.seed.dim if pm.last.seed else None}
+    return {
+        "err": rel_error(out, ref),
+        "breaks": [b.reason for b in pm.last.breaks],
+        "share": _flops_share(pm),
+        "seed_dim": pm.last.seed.dim if pm.last.seed else None,
+    }
 
 
-CLASSES = ["audio_1d", "side_by_side", "pose_after_first_frame", "padded_batch", "item_sized_text",
-           "frame_causal_flex", "empty_parameter"]
+CLASSES = [
+    "audio_1d",
+    "side_by_side",
+    "pose_after_first_frame",
+    "padded_batch",
+    "item_sized_text",
+    "frame_causal_flex",
+    "empty_parameter",
+]
 SEED_DIMS = {"audio_1d": 2, "side_by_side": 1, "pose_after_first_frame": 2, "padded_batch": 1}
 
 
@@ -234,9 +263,13 @@ def test_flex_attention_reading_the_head_index_breaks():
     class Alibi(nn.Module):
         def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
             q = hidden_states.unflatten(-1, (2, 16)).transpose(1, 2)
-            o = flex_attention(q, q * 2, q + 1, score_mod=lambda s, b, h, qi, ki: s - h * (qi - ki).abs())
+            o = flex_attention(
+                q, q * 2, q + 1, score_mod=lambda s, b, h, qi, ki: s - h * (qi - ki).abs()
+            )
             return o.transpose(1, 2).flatten(2)
 
     gm = capture(Alibi(), (), {"hidden_states": torch.randn(1, 8, 32)})
     _, ctx = compile_for(gm, 0, ALL, Plan(ulysses=2))
-    assert [b.reason for b in ctx.breaks] == ["flex attention whose score or mask function reads the head index"]
+    assert [b.reason for b in ctx.breaks] == [
+        "flex attention whose score or mask function reads the head index"
+    ]

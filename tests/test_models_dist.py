@@ -20,9 +20,22 @@ from xdit_compile.jobs.compare import compare_zoo_model
 # Mochi selects its valid text tokens with a data-dependent nonzero (specialized, see
 # xdit_compile/compiler/specialize.py).
 SP_MODELS = [
-    "dit-xl-2", "pixart-alpha", "pixart-sigma", "sana", "hunyuan-dit", "latte",
-    "sd3", "sd3.5", "flux-dev", "flux-schnell", "cogvideox-2b", "cogvideox-5b", "hunyuan-video",
-    "wan2.1", "qwen-image", "mochi",
+    "dit-xl-2",
+    "pixart-alpha",
+    "pixart-sigma",
+    "sana",
+    "hunyuan-dit",
+    "latte",
+    "sd3",
+    "sd3.5",
+    "flux-dev",
+    "flux-schnell",
+    "cogvideox-2b",
+    "cogvideox-5b",
+    "hunyuan-video",
+    "wan2.1",
+    "qwen-image",
+    "mochi",
 ]
 
 TOL = 1e-4
@@ -37,20 +50,45 @@ PLANS = [
 # covering the attention layouts (cross-attention, joint text+image, single-stream, video, masked
 # and specialized text), to keep CI within its time. benchmarks/coverage.py runs the hybrid on
 # every zoo model (committed results); the uneven inputs of the other models are not run.
-USP_MODELS = ["dit-xl-2", "pixart-sigma", "hunyuan-dit", "sd3.5", "flux-dev", "cogvideox-5b",
-              "hunyuan-video", "wan2.1", "qwen-image", "mochi"]
-UNEVEN_MODELS = {"ulysses2": ["pixart-sigma", "sd3", "flux-dev", "cogvideox-2b", "hunyuan-video", "wan2.1",
-                              "qwen-image", "mochi"],
-                 "usp2x2": ["flux-dev", "hunyuan-video", "qwen-image", "mochi"]}
+USP_MODELS = [
+    "dit-xl-2",
+    "pixart-sigma",
+    "hunyuan-dit",
+    "sd3.5",
+    "flux-dev",
+    "cogvideox-5b",
+    "hunyuan-video",
+    "wan2.1",
+    "qwen-image",
+    "mochi",
+]
+UNEVEN_MODELS = {
+    "ulysses2": [
+        "pixart-sigma",
+        "sd3",
+        "flux-dev",
+        "cogvideox-2b",
+        "hunyuan-video",
+        "wan2.1",
+        "qwen-image",
+        "mochi",
+    ],
+    "usp2x2": ["flux-dev", "hunyuan-video", "qwen-image", "mochi"],
+}
 
 
 def _cases(plans, names_of):
-    return [pytest.param(p.values[0], p.values[1], name, id=f"{p.id}-{name}")
-            for p in plans for name in names_of(p.id)]
+    return [
+        pytest.param(p.values[0], p.values[1], name, id=f"{p.id}-{name}")
+        for p in plans
+        for name in names_of(p.id)
+    ]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan,world,name", _cases(PLANS, lambda i: USP_MODELS if i == "usp2x2" else SP_MODELS))
+@pytest.mark.parametrize(
+    "plan,world,name", _cases(PLANS, lambda i: USP_MODELS if i == "usp2x2" else SP_MODELS)
+)
 def test_zoo_model_matches_serial(pools, name, plan, world):
     results = pools(world).run(compare_zoo_model, name, Plan(**plan))
     for r in results:

@@ -320,7 +320,9 @@ def test_plan_seed_names_the_input_and_dim() -> None:
     assert (ctx.seed.arg, ctx.seed.dim) == ("vision", 1)
     ctx = _seed_plan(Plan(ulysses=2, seed="hidden_states_in", seed_dim=-1), _TwoLatents(), **ins)
     assert (ctx.seed.dim, ctx.seed.split) == (3, (4, 4))
-    with pytest.raises(ValueError, match=r"no tensor input of that name; its tensor inputs are \['vision'"):
+    with pytest.raises(
+        ValueError, match=r"no tensor input of that name; its tensor inputs are \['vision'"
+    ):
         _seed_plan(Plan(ulysses=2, seed="latents"), _TwoLatents(), **ins)
     with pytest.raises(ValueError, match="seed names the latent"):
         Plan(ulysses=2, seed="")
@@ -459,7 +461,12 @@ def test_lower_tiny_dit(tiny: Any, rank: int) -> None:
     gathers = [c for c in ctx.collectives if c.op == "all_gather"]
     assert gathers == [
         CollectiveSite(
-            ga.name, "all_gather", "sp", 1, gather_bytes(8, 4, [8, 8]), "output",
+            ga.name,
+            "all_gather",
+            "sp",
+            1,
+            gather_bytes(8, 4, [8, 8]),
+            "output",
             graph_level=True,
         )
     ]
@@ -629,7 +636,9 @@ def test_run_passes_sets_each_pass_axis(lin_gm: fx.GraphModule) -> None:
         return PassResult(gm, False)
 
     ctx = PassContext(plan=Plan(), mesh=MeshInfo.of(Plan(), 0, key="k"))
-    run_passes(lin_gm, [Pass("a", record, "cfg"), Pass("b", record), Pass("c", record, "patch")], ctx)
+    run_passes(
+        lin_gm, [Pass("a", record, "cfg"), Pass("b", record), Pass("c", record, "patch")], ctx
+    )
     assert seen == ["cfg", "sp", "patch"]
 
 
@@ -670,8 +679,11 @@ def test_run_passes_verifies_under_debug(
     # "final": only after the last pass, which then fails for what an earlier pass mislabelled.
     monkeypatch.setenv("XDIT_DEBUG", "final")
     with pytest.raises(RuntimeError, match="pass 'last' failed.*local shapes wrong after last"):
-        run_passes(lin_gm, [("mislabel", mislabel), ("last", _noop)],
-                   PassContext(plan=plan, mesh=MeshInfo.of(plan, 1, key="k")))
+        run_passes(
+            lin_gm,
+            [("mislabel", mislabel), ("last", _noop)],
+            PassContext(plan=plan, mesh=MeshInfo.of(plan, 1, key="k")),
+        )
 
 
 # --------------------------------------------------------------------------- plan / pass list
@@ -680,7 +692,14 @@ def test_run_passes_verifies_under_debug(
 def test_plan_degrees() -> None:
     plan = Plan(ulysses=2, ring=3)
     assert plan.world_size == 6 and plan.sp_degree == 6
-    assert plan.degrees() == {"dp": 1, "cfg": 1, "pipefusion": 1, "distrifusion": 1, "ring": 3, "ulysses": 2}
+    assert plan.degrees() == {
+        "dp": 1,
+        "cfg": 1,
+        "pipefusion": 1,
+        "distrifusion": 1,
+        "ring": 3,
+        "ulysses": 2,
+    }
     plan.check_world_size(6)
     with pytest.raises(ValueError, match="Plan needs 6 processes .*world size is 4"):
         plan.check_world_size(4)
@@ -725,8 +744,13 @@ def test_build_passes_order_and_disable() -> None:
         "overlap_collectives",
     ]
     # shard_text_rows is a rewrite inside propagate_sharding, not a pass of its own
-    assert set(OPTIONAL_PASSES) == {"canonicalize", "rewrite_attention", "shard_text_rows", "overlap_collectives",
-                                    "text_heads"}
+    assert set(OPTIONAL_PASSES) == {
+        "canonicalize",
+        "rewrite_attention",
+        "shard_text_rows",
+        "overlap_collectives",
+        "text_heads",
+    }
     assert "shard_text_rows" in Plan(disable_passes="shard_text_rows").disable_passes
     plan = Plan(ulysses=2, disable_passes="rewrite_attention")
     assert plan.disable_passes == ("rewrite_attention",)

@@ -20,19 +20,28 @@ def _images(out: object) -> torch.Tensor:
     raise AssertionError(f"no images or frames in {type(out).__name__}")
 
 
-def _serial_vs_parallel(name: str, plan_kw: dict, prompt: object = "a red fox", **extra: object) -> dict:
+def _serial_vs_parallel(
+    name: str, plan_kw: dict, prompt: object = "a red fox", **extra: object
+) -> dict:
     import xdit_compile as xc
     from xdit_compile.jobs.compare import rel_error
     from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
     from xdit_compile.runtime.collectives import comm_stats
 
     kw = {**pipeline_defaults(name), "output_type": "pt", **extra}
-    ref = _images(build_pipeline(name)(prompt=prompt, generator=torch.Generator().manual_seed(0), **kw))
+    ref = _images(
+        build_pipeline(name)(prompt=prompt, generator=torch.Generator().manual_seed(0), **kw)
+    )
     pipe = xc.parallelize_pipeline(build_pipeline(name), xc.Plan(**plan_kw))
     comm_stats().reset()
     got = _images(pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **kw))
-    return {"err": rel_error(got, ref), "comm": comm_stats().as_dict(), "shape": tuple(got.shape),
-            "ref_shape": tuple(ref.shape), "finite": bool(torch.isfinite(got).all())}
+    return {
+        "err": rel_error(got, ref),
+        "comm": comm_stats().as_dict(),
+        "shape": tuple(got.shape),
+        "ref_shape": tuple(ref.shape),
+        "finite": bool(torch.isfinite(got).all()),
+    }
 
 
 def _check(results: list[dict]) -> None:
@@ -48,8 +57,10 @@ def test_pipeline_ulysses2(pools, name):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name,calls", [("pixart-sigma", "batched"), ("sd3", "batched"),
-                                        ("cogvideox", "batched"), ("wan", "pairs")])
+@pytest.mark.parametrize(
+    "name,calls",
+    [("pixart-sigma", "batched"), ("sd3", "batched"), ("cogvideox", "batched"), ("wan", "pairs")],
+)
 def test_pipeline_cfg2(pools, name, calls):
     """Batched pipelines: the cfg round gathers each step's output (2 steps -> 2 all-gathers).
     Wan calls the transformer twice per step: the first step runs whole (learning the pairs),
@@ -64,8 +75,14 @@ def test_pipeline_cfg2(pools, name, calls):
 def test_flux_true_cfg_pairs_calls(pools):
     """Flux-dev guides through its guidance embedding; its optional "true CFG" (a negative
     prompt with true_cfg_scale > 1) calls the transformer twice per step: paired over cfg."""
-    results = pools(2).run(_serial_vs_parallel, "flux", dict(cfg=2), "a red fox",
-                           negative_prompt="blurry", true_cfg_scale=2.0)
+    results = pools(2).run(
+        _serial_vs_parallel,
+        "flux",
+        dict(cfg=2),
+        "a red fox",
+        negative_prompt="blurry",
+        true_cfg_scale=2.0,
+    )
     _check(results)
     assert all(r["comm"]["all_gather@cfg"]["calls"] == 1 for r in results)  # step 2 of 2 paired
 

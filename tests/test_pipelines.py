@@ -176,10 +176,22 @@ def test_tokenizers():
     pipe = build_pipeline("flux")
     clip, t5 = pipe.tokenizer, pipe.tokenizer_2
     assert clip.convert_ids_to_tokens(clip("An astronaut, riding").input_ids) == [
-        "<|startoftext|>", "an</w>", "astronaut</w>", ",</w>", "riding</w>", "<|endoftext|>",
+        "<|startoftext|>",
+        "an</w>",
+        "astronaut</w>",
+        ",</w>",
+        "riding</w>",
+        "<|endoftext|>",
     ]
     assert t5.convert_ids_to_tokens(t5("a zebra").input_ids) == [
-        "\u2581a", "\u2581", "z", "e", "b", "r", "a", "</s>",
+        "\u2581a",
+        "\u2581",
+        "z",
+        "e",
+        "b",
+        "r",
+        "a",
+        "</s>",
     ]
     assert t5("\u2603").input_ids == [t5.convert_tokens_to_ids("\u2581"), t5.unk_token_id, 1]
     assert (t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (0, 1, 2)

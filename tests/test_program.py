@@ -29,7 +29,9 @@ def _captured() -> tuple[torch.nn.Module, dict, fx.GraphModule]:
 
 
 def _params(model: torch.nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
-    return {n: (p.untyped_storage().data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    return {
+        n: (p.untyped_storage().data_ptr(), p.detach().clone()) for n, p in model.named_parameters()
+    }
 
 
 def test_compile_returns_a_typed_program_and_leaves_the_model_alone() -> None:
@@ -73,10 +75,19 @@ def test_distrifusion_keeps_text_rows_whole_once_for_every_caller() -> None:
     _, _, gm = _captured()
     plan = Plan(distrifusion=2, warmup_steps=1)
     state = new_state(1)
-    prog = compile(gm, plan, MeshInfo.of(plan, 0, key="test_program"), Facts(channels=4), state=state)
-    assert "shard_text_rows" in prog.plan.disable_passes and "shard_text_rows" not in plan.disable_passes
+    prog = compile(
+        gm, plan, MeshInfo.of(plan, 0, key="test_program"), Facts(channels=4), state=state
+    )
+    assert (
+        "shard_text_rows" in prog.plan.disable_passes
+        and "shard_text_rows" not in plan.disable_passes
+    )
     assert prog.displaced and all(b.layer and b.nbytes > 0 for b in prog.displaced)
-    node = next(n for n in prog.graph.graph.nodes if n.target is torch.ops.xdit.distrifusion_attention.default)
+    node = next(
+        n
+        for n in prog.graph.graph.nodes
+        if n.target is torch.ops.xdit.distrifusion_attention.default
+    )
     assert node.args[5] == state.key  # the attention ops read the state the program was given
 
 
@@ -84,7 +95,9 @@ def test_pipefusion_program_pieces_and_stage_cut() -> None:
     model, _, gm = _captured()
     before = _params(model)
     plan = Plan(pipefusion=2, warmup_steps=1)
-    prog = compile(gm, plan, MeshInfo.of(plan, 1, key="test_program"), Facts(channels=4), state=new_state(1))
+    prog = compile(
+        gm, plan, MeshInfo.of(plan, 1, key="test_program"), Facts(channels=4), state=new_state(1)
+    )
     info = prog.pipefusion
     assert info is not None and (info.stages, info.patches, info.stage) == (2, 2, 1)
     assert prog.stage_cut is not None and sum(prog.stage_cut.counts) == model.config.num_layers

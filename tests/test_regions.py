@@ -13,11 +13,19 @@ class _Block(nn.Module):
     def __init__(self, c: int = 16, heads: int = 2) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv, self.o, self.n, self.f = nn.Linear(c, 3 * c), nn.Linear(c, c), nn.LayerNorm(c), nn.Linear(c, c)
+        self.qkv, self.o, self.n, self.f = (
+            nn.Linear(c, 3 * c),
+            nn.Linear(c, c),
+            nn.LayerNorm(c),
+            nn.Linear(c, c),
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = (u.view(b, n, self.heads, c // self.heads).transpose(1, 2) for u in self.qkv(self.n(x)).chunk(3, -1))
+        q, k, v = (
+            u.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+            for u in self.qkv(self.n(x)).chunk(3, -1)
+        )
         a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         x = x + self.o(a) * t[:, None]
         return x + self.f(x).relu()
@@ -62,10 +70,18 @@ class DataDependentDiT(nn.Module):
                 x = blk(x, t)
         x = self.moe(x)
         b = x.shape[0]
-        return self.out(x).transpose(1, 2).reshape(b, 4, 2, 2, 8, 8).permute(0, 1, 4, 2, 5, 3).reshape(b, 4, 16, 16)
+        return (
+            self.out(x)
+            .transpose(1, 2)
+            .reshape(b, 4, 2, 2, 8, 8)
+            .permute(0, 1, 4, 2, 5, 3)
+            .reshape(b, 4, 16, 16)
+        )
 
 
-def _run_in_regions(plan_kw: dict[str, int]) -> tuple[float, float, list[tuple[str, str]], float, int]:
+def _run_in_regions(
+    plan_kw: dict[str, int],
+) -> tuple[float, float, list[tuple[str, str]], float, int]:
     import xdit_compile as xc
 
     torch.manual_seed(0)
@@ -79,12 +95,19 @@ def _run_in_regions(plan_kw: dict[str, int]) -> tuple[float, float, list[tuple[s
         again = pm(hidden_states=x, timestep=t)
     rep = xc.explain(pm)
     scale = float(ref.abs().max())
-    return (float((out - ref).abs().max()) / scale, float((again - ref).abs().max()) / scale, rep.regions,
-            rep.flops / rep.serial_flops, len(rep.breaks))
+    return (
+        float((out - ref).abs().max()) / scale,
+        float((again - ref).abs().max()) / scale,
+        rep.regions,
+        rep.flops / rep.serial_flops,
+        len(rep.breaks),
+    )
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize(("plan", "world"), [({"ulysses": 2}, 2), ({"ring": 2}, 2), ({"ulysses": 2, "cfg": 2}, 4)])
+@pytest.mark.parametrize(
+    ("plan", "world"), [({"ulysses": 2}, 2), ({"ring": 2}, 2), ({"ulysses": 2, "cfg": 2}, 4)]
+)
 def test_a_model_with_data_dependent_control_flow_runs_in_regions(pools, plan, world) -> None:
     results = pools(world).run(_run_in_regions, plan)
     for err, again, regions, share, breaks in results:

@@ -52,7 +52,8 @@ def test_rule_matches_the_single_device_op(name: str) -> None:
     assert not failures, "\n".join(failures[:10])
     cases = sum(r.cases for r in results)
     assert (cases > 0) == (name not in UNCHECKED), (
-        f"{name}: {cases} cases; skipped: {[r.skipped for r in results]}")
+        f"{name}: {cases} cases; skipped: {[r.skipped for r in results]}"
+    )
 
 
 def test_unchecked_list_names_registered_ops_only() -> None:
@@ -71,9 +72,25 @@ def _local(node: fx.Node, rc: RuleCtx) -> Decision:
     return Decision(out=tuple(sh for _ in val) if isinstance(val, tuple | list) else sh)
 
 
-@pytest.mark.parametrize("op", ["topk", "sort", "argsort", "cumsum", "cummax", "gather", "scatter_add", "max",
-                                "argmax", "index_select", "kthvalue"])
-def test_harness_catches_cross_token_ops_treated_as_local(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "op",
+    [
+        "topk",
+        "sort",
+        "argsort",
+        "cumsum",
+        "cummax",
+        "gather",
+        "scatter_add",
+        "max",
+        "argmax",
+        "index_select",
+        "kthvalue",
+    ],
+)
+def test_harness_catches_cross_token_ops_treated_as_local(
+    op: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The harness alone: propagation's own check (a decision whose layout does not fit the
     # tensor becomes a break) would turn some of these wrong rules into exact breaks.
     monkeypatch.setattr(propagate, "_misfit", lambda d, node: "")
@@ -81,7 +98,9 @@ def test_harness_catches_cross_token_ops_treated_as_local(op: str, monkeypatch: 
     monkeypatch.setitem(engine.RULES, packet, _local)
     for o in packet.overloads():
         monkeypatch.delitem(engine.RULES, getattr(packet, o), raising=False)
-    caught = any(check_sample(op, s, PLANS, LIMIT, first_failure=True).failures for s in _samples(op))
+    caught = any(
+        check_sample(op, s, PLANS, LIMIT, first_failure=True).failures for s in _samples(op)
+    )
     assert caught, f"a local rule for {op} was not caught"
 
 
@@ -109,12 +128,16 @@ def test_a_decision_that_does_not_fit_its_tensor_breaks(monkeypatch: pytest.Monk
     gm = capture(_Boom(), (x,), {})
     for rank in (0, 1):
         rgm, ctx = compile_for(gm, rank, ALL_NO_SEED, Plan(ulysses=2), seeds={0: Shard(2, (2, 2))})
-        assert [b.node for b in ctx.breaks] == ["topk"] and ctx.breaks[0].reason.startswith("rule error: output")
+        assert [b.node for b in ctx.breaks] == ["topk"] and ctx.breaks[0].reason.startswith(
+            "rule error: output"
+        )
         out = RankRun(rgm, reference(gm, x), rank, gm).run(x, enable_io_processing=False)[0]
         torch.testing.assert_close(out, _Boom()(x))
 
 
-def test_harness_catches_an_integer_argument_rewritten_as_a_size(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_harness_catches_an_integer_argument_rewritten_as_a_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(engine.RULES, aten.topk, _topk_k_as_size)
     s = Sample("router.topk", lambda x: torch.topk(x, 4, dim=-1), (torch.randn(2, 6, 8),))
     res = check_sample("topk", s, [Plan(ulysses=2)], 100)
@@ -142,7 +165,9 @@ def test_causal_attention_with_sharded_queries_breaks() -> None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
-    res = check_sample("scaled_dot_product_attention", Sample("causal", f, (q, k, v)), [Plan(ulysses=2)], 100)
+    res = check_sample(
+        "scaled_dot_product_attention", Sample("causal", f, (q, k, v)), [Plan(ulysses=2)], 100
+    )
     assert not res.failures and res.breaks > 0
 
 
@@ -173,15 +198,23 @@ def _expert_choice(x: torch.Tensor, gate: torch.Tensor, w: torch.Tensor) -> torc
     weight, idx = torch.topk(probs, k, dim=-1)  # [B, E, k]
     picked = torch.gather(x.unsqueeze(1).expand(b, e, s, c), 2, idx[..., None].expand(b, e, k, c))
     ys = (picked @ w[None]) * weight[..., None]
-    return torch.zeros_like(x).scatter_add(1, idx.reshape(b, e * k)[..., None].expand(b, e * k, c),
-                                           ys.reshape(b, e * k, c))
+    return torch.zeros_like(x).scatter_add(
+        1, idx.reshape(b, e * k)[..., None].expand(b, e * k, c), ys.reshape(b, e * k, c)
+    )
 
 
 def test_expert_choice_router_is_exact() -> None:
     """The class of model reported silently wrong: tokens cut on any dim, the router's result
     equals the single-device one (its cross-token steps break and gather)."""
     g = torch.Generator().manual_seed(0)
-    s = Sample("router.expert_choice", _expert_choice,
-               (torch.randn(2, 8, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(4, 6, 6, generator=g)))
+    s = Sample(
+        "router.expert_choice",
+        _expert_choice,
+        (
+            torch.randn(2, 8, 6, generator=g),
+            torch.randn(4, 6, generator=g),
+            torch.randn(4, 6, 6, generator=g),
+        ),
+    )
     res = check_sample("topk", s, PLANS, 100)
     assert res.cases > 10 and not res.failures, res.failures[:3]

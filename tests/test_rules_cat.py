@@ -111,7 +111,12 @@ def test_joint_self_attention_is_usp_with_head() -> None:
         (usp,) = calls(gm, USP)
         # split, head, tail; the output's 3 text rows come back cut over the ranks (2 + 1)
         a = op_args(usp)
-        assert (a["split"], a["head"], a["tail"], a["text_rank"]) == ([4, 4], 3, 0, ctx.mesh.sp_rank)
+        assert (a["split"], a["head"], a["tail"], a["text_rank"]) == (
+            [4, 4],
+            3,
+            0,
+            ctx.mesh.sp_rank,
+        )
         assert usp.meta["xdit_placement"] == Shard(2, (4, 4), head=3, text=True)
         sites = [c for c in ctx.collectives if c.what == "usp_attention"]
         assert {c.op for c in sites} == {"all_to_all"}  # text output pieces ride with the body
@@ -126,7 +131,13 @@ def test_joint_attention_text_rows_stay_whole_when_disabled() -> None:
     for gm, ctx in case.check({1: S1}, plan=Plan(ulysses=2, disable_passes=("shard_text_rows",))):
         (usp,) = calls(gm, USP)
         a = op_args(usp)
-        assert (a["split"], a["head"], a["tail"], a["text_rank"], a["kv_split"]) == ([4, 4], 3, 0, -1, None)
+        assert (a["split"], a["head"], a["tail"], a["text_rank"], a["kv_split"]) == (
+            [4, 4],
+            3,
+            0,
+            -1,
+            None,
+        )
         assert usp.meta["xdit_placement"] == Shard(2, (4, 4), head=3)
         sites = [c for c in ctx.collectives if c.what == "usp_attention"]
         assert {c.op for c in sites} == {"all_to_all", "all_gather"}  # text outputs over heads

@@ -46,7 +46,14 @@ def test_same_conv_keeps_shard_with_a_halo(split: tuple[int, int], pad: int) -> 
     case = Case(lambda x, w: F.conv2d(x, w, padding=pad), IMG, torch.randn(5, 3, 3, 3))
     gm, _ = case.compile({0: Shard(2, split)}, passes=FRONT_NO_SEED)
     conv = one(gm, aten.conv2d.default)
-    assert conv.meta["xdit_halo"] == (2, 1, 1, 0, -1, Shard(2, split))  # dim, top, bottom, no pad rows
+    assert conv.meta["xdit_halo"] == (
+        2,
+        1,
+        1,
+        0,
+        -1,
+        Shard(2, split),
+    )  # dim, top, bottom, no pad rows
     assert conv.meta["xdit_placement"] == Shard(2, split)
     for gm, ctx in case.check({0: Shard(2, split)}):
         assert ctx.breaks == []
@@ -67,19 +74,26 @@ def test_conv1d_same_conv_halo() -> None:
         assert one(gm, HALO).args[1:4] == (2, 2, 2)
 
 
-@pytest.mark.parametrize(("k", "stride", "pad", "split", "halo", "dil"), [
-    (3, 2, 1, (4, 4), (1, 0), 1),    # a symmetric stride-2 downsampling: one row from above
-    (3, 2, 1, (6, 2), (1, 0), 1),    # uneven (even pieces)
-    (4, 2, 1, (4, 4), (1, 1), 1),    # kernel 4: one row each way
-    (1, 2, 0, (4, 4), (0, 0), 1),    # every other row: no halo, just the stride
-    (5, 1, 2, (3, 5), (2, 2), 1),    # "same" kernel 5
-    (3, 1, 2, (4, 4), (2, 2), 2),    # dilated "same": the kernel spans 5 rows
-])
+@pytest.mark.parametrize(
+    ("k", "stride", "pad", "split", "halo", "dil"),
+    [
+        (3, 2, 1, (4, 4), (1, 0), 1),  # a symmetric stride-2 downsampling: one row from above
+        (3, 2, 1, (6, 2), (1, 0), 1),  # uneven (even pieces)
+        (4, 2, 1, (4, 4), (1, 1), 1),  # kernel 4: one row each way
+        (1, 2, 0, (4, 4), (0, 0), 1),  # every other row: no halo, just the stride
+        (5, 1, 2, (3, 5), (2, 2), 1),  # "same" kernel 5
+        (3, 1, 2, (4, 4), (2, 2), 2),  # dilated "same": the kernel spans 5 rows
+    ],
+)
 def test_strided_conv_keeps_the_row_shard_with_a_halo(k, stride, pad, split, halo, dil) -> None:
     """Output rows 1/stride of the input's, pieces multiples of the stride: each rank computes
     its own output rows from its rows plus `padding` rows of the previous rank and
     `kernel span - stride - padding` of the next."""
-    case = Case(lambda x, w: F.conv2d(x, w, stride=stride, padding=pad, dilation=dil), IMG, torch.randn(4, 3, k, k))
+    case = Case(
+        lambda x, w: F.conv2d(x, w, stride=stride, padding=pad, dilation=dil),
+        IMG,
+        torch.randn(4, 3, k, k),
+    )
     for gm, ctx in case.check({0: Shard(2, split)}):
         assert ctx.breaks == []
         conv = one(gm, aten.conv2d.default)
@@ -89,7 +103,10 @@ def test_strided_conv_keeps_the_row_shard_with_a_halo(k, stride, pad, split, hal
         else:
             assert one(gm, HALO).args[1:4] == (2, *halo)
             site = next(c for c in ctx.collectives if c.what == "conv halo")
-            assert site.calls == sum(1 for h in halo if h) and site.bytes_per_forward == 3 * 6 * sum(halo) * 4
+            assert (
+                site.calls == sum(1 for h in halo if h)
+                and site.bytes_per_forward == 3 * 6 * sum(halo) * 4
+            )
 
 
 def test_conv_after_a_zero_pad_of_the_rows_takes_the_pad_as_halo_padding() -> None:
@@ -97,17 +114,25 @@ def test_conv_after_a_zero_pad_of_the_rows_takes_the_pad_as_halo_padding() -> No
     no padding. The pad's zero row after the last row is the conv's bottom padding: each rank
     cuts it off again, takes one row from the next rank (zeros on the last), and no rows are
     gathered. The W padding stays in the pad."""
-    case = Case(lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1)), w, stride=2), IMG, torch.randn(4, 3, 3, 3))
+    case = Case(
+        lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1)), w, stride=2), IMG, torch.randn(4, 3, 3, 3)
+    )
     for gm, ctx in case.check({0: Shard(2, (4, 4))}):
         assert ctx.breaks == []
         halo = one(gm, HALO)
-        assert halo.args[1:4] == (2, 0, 1) and halo.args[5:] == (0, 4)  # no head rows; this rank's 4 rows
+        assert halo.args[1:4] == (2, 0, 1) and halo.args[5:] == (
+            0,
+            4,
+        )  # no head rows; this rank's 4 rows
         assert one(gm, aten.conv2d.default).meta["xdit_placement"] == Shard(2, (2, 2))
 
 
 def test_conv_after_a_nonzero_pad_of_the_rows_breaks() -> None:
-    case = Case(lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1), value=1.0), w, stride=2), IMG,
-                torch.randn(4, 3, 3, 3))
+    case = Case(
+        lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1), value=1.0), w, stride=2),
+        IMG,
+        torch.randn(4, 3, 3, 3),
+    )
     for _, ctx in case.check({0: Shard(2, (4, 4))}):
         assert reasons(ctx) == ["conv on a merged or joint sharded dim"]
 
@@ -139,12 +164,16 @@ def test_conv_over_sharded_channels_breaks() -> None:
 def test_nearest_upsampling_keeps_the_row_shard(how: str) -> None:
     """Output row j copies input row j // 2: each rank upsamples its own rows, and a global
     output size in the call becomes this rank's."""
-    fns = {"scale": lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
-           "size": lambda x: F.interpolate(x, size=(14, 12), mode="nearest"),
-           "exact": lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest-exact")}
+    fns = {
+        "scale": lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
+        "size": lambda x: F.interpolate(x, size=(14, 12), mode="nearest"),
+        "exact": lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest-exact"),
+    }
     case = Case(fns[how], torch.randn(1, 3, 7, 6))
     for gm, ctx in case.check({0: Shard(2, (4, 3))}):
-        assert ctx.breaks == [] and [c.op for c in ctx.collectives] == ["all_gather"]  # the output only
+        assert ctx.breaks == [] and [c.op for c in ctx.collectives] == [
+            "all_gather"
+        ]  # the output only
         up = next(n for n in gm.graph.nodes if "upsample" in str(n.target))
         assert up.meta["xdit_placement"] == Shard(2, (8, 6))
         if how == "size":
@@ -153,7 +182,10 @@ def test_nearest_upsampling_keeps_the_row_shard(how: str) -> None:
 
 def test_nearest_upsampling_by_a_scale_other_than_the_size_ratio_breaks() -> None:
     """Output 4 rows from 2 with scale 2.4: the kernel reads row floor(j / 2.4), not j // 2."""
-    case = Case(lambda x: torch.ops.aten.upsample_nearest2d.default(x, [4, 12], 2.4, 2.0), torch.randn(1, 3, 2, 6))
+    case = Case(
+        lambda x: torch.ops.aten.upsample_nearest2d.default(x, [4, 12], 2.4, 2.0),
+        torch.randn(1, 3, 2, 6),
+    )
     for _, ctx in case.check({0: Shard(2, (1, 1))}):
         assert reasons(ctx) == ["nearest upsampling with a scale that differs from its size ratio"]
 

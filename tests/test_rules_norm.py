@@ -20,7 +20,7 @@ from rules_harness import (
     aten,
     reasons,
     seed_each_test,  # noqa: F401  (autouse: each test starts from seed 0)
-    )
+)
 
 from xdit_compile.placement import Shard
 from xdit_compile.runtime import reshard
@@ -59,14 +59,21 @@ def test_group_norm_over_sharded_rows_combines_statistics(split: tuple[int, int]
     statistics (count, mean, squared deviations) and normalizes its own rows; every rank's
     output equals its rows of the serial group_norm (an empty piece too)."""
     x = torch.randn(2, 6, 8, 5) * 3 + 1.5  # an offset mean: a sum-of-squares shortcut would drift
-    case = Case(lambda x, w, b: F.group_norm(x, 3, w, b, eps=1e-6), x, torch.randn(6), torch.randn(6))
+    case = Case(
+        lambda x, w, b: F.group_norm(x, 3, w, b, eps=1e-6), x, torch.randn(6), torch.randn(6)
+    )
     for gm, ctx in case.check({0: Shard(2, split)}):
         assert ctx.breaks == []
         assert calls(gm, aten.group_norm.default) == []
         gn = one(gm, reshard.group_norm_sharded)
-        assert gn.args[1] == 3 and gn.args[4] == 1e-6 and gn.meta["xdit_placement"] == Shard(2, split)
+        assert (
+            gn.args[1] == 3 and gn.args[4] == 1e-6 and gn.meta["xdit_placement"] == Shard(2, split)
+        )
         site = next(c for c in ctx.collectives if c.what == "group_norm statistics")
-        assert (site.op, site.bytes_per_forward) == ("all_gather", 3 * 2 * 3 * 4)  # B*G floats x3, 1 peer
+        assert (site.op, site.bytes_per_forward) == (
+            "all_gather",
+            3 * 2 * 3 * 4,
+        )  # B*G floats x3, 1 peer
 
 
 def test_group_norm_over_sharded_channels_breaks() -> None:

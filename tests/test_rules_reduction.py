@@ -19,7 +19,7 @@ from rules_harness import (
     aten,
     reasons,
     seed_each_test,  # noqa: F401  (autouse: each test starts from seed 0)
-    )
+)
 
 from xdit_compile.placement import Partial, Shard
 from xdit_compile.runtime.reshard import gather_shard

@@ -19,7 +19,7 @@ from rules_harness import (
     X,
     aten,
     seed_each_test,  # noqa: F401  (autouse: each test starts from seed 0)
-    )
+)
 
 from xdit_compile.passes.sharding.engine import redistribute
 from xdit_compile.passes.sharding.rules_shape import reshape_shard

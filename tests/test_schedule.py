@@ -40,7 +40,13 @@ def test_simulator_finds_deadlocks():
         simulate(bad)
     # Patches received in the wrong order: rank 1 waits for patch 1, which comes after patch 0.
     swapped = pipefusion_schedule(2, 2)
-    swapped[0] = [Action("RUN", 0), Action("SEND", 0), Action("RUN", 1), Action("SEND", 1), Action("BCAST")]
+    swapped[0] = [
+        Action("RUN", 0),
+        Action("SEND", 0),
+        Action("RUN", 1),
+        Action("SEND", 1),
+        Action("BCAST"),
+    ]
     swapped[1] = [Action("POST", 1), Action("WAIT", 1), Action("RUN", 1), Action("BCAST")]
     with pytest.raises(Deadlock, match="SEND 0"):
         simulate(swapped)
@@ -53,7 +59,12 @@ def test_grid_and_bound():
     text = grid(pipefusion_schedule(2, 3))
     assert text.splitlines()[0] == "slot | stage 0 | stage 1"
     rows = [ln.split("|") for ln in text.splitlines()[2:]]
-    assert [[c.strip() for c in r[1:]] for r in rows] == [["p0", "."], ["p1", "p0"], ["p2", "p1"], [".", "p2"]]
+    assert [[c.strip() for c in r[1:]] for r in rows] == [
+        ["p0", "."],
+        ["p1", "p0"],
+        ["p2", "p1"],
+        [".", "p2"],
+    ]
     assert speedup_bound(4, 8) == pytest.approx(32 / 11)
     assert speedup_bound(1, 5) == 1.0
     # Unequal stage costs: the slower stage sets the pace.
@@ -65,7 +76,9 @@ def test_balance_by_cost():
     assert balance([1, 1, 1, 1], 2) == (2, 2)
     assert balance([3, 1, 1, 1], 2) == (1, 3)
     assert balance([1] * 7, 3) in ((2, 2, 3), (2, 3, 2), (3, 2, 2))
-    assert max(sum(x) for x in _groups([5, 1, 1, 1, 1, 1, 5], balance([5, 1, 1, 1, 1, 1, 5], 3))) == 5
+    assert (
+        max(sum(x) for x in _groups([5, 1, 1, 1, 1, 1, 5], balance([5, 1, 1, 1, 1, 1, 5], 3))) == 5
+    )
     with pytest.raises(ValueError, match="3 stages need at least 3 blocks"):
         balance([1, 1], 3)
 
@@ -73,7 +86,7 @@ def test_balance_by_cost():
 def _groups(costs, sizes):
     out, i = [], 0
     for s in sizes:
-        out.append(costs[i:i + s])
+        out.append(costs[i : i + s])
         i += s
     return out
 

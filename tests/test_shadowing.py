@@ -22,7 +22,10 @@ def _run(code: str) -> str:
     prelude = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
     done = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -36,12 +36,15 @@ class _ValidTextAttention(torch.nn.Module):
         b, s, _ = x.shape
         return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in x.chunk(3, dim=-1))
 
-    def forward(self, hidden_states: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         q, k, v = self._split(self.qkv(hidden_states))
         tq, tk, tv = self._split(self.qkv_text(text))
         keep = torch.nonzero(mask[0], as_tuple=False).flatten()
         o = F.scaled_dot_product_attention(
-            torch.cat([q, tq[:, :, keep]], dim=2), torch.cat([k, tk[:, :, keep]], dim=2),
+            torch.cat([q, tq[:, :, keep]], dim=2),
+            torch.cat([k, tk[:, :, keep]], dim=2),
             torch.cat([v, tv[:, :, keep]], dim=2),
         )
         total = hidden_states.shape[1] + text.shape[1]
@@ -55,8 +58,11 @@ def _inputs(valid: int, rows: int = 9, text_len: int = 6) -> dict:
     g = torch.Generator().manual_seed(valid)
     mask = torch.zeros(1, text_len, dtype=torch.bool)
     mask[0, :valid] = True
-    return dict(hidden_states=torch.randn(1, rows, 16, generator=g),
-                text=torch.randn(1, text_len, 16, generator=g), mask=mask)
+    return dict(
+        hidden_states=torch.randn(1, rows, 16, generator=g),
+        text=torch.randn(1, text_len, 16, generator=g),
+        mask=mask,
+    )
 
 
 def test_specialized_graph_is_static_and_exact():
@@ -95,8 +101,12 @@ def _two_prompts(plan: xc.Plan) -> dict:
             ref = model(**kw)
         errs.append(rel_error(pm(**kw), ref))
         keys.append(id(pm.last))
-    return {"errs": errs, "graphs": len(pm.compiled), "reused": keys[0] == keys[2],
-            "breaks": len(pm.last.breaks)}
+    return {
+        "errs": errs,
+        "graphs": len(pm.compiled),
+        "reused": keys[0] == keys[2],
+        "breaks": len(pm.last.breaks),
+    }
 
 
 @pytest.mark.dist

@@ -32,17 +32,37 @@ def _flux(batch: int = 1) -> tuple[torch.nn.Module, dict[str, Any]]:
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)).eval()
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
     for name in "ab":  # init_lora_weights=False: B is random too, so each adapter matters
-        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=name)
+        model.add_adapter(
+            LoraConfig(
+                r=4,
+                lora_alpha=4,
+                init_lora_weights=False,
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            ),
+            adapter_name=name,
+        )
     model.set_adapters(["a"])
     g = torch.Generator().manual_seed(1)
-    kw = dict(hidden_states=torch.randn(batch, 16, 4, generator=g),
-              encoder_hidden_states=torch.randn(batch, 6, 32, generator=g),
-              pooled_projections=torch.randn(batch, 32, generator=g), timestep=torch.full((batch,), 0.5),
-              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(6, 3), return_dict=False)
+    kw = dict(
+        hidden_states=torch.randn(batch, 16, 4, generator=g),
+        encoder_hidden_states=torch.randn(batch, 6, 32, generator=g),
+        pooled_projections=torch.randn(batch, 32, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(6, 3),
+        return_dict=False,
+    )
     kw["img_ids"][:, 1] = torch.arange(16) // 4
     kw["img_ids"][:, 2] = torch.arange(16) % 4
     return model, kw
@@ -91,7 +111,9 @@ CHANGES: dict[str, Callable[[torch.nn.Module], Any]] = {
     "enable + back to a": lambda m: (m.enable_adapters(), m.set_adapters(["a"])),
     "fuse_lora": lambda m: m.fuse_lora(adapter_names=["a"]),
     "unfuse_lora, set b": lambda m: (m.unfuse_lora(), m.set_adapters(["b"])),
-    "in-place weight edit": lambda m: m.transformer_blocks[0].attn.to_q.base_layer.weight.data.mul_(1.5),
+    "in-place weight edit": lambda m: m.transformer_blocks[0].attn.to_q.base_layer.weight.data.mul_(
+        1.5
+    ),
     "parameter object replaced": _replace_weight,
     "load_state_dict assign": _assign_state,
     "set_processor": _swap_processor,
@@ -104,8 +126,14 @@ CHANGES: dict[str, Callable[[torch.nn.Module], Any]] = {
 #: The changes run at the other plans (each change's detection is the plan's business only in
 #: that the recompiled graph must be right for it): adapters switched away and back, a replaced
 #: parameter, a new processor, a hook. Every change runs at ulysses=2.
-SOME_CHANGES = ["set_adapters b", "disable_adapters", "enable + back to a", "parameter object replaced",
-                "set_processor", "forward hook added"]
+SOME_CHANGES = [
+    "set_adapters b",
+    "disable_adapters",
+    "enable + back to a",
+    "parameter object replaced",
+    "set_processor",
+    "forward hook added",
+]
 
 
 def _run_changes(plan_kw: dict[str, int], batch: int, names: list[str]) -> dict[str, Any]:
@@ -125,13 +153,25 @@ def _run_changes(plan_kw: dict[str, int], batch: int, names: list[str]) -> dict[
         moved[name] = rel_error(ref, before)
         errs[name] = rel_error(pm(**kw), ref)
         before = ref
-    return {"errs": errs, "moved": moved, "changes": list(pm.state_changes), "states": len(pm._tracker.states),
-            "summary": xc.explain(pm).summary()}
+    return {
+        "errs": errs,
+        "moved": moved,
+        "changes": list(pm.state_changes),
+        "states": len(pm._tracker.states),
+        "summary": xc.explain(pm).summary(),
+    }
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("plan,batch,names", [(dict(ulysses=2), 1, list(CHANGES)), (dict(ring=2), 1, SOME_CHANGES),
-                                               (dict(cfg=2), 2, SOME_CHANGES)], ids=["ulysses2", "ring2", "cfg2"])
+@pytest.mark.parametrize(
+    "plan,batch,names",
+    [
+        (dict(ulysses=2), 1, list(CHANGES)),
+        (dict(ring=2), 1, SOME_CHANGES),
+        (dict(cfg=2), 2, SOME_CHANGES),
+    ],
+    ids=["ulysses2", "ring2", "cfg2"],
+)
 def test_changes_after_the_first_call_match_serial(pools, plan, batch, names):
     for r in pools(2).run(_run_changes, plan, batch, names):
         for name, err in r["errs"].items():
@@ -140,9 +180,16 @@ def test_changes_after_the_first_call_match_serial(pools, plan, batch, names):
         # (base + LoRA, merged), but a graph captured before it would add the LoRA twice.
         still = [k for k, v in r["moved"].items() if v <= MOVES and k != "fuse_lora"]
         assert not still, {k: r["moved"][k] for k in still}
-        assert len(r["changes"]) == len([n for n in names if n != "in-place weight edit"])  # not a state change
-        assert "model state changed" in r["summary"] and "_active_adapter ['a'] -> ['b']" in r["summary"]
-        assert any("back to state 0" in c for c in r["changes"])  # adapter "a" again: its graphs reused
+        assert len(r["changes"]) == len(
+            [n for n in names if n != "in-place weight edit"]
+        )  # not a state change
+        assert (
+            "model state changed" in r["summary"]
+            and "_active_adapter ['a'] -> ['b']" in r["summary"]
+        )
+        assert any(
+            "back to state 0" in c for c in r["changes"]
+        )  # adapter "a" again: its graphs reused
 
 
 def _train_eval_and_dtype() -> dict[str, Any]:
@@ -157,12 +204,20 @@ def _train_eval_and_dtype() -> dict[str, Any]:
         train_err = rel_error(pm(**kw), model(**kw))
     model.eval()
     model.to(torch.float64)  # parameters keep their objects, their storage changes
-    kw64 = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    kw64 = {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in kw.items()
+    }
     with torch.no_grad():
         ref = model(**kw64)
     out = pm(**kw64)
-    return {"train_state": any("training False -> True" in c for c in pm.state_changes), "train_err": train_err,
-            "dtype": out[0].dtype == torch.float64, "err": rel_error(out, ref), "changes": pm.state_changes}
+    return {
+        "train_state": any("training False -> True" in c for c in pm.state_changes),
+        "train_err": train_err,
+        "dtype": out[0].dtype == torch.float64,
+        "err": rel_error(out, ref),
+        "changes": pm.state_changes,
+    }
 
 
 @pytest.mark.dist
@@ -186,7 +241,9 @@ def test_the_per_call_check_sees_each_change(name):
     from xdit_compile.compiler.state import fingerprint
 
     model, kw, watch = _watched()
-    for earlier in list(CHANGES)[:list(CHANGES).index(name)]:  # the state each change meets in the test above
+    for earlier in list(CHANGES)[
+        : list(CHANGES).index(name)
+    ]:  # the state each change meets in the test above
         CHANGES[earlier](model)
     watch = type(watch).of(model)
     before = fingerprint(model)
@@ -231,7 +288,10 @@ def test_watched_modules_keep_their_classes_for_users():
 
     model, kw, _ = _watched()
     lora = model.transformer_blocks[0].attn.to_q
-    assert isinstance(model, FluxTransformer2DModel) and type(model).__name__ == "FluxTransformer2DModel"
+    assert (
+        isinstance(model, FluxTransformer2DModel)
+        and type(model).__name__ == "FluxTransformer2DModel"
+    )
     assert isinstance(lora, LoraLayer) and type(lora) is not type(lora).__mro__[1]
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert type(copied) is FluxTransformer2DModel  # the original class, not the watched one
@@ -285,10 +345,21 @@ def _save_pipeline_and_lora(root: Any) -> None:
         pipe = build_pipeline("sd3")
         pipe.save_pretrained(root / "pipe")
         torch.manual_seed(3)
-        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "style")
+        pipe.transformer.add_adapter(
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                init_lora_weights=False,
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            ),
+            "style",
+        )
         StableDiffusion3Pipeline.save_lora_weights(
-            root / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="style"))
+            root / "lora",
+            transformer_lora_layers=get_peft_model_state_dict(
+                pipe.transformer, adapter_name="style"
+            ),
+        )
     dist.barrier()
 
 
@@ -317,8 +388,12 @@ def _pipeline_changes(plan_kw: dict[str, int], root: Any) -> dict[str, Any]:
 
     def image(p: Any) -> np.ndarray:
         p.set_progress_bar_config(disable=True)
-        out = p(prompt="a fox", **pipeline_defaults("sd3"), generator=torch.Generator().manual_seed(0),
-                output_type="np")
+        out = p(
+            prompt="a fox",
+            **pipeline_defaults("sd3"),
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
         return np.asarray(out.images)
 
     def diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -343,6 +418,8 @@ def test_pipeline_lora_calls_between_requests(pools, plan, tmp_path):
     for r in pools(2).run(_pipeline_changes, plan, tmp_path):
         assert all(e < EXACT for e in r["errs"].values()), r["errs"]
         # fusing, and enabling an adapter already in use, keep the image; the rest move it
-        still = [k for k, v in r["moved"].items() if v <= MOVES and k not in ("fuse_lora", "unfuse_lora")]
+        still = [
+            k for k, v in r["moved"].items() if v <= MOVES and k not in ("fuse_lora", "unfuse_lora")
+        ]
         assert not still, r["moved"]
         assert len(r["changes"]) >= len(PIPE_CHANGES) - 1, r["changes"]

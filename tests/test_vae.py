@@ -19,9 +19,15 @@ def _tiny_vae(seed: int = 0):  # type: ignore[no-untyped-def]
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
-                         layers_per_block=1, mid_block_add_attention=True).eval()
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        mid_block_add_attention=True,
+    ).eval()
 
 
 def _decode_vs_serial(rows: int, cols: int, plan_kw: dict) -> dict:
@@ -36,18 +42,34 @@ def _decode_vs_serial(rows: int, cols: int, plan_kw: dict) -> dict:
         comm_stats().reset()
         got = vae.decode(z, return_dict=False)[0]
     report = xc.explain(vae.decoder)
-    return {"err": rel_error(got, ref), "shape": tuple(got.shape), "ref_shape": tuple(ref.shape),
-            "breaks": len(report.breaks), "comm": comm_stats().as_dict(),
-            "ops": sorted({c.what for c in report.collectives})}
+    return {
+        "err": rel_error(got, ref),
+        "shape": tuple(got.shape),
+        "ref_shape": tuple(ref.shape),
+        "breaks": len(report.breaks),
+        "comm": comm_stats().as_dict(),
+        "ops": sorted({c.what for c in report.collectives}),
+    }
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize(("world", "rows", "plan_kw"), [
-    (2, 8, {"ring": 2}),
-    (4, 13, {"ring": 4}),             # uneven rows: 4, 3, 3, 3
-    (4, 10, {"ring": 2, "ulysses": 2}),  # one-head attention at ulysses=2: it runs as Ring over all 4
-    (2, 9, {"ring": 2, "compile": "inductor"}),  # group_norm_sharded traced into inductor's graph
-])
+@pytest.mark.parametrize(
+    ("world", "rows", "plan_kw"),
+    [
+        (2, 8, {"ring": 2}),
+        (4, 13, {"ring": 4}),  # uneven rows: 4, 3, 3, 3
+        (
+            4,
+            10,
+            {"ring": 2, "ulysses": 2},
+        ),  # one-head attention at ulysses=2: it runs as Ring over all 4
+        (
+            2,
+            9,
+            {"ring": 2, "compile": "inductor"},
+        ),  # group_norm_sharded traced into inductor's graph
+    ],
+)
 def test_decoder_rows_cut_over_ranks_match_serial(pools, world, rows, plan_kw):
     for r in pools(world).run(_decode_vs_serial, rows, 6, plan_kw):
         assert r["shape"] == r["ref_shape"] == (1, 3, rows * 4, 24)
@@ -66,8 +88,13 @@ def _encode_vs_serial(rows: int, cols: int, plan_kw: dict) -> dict:
         vae = xc.parallelize_vae(_tiny_vae(), xc.Plan(**plan_kw))
         got = vae.encode(x).latent_dist
     report = xc.explain(vae.encoder)
-    return {"err": max(rel_error(got.mean, ref.mean), rel_error(got.std, ref.std)), "shape": tuple(got.mean.shape),
-            "ref_shape": tuple(ref.mean.shape), "breaks": len(report.breaks), "seed": report.seed}
+    return {
+        "err": max(rel_error(got.mean, ref.mean), rel_error(got.std, ref.std)),
+        "shape": tuple(got.mean.shape),
+        "ref_shape": tuple(ref.mean.shape),
+        "breaks": len(report.breaks),
+        "seed": report.seed,
+    }
 
 
 @pytest.mark.dist
@@ -89,10 +116,15 @@ def _pipeline_vae(name: str) -> dict:
     from xdit_compile.models.pipelines import build_pipeline, pipeline_defaults
 
     kw = {**pipeline_defaults(name), "output_type": "pt"}
-    ref = build_pipeline(name)(prompt="a red fox", generator=torch.Generator().manual_seed(0), **kw).images
+    ref = build_pipeline(name)(
+        prompt="a red fox", generator=torch.Generator().manual_seed(0), **kw
+    ).images
     pipe = xc.parallelize_pipeline(build_pipeline(name), xc.Plan(cfg=2), vae=True)
     got = pipe(prompt="a red fox", generator=torch.Generator().manual_seed(0), **kw).images
-    return {"err": rel_error(torch.as_tensor(got), torch.as_tensor(ref)), "plan": str(pipe.vae.decoder.plan)}
+    return {
+        "err": rel_error(torch.as_tensor(got), torch.as_tensor(ref)),
+        "plan": str(pipe.vae.decoder.plan),
+    }
 
 
 @pytest.mark.dist

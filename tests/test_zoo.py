@@ -296,8 +296,11 @@ def test_invalid_requests() -> None:
 # CogVideoX-2b the uneven config), to keep this file near a minute: each capture takes 1-3 s.
 # Their default inputs capture the same way (checked when the entries were added).
 _EXPORT_CASES = [
-    *(pytest.param(n, u, id=f"{n}-{'uneven' if u else 'default'}") for n in CROSS_NAMES
-      for u in (False, True)),
+    *(
+        pytest.param(n, u, id=f"{n}-{'uneven' if u else 'default'}")
+        for n in CROSS_NAMES
+        for u in (False, True)
+    ),
     *(pytest.param(n, True, id=f"{n}-uneven") for n in JOINT_NAMES),
 ]
 

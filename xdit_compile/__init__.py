@@ -12,8 +12,17 @@ from xdit_compile.pipeline import parallelize_pipeline, parallelize_vae
 from xdit_compile.plan import MeshAxis, Plan
 
 __all__ = [
-    "MeshAxis", "ParallelModule", "Plan", "Program", "Report", "auto_plan", "explain", "init_distributed",
-    "parallelize", "parallelize_pipeline", "parallelize_vae",
+    "MeshAxis",
+    "ParallelModule",
+    "Plan",
+    "Program",
+    "Report",
+    "auto_plan",
+    "explain",
+    "init_distributed",
+    "parallelize",
+    "parallelize_pipeline",
+    "parallelize_vae",
 ]
 __version__ = "0.1.0"
 
@@ -27,8 +36,13 @@ def explain(pm: ParallelModule) -> Report:
     return build_report(pm)
 
 
-def auto_plan(model: Any, example_inputs: Mapping[str, Any], world_size: int,
-              hardware: str | Hardware = "h100-sxm", **options: Any) -> Plan:
+def auto_plan(
+    model: Any,
+    example_inputs: Mapping[str, Any],
+    world_size: int,
+    hardware: str | Hardware = "h100-sxm",
+    **options: Any,
+) -> Plan:
     """The plan the cost model predicts fastest for ``model(**example_inputs)`` on ``world_size``
     GPUs of ``hardware`` (a profile name of :mod:`xdit_compile.analysis.cost`, a calibrated JSON
     file, or a ``Hardware``). Exact plans only unless ``approximate=True``; other options:

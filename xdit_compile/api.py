@@ -91,8 +91,13 @@ class ParallelModule(torch.nn.Module):
 
     _xdit_opaque = True  # state watches of enclosing trees do not descend into this module
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, mesh: ParallelMesh | None,
-                 region: str | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan,
+        mesh: ParallelMesh | None,
+        region: str | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.plan = plan
@@ -168,7 +173,9 @@ class ParallelModule(torch.nn.Module):
             try:
                 sig = inspect.signature(self.model.forward)
                 bound = sig.bind(*args, **kwargs)
-                var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+                var_kw = next(
+                    (p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None
+                )
                 inputs = {k: v for k, v in bound.arguments.items() if k != var_kw}
                 inputs.update(bound.arguments.get(var_kw, {}) if var_kw else {})
                 hardware = self.plan.hardware or detect(next(self.model.parameters()).device)
@@ -180,8 +187,13 @@ class ParallelModule(torch.nn.Module):
             dist.broadcast_object_list(chosen, src=0)
         if isinstance(chosen[0], str):
             raise ValueError(chosen[0])
-        plan = replace(chosen[0], compile=self.plan.compile, disable_passes=self.plan.disable_passes,
-                       seed=self.plan.seed, seed_dim=self.plan.seed_dim)
+        plan = replace(
+            chosen[0],
+            compile=self.plan.compile,
+            disable_passes=self.plan.disable_passes,
+            seed=self.plan.seed,
+            seed_dim=self.plan.seed_dim,
+        )
         config = getattr(self.model, "config", None)
         plan.check_model(config if isinstance(config, Mapping) else None, type(self.model).__name__)
         self.plan, self.mesh = plan, build_mesh(plan)
@@ -189,7 +201,10 @@ class ParallelModule(torch.nn.Module):
     def _plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
         """The plan a call compiles with: without the cfg batch round when the batch cannot be
         cut over cfg (one branch per call, see :mod:`xdit_compile.runtime.cfg_pairs`)."""
-        if self.plan.cfg > 1 and latent_batch(args, kwargs, self.model.forward, self._latent_name) < self.plan.cfg:
+        if (
+            self.plan.cfg > 1
+            and latent_batch(args, kwargs, self.model.forward, self._latent_name) < self.plan.cfg
+        ):
             return replace(self.plan, cfg=1)
         return self.plan
 
@@ -204,18 +219,25 @@ class ParallelModule(torch.nn.Module):
         return "ParallelModule"
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("a ParallelModule cannot be pickled or deep-copied; save or copy its model "
-                        "(pm.model) and parallelize the copy")
+        raise TypeError(
+            "a ParallelModule cannot be pickled or deep-copied; save or copy its model "
+            "(pm.model) and parallelize the copy"
+        )
 
     def _state(self) -> int:
         """The id of the model's current Python-side state (:class:`StateTracker`); programs of
         states the model can never be in again are dropped."""
         now = self._tracker.now()
         if now.changed:
-            logger.info("%s: model state changed since the last call (%s): compiling for the new state",
-                        self.region or type(self.model).__name__, self._tracker.changes[-1])
+            logger.info(
+                "%s: model state changed since the last call (%s): compiling for the new state",
+                self.region or type(self.model).__name__,
+                self._tracker.changes[-1],
+            )
             if dist.is_initialized() and dist.get_world_size() > 1 and self.plan.pipefusion == 1:
-                _check_same_parameters(self.model)  # e.g. LoRA weights initialized unseeded per rank
+                _check_same_parameters(
+                    self.model
+                )  # e.g. LoRA weights initialized unseeded per rank
         if now.dropped:
             self._cache = {k: v for k, v in self._cache.items() if k[0] not in now.dropped}
             self._probes = {k: v for k, v in self._probes.items() if k[0] not in now.dropped}
@@ -228,7 +250,11 @@ class ParallelModule(torch.nn.Module):
         return self._tracker.changes
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any], plan: Plan) -> Program:
-        sig = (self._state(), *_signature(args, kwargs), plan.cfg)  # the state id first: see _drop_stale_states
+        sig = (
+            self._state(),
+            *_signature(args, kwargs),
+            plan.cfg,
+        )  # the state id first: see _drop_stale_states
         probe = self._probes.get(sig)
         key = sig + probe(args, kwargs) if probe is not None else sig
         if key not in self._cache:
@@ -244,9 +270,13 @@ class ParallelModule(torch.nn.Module):
                 flat = tuple(fx_pytree.tree_flatten_spec((args, kwargs), probe.in_spec))
                 specialize_graph(gm, probe, values, flat)
                 key = sig + values
-                logger.info("specialized %s to data-dependent sizes %s", type(self.model).__name__, values)
+                logger.info(
+                    "specialized %s to data-dependent sizes %s", type(self.model).__name__, values
+                )
             if self._latent_name is None:  # later calls find the latent by the name seeded here
-                found = graph_latent(gm)  # (after specializing: the output's shape may depend on data)
+                found = graph_latent(
+                    gm
+                )  # (after specializing: the output's shape may depend on data)
                 self._latent_name = str(found.target) if found is not None else None
             try:
                 self._cache[key] = self._compile(gm, plan)
@@ -266,8 +296,10 @@ class ParallelModule(torch.nn.Module):
         module's own forward (the glue, with its data-dependent Python) runs eagerly. Regions
         take whole tensors and return whole tensors (their outputs are gathered)."""
         if plan.displaced_patches > 1 or plan.distrifusion > 1:
-            raise error.with_hint("PipeFusion and DistriFusion need the model captured whole; "
-                                  "use ulysses/ring/cfg/dp for this model") from None
+            raise error.with_hint(
+                "PipeFusion and DistriFusion need the model captured whole; "
+                "use ulysses/ring/cfg/dp for this model"
+            ) from None
         self.region_error = error.reason
         self.regions = []
         prefix = f"{self.region}." if self.region else ""
@@ -289,8 +321,12 @@ class ParallelModule(torch.nn.Module):
                     child[k] = wrap(f"{name}.{k}", sub)
             else:
                 setattr(self.model, name, wrap(name, child))
-        logger.info("%s could not be captured whole: %d regions (%s)", self.region or type(self.model).__name__,
-                    len(self.regions), self.region_error)
+        logger.info(
+            "%s could not be captured whole: %d regions (%s)",
+            self.region or type(self.model).__name__,
+            len(self.regions),
+            self.region_error,
+        )
 
     def all_regions(self) -> list[ParallelModule]:
         """Every region below this module, depth first (regions that split further included)."""
@@ -302,15 +338,29 @@ class ParallelModule(torch.nn.Module):
 
     def _compile(self, gm: fx.GraphModule, plan: Plan) -> Program:
         channels = getattr(getattr(self.model, "config", None), "in_channels", None)
-        program = compile_graph(gm, plan, self.mesh, Facts(channels=channels), state=self.kv_state,
-                                stage_cut=self._stage_cut)
-        logger.info("compiled %s for a new input signature (%d sharding breaks)",
-                    type(self.model).__name__, len(program.breaks))
+        program = compile_graph(
+            gm,
+            plan,
+            self.mesh,
+            Facts(channels=channels),
+            state=self.kv_state,
+            stage_cut=self._stage_cut,
+        )
+        logger.info(
+            "compiled %s for a new input signature (%d sharding breaks)",
+            type(self.model).__name__,
+            len(program.breaks),
+        )
         if program.pipefusion is not None:
-            self._stage_cut = program.stage_cut  # later signatures keep the parameters on the same ranks
+            self._stage_cut = (
+                program.stage_cut
+            )  # later signatures keep the parameters on the same ranks
             freed = release_parameters(self.model, program.kept)
-            logger.info("PipeFusion stage %d: freed %d parameter bytes of other stages",
-                        program.mesh.pipefusion_rank, freed)
+            logger.info(
+                "PipeFusion stage %d: freed %d parameter bytes of other stages",
+                program.mesh.pipefusion_rank,
+                freed,
+            )
         return program
 
     def pipeline_modules(self) -> list[torch.nn.Module]:
@@ -320,15 +370,22 @@ class ParallelModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._choose_plan(args, kwargs)
         # The latent tells steps and CFG branches apart; plain plans do not need it.
-        x = (latent(args, kwargs, self.model.forward, self._latent_name)
-             if self.kv_state is not None or self.plan.cfg > 1 else None)
+        x = (
+            latent(args, kwargs, self.model.forward, self._latent_name)
+            if self.kv_state is not None or self.plan.cfg > 1
+            else None
+        )
         if self.kv_state is not None:  # every call counts, also those CFG pairing skips here
             self.kv_state.begin_call(x)
         plan = self._plan_for(args, kwargs)
-        if plan.cfg != self.plan.cfg and self.region is None:  # one CFG branch per call: pair the calls
+        if (
+            plan.cfg != self.plan.cfg and self.region is None
+        ):  # one CFG branch per call: pair the calls
             if self.plan.cfg != 2:
-                raise ValueError(f"cfg={self.plan.cfg} with one CFG branch per transformer call: "
-                                 f"pairing calls needs cfg=2")
+                raise ValueError(
+                    f"cfg={self.plan.cfg} with one CFG branch per transformer call: "
+                    f"pairing calls needs cfg=2"
+                )
             if self._pairs is None:
                 self._pairs = CfgPairs(self.mesh.info.cfg_rank, self.mesh.group("cfg"))
             return self._pairs.call(_PairRunner(self, plan), args, kwargs, x)
@@ -403,7 +460,9 @@ def _check_same_parameters(model: torch.nn.Module) -> None:
     bad: set[str] = set()
     for other in gathered[1:]:
         # equal_nan: parameters made with torch.empty may hold NaN bits, the same on every rank
-        diff = ~torch.isclose(other.cpu(), gathered[0].cpu(), rtol=1e-12, atol=0, equal_nan=True).all(dim=1)
+        diff = ~torch.isclose(
+            other.cpu(), gathered[0].cpu(), rtol=1e-12, atol=0, equal_nan=True
+        ).all(dim=1)
         bad.update(names[i] for i in diff.nonzero().flatten().tolist())
     if bad:
         shown = ", ".join(sorted(bad)[:10])
@@ -432,7 +491,9 @@ def _broadcast_weights(model: torch.nn.Module) -> int:
     return total
 
 
-def parallelize(model: torch.nn.Module, plan: Plan, *, broadcast_weights: bool = False) -> ParallelModule:
+def parallelize(
+    model: torch.nn.Module, plan: Plan, *, broadcast_weights: bool = False
+) -> ParallelModule:
     """Parallelize ``model`` with ``plan`` inside the initialized default process group.
 
     Returns a module with the model's call signature and outputs; outputs are gathered and
@@ -448,8 +509,10 @@ def parallelize(model: torch.nn.Module, plan: Plan, *, broadcast_weights: bool =
     config = getattr(model, "config", None)
     plan.check_model(config if isinstance(config, Mapping) else None, type(model).__name__)
     if plan.auto and not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("xdit_compile.parallelize needs an initialized default process group; call "
-                           "xdit_compile.init_distributed() or torch.distributed.init_process_group() first")
+        raise RuntimeError(
+            "xdit_compile.parallelize needs an initialized default process group; call "
+            "xdit_compile.init_distributed() or torch.distributed.init_process_group() first"
+        )
     mesh = None if plan.auto else build_mesh(plan)  # auto: built when the first call chooses
     if broadcast_weights:
         _broadcast_weights(model)

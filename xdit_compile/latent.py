@@ -38,8 +38,11 @@ def follows(shape: Sequence[int], out: Sequence[int]) -> bool:
     return sum(1 for a, b in zip(shape[1:], out[1:], strict=True) if a != b) <= 1
 
 
-def find_latent(cands: Sequence[tuple[str, torch.Tensor | None]], out_shape: Sequence[int] | None = None,
-                name: str | None = None) -> int | None:
+def find_latent(
+    cands: Sequence[tuple[str, torch.Tensor | None]],
+    out_shape: Sequence[int] | None = None,
+    name: str | None = None,
+) -> int | None:
     """Index of the latent among ``cands`` (name, tensor or fake tensor) or None.
 
     ``name`` (``Plan.seed``) picks the input of that name, or raises listing the candidates.
@@ -49,10 +52,15 @@ def find_latent(cands: Sequence[tuple[str, torch.Tensor | None]], out_shape: Seq
             if n == name and isinstance(t, torch.Tensor):
                 return i
         known = [n for n, t in cands if isinstance(t, torch.Tensor)]
-        raise ValueError(f"Plan(seed={name!r}): the model has no tensor input of that name; its tensor "
-                         f"inputs are {known}")
-    pool = [i for i, (_, t) in enumerate(cands)
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 3]
+        raise ValueError(
+            f"Plan(seed={name!r}): the model has no tensor input of that name; its tensor "
+            f"inputs are {known}"
+        )
+    pool = [
+        i
+        for i, (_, t) in enumerate(cands)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 3
+    ]
     if not pool:
         return None
     if out_shape is not None:
@@ -65,7 +73,9 @@ def find_latent(cands: Sequence[tuple[str, torch.Tensor | None]], out_shape: Seq
     return pool[0]
 
 
-def call_inputs(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+def call_inputs(
+    forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, Any]]:
     """The tensors of a call as (argument name, tensor), in the order export names its inputs:
     arguments bound to ``forward``'s signature, nested containers flattened (``name_0``...)."""
     try:
@@ -80,6 +90,9 @@ def call_inputs(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         if isinstance(v, torch.Tensor):
             out.append((n, v))
         elif isinstance(v, list | tuple | dict):
-            out.extend((f"{n}_{j}", leaf) for j, leaf in enumerate(pytree.tree_leaves(v))
-                       if isinstance(leaf, torch.Tensor))
+            out.extend(
+                (f"{n}_{j}", leaf)
+                for j, leaf in enumerate(pytree.tree_leaves(v))
+                if isinstance(leaf, torch.Tensor)
+            )
     return out

@@ -29,11 +29,16 @@ __all__ = ["parallelize_pipeline", "parallelize_vae", "transformer_names"]
 def transformer_names(pipe: Any) -> list[str]:
     """The pipeline's denoiser components: ``transformer`` and friends (``transformer_2``)."""
     comps = getattr(pipe, "components", {}) or {}
-    return [k for k, v in comps.items() if k.startswith("transformer") and isinstance(v, torch.nn.Module)]
+    return [
+        k
+        for k, v in comps.items()
+        if k.startswith("transformer") and isinstance(v, torch.nn.Module)
+    ]
 
 
-def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = False,
-                         vae: bool | Plan = False) -> Any:
+def parallelize_pipeline(
+    pipe: Any, plan: Plan, *, broadcast_weights: bool = False, vae: bool | Plan = False
+) -> Any:
     """Parallelize ``pipe``'s transformer(s) with ``plan`` in place; returns ``pipe``
     (``broadcast_weights``: see :func:`xdit_compile.parallelize`).
 
@@ -42,8 +47,10 @@ def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = Fal
     or give their own plan. Outputs are gathered, so every rank still gets the whole image."""
     names = transformer_names(pipe)
     if not names:
-        raise ValueError(f"{type(pipe).__name__} has no transformer component to parallelize "
-                         f"(components: {sorted(getattr(pipe, 'components', {}) or {})})")
+        raise ValueError(
+            f"{type(pipe).__name__} has no transformer component to parallelize "
+            f"(components: {sorted(getattr(pipe, 'components', {}) or {})})"
+        )
     if vae is not False:
         # Every rank of the group (also when the transformer's plan is chosen at its first call).
         world = dist.get_world_size() if dist.is_initialized() else plan.world_size
@@ -54,7 +61,9 @@ def parallelize_pipeline(pipe: Any, plan: Plan, *, broadcast_weights: bool = Fal
         if not isinstance(module, ParallelModule):
             # Bypass diffusers' register_modules: the component stays registered as the model
             # class it was (save_pretrained of a parallel pipeline is not supported).
-            object.__setattr__(pipe, name, parallelize(module, plan, broadcast_weights=broadcast_weights))
+            object.__setattr__(
+                pipe, name, parallelize(module, plan, broadcast_weights=broadcast_weights)
+            )
     if not isinstance(pipe, _Resetting):
         pipe.__class__ = _resetting_class(type(pipe))
     return pipe
@@ -72,21 +81,29 @@ def parallelize_vae(vae: Any, plan: Plan, *, broadcast_weights: bool = False) ->
     import inspect
 
     parts: dict[str, torch.nn.Module] = {
-        name: m for name in ("decoder", "encoder") if isinstance(m := getattr(vae, name, None), torch.nn.Module)}
+        name: m
+        for name in ("decoder", "encoder")
+        if isinstance(m := getattr(vae, name, None), torch.nn.Module)
+    }
     if "decoder" not in parts:
         raise ValueError(f"{type(vae).__name__} has no decoder module to parallelize")
     if plan.cfg > 1 or plan.dp > 1 or plan.pipefusion > 1 or plan.distrifusion > 1:
-        raise ValueError(f"a VAE plan cuts rows only (ring/ulysses), got {plan}; "
-                         f"use vae=True for Plan(ring=world_size)")
+        raise ValueError(
+            f"a VAE plan cuts rows only (ring/ulysses), got {plan}; "
+            f"use vae=True for Plan(ring=world_size)"
+        )
     for name, module in parts.items():
         if isinstance(module, ParallelModule):
             continue
         params = list(inspect.signature(module.forward).parameters.values())[1:]
-        stateful = [p.name for p in params if isinstance(p.default, list | dict) or "cache" in p.name]
+        stateful = [
+            p.name for p in params if isinstance(p.default, list | dict) or "cache" in p.name
+        ]
         if stateful:
             raise ValueError(
                 f"{type(vae).__name__}.{name} keeps state between calls ({', '.join(stateful)}): it "
-                f"cannot be captured as one graph; run the VAE whole (vae=False)")
+                f"cannot be captured as one graph; run the VAE whole (vae=False)"
+            )
     for name, module in parts.items():
         if not isinstance(module, ParallelModule):
             setattr(vae, name, parallelize(module, plan, broadcast_weights=broadcast_weights))
@@ -104,6 +121,7 @@ def _resetting_class(cls: type) -> type:
     """``cls`` with a ``__call__`` that resets the parallel transformers' per-request state
     (displaced K/V, CFG pairing) before running; same name, so diffusers sees the same class."""
     if cls not in _CLASSES:
+
         @functools.wraps(cls.__call__)  # keeps the signature that callers inspect
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
             for name in transformer_names(self):
@@ -112,6 +130,9 @@ def _resetting_class(cls: type) -> type:
                     module.reset()
             return cls.__call__(self, *args, **kwargs)
 
-        _CLASSES[cls] = type(cls.__name__, (cls, _Resetting), {
-            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _CLASSES[cls] = type(
+            cls.__name__,
+            (cls, _Resetting),
+            {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
     return _CLASSES[cls]

@@ -28,7 +28,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Partial", "Placement", "Replicate", "Shard", "even_split", "fmt", "local_shape", "text_split"]
+__all__ = [
+    "Partial",
+    "Placement",
+    "Replicate",
+    "Shard",
+    "even_split",
+    "fmt",
+    "local_shape",
+    "text_split",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +87,9 @@ class Shard:
         if not self.text:
             return self.head, self.tail
         n = len(self.split)
-        return text_split(self.head, n, self.text_to)[rank], text_split(self.tail, n, self.text_to)[rank]
+        return text_split(self.head, n, self.text_to)[rank], text_split(self.tail, n, self.text_to)[
+            rank
+        ]
 
     def local_size(self, rank: int) -> int:
         head, tail = self.text_rows(rank)
@@ -151,4 +162,3 @@ def local_shape(shape: tuple[int, ...] | list[int], p: Placement, rank: int) -> 
     if isinstance(p, Shard):
         out[p.dim] = p.local_size(rank)
     return out
-

@@ -51,12 +51,15 @@ class MeshAxis(str, enum.Enum):  # enum.StrEnum is Python 3.11+
 BUILT_AXES: tuple[MeshAxis, ...] = tuple(MeshAxis)
 
 #: Passes and rewrites a plan may switch off (``Plan.disable_passes``).
-OPTIONAL_PASSES: tuple[str, ...] = ("canonicalize", "rewrite_attention", "shard_text_rows", "overlap_collectives",
-                                     "text_heads")
+OPTIONAL_PASSES: tuple[str, ...] = (
+    "canonicalize",
+    "rewrite_attention",
+    "shard_text_rows",
+    "overlap_collectives",
+    "text_heads",
+)
 
 _BACKENDS = (None, "eager", "inductor")
-
-
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,16 +131,24 @@ class Plan:
             raise ValueError(f"Plan.auto must be True or False, got {self.auto!r}")
         if self.auto and self.world_size > 1:
             set_ = ", ".join(f"{k}={v}" for k, v in self.degrees().items() if v > 1)
-            raise ValueError(f"Plan(auto=True, {set_}): auto chooses the degrees; leave them at 1, or "
-                             f"drop auto=True to use these degrees")
+            raise ValueError(
+                f"Plan(auto=True, {set_}): auto chooses the degrees; leave them at 1, or "
+                f"drop auto=True to use these degrees"
+            )
         if self.hardware is not None and not self.auto:
-            raise ValueError("Plan.hardware is what Plan(auto=True) predicts for; set auto=True too")
+            raise ValueError(
+                "Plan.hardware is what Plan(auto=True) predicts for; set auto=True too"
+            )
         if self.compile not in _BACKENDS:
             raise ValueError(
                 f"Plan.compile={self.compile!r} is unknown; choose one of None, 'eager', 'inductor'"
             )
         if isinstance(self.disable_passes, str | list):
-            names = (self.disable_passes,) if isinstance(self.disable_passes, str) else self.disable_passes
+            names = (
+                (self.disable_passes,)
+                if isinstance(self.disable_passes, str)
+                else self.disable_passes
+            )
             object.__setattr__(self, "disable_passes", tuple(names))
         unknown = [p for p in self.disable_passes if p not in OPTIONAL_PASSES]
         if unknown:
@@ -147,9 +158,15 @@ class Plan:
             )
 
         if self.seed is not None and (not isinstance(self.seed, str) or not self.seed):
-            raise ValueError(f"Plan.seed names the latent input (e.g. 'hidden_states'), got {self.seed!r}")
-        if self.seed_dim is not None and (not isinstance(self.seed_dim, int) or isinstance(self.seed_dim, bool)):
-            raise ValueError(f"Plan.seed_dim must be an integer dim of the latent input, got {self.seed_dim!r}")
+            raise ValueError(
+                f"Plan.seed names the latent input (e.g. 'hidden_states'), got {self.seed!r}"
+            )
+        if self.seed_dim is not None and (
+            not isinstance(self.seed_dim, int) or isinstance(self.seed_dim, bool)
+        ):
+            raise ValueError(
+                f"Plan.seed_dim must be an integer dim of the latent input, got {self.seed_dim!r}"
+            )
 
     def _check_displaced(self) -> None:
         """PipeFusion / DistriFusion options; plans that cannot work are refused with the fix."""
@@ -159,27 +176,38 @@ class Plan:
             raise ValueError(
                 f"Plan(pipefusion={self.pipefusion}, patches={self.patches}): fewer patches than "
                 f"stages leaves stages idle; use patches >= {self.pipefusion} (e.g. "
-                f"patches={2 * self.pipefusion})")
+                f"patches={2 * self.pipefusion})"
+            )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
-            raise ValueError(f"Plan.warmup_steps must be an integer >= 1 (the first step of a request "
-                             f"has no previous step to read K/V from), got {self.warmup_steps!r}")
+            raise ValueError(
+                f"Plan.warmup_steps must be an integer >= 1 (the first step of a request "
+                f"has no previous step to read K/V from), got {self.warmup_steps!r}"
+            )
         if isinstance(self.stage_blocks, list):
             object.__setattr__(self, "stage_blocks", tuple(self.stage_blocks))
-        if self.stage_blocks and (len(self.stage_blocks) != self.pipefusion or any(
-                not isinstance(b, int) or b < 1 for b in self.stage_blocks)):
+        if self.stage_blocks and (
+            len(self.stage_blocks) != self.pipefusion
+            or any(not isinstance(b, int) or b < 1 for b in self.stage_blocks)
+        ):
             raise ValueError(
                 f"Plan.stage_blocks={self.stage_blocks}: give one block count >= 1 per "
-                f"pipefusion stage ({self.pipefusion} numbers), or leave it empty to balance by FLOPs")
+                f"pipefusion stage ({self.pipefusion} numbers), or leave it empty to balance by FLOPs"
+            )
         if self.distrifusion > 1 and self.sp_degree > 1:
             raise ValueError(
                 f"Plan(distrifusion={self.distrifusion}, ulysses={self.ulysses}, ring={self.ring}): "
-                f"DistriFusion takes the place of the sequence axes; use one of them")
+                f"DistriFusion takes the place of the sequence axes; use one of them"
+            )
         if self.displaced_patches > 1 and self.ring > 1:
-            raise ValueError(f"Plan(pipefusion={self.pipefusion}, ring={self.ring}): PipeFusion with Ring "
-                             f"attention is not built; cut each patch with ulysses instead")
+            raise ValueError(
+                f"Plan(pipefusion={self.pipefusion}, ring={self.ring}): PipeFusion with Ring "
+                f"attention is not built; cut each patch with ulysses instead"
+            )
         if self.distrifusion > 1 and self.displaced_patches > 1:
-            raise ValueError("Plan: DistriFusion and PipeFusion cannot be combined; choose one "
-                             "(pipefusion x ulysses/ring, or distrifusion x cfg/dp)")
+            raise ValueError(
+                "Plan: DistriFusion and PipeFusion cannot be combined; choose one "
+                "(pipefusion x ulysses/ring, or distrifusion x cfg/dp)"
+            )
 
     @property
     def displaced_patches(self) -> int:

@@ -73,7 +73,9 @@ def attention_projections(gm: fx.GraphModule, limit: int = 200) -> set[fx.Node]:
     every rank computes the text K/V itself. Query projections are not in the set: their text
     rows may stay cut (Ulysses sends query rows like image rows; Ring keeps its own)."""
     found: set[fx.Node] = set()
-    for sdpa in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+    for sdpa in gm.graph.find_nodes(
+        op="call_function", target=aten.scaled_dot_product_attention.default
+    ):
         seen: set[fx.Node] = set()
         stack = [a for a in sdpa.args[1:3] if isinstance(a, fx.Node)]
         while stack and len(seen) < limit:
@@ -94,17 +96,23 @@ class _Propagator:
         self.placements: dict[fx.Node, Any] = {}
         patch = ctx.axis == "patch"
         # PipeFusion's patches: text rows stay with the first patch (computed once per step).
-        disabled = tuple(p for p in ctx.plan.disable_passes if not (patch and p == "shard_text_rows"))
+        disabled = tuple(
+            p for p in ctx.plan.disable_passes if not (patch and p == "shard_text_rows")
+        )
         if not patch and ctx.patch_seed is not None:  # a patch cut over ulysses: text rows whole
             disabled += ("shard_text_rows",)
         self.rc = RuleCtx(
             self.placements,
             ctx.degree,
             ctx.axis_rank,
-            {"disabled": disabled, "ulysses": 1 if patch else ctx.mesh.ulysses,
-             "attention_projections": attention_projections(gm), "text_owner": 0 if patch else -1,
-             # displaced-K/V buffers hold K/V rows by the queries' cut
-             "same_kv_rows": patch or ctx.mesh.distrifusion > 1},
+            {
+                "disabled": disabled,
+                "ulysses": 1 if patch else ctx.mesh.ulysses,
+                "attention_projections": attention_projections(gm),
+                "text_owner": 0 if patch else -1,
+                # displaced-K/V buffers hold K/V rows by the queries' cut
+                "same_kv_rows": patch or ctx.mesh.distrifusion > 1,
+            },
         )
         self._moved: dict[tuple[fx.Node, Placement], fx.Node] = {}
 
@@ -182,7 +190,9 @@ class _Propagator:
         except ValueError:  # a plan that does not fit the model: the message says the fix
             raise
         except Exception as e:  # noqa: BLE001  (a rule that trips on an unforeseen form gathers)
-            logger.warning("sharding rule for %s failed on %s", node.target, node.name, exc_info=True)
+            logger.warning(
+                "sharding rule for %s failed on %s", node.target, node.name, exc_info=True
+            )
             self._break(node, ins, f"rule failed: {type(e).__name__}: {e}")
             return
         self._apply(node, decision)
@@ -231,8 +241,11 @@ class _Propagator:
 def _fits(p: Any, val: Any) -> bool:
     """Whether placement ``p`` describes a tensor like ``val`` (its global size on the cut dim)."""
     if isinstance(p, tuple):
-        return isinstance(val, tuple | list) and len(p) == len(val) and all(
-            _fits(a, b) for a, b in zip(p, val, strict=True))
+        return (
+            isinstance(val, tuple | list)
+            and len(p) == len(val)
+            and all(_fits(a, b) for a, b in zip(p, val, strict=True))
+        )
     if isinstance(p, Shard):
         return isinstance(val, torch.Tensor) and p.dim < val.dim() and p.total == val.shape[p.dim]
     return True
@@ -259,4 +272,3 @@ def propagate_sharding_pass(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in list(gm.graph.nodes):
         prop.visit(node)
     return PassResult(gm, True)
-

@@ -150,7 +150,9 @@ def _group_norm(node: fx.Node, rc: RuleCtx) -> Decision:
     if not isinstance(sh, Shard) or sh.dim == 1:
         raise Break("group_norm normalizes over the sharded channel dim")
     if node.target is not aten.group_norm.default:
-        raise Break("native_group_norm over a sharded spatial dim (its mean/rstd outputs are global)")
+        raise Break(
+            "native_group_norm over a sharded spatial dim (its mean/rstd outputs are global)"
+        )
     if sh.joint or sh.text or sh.outer != 1 or sh.inner != 1:
         raise Break("group_norm over a merged or joint sharded dim")
     return Decision(out=sh, meta={"xdit_group_norm": True})
@@ -180,7 +182,12 @@ def conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
     padding = get(4, "padding", 0)
     if isinstance(padding, str):
         raise Break("string padding")
-    return lst(get(3, "stride", 1), 1), lst(padding, 0), lst(get(5, "dilation", 1), 1), int(get(6, "groups", 1))  # type: ignore[arg-type]
+    return (
+        lst(get(3, "stride", 1), 1),
+        lst(padding, 0),
+        lst(get(5, "dilation", 1), 1),
+        int(get(6, "groups", 1)),  # type: ignore[arg-type]
+    )
 
 
 @register_rule(*ops("conv1d", "conv2d", "conv3d", "convolution"))
@@ -194,8 +201,14 @@ def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
     asymmetric ``F.pad(x, (0, 1, 0, 1))``) count as padding."""
     x, w = node.args[0], node.args[1]
     sh = rc.spec(x)
-    if not isinstance(sh, Shard) or not isinstance(w, fx.Node) or not isinstance(x, fx.Node) or not all(
-            isinstance(rc.spec(a), Replicate) for a in node.args[1:3] if isinstance(a, fx.Node)):
+    if (
+        not isinstance(sh, Shard)
+        or not isinstance(w, fx.Node)
+        or not isinstance(x, fx.Node)
+        or not all(
+            isinstance(rc.spec(a), Replicate) for a in node.args[1:3] if isinstance(a, fx.Node)
+        )
+    ):
         raise Break("conv weight or bias is sharded")
     if len(rc.shape(x)) != len(rc.shape(w)):
         raise Break("unbatched convolution")
@@ -223,13 +236,17 @@ def _conv(node: fx.Node, rc: RuleCtx) -> Decision:
     if top == bottom == 0 and not sh.joint:  # e.g. a 1x1 stride-2 conv: its rows are all local
         return Decision(out=body.scaled(s))
     rows = body.split[rc.rank] if sh.joint else -1
-    return Decision(out=body.scaled(s), meta={"xdit_halo": (sh.dim, top, bottom, sh.head, rows, body)})
+    return Decision(
+        out=body.scaled(s), meta={"xdit_halo": (sh.dim, top, bottom, sh.head, rows, body)}
+    )
 
 
 def _zero_pad_rows(x: fx.Node, sh: Shard, rc: RuleCtx) -> bool:
     """Whether the replicated head/tail rows of ``x`` (placement ``sh``) are exactly the zero
     rows a constant pad added to an unjoined shard (so a convolution may treat them as padding)."""
-    if x.target not in (aten.constant_pad_nd.default, aten.pad.default) or not isinstance(x.args[0], fx.Node):
+    if x.target not in (aten.constant_pad_nd.default, aten.pad.default) or not isinstance(
+        x.args[0], fx.Node
+    ):
         return False
     if x.target is aten.pad.default:
         mode = x.args[2] if len(x.args) > 2 else x.kwargs.get("mode", "constant")
@@ -241,8 +258,14 @@ def _zero_pad_rows(x: fx.Node, sh: Shard, rc: RuleCtx) -> bool:
     return not value and rc.spec(x.args[0]) == sh.body()
 
 
-_NEAREST = ops("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-               "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d")
+_NEAREST = ops(
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "_upsample_nearest_exact1d",
+    "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d",
+)
 
 
 @register_rule(*_NEAREST)
@@ -291,7 +314,9 @@ def _kv_layout(k: Any, pq: Shard, rc: RuleCtx) -> Shard:
         return replace(pk, text=False, text_to=-1)
     cand = replace(pq, text=False, text_to=-1).with_dim(nd - 2)
     if cand.total != rc.shape(k)[nd - 2]:
-        raise Break(f"K/V placement {pk} over {rc.shape(k)[nd - 2]} keys does not fit the queries' {pq}")
+        raise Break(
+            f"K/V placement {pk} over {rc.shape(k)[nd - 2]} keys does not fit the queries' {pq}"
+        )
     return cand
 
 
@@ -361,15 +386,19 @@ def _sdpa(node: fx.Node, rc: RuleCtx) -> Decision:
     shard_text = pq.joint and "shard_text_rows" not in rc.options.get("disabled", ())
     if pq.text and not shard_text:
         wants[q] = whole  # type: ignore[index]
-    meta = {"xdit_attention": "usp", "xdit_split": rows, "xdit_joint": (pq.head, pq.tail),
-            "xdit_shard_text": shard_text, "xdit_q_text_cut": pq.text and shard_text}
+    meta = {
+        "xdit_attention": "usp",
+        "xdit_split": rows,
+        "xdit_joint": (pq.head, pq.tail),
+        "xdit_shard_text": shard_text,
+        "xdit_q_text_cut": pq.text and shard_text,
+    }
     if (kv_rows, kv.head, kv.tail) != (rows, pq.head, pq.tail):
         meta["xdit_kv"] = (kv_rows, kv.head, kv.tail)
     if u_eff != u:
         meta["xdit_ulysses"] = u_eff
     out = replace(pq, text=shard_text, text_to=owner if shard_text else -1)
     return Decision(out=out, inputs=wants, meta=meta)
-
 
 
 def _reads_head_index(node: fx.Node, arg: Any, at: int) -> bool:
@@ -410,8 +439,10 @@ def _flex_attention(node: fx.Node, rc: RuleCtx) -> Decision:
         # Block-mask tables per head are cut like the heads; everything else comes whole.
         wants[t] = Shard(1, cut.split) if len(shape) == 4 and shape[1] == heads and heads > 1 else R
     outs = node.meta["val"]
-    return Decision(out=tuple(Shard(len(o.shape) - (3 if o.dim() == nd else 2), cut.split)
-                              for o in outs), inputs={a: p for a, p in wants.items() if rc.spec(a) != p})
+    return Decision(
+        out=tuple(Shard(len(o.shape) - (3 if o.dim() == nd else 2), cut.split) for o in outs),
+        inputs={a: p for a, p in wants.items() if rc.spec(a) != p},
+    )
 
 
 @register_rule(placed_like)

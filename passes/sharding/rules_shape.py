@@ -34,7 +34,6 @@ R = Replicate()
 __all__ = ["align_inputs", "joint_range", "reshape_shard", "schema_arg"]
 
 
-
 def align_inputs(node: fx.Node, rc: RuleCtx, out_shape: tuple[int, ...]) -> Decision:
     """Broadcasting elementwise semantics: all sharded inputs must agree (right-aligned dims);
     replicated inputs that are full-size on the sharded dim get sliced to this rank's piece."""
@@ -52,7 +51,9 @@ def align_inputs(node: fx.Node, rc: RuleCtx, out_shape: tuple[int, ...]) -> Deci
                 if replace(cand, text=False) != replace(target, text=False):
                     raise Break(f"inputs sharded differently ({target} vs {cand})")
                 # Text rows cut: cut the other input's too (the same way).
-                cand = replace(cand, text=True, text_to=target.text_to if target.text else cand.text_to)
+                cand = replace(
+                    cand, text=True, text_to=target.text_to if target.text else cand.text_to
+                )
             target = cand
     assert target is not None
     wants: dict[fx.Node, Placement] = {}
@@ -109,12 +110,16 @@ def reshape_shard(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ..
     if sh.text:  # rows of text only: the same cut, remembered as text
         got = reshape_shard(in_shape, replace(sh, text=False), out_shape)
         return replace(got, text=True) if got is not None else None
-    s = sh.inner * prod(in_shape[sh.dim + 1:])
+    s = sh.inner * prod(in_shape[sh.dim + 1 :])
     n, split = sum(sh.split), sh.split
-    strides = [prod(out_shape[e + 1:]) for e in range(len(out_shape))]
+    strides = [prod(out_shape[e + 1 :]) for e in range(len(out_shape))]
     while True:
         e = next(
-            (e for e, size in enumerate(out_shape) if size > 1 and strides[e] <= s < strides[e] * size),
+            (
+                e
+                for e, size in enumerate(out_shape)
+                if size > 1 and strides[e] <= s < strides[e] * size
+            ),
             None,
         )
         if e is None or s % strides[e] or out_shape[e] % (s // strides[e]):
@@ -128,7 +133,9 @@ def reshape_shard(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ..
         split, n, s = tuple(x // cap for x in split), n // cap, s * cap
 
 
-def _reshape_keeping_dim(in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ...]) -> Shard | None:
+def _reshape_keeping_dim(
+    in_shape: tuple[int, ...], sh: Shard, out_shape: tuple[int, ...]
+) -> Shard | None:
     """A joint shard (replicated head/tail rows) survives only reshapes that leave its dim
     whole: same extent, same number of elements before it."""
     before = prod(in_shape[: sh.dim])
@@ -157,23 +164,35 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
             return R, start, end
         if (start, end) != (0, head_end):
             return None
-        return Shard(sh.dim, text_split(sh.head, n, sh.text_to), text=True, text_to=sh.text_to), 0, my_head
+        return (
+            Shard(sh.dim, text_split(sh.head, n, sh.text_to), text=True, text_to=sh.text_to),
+            0,
+            my_head,
+        )
     if start >= tail_start:
         if not sh.text:
             return R, start - body + mine, end - body + mine
         if (start, end) != (tail_start, sh.total):
             return None
-        return Shard(sh.dim, text_split(sh.tail, n, sh.text_to), text=True, text_to=sh.text_to), \
-            my_head + mine, my_head + mine + my_tail
+        return (
+            Shard(sh.dim, text_split(sh.tail, n, sh.text_to), text=True, text_to=sh.text_to),
+            my_head + mine,
+            my_head + mine + my_tail,
+        )
     if start in (0, head_end) and end in (tail_start, sh.total):
         head = sh.head if start == 0 else 0
         tail = sh.tail if end == sh.total else 0
         local_start = 0 if start == 0 else my_head
         local_end = my_head + mine + (my_tail if end == sh.total else 0)
         text = sh.text and bool(head or tail)
-        return replace(sh, head=head, tail=tail, text=text, text_to=sh.text_to if text else -1), \
-            local_start, local_end
-    if sh.text or unit != 1:  # cut text pieces, or rows of every frame: no contiguous piece per rank
+        return (
+            replace(sh, head=head, tail=tail, text=text, text_to=sh.text_to if text else -1),
+            local_start,
+            local_end,
+        )
+    if (
+        sh.text or unit != 1
+    ):  # cut text pieces, or rows of every frame: no contiguous piece per rank
         return None
     off = sum(sh.split[:rank])
 
@@ -185,7 +204,10 @@ def joint_range(sh: Shard, start: int, end: int, rank: int) -> tuple[Placement, 
         return head_end + mine + pos - tail_start
 
     b0, b1 = max(start, head_end) - head_end, min(end, tail_start) - head_end  # body rows kept
-    split = tuple(max(0, min(b1, o + n) - max(b0, o)) for o, n in zip(_offsets(sh.split), sh.split, strict=True))
+    split = tuple(
+        max(0, min(b1, o + n) - max(b0, o))
+        for o, n in zip(_offsets(sh.split), sh.split, strict=True)
+    )
     head = max(0, min(end, head_end) - start)
     tail = max(0, end - max(start, tail_start))
     return replace(sh, split=split, head=head, tail=tail), local(start), local(end)
@@ -212,7 +234,9 @@ def _view(node: fx.Node, rc: RuleCtx) -> Decision:
     # Every view becomes a reshape to this rank's local sizes: size arguments are global, and
     # size-dependent forms are wrong on a piece (``squeeze()`` would drop a sharded dim whose
     # local size is 1).
-    return Decision(out=new, target=aten.reshape.default, args=(x, rc.local(out_shape, new)), kwargs={})
+    return Decision(
+        out=new, target=aten.reshape.default, args=(x, rc.local(out_shape, new)), kwargs={}
+    )
 
 
 @register_rule(*ops("expand"))
@@ -276,28 +300,45 @@ def _cat_sharded_dim(node: fx.Node, rc: RuleCtx, dim: int) -> Decision:
     tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]  # type: ignore[union-attr]
     specs = [rc.spec(t) for t in tensors]
     # The body: the one sharded piece that is not only text rows.
-    bodies = [i for i, p in enumerate(specs) if isinstance(p, Shard) and not (p.text and not p.joint)]
+    bodies = [
+        i for i, p in enumerate(specs) if isinstance(p, Shard) and not (p.text and not p.joint)
+    ]
     if len(bodies) != 1 or any(not isinstance(p, Shard | Replicate) for p in specs):
         raise Break("concatenation of several sharded pieces along the sharded dim")
     i = bodies[0]
     sh = specs[i]
     assert isinstance(sh, Shard)
     before = sum(rc.shape(t)[dim] for t in tensors[:i])
-    after = sum(rc.shape(t)[dim] for t in tensors[i + 1:])
+    after = sum(rc.shape(t)[dim] for t in tensors[i + 1 :])
     texts = [j for j, p in enumerate(specs) if j != i and isinstance(p, Shard)]
     n, owner = len(sh.split), rc.options.get("text_owner", -1)
-    if texts and not sh.joint and not sh.text and len(tensors[:i]) <= 1 and len(tensors[i + 1:]) <= 1 and all(
-        isinstance(p, Shard) and p.text and not p.joint and p.dim == dim
-        and p.split == text_split(rc.shape(t)[dim], n, owner)
-        for j, (t, p) in enumerate(zip(tensors, specs, strict=True)) if j != i
+    if (
+        texts
+        and not sh.joint
+        and not sh.text
+        and len(tensors[:i]) <= 1
+        and len(tensors[i + 1 :]) <= 1
+        and all(
+            isinstance(p, Shard)
+            and p.text
+            and not p.joint
+            and p.dim == dim
+            and p.split == text_split(rc.shape(t)[dim], n, owner)
+            for j, (t, p) in enumerate(zip(tensors, specs, strict=True))
+            if j != i
+        )
     ):
         return Decision(out=replace(sh, dim=dim, head=before, tail=after, text=True, text_to=owner))
     # Mixed or several text pieces: gather the sharded text rows, keep the text replicated.
     wants: dict[fx.Node, Placement] = {tensors[j]: R for j in texts}
     if sh.text:
         wants[tensors[i]] = replace(sh, text=False)
-    return Decision(out=replace(sh, dim=dim, head=sh.head + before, tail=sh.tail + after, text=False, text_to=-1),
-                    inputs=wants)
+    return Decision(
+        out=replace(
+            sh, dim=dim, head=sh.head + before, tail=sh.tail + after, text=False, text_to=-1
+        ),
+        inputs=wants,
+    )
 
 
 @register_rule(*ops("pad_sequence"))
@@ -341,7 +382,7 @@ def _only_input(node: fx.Node, rc: RuleCtx) -> tuple[fx.Node, Shard, int]:
 @register_rule(*ops("slice"))
 def _slice(node: fx.Node, rc: RuleCtx) -> Decision:
     x, sh, nd = _only_input(node, rc)
-    args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+    args = list(node.args) + [0, None, None, 1][len(node.args) - 1 :]
     dim, start, end, step = norm_dim(int(args[1]), nd), args[2], args[3], args[4]  # type: ignore[arg-type]
     if dim != sh.dim:
         return Decision(out=sh)
@@ -401,8 +442,9 @@ def _split_sharded_dim(node: fx.Node, rc: RuleCtx, x: fx.Node, sh: Shard, dim: i
         outs.append(got[0])
         local_sizes.append(got[2] - got[1])
         start += size
-    return Decision(out=tuple(outs), target=aten.split_with_sizes.default, args=(x, local_sizes, dim),
-                    kwargs={})
+    return Decision(
+        out=tuple(outs), target=aten.split_with_sizes.default, args=(x, local_sizes, dim), kwargs={}
+    )
 
 
 @register_rule(operator.getitem)
@@ -449,7 +491,9 @@ def _reduction(node: fx.Node, rc: RuleCtx) -> Decision:
     return _reduced(node, rc, dims, bool(schema_arg(node, "keepdim", False)))
 
 
-@register_rule(*ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "_safe_softmax"))
+@register_rule(
+    *ops("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "_safe_softmax")
+)
 def _along_dim(node: fx.Node, rc: RuleCtx) -> Decision:
     x, sh, nd = _only_input(node, rc)
     if norm_dim(int(node.args[1]), nd) == sh.dim:  # type: ignore[arg-type]
@@ -512,7 +556,10 @@ def _scatter_into(node: fx.Node, rc: RuleCtx) -> Decision:
         if isinstance(base, Shard) and base.dim == dim:
             return _scatter_joint(node, rc, base, dim)
         for t in tensor_args(node):
-            if isinstance(p := rc.spec(t), Shard) and p.dim + len(out_shape) - len(rc.shape(t)) == dim:
+            if (
+                isinstance(p := rc.spec(t), Shard)
+                and p.dim + len(out_shape) - len(rc.shape(t)) == dim
+            ):
                 raise Break("slice_scatter along the sharded dim")
     # src is narrower only along the scattered dim, which alignment does not look at.
     return align_inputs(node, rc, out_shape)
@@ -532,8 +579,13 @@ def _scatter_joint(node: fx.Node, rc: RuleCtx, base: Shard, dim: int) -> Decisio
     src = node.args[1]
     assert isinstance(src, fx.Node)
     args = (node.args[0], src, dim, lo_local, hi_local, 1)
-    return Decision(out=base, inputs={src: want.with_dim(dim) if isinstance(want, Shard) else want},
-                    target=aten.slice_scatter.default, args=args, kwargs={})
+    return Decision(
+        out=base,
+        inputs={src: want.with_dim(dim) if isinstance(want, Shard) else want},
+        target=aten.slice_scatter.default,
+        args=args,
+        kwargs={},
+    )
 
 
 @register_rule(*ops("repeat_interleave"))
@@ -549,8 +601,10 @@ def _repeat_interleave(node: fx.Node, rc: RuleCtx) -> Decision:
         return Decision(out=sh)
     if sh.joint or sh.outer != 1:
         raise Break("repeat_interleave along a joint or merged sharded dim")
-    return Decision(out=replace(sh, split=tuple(s * repeats for s in sh.split)),
-                    kwargs={**node.kwargs, "output_size": None} if "output_size" in node.kwargs else None)
+    return Decision(
+        out=replace(sh, split=tuple(s * repeats for s in sh.split)),
+        kwargs={**node.kwargs, "output_size": None} if "output_size" in node.kwargs else None,
+    )
 
 
 @register_rule(*ops("repeat"))
@@ -563,7 +617,22 @@ def _repeat(node: fx.Node, rc: RuleCtx) -> Decision:
     return Decision(out=sh.with_dim(od))
 
 
-@register_rule(*ops("new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided", "new_tensor", "scalar_tensor", "zeros", "ones", "full", "arange", "empty"))
+@register_rule(
+    *ops(
+        "new_zeros",
+        "new_ones",
+        "new_empty",
+        "new_full",
+        "new_empty_strided",
+        "new_tensor",
+        "scalar_tensor",
+        "zeros",
+        "ones",
+        "full",
+        "arange",
+        "empty",
+    )
+)
 def _creation(node: fx.Node, rc: RuleCtx) -> Decision:
     """The input only gives dtype/device: the (global-size) result is replicated."""
     return Decision(out=R)
@@ -581,10 +650,18 @@ def _earlier_round_move(node: fx.Node, rc: RuleCtx) -> Decision:
         # a batch that data parallelism cuts too): each piece keeps this rank's part.
         _, dim, outer, inner, split, group, *joint = node.args
         sizes = [int(v) for v in split] if isinstance(split, list | tuple) else []  # type: ignore[arg-type]
-        if (outer, inner) == (1, 1) and not any(joint) and len(set(sizes)) == 1 \
-                and sum(sh.split) == sizes[0] and sh.outer == 1 and not sh.joint:
+        if (
+            (outer, inner) == (1, 1)
+            and not any(joint)
+            and len(set(sizes)) == 1
+            and sum(sh.split) == sizes[0]
+            and sh.outer == 1
+            and not sh.joint
+        ):
             pieces = [sh.split[rc.rank]] * len(sizes)
-            return Decision(out=replace(sh, outer=len(sizes)), args=(x, dim, 1, 1, pieces, group), kwargs={})
+            return Decision(
+                out=replace(sh, outer=len(sizes)), args=(x, dim, 1, 1, pieces, group), kwargs={}
+            )
     raise Break("an earlier round's gather/slice on this round's sharded dim")
 
 
@@ -626,7 +703,10 @@ def _indexed(node: fx.Node, rc: RuleCtx) -> Decision:
             raise Break("index or source of another rank")
         if isinstance(rc.spec(a), Replicate) and a not in d.inputs:
             raise Break("an index or source is not cut like the data")
-        if isinstance(rc.spec(a), Shard) and (rc.spec(a).outer, rc.spec(a).inner) != (sh.outer, sh.inner):  # type: ignore[union-attr]
+        if isinstance(rc.spec(a), Shard) and (rc.spec(a).outer, rc.spec(a).inner) != (
+            sh.outer,
+            sh.inner,
+        ):  # type: ignore[union-attr]
             raise Break("index or source cut differently")
     return d
 

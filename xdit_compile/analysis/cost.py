@@ -135,7 +135,11 @@ class Hardware:
         if span > per_node:
             return self.network
         if self.sockets > 1:
-            return self.levels[0][1] if span <= max(1, per_node // self.sockets) else self.levels[-1][1]
+            return (
+                self.levels[0][1]
+                if span <= max(1, per_node // self.sockets)
+                else self.levels[-1][1]
+            )
         for size, link in self.levels:
             if span <= size:
                 return link
@@ -152,45 +156,106 @@ class Hardware:
         return cls(**d)
 
 
-def _gpu(name: str, description: str, *, bf16_tflops: float, mem_tbs: float, levels: list[tuple[int, str, float, float]],
-         net_gbs: float, source: str, gpus_per_node: int = 8, sockets: int = 1) -> Hardware:
+def _gpu(
+    name: str,
+    description: str,
+    *,
+    bf16_tflops: float,
+    mem_tbs: float,
+    levels: list[tuple[int, str, float, float]],
+    net_gbs: float,
+    source: str,
+    gpus_per_node: int = 8,
+    sockets: int = 1,
+) -> Hardware:
     e = EFFICIENCY
     return Hardware(
-        name=name, description=description,
-        matmul=bf16_tflops * 1e12 * e["matmul"], attention=bf16_tflops * 1e12 * e["attention"],
-        memory=mem_tbs * 1e12 * e["memory"], op_overhead=8e-6, kernel_overhead=4e-6,
-        levels=tuple((size, Link(lname, gbs * 1e9 * e["link"], lat)) for size, lname, gbs, lat in levels),
-        network=Link("network", net_gbs * 1e9 * e["link"], 10e-6), gpus_per_node=gpus_per_node, sockets=sockets,
-        async_dispatch=True, overlap=1.0, source=source)
+        name=name,
+        description=description,
+        matmul=bf16_tflops * 1e12 * e["matmul"],
+        attention=bf16_tflops * 1e12 * e["attention"],
+        memory=mem_tbs * 1e12 * e["memory"],
+        op_overhead=8e-6,
+        kernel_overhead=4e-6,
+        levels=tuple(
+            (size, Link(lname, gbs * 1e9 * e["link"], lat)) for size, lname, gbs, lat in levels
+        ),
+        network=Link("network", net_gbs * 1e9 * e["link"], 10e-6),
+        gpus_per_node=gpus_per_node,
+        sockets=sockets,
+        async_dispatch=True,
+        overlap=1.0,
+        source=source,
+    )
 
 
 #: Datasheet profiles. Bandwidths are per GPU and direction; bf16 tensor-core peaks are dense.
 HARDWARE: dict[str, Hardware] = {
-    "h100-sxm": _gpu("h100-sxm", "NVIDIA H100 SXM5 80GB, NVLink 4 + NVSwitch, 8 per node, InfiniBand NDR",
-                     bf16_tflops=989, mem_tbs=3.35, levels=[(8, "nvlink", 450, 5e-6)], net_gbs=50,
-                     source="NVIDIA H100 datasheet: 989 TFLOPS bf16 dense, 3.35 TB/s HBM3, NVLink 900 GB/s "
-                            "(450 each way); ConnectX-7 400 Gb/s per GPU"),
-    "h200-sxm": _gpu("h200-sxm", "NVIDIA H200 SXM 141GB, NVLink 4 + NVSwitch, 8 per node, InfiniBand NDR",
-                     bf16_tflops=989, mem_tbs=4.8, levels=[(8, "nvlink", 450, 5e-6)], net_gbs=50,
-                     source="NVIDIA H200 datasheet: 989 TFLOPS bf16 dense, 4.8 TB/s HBM3e, NVLink 900 GB/s"),
-    "a100-sxm": _gpu("a100-sxm", "NVIDIA A100 SXM4 80GB, NVLink 3 + NVSwitch, 8 per node, InfiniBand HDR",
-                     bf16_tflops=312, mem_tbs=2.04, levels=[(8, "nvlink", 300, 5e-6)], net_gbs=25,
-                     source="NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 2.04 TB/s HBM2e, NVLink 600 GB/s"),
-    "l40-pcie": _gpu("l40-pcie", "NVIDIA L40 48GB, PCIe Gen4 x16, half of a node's GPUs on each of 2 CPU sockets",
-                     bf16_tflops=181, mem_tbs=0.864,
-                     levels=[(4, "pcie", 32, 10e-6), (8, "upi", 20, 20e-6)], net_gbs=25, sockets=2,
-                     source="NVIDIA L40 datasheet: 181 TFLOPS bf16 dense, 864 GB/s GDDR6, PCIe Gen4 x16 "
-                            "(32 GB/s each way); Xeon UPI about 20 GB/s each way between sockets"),
-    "rtx-4090": _gpu("rtx-4090", "NVIDIA GeForce RTX 4090 24GB, PCIe Gen4 x16 without peer-to-peer, 2 sockets",
-                     bf16_tflops=165, mem_tbs=1.008, levels=[(4, "pcie-host", 16, 15e-6), (8, "upi", 12, 25e-6)],
-                     net_gbs=12.5, sockets=2, source="Ada whitepaper: 165 TFLOPS bf16 dense (fp32 accumulate), 1008 GB/s "
-                                          "GDDR6X; no P2P, so traffic goes through host memory"),
+    "h100-sxm": _gpu(
+        "h100-sxm",
+        "NVIDIA H100 SXM5 80GB, NVLink 4 + NVSwitch, 8 per node, InfiniBand NDR",
+        bf16_tflops=989,
+        mem_tbs=3.35,
+        levels=[(8, "nvlink", 450, 5e-6)],
+        net_gbs=50,
+        source="NVIDIA H100 datasheet: 989 TFLOPS bf16 dense, 3.35 TB/s HBM3, NVLink 900 GB/s "
+        "(450 each way); ConnectX-7 400 Gb/s per GPU",
+    ),
+    "h200-sxm": _gpu(
+        "h200-sxm",
+        "NVIDIA H200 SXM 141GB, NVLink 4 + NVSwitch, 8 per node, InfiniBand NDR",
+        bf16_tflops=989,
+        mem_tbs=4.8,
+        levels=[(8, "nvlink", 450, 5e-6)],
+        net_gbs=50,
+        source="NVIDIA H200 datasheet: 989 TFLOPS bf16 dense, 4.8 TB/s HBM3e, NVLink 900 GB/s",
+    ),
+    "a100-sxm": _gpu(
+        "a100-sxm",
+        "NVIDIA A100 SXM4 80GB, NVLink 3 + NVSwitch, 8 per node, InfiniBand HDR",
+        bf16_tflops=312,
+        mem_tbs=2.04,
+        levels=[(8, "nvlink", 300, 5e-6)],
+        net_gbs=25,
+        source="NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 2.04 TB/s HBM2e, NVLink 600 GB/s",
+    ),
+    "l40-pcie": _gpu(
+        "l40-pcie",
+        "NVIDIA L40 48GB, PCIe Gen4 x16, half of a node's GPUs on each of 2 CPU sockets",
+        bf16_tflops=181,
+        mem_tbs=0.864,
+        levels=[(4, "pcie", 32, 10e-6), (8, "upi", 20, 20e-6)],
+        net_gbs=25,
+        sockets=2,
+        source="NVIDIA L40 datasheet: 181 TFLOPS bf16 dense, 864 GB/s GDDR6, PCIe Gen4 x16 "
+        "(32 GB/s each way); Xeon UPI about 20 GB/s each way between sockets",
+    ),
+    "rtx-4090": _gpu(
+        "rtx-4090",
+        "NVIDIA GeForce RTX 4090 24GB, PCIe Gen4 x16 without peer-to-peer, 2 sockets",
+        bf16_tflops=165,
+        mem_tbs=1.008,
+        levels=[(4, "pcie-host", 16, 15e-6), (8, "upi", 12, 25e-6)],
+        net_gbs=12.5,
+        sockets=2,
+        source="Ada whitepaper: 165 TFLOPS bf16 dense (fp32 accumulate), 1008 GB/s "
+        "GDDR6X; no P2P, so traffic goes through host memory",
+    ),
     "cpu": Hardware(
-        name="cpu", description="a generic CPU core per rank, gloo over loopback (run --calibrate for yours)",
-        matmul=50e9, attention=25e9, memory=8e9, op_overhead=15e-6, kernel_overhead=10e-6,
-        levels=((1 << 20, Link("loopback", 1.0e9, 60e-6)),), network=Link("network", 1.0e9, 100e-6),
-        gpus_per_node=1 << 20, async_dispatch=False, overlap=0.0,
-        source="rough defaults; xdit-compile plan --calibrate measures this machine"),
+        name="cpu",
+        description="a generic CPU core per rank, gloo over loopback (run --calibrate for yours)",
+        matmul=50e9,
+        attention=25e9,
+        memory=8e9,
+        op_overhead=15e-6,
+        kernel_overhead=10e-6,
+        levels=((1 << 20, Link("loopback", 1.0e9, 60e-6)),),
+        network=Link("network", 1.0e9, 100e-6),
+        gpus_per_node=1 << 20,
+        async_dispatch=False,
+        overlap=0.0,
+        source="rough defaults; xdit-compile plan --calibrate measures this machine",
+    ),
 }
 
 
@@ -202,12 +267,19 @@ def get_hardware(name: str | Hardware) -> Hardware:
         return HARDWARE[name]
     if os.path.exists(name):
         return Hardware.from_dict(json.loads(Path(name).read_text()))
-    raise ValueError(f"unknown hardware {name!r}; choose one of {sorted(HARDWARE)} or a calibrated JSON file")
+    raise ValueError(
+        f"unknown hardware {name!r}; choose one of {sorted(HARDWARE)} or a calibrated JSON file"
+    )
 
 
 #: Substrings of ``torch.cuda.get_device_name()`` -> profile, most specific first.
-_DEVICE_NAMES = (("H200", "h200-sxm"), ("H100", "h100-sxm"), ("A100", "a100-sxm"), ("L40", "l40-pcie"),
-                 ("4090", "rtx-4090"))
+_DEVICE_NAMES = (
+    ("H200", "h200-sxm"),
+    ("H100", "h100-sxm"),
+    ("A100", "a100-sxm"),
+    ("L40", "l40-pcie"),
+    ("4090", "rtx-4090"),
+)
 
 
 def detect(device: Any = None) -> str:
@@ -215,16 +287,21 @@ def detect(device: Any = None) -> str:
     datasheet profile by the GPU's name; ``"cpu"`` for CPUs and unknown GPUs are reported."""
     import torch
 
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if dev.type != "cuda":
         return "cpu"
     name = torch.cuda.get_device_name(dev)
     for key, profile in _DEVICE_NAMES:
         if key in name:
             return profile
-    raise ValueError(f"no hardware profile for {name!r}; pass Plan(auto=True, hardware=...) with one of "
-                     f"{sorted(HARDWARE)} or a file from `xdit-compile plan --calibrate --save-profile`")
+    raise ValueError(
+        f"no hardware profile for {name!r}; pass Plan(auto=True, hardware=...) with one of "
+        f"{sorted(HARDWARE)} or a file from `xdit-compile plan --calibrate --save-profile`"
+    )
 
 
 # --------------------------------------------------------------------------- accounting
@@ -260,10 +337,19 @@ class Work:
         return self.matmul_flops + self.attention_flops
 
     def scaled(self, k: float) -> Work:
-        return Work(self.matmul_flops * k, self.attention_flops * k, self.eager_bytes * k, self.fused_bytes * k,
-                    self.ops * k, self.kernels * k, {a: [c * k, b * k] for a, (c, b) in self.comm.items()},
-                    self.ring_steps, self.stage_bytes * k, self.serial_flops * k,
-                    {o: [e * k, b * k] for o, (e, b) in self.elementwise.items()})
+        return Work(
+            self.matmul_flops * k,
+            self.attention_flops * k,
+            self.eager_bytes * k,
+            self.fused_bytes * k,
+            self.ops * k,
+            self.kernels * k,
+            {a: [c * k, b * k] for a, (c, b) in self.comm.items()},
+            self.ring_steps,
+            self.stage_bytes * k,
+            self.serial_flops * k,
+            {o: [e * k, b * k] for o, (e, b) in self.elementwise.items()},
+        )
 
     def __add__(self, o: Work) -> Work:
         comm = {a: list(v) for a, v in self.comm.items()}
@@ -274,10 +360,19 @@ class Work:
         for op, (e, b) in o.elementwise.items():
             acc = ew.setdefault(op, [0.0, 0.0])
             acc[0], acc[1] = acc[0] + e, acc[1] + b
-        return Work(self.matmul_flops + o.matmul_flops, self.attention_flops + o.attention_flops,
-                    self.eager_bytes + o.eager_bytes, self.fused_bytes + o.fused_bytes, self.ops + o.ops,
-                    self.kernels + o.kernels, comm, max(self.ring_steps, o.ring_steps),
-                    self.stage_bytes + o.stage_bytes, self.serial_flops + o.serial_flops, ew)
+        return Work(
+            self.matmul_flops + o.matmul_flops,
+            self.attention_flops + o.attention_flops,
+            self.eager_bytes + o.eager_bytes,
+            self.fused_bytes + o.fused_bytes,
+            self.ops + o.ops,
+            self.kernels + o.kernels,
+            comm,
+            max(self.ring_steps, o.ring_steps),
+            self.stage_bytes + o.stage_bytes,
+            self.serial_flops + o.serial_flops,
+            ew,
+        )
 
 
 # --------------------------------------------------------------------------- the model
@@ -291,7 +386,7 @@ def axis_span(plan: Plan, axis: str) -> int:
         return degrees["distrifusion"] * degrees["ring"] * degrees["ulysses"]
     if axis not in degrees:
         return plan.world_size
-    faster = math.prod(degrees[a] for a in order[order.index(axis) + 1:])
+    faster = math.prod(degrees[a] for a in order[order.index(axis) + 1 :])
     return degrees[axis] * faster
 
 
@@ -321,15 +416,29 @@ class Prediction:
         self.total = self.steps * self.step + self.warmup_extra
 
     def as_dict(self) -> dict[str, Any]:
-        return {"plan": str(self.plan), "hardware": self.hardware, "steps": self.steps, "total_s": self.total,
-                "step_s": self.step, "compute_s": self.compute, "comm_s": self.comm, "hidden_s": self.hidden,
-                "warmup_extra_s": self.warmup_extra, "flops": self.flops, "comm_bytes": self.comm_bytes}
+        return {
+            "plan": str(self.plan),
+            "hardware": self.hardware,
+            "steps": self.steps,
+            "total_s": self.total,
+            "step_s": self.step,
+            "compute_s": self.compute,
+            "comm_s": self.comm,
+            "hidden_s": self.hidden,
+            "warmup_extra_s": self.warmup_extra,
+            "flops": self.flops,
+            "comm_bytes": self.comm_bytes,
+        }
 
 
 def _compute(w: Work, hw: Hardware, compiled: bool) -> tuple[float, float]:
     """(compute seconds, attention seconds) of ``w``."""
     attn = w.attention_flops / hw.attention
-    device = w.matmul_flops / hw.matmul + attn + (w.fused_bytes if compiled else w.eager_bytes) / hw.memory
+    device = (
+        w.matmul_flops / hw.matmul
+        + attn
+        + (w.fused_bytes if compiled else w.eager_bytes) / hw.memory
+    )
     if not compiled:  # an eager transcendental op may take longer than its memory traffic
         for op, (elems, nbytes) in w.elementwise.items():
             if hw.elementwise.get(op):
@@ -338,17 +447,28 @@ def _compute(w: Work, hw: Hardware, compiled: bool) -> tuple[float, float]:
     return (max(device, dispatch) if hw.async_dispatch else device + dispatch), attn
 
 
-def predict(plan: Plan, work: Work, hardware: str | Hardware, *, steps: int = 28, nodes: int = 1,
-            calls_per_step: int = 1) -> Prediction:
+def predict(
+    plan: Plan,
+    work: Work,
+    hardware: str | Hardware,
+    *,
+    steps: int = 28,
+    nodes: int = 1,
+    calls_per_step: int = 1,
+) -> Prediction:
     """Predicted latency of ``steps`` denoising steps under ``plan`` (``work``: one call on its
     busiest rank; ``calls_per_step``: transformer calls per step, e.g. 2 for CFG run as two calls)."""
     hw = get_hardware(hardware)
     world = plan.world_size
     if hw.shared and world > 1:  # ranks on one CPU slow each other down: their measured rates
         sh = hw.shared
-        hw = replace(hw, matmul=sh.get("matmul", hw.matmul), attention=sh.get("attention", hw.attention),
-                     memory=sh.get("memory", hw.memory),
-                     elementwise={k: sh.get(f"elementwise.{k}", v) for k, v in hw.elementwise.items()})
+        hw = replace(
+            hw,
+            matmul=sh.get("matmul", hw.matmul),
+            attention=sh.get("attention", hw.attention),
+            memory=sh.get("memory", hw.memory),
+            elementwise={k: sh.get(f"elementwise.{k}", v) for k, v in hw.elementwise.items()},
+        )
     compiled = plan.compile == "inductor"
     compute, attn = _compute(work, hw, compiled)
     exposed: dict[str, float] = {}
@@ -382,8 +502,12 @@ def predict(plan: Plan, work: Work, hardware: str | Hardware, *, steps: int = 28
         exposed["pipefusion"] += bubble
         # Warmup steps run the whole sequence as one patch through the stages one after another.
         warm += plan.warmup_steps * calls_per_step * (compute * p - compute - bubble)
-    comm_bytes = sum(b for _, b in work.comm.values()) + (work.stage_bytes if plan.pipefusion > 1 else 0.0)
-    return Prediction(plan, hw.name, steps, compute, exposed, hidden, warm, calls_per_step, work.flops, comm_bytes)
+    comm_bytes = sum(b for _, b in work.comm.values()) + (
+        work.stage_bytes if plan.pipefusion > 1 else 0.0
+    )
+    return Prediction(
+        plan, hw.name, steps, compute, exposed, hidden, warm, calls_per_step, work.flops, comm_bytes
+    )
 
 
 # --------------------------------------------------------------------------- calibration
@@ -420,23 +544,39 @@ def _measure_compute(threads: int, dtype: str, before: Any = None) -> dict[str, 
         n = 4096 if cuda else 512
         a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
         t_mm = _median(lambda: (aten.mm.default(a, b), sync()), before=before)
-        q = torch.randn(1, 24 if cuda else 4, 4096 if cuda else 1024, 128 if cuda else 64, device=dev, dtype=dt)
-        t_at = _median(lambda: (aten.scaled_dot_product_attention.default(q, q, q), sync()), before=before)
+        q = torch.randn(
+            1, 24 if cuda else 4, 4096 if cuda else 1024, 128 if cuda else 64, device=dev, dtype=dt
+        )
+        t_at = _median(
+            lambda: (aten.scaled_dot_product_attention.default(q, q, q), sync()), before=before
+        )
         big = torch.randn(64 << 20, device=dev, dtype=torch.float32)  # 256 MB: well past any cache
         t_mem = _median(lambda: (big.mul_(1.0), sync()), before=before)
         # Dispatch as a rewritten graph does it: an OpOverload call per node.
         tiny = torch.randn(8, device=dev)
-        t_op = _median(lambda: [aten.add.Tensor(tiny, 1.0) for _ in range(200)] and sync(), before=before) / 200
+        t_op = (
+            _median(
+                lambda: [aten.add.Tensor(tiny, 1.0) for _ in range(200)] and sync(), before=before
+            )
+            / 200
+        )
         # Transcendentals on an activation-sized tensor (4 MB in fp32 on CPUs).
         x = torch.randn(1 << (24 if cuda else 20), device=dev, dtype=dt)
         ew = {}
         for key, (op, kw) in ELEMENTWISE.items():
             fn = getattr(aten, op).default
-            ew[f"elementwise.{key}"] = x.numel() / _median(lambda fn=fn, kw=kw: (fn(x, **kw), sync()), before=before)
+            ew[f"elementwise.{key}"] = x.numel() / _median(
+                lambda fn=fn, kw=kw: (fn(x, **kw), sync()), before=before
+            )
     finally:
         torch.set_num_threads(old)
-    return {"matmul": 2 * n ** 3 / t_mm, "attention": 4 * q.numel() * q.shape[-2] / t_at,
-            "memory": 2 * big.numel() * 4 / t_mem, "op": t_op, **ew}
+    return {
+        "matmul": 2 * n**3 / t_mm,
+        "attention": 4 * q.numel() * q.shape[-2] / t_at,
+        "memory": 2 * big.numel() * 4 / t_mem,
+        "op": t_op,
+        **ew,
+    }
 
 
 def _measure_link_here(sizes: tuple[int, int] = (1 << 10, 16 << 20)) -> Link:
@@ -447,9 +587,13 @@ def _measure_link_here(sizes: tuple[int, int] = (1 << 10, 16 << 20)) -> Link:
 
     t = []
     for n in sizes:
-        x = torch.ones(dist.get_world_size(), n // 4 // max(dist.get_world_size() - 1, 1), dtype=torch.float32)
+        x = torch.ones(
+            dist.get_world_size(), n // 4 // max(dist.get_world_size() - 1, 1), dtype=torch.float32
+        )
         y = torch.empty_like(x)
-        t.append(_median(lambda x=x, y=y: dist.all_to_all_single(y, x), reps=15, before=dist.barrier))
+        t.append(
+            _median(lambda x=x, y=y: dist.all_to_all_single(y, x), reps=15, before=dist.barrier)
+        )
     bw = (sizes[1] - sizes[0]) / max(t[1] - t[0], 1e-9)
     return Link("loopback", bw, max(t[0], 1e-6))  # a 1 KB call: its latency, nearly all of it
 
@@ -478,24 +622,45 @@ def measure_group(*, threads: int = 1, dtype: str = "float32", link: bool = True
     return _profile(solo, shared if world > 1 else {}, world, measured_link, threads, dtype, cuda)
 
 
-def _profile(solo: dict[str, float], shared: dict[str, float], ranks: int, measured_link: Link | None,
-             threads: int, dtype: str, cuda: bool) -> Hardware:
+def _profile(
+    solo: dict[str, float],
+    shared: dict[str, float],
+    ranks: int,
+    measured_link: Link | None,
+    threads: int,
+    dtype: str,
+    cuda: bool,
+) -> Hardware:
     base = HARDWARE["h100-sxm"] if cuda else HARDWARE["cpu"]
     lk = measured_link if measured_link is not None else base.levels[0][1]
     return replace(
-        base, name="calibrated",
+        base,
+        name="calibrated",
         description=f"measured on this machine ({'cuda' if cuda else 'cpu'}, {threads} thread(s) per rank, {dtype})",
-        matmul=solo["matmul"], attention=solo["attention"], memory=solo["memory"], op_overhead=solo["op"],
-        kernel_overhead=solo["op"], levels=((base.levels[0][0], lk),),
-        network=lk if not cuda else base.network, shared=shared, shared_ranks=ranks if shared else 1,
-        elementwise={k.split(".", 1)[1]: v for k, v in solo.items() if k.startswith("elementwise.")},
-        source="xdit_compile.analysis.cost.calibrate()")
+        matmul=solo["matmul"],
+        attention=solo["attention"],
+        memory=solo["memory"],
+        op_overhead=solo["op"],
+        kernel_overhead=solo["op"],
+        levels=((base.levels[0][0], lk),),
+        network=lk if not cuda else base.network,
+        shared=shared,
+        shared_ranks=ranks if shared else 1,
+        elementwise={
+            k.split(".", 1)[1]: v for k, v in solo.items() if k.startswith("elementwise.")
+        },
+        source="xdit_compile.analysis.cost.calibrate()",
+    )
 
 
-def _group_worker(rank: int, world: int, port: int, threads: int, dtype: str, link: bool, q: Any) -> None:
+def _group_worker(
+    rank: int, world: int, port: int, threads: int, dtype: str, link: bool, q: Any
+) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     hw = measure_group(threads=threads, dtype=dtype, link=link)
     dist.destroy_process_group()
     if rank == 0:
@@ -521,7 +686,9 @@ def _spawn(target: Any, world: int, *args: Any) -> Any:
     return out
 
 
-def calibrate(*, threads: int = 1, link: bool = True, dtype: str = "float32", ranks: int = 2) -> Hardware:
+def calibrate(
+    *, threads: int = 1, link: bool = True, dtype: str = "float32", ranks: int = 2
+) -> Hardware:
     """Measure this machine (one rank = ``threads`` CPU threads, or the current CUDA device):
     matmul and attention FLOP/s, memory bandwidth, per-op dispatch, and (``link``, CPUs) the
     gloo all-to-all between local processes and the same compute rates measured in ``ranks``

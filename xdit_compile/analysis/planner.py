@@ -54,8 +54,17 @@ from xdit_compile.runtime.mesh import MeshInfo
 from xdit_compile.runtime.opargs import op_args
 from xdit_compile.runtime.reshard import SPLIT
 
-__all__ = ["Candidate", "Workload", "account", "auto", "enumerate_plans", "format_table", "peak_activation_bytes",
-           "rank_plans", "workload"]
+__all__ = [
+    "Candidate",
+    "Workload",
+    "account",
+    "auto",
+    "enumerate_plans",
+    "format_table",
+    "peak_activation_bytes",
+    "rank_plans",
+    "workload",
+]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -71,7 +80,11 @@ def _kind(node: fx.Node) -> str:
         return "attention"
     name = str(getattr(ops.packet(node.target), "__name__", node.target))
     ns = str(getattr(node.target, "namespace", ""))
-    if ns in ("_c10d_functional", "c10d_functional") or name in ("wait_tensor",) or node.target in _STARTS:
+    if (
+        ns in ("_c10d_functional", "c10d_functional")
+        or name in ("wait_tensor",)
+        or node.target in _STARTS
+    ):
         return "comm"
     if ops.is_matmul(node):
         return "matmul"
@@ -156,7 +169,11 @@ def account(program: Program) -> Work:
             key = _elementwise_key(node)
             if key is not None:
                 val = node.meta.get("val")
-                elems = float(val.numel()) * local_fraction(node, rank) if isinstance(val, torch.Tensor) else 0.0
+                elems = (
+                    float(val.numel()) * local_fraction(node, rank)
+                    if isinstance(val, torch.Tensor)
+                    else 0.0
+                )
                 cur = w.elementwise.setdefault(key, [0.0, 0.0])
                 cur[0], cur[1] = cur[0] + elems, cur[1] + out + ins
             if any(_kind(u) not in ("pointwise", "free") for u in node.users) or not node.users:
@@ -187,10 +204,15 @@ def _stage_bytes(gm: fx.GraphModule, rank: int) -> float:
         b = n.meta.get("xdit_block")
         if b is None:
             continue
-        later = [order[u.meta["xdit_block"]] for u in n.users
-                 if u.meta.get("xdit_block") is not None and order[u.meta["xdit_block"]] > order[b]]
+        later = [
+            order[u.meta["xdit_block"]]
+            for u in n.users
+            if u.meta.get("xdit_block") is not None and order[u.meta["xdit_block"]] > order[b]
+        ]
         if later:
-            crossing[order[b]] = crossing.get(order[b], 0.0) + _nbytes(n.meta.get("val")) * local_fraction(n, rank)
+            crossing[order[b]] = crossing.get(order[b], 0.0) + _nbytes(
+                n.meta.get("val")
+            ) * local_fraction(n, rank)
     return max(crossing.values(), default=0.0)
 
 
@@ -256,8 +278,9 @@ def _rewrite(gm0: fx.GraphModule, facts: Facts, plan: Plan) -> Work | str:
     gm = fx.GraphModule(gm0, copy.deepcopy(gm0.graph))
     # Accounting only: the program never runs (no shape verifier, no printed graphs).
     try:
-        program = compile_graph(gm, plan, MeshInfo.of(plan, 0, key="planner"), facts, verify=False,
-                                keep_graphs=False)
+        program = compile_graph(
+            gm, plan, MeshInfo.of(plan, 0, key="planner"), facts, verify=False, keep_graphs=False
+        )
     except PassError as e:  # the passes refuse the plan for this model (heads, rows, stages...)
         return str(e.cause).splitlines()[0][:200]
     except (ValueError, RuntimeError) as e:
@@ -284,40 +307,59 @@ def _capture_for_accounting(model: torch.nn.Module, real: dict[str, Any]) -> fx.
         gm, inputs = _capture_fake_cpu(model, real)
     probe = find_data_dependence(gm)
     if probe is not None:
-        real_cpu = pytree.tree_map(lambda x: x.to("cpu") if isinstance(x, torch.Tensor) else x, real)
+        real_cpu = pytree.tree_map(
+            lambda x: x.to("cpu") if isinstance(x, torch.Tensor) else x, real
+        )
         values = probe((), real_cpu)
         flat = tuple(pytree.tree_leaves(((), inputs)))
         specialize_graph(gm, probe, values, flat)
     return gm
 
 
-def _capture_fake_cpu(model: torch.nn.Module, real: dict[str, Any]) -> tuple[fx.GraphModule, dict[str, Any]]:
+def _capture_fake_cpu(
+    model: torch.nn.Module, real: dict[str, Any]
+) -> tuple[fx.GraphModule, dict[str, Any]]:
     """``model`` (on ``meta``) captured on fake CPU tensors: a copy whose parameters and buffers
     are fake tensors of the same shapes, strides and dtypes, at fake copies of ``real``."""
     mode = FakeTensorMode()
 
     def fake(t: torch.Tensor) -> torch.Tensor:
         with mode:
-            return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+            return torch.empty_strided(
+                tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu"
+            )
 
     copy_ = copy.deepcopy(model)
     copy_._apply(fake)
-    inputs = pytree.tree_map(lambda x: mode.from_tensor(x.to("cpu")) if isinstance(x, torch.Tensor) else x, real)
+    inputs = pytree.tree_map(
+        lambda x: mode.from_tensor(x.to("cpu")) if isinstance(x, torch.Tensor) else x, real
+    )
     return capture(copy_, (), inputs), inputs
 
 
 def _layer_keys(config: Mapping[str, Any]) -> dict[str, int]:
-    return {k: int(v) for k, v in config.items()
-            if k.startswith("num_") and k.endswith("layers") and isinstance(v, int) and not isinstance(v, bool)
-            and v > 0}
+    return {
+        k: int(v)
+        for k, v in config.items()
+        if k.startswith("num_")
+        and k.endswith("layers")
+        and isinstance(v, int)
+        and not isinstance(v, bool)
+        and v > 0
+    }
 
 
 def _to_meta(inputs: dict[str, Any]) -> dict[str, Any]:
     return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, inputs)
 
 
-def workload(model: torch.nn.Module | Callable[..., torch.nn.Module], example_inputs: dict[str, Any] | Callable[..., dict[str, Any]],
-             *, cfg_in_batch: bool = False, name: str | None = None) -> Workload:
+def workload(
+    model: torch.nn.Module | Callable[..., torch.nn.Module],
+    example_inputs: dict[str, Any] | Callable[..., dict[str, Any]],
+    *,
+    cfg_in_batch: bool = False,
+    name: str | None = None,
+) -> Workload:
     """Capture ``model`` at ``example_inputs`` for accounting.
 
     A diffusers model (a ``config`` with ``num_*layers`` entries) is rebuilt on the ``meta``
@@ -334,12 +376,17 @@ def workload(model: torch.nn.Module | Callable[..., torch.nn.Module], example_in
         config = getattr(model, "config", None)
         if config is not None and _layer_keys(config) and hasattr(type(model), "from_config"):
             cls, base = type(model), dict(config)
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            dtype = next(
+                (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
+            )
 
-            def build(overrides: dict[str, int], cls: Any = cls, base: Any = base, dtype: Any = dtype) -> Any:
+            def build(
+                overrides: dict[str, int], cls: Any = cls, base: Any = base, dtype: Any = dtype
+            ) -> Any:
                 with torch.device("meta"):
                     m = cls.from_config({**base, **overrides})
                 return m.to(dtype).eval()
+
     config = dict(getattr(probe, "config", None) or {})
     heads = config_heads(config)
     layers = _layer_keys(config)
@@ -365,16 +412,24 @@ def workload(model: torch.nn.Module | Callable[..., torch.nn.Module], example_in
             gm = _capture_for_accounting(m, inputs_for(m))
             graphs.append((gm, facts_for(m)))
         # W(n) = W(base) + sum_k (n_k - 2) * (W(base) - W(base with k at 1))
-        coeffs = [1.0 + sum(layers[k] - 2 for k in longer)] + [-float(layers[k] - 2) for k in longer]
+        coeffs = [1.0 + sum(layers[k] - 2 for k in longer)] + [
+            -float(layers[k] - 2) for k in longer
+        ]
         blocks = sum(layers.values())
     else:
         inp = inputs_for(probe)
         gm = _capture_for_accounting(probe, inp)
         graphs.append((gm, facts_for(probe)))
         coeffs = [1.0]
-        blocks = len({n.meta.get("xdit_block") for n in gm.graph.nodes} - {None}) or sum(layers.values()) or 1
+        blocks = (
+            len({n.meta.get("xdit_block") for n in gm.graph.nodes} - {None})
+            or sum(layers.values())
+            or 1
+        )
     batch = _batch(graphs[0][0])
-    return Workload(name or type(probe).__name__, graphs, coeffs, heads, blocks, cfg_in_batch, batch, dtype)
+    return Workload(
+        name or type(probe).__name__, graphs, coeffs, heads, blocks, cfg_in_batch, batch, dtype
+    )
 
 
 def _batch(gm: fx.GraphModule) -> int:
@@ -398,8 +453,15 @@ def _factorizations(n: int, k: int) -> list[tuple[int, ...]]:
     return out
 
 
-def enumerate_plans(world_size: int, *, batch: int = 1, cfg_in_batch: bool = False, blocks: int = 1 << 30,
-                    approximate: bool = True, compile: str | None = None) -> list[Plan]:
+def enumerate_plans(
+    world_size: int,
+    *,
+    batch: int = 1,
+    cfg_in_batch: bool = False,
+    blocks: int = 1 << 30,
+    approximate: bool = True,
+    compile: str | None = None,
+) -> list[Plan]:
     """Every plan of ``world_size`` ranks the degrees allow (the model's heads and rows are
     checked by rewriting): dp x cfg x pipefusion x (ring x ulysses | distrifusion)."""
     per_branch = batch // 2 if cfg_in_batch else batch
@@ -411,7 +473,17 @@ def enumerate_plans(world_size: int, *, batch: int = 1, cfg_in_batch: bool = Fal
             continue
         plans.append(Plan(dp=dp, cfg=cfg, pipefusion=pf, ring=ring, ulysses=uly, compile=compile))
         if pf > 1:  # more patches than stages: smaller bubble, more (smaller) steps
-            plans.append(Plan(dp=dp, cfg=cfg, pipefusion=pf, patches=2 * pf, ring=ring, ulysses=uly, compile=compile))
+            plans.append(
+                Plan(
+                    dp=dp,
+                    cfg=cfg,
+                    pipefusion=pf,
+                    patches=2 * pf,
+                    ring=ring,
+                    ulysses=uly,
+                    compile=compile,
+                )
+            )
         if approximate and uly > 1 and ring == 1 and pf == 1:
             plans.append(Plan(dp=dp, cfg=cfg, distrifusion=uly, compile=compile))
     return plans
@@ -428,14 +500,31 @@ class Candidate:
         return self.plan.pipefusion == 1 and self.plan.distrifusion == 1
 
 
-def rank_plans(load: Workload, world_size: int, hardware: str | Hardware = "h100-sxm", *, steps: int = 28,
-               nodes: int = 1, approximate: bool = True, compile: str | None = None,
-               plans: list[Plan] | None = None) -> list[Candidate]:
+def rank_plans(
+    load: Workload,
+    world_size: int,
+    hardware: str | Hardware = "h100-sxm",
+    *,
+    steps: int = 28,
+    nodes: int = 1,
+    approximate: bool = True,
+    compile: str | None = None,
+    plans: list[Plan] | None = None,
+) -> list[Candidate]:
     """Every candidate plan with its prediction, fastest first; invalid plans last, with why."""
     hw = get_hardware(hardware)
-    plans = plans if plans is not None else enumerate_plans(
-        world_size, batch=load.batch, cfg_in_batch=load.cfg_in_batch, blocks=load.blocks,
-        approximate=approximate, compile=compile)
+    plans = (
+        plans
+        if plans is not None
+        else enumerate_plans(
+            world_size,
+            batch=load.batch,
+            cfg_in_batch=load.cfg_in_batch,
+            blocks=load.blocks,
+            approximate=approximate,
+            compile=compile,
+        )
+    )
     out: list[Candidate] = []
     for plan in plans:
         w = load.work(plan)
@@ -447,13 +536,29 @@ def rank_plans(load: Workload, world_size: int, hardware: str | Hardware = "h100
     return out
 
 
-def auto(model: torch.nn.Module, example_inputs: dict[str, Any], world_size: int, hardware: str | Hardware = "h100-sxm",
-         *, steps: int = 28, nodes: int = 1, approximate: bool = False, compile: str | None = None,
-         cfg_in_batch: bool = False) -> Plan:
+def auto(
+    model: torch.nn.Module,
+    example_inputs: dict[str, Any],
+    world_size: int,
+    hardware: str | Hardware = "h100-sxm",
+    *,
+    steps: int = 28,
+    nodes: int = 1,
+    approximate: bool = False,
+    compile: str | None = None,
+    cfg_in_batch: bool = False,
+) -> Plan:
     """The fastest predicted plan (exact methods only unless ``approximate``)."""
     load = workload(model, example_inputs, cfg_in_batch=cfg_in_batch)
-    ranked = rank_plans(load, world_size, hardware, steps=steps, nodes=nodes, approximate=approximate,
-                        compile=compile)
+    ranked = rank_plans(
+        load,
+        world_size,
+        hardware,
+        steps=steps,
+        nodes=nodes,
+        approximate=approximate,
+        compile=compile,
+    )
     best = next((c for c in ranked if c.prediction is not None), None)
     if best is None:
         reasons = "; ".join(f"{c.plan}: {c.invalid}" for c in ranked[:4])
@@ -474,16 +579,21 @@ def format_table(ranked: list[Candidate], *, limit: int = 20, unit: str = "s") -
     """The ranked plans as a text table: total, per step, compute, exposed comm per axis."""
     rows = [c for c in ranked if c.prediction is not None][:limit]
     axes = sorted({a for c in rows for a in c.prediction.comm if c.prediction.comm[a] > 0})  # type: ignore[union-attr]
-    head = f"{'#':>2}  {'plan':<32} {'exact':<5} {'total ' + unit:>9} {'step ms':>9} {'compute':>9} " + " ".join(
-        f"{a:>11}" for a in axes) + f" {'hidden':>8} {'GB/rank':>8}"
+    head = (
+        f"{'#':>2}  {'plan':<32} {'exact':<5} {'total ' + unit:>9} {'step ms':>9} {'compute':>9} "
+        + " ".join(f"{a:>11}" for a in axes)
+        + f" {'hidden':>8} {'GB/rank':>8}"
+    )
     lines = [head, "-" * len(head)]
     for i, c in enumerate(rows, 1):
         p = c.prediction
         assert p is not None
-        lines.append(f"{i:>2}  {short(c.plan):<32} {'yes' if c.exact else 'no':<5} {p.total:>9.2f} "
-                     f"{p.step * 1e3:>9.1f} {p.compute * 1e3 * p.calls_per_step:>9.1f} "
-                     + " ".join(f"{p.comm.get(a, 0.0) * 1e3 * p.calls_per_step:>11.1f}" for a in axes)
-                     + f" {p.hidden * 1e3:>8.1f} {p.comm_bytes / 1e9:>8.2f}")
+        lines.append(
+            f"{i:>2}  {short(c.plan):<32} {'yes' if c.exact else 'no':<5} {p.total:>9.2f} "
+            f"{p.step * 1e3:>9.1f} {p.compute * 1e3 * p.calls_per_step:>9.1f} "
+            + " ".join(f"{p.comm.get(a, 0.0) * 1e3 * p.calls_per_step:>11.1f}" for a in axes)
+            + f" {p.hidden * 1e3:>8.1f} {p.comm_bytes / 1e9:>8.2f}"
+        )
     bad = [c for c in ranked if c.prediction is None]
     if bad:
         lines.append(f"invalid ({len(bad)}):")
@@ -497,6 +607,7 @@ def format_table(ranked: list[Candidate], *, limit: int = 20, unit: str = "s") -
 
 # --------------------------------------------------------------------------- zoo models
 
+
 def zoo_steps(name: str) -> int:
     """The pipeline's default denoising steps for zoo model ``name``."""
     from xdit_compile.models.zoo import get_entry
@@ -504,8 +615,15 @@ def zoo_steps(name: str) -> int:
     return get_entry(name).steps
 
 
-def zoo_workload(name: str, *, height: int | None = None, width: int | None = None, frames: int | None = None,
-                 size: str = "full", dtype: torch.dtype = torch.bfloat16) -> Workload:
+def zoo_workload(
+    name: str,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    size: str = "full",
+    dtype: torch.dtype = torch.bfloat16,
+) -> Workload:
     """The workload of zoo model ``name`` (published config, no weights) at ``height`` x
     ``width`` pixels (and ``frames`` video frames); defaults: the zoo's input at ``size``."""
     import diffusers
@@ -530,10 +648,24 @@ def zoo_workload(name: str, *, height: int | None = None, width: int | None = No
     def inputs(m: torch.nn.Module) -> dict[str, Any]:
         # Real (CPU) inputs: data-dependent sizes are probed on them; the capture gets meta copies.
         geo = entry.latent_size(size)
-        f = lat_f if lat_f is not None else (int(getattr(m, "config", {}).get("video_length", geo.frames or 1))
-                                             if entry.video else None)
-        spec = InputSpec(batch=2 if cfg else 1, height=lat_h or geo.height, width=lat_w or geo.width,
-                         frames=f, text_len=geo.text_len, dtype=dtype, device=torch.device("cpu"))
+        f = (
+            lat_f
+            if lat_f is not None
+            else (
+                int(getattr(m, "config", {}).get("video_length", geo.frames or 1))
+                if entry.video
+                else None
+            )
+        )
+        spec = InputSpec(
+            batch=2 if cfg else 1,
+            height=lat_h or geo.height,
+            width=lat_w or geo.width,
+            frames=f,
+            text_len=geo.text_len,
+            dtype=dtype,
+            device=torch.device("cpu"),
+        )
         return entry.input_builder(m, spec, torch.Generator().manual_seed(0))
 
     label = f"{name} ({height or '?'}x{width or '?'}{f'x{frames}f' if frames else ''})"

@@ -85,7 +85,9 @@ class Report:
                 f"    {p.name:<20} {'changed' if p.modified else 'no-op  '} nodes {p.nodes_before} -> "
                 f"{p.nodes_after}  {delta}".rstrip()
             )
-        out.append(f"  collectives per forward (rank {self.rank}): {self.bytes_per_forward:,} bytes sent")
+        out.append(
+            f"  collectives per forward (rank {self.rank}): {self.bytes_per_forward:,} bytes sent"
+        )
         for (op, axis), (calls, nbytes) in self.comm_totals().items():
             out.append(f"    {op:<12} over {axis:<8} {calls:>4} calls  {nbytes:>14,} bytes")
         for c in self.collectives:
@@ -96,31 +98,45 @@ class Report:
         for b in self.breaks:
             out.append(f"    {b.node} ({b.op}): {b.reason}\n      at {b.source}")
         if self.regions:
-            out.append(f"  captured in {len(self.regions)} regions (the model is not one graph: "
-                       f"{self.region_error}); glue between regions runs eagerly:")
+            out.append(
+                f"  captured in {len(self.regions)} regions (the model is not one graph: "
+                f"{self.region_error}); glue between regions runs eagerly:"
+            )
             for name, how in self.regions:
                 out.append(f"    {name:<40} {how}")
         if self.state_changes:
-            out.append(f"  model state changed {len(self.state_changes)} time(s) after the first call "
-                       f"(graphs compiled for, or reused from, each state):")
+            out.append(
+                f"  model state changed {len(self.state_changes)} time(s) after the first call "
+                f"(graphs compiled for, or reused from, each state):"
+            )
             out += [f"    {i + 1}. {c}" for i, c in enumerate(self.state_changes)]
         if self.pipefusion is not None:
             out += self.pipefusion.summary()
         if self.displaced:
             total = sum(b.nbytes for b in self.displaced)
-            out.append(f"  DistriFusion displaced K/V buffers: {len(self.displaced)} layers, {total:,} bytes per CFG branch")
+            out.append(
+                f"  DistriFusion displaced K/V buffers: {len(self.displaced)} layers, {total:,} bytes per CFG branch"
+            )
             for b in self.displaced:
                 out.append(f"      {b.layer:<40} K/V {list(b.shape)}  {b.nbytes:,} B")
-        out.append(f"  parameters held by this rank: {self.param_bytes:,} bytes (distinct storages, measured)")
+        out.append(
+            f"  parameters held by this rank: {self.param_bytes:,} bytes (distinct storages, measured)"
+        )
         if self.activation_bytes:
-            out.append(f"  peak activation bytes on this rank: {self.activation_bytes:,} (graph values alive at "
-                       f"once, static; not counting buffers inside attention and collectives)")
+            out.append(
+                f"  peak activation bytes on this rank: {self.activation_bytes:,} (graph values alive at "
+                f"once, static; not counting buffers inside attention and collectives)"
+            )
         ratio = self.flops / self.serial_flops if self.serial_flops else 1.0
         out.append(f"  estimated FLOPs per rank: {self.flops:,} ({ratio:.2f} of serial)")
         return "\n".join(out)
 
     def __str__(self) -> str:
-        return self.summary() + "\n  rewritten graph (placement per node, <pass that created it>):\n" + self.graph
+        return (
+            self.summary()
+            + "\n  rewritten graph (placement per node, <pass that created it>):\n"
+            + self.graph
+        )
 
 
 def _op_delta(before: dict[str, int], after: dict[str, int]) -> str:
@@ -140,13 +156,23 @@ def build_report(pm: Any) -> Report:
     program = pm.last
     if program is None:
         raise RuntimeError("nothing compiled yet: call the module (or pm.prepare(**inputs)) first")
-    return program_report(program, model=type(pm.model).__name__, plan=str(pm.plan),
-                          param_bytes=parameter_bytes(pm.pipeline_modules()),
-                          state_changes=list(pm.state_changes))
+    return program_report(
+        program,
+        model=type(pm.model).__name__,
+        plan=str(pm.plan),
+        param_bytes=parameter_bytes(pm.pipeline_modules()),
+        state_changes=list(pm.state_changes),
+    )
 
 
-def program_report(program: Program, *, model: str, plan: str, param_bytes: int,
-                   state_changes: list[str] | None = None) -> Report:
+def program_report(
+    program: Program,
+    *,
+    model: str,
+    plan: str,
+    param_bytes: int,
+    state_changes: list[str] | None = None,
+) -> Report:
     """The report of one :class:`~xdit_compile.compiler.program.Program`."""
     mesh = program.mesh
     if program.pipefusion is not None:  # this rank's stage of every patch (local shapes)
@@ -169,7 +195,9 @@ def program_report(program: Program, *, model: str, plan: str, param_bytes: int,
         graphs=dict(program.graphs),
         pipefusion=program.pipefusion,
         displaced=list(program.displaced),
-        activation_bytes=0 if program.pipefusion is not None else peak_activation_bytes(program.graph, mesh.sp_rank),
+        activation_bytes=0
+        if program.pipefusion is not None
+        else peak_activation_bytes(program.graph, mesh.sp_rank),
         state_changes=list(state_changes or []),
     )
 
@@ -200,9 +228,19 @@ def _region_report(pm: Any) -> Report:
             collectives += [replace(c, node=f"{r.region}/{c.node}") for c in entry.collectives]
         regions.append((str(r.region), how))
     return Report(
-        model=type(pm.model).__name__, plan=str(pm.plan), mesh=pm.plan.degrees(), rank=pm.mesh.info.rank,
-        seed={}, passes=[], collectives=collectives, breaks=breaks,
-        param_bytes=parameter_bytes(pm.pipeline_modules()), flops=flops, serial_flops=serial, graph="",
-        regions=regions, region_error=pm.region_error,
+        model=type(pm.model).__name__,
+        plan=str(pm.plan),
+        mesh=pm.plan.degrees(),
+        rank=pm.mesh.info.rank,
+        seed={},
+        passes=[],
+        collectives=collectives,
+        breaks=breaks,
+        param_bytes=parameter_bytes(pm.pipeline_modules()),
+        flops=flops,
+        serial_flops=serial,
+        graph="",
+        regions=regions,
+        region_error=pm.region_error,
         state_changes=[f"{r.region}: {c}" for r in pm.all_regions() for c in r.state_changes],
     )

@@ -31,19 +31,34 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     _displaced_args(p)
     p.add_argument("--compile", choices=["eager", "inductor"], default=None)
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    p.add_argument("--layers", type=int, default=None,
-                   help="cut every block stack to this many layers (full-size shapes, less time)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="cut every block stack to this many layers (full-size shapes, less time)",
+    )
     p.add_argument("--uneven", action="store_true", help="use the zoo's uneven-rows input")
 
 
 def _displaced_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipefusion", type=int, default=1, help="PipeFusion stages")
-    p.add_argument("--patches", type=int, default=None, help="PipeFusion patches per step (default: stages)")
-    p.add_argument("--stage-blocks", type=int, nargs="+", default=None,
-                   help="PipeFusion blocks per stage (default: balanced by FLOPs)")
+    p.add_argument(
+        "--patches", type=int, default=None, help="PipeFusion patches per step (default: stages)"
+    )
+    p.add_argument(
+        "--stage-blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="PipeFusion blocks per stage (default: balanced by FLOPs)",
+    )
     p.add_argument("--distrifusion", type=int, default=1, help="DistriFusion degree")
-    p.add_argument("--warmup-steps", type=int, default=1,
-                   help="exact steps at the start of each request (PipeFusion, DistriFusion)")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=1,
+        help="exact steps at the start of each request (PipeFusion, DistriFusion)",
+    )
 
 
 def _plan(a: argparse.Namespace) -> Any:
@@ -53,10 +68,20 @@ def _plan(a: argparse.Namespace) -> Any:
 
 
 def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    return dict(ulysses=a.ulysses, ring=a.ring, cfg=a.cfg, pipefusion=a.pipefusion, dp=a.dp,
-                distrifusion=a.distrifusion, patches=a.patches, warmup_steps=a.warmup_steps,
-                stage_blocks=tuple(a.stage_blocks or ()), compile=a.compile,
-                auto=getattr(a, "auto", False), hardware=getattr(a, "hardware", None))
+    return dict(
+        ulysses=a.ulysses,
+        ring=a.ring,
+        cfg=a.cfg,
+        pipefusion=a.pipefusion,
+        dp=a.dp,
+        distrifusion=a.distrifusion,
+        patches=a.patches,
+        warmup_steps=a.warmup_steps,
+        stage_blocks=tuple(a.stage_blocks or ()),
+        compile=a.compile,
+        auto=getattr(a, "auto", False),
+        hardware=getattr(a, "hardware", None),
+    )
 
 
 def _config(a: argparse.Namespace) -> dict[str, Any]:
@@ -91,8 +116,13 @@ def _worker_run(a: dict[str, Any]) -> Any:
     from xdit_compile.plan import Plan
 
     return compare_zoo_model(
-        a["model"], Plan(**a["plan"]), size=a["size"], uneven=a["uneven"], iters=a["iters"],
-        warmup=a["warmup"], config=a["config"],
+        a["model"],
+        Plan(**a["plan"]),
+        size=a["size"],
+        uneven=a["uneven"],
+        iters=a["iters"],
+        warmup=a["warmup"],
+        config=a["config"],
     )
 
 
@@ -140,7 +170,9 @@ def _launch(fn: Any, payload: Any, plan: Any, a: argparse.Namespace) -> list[Any
         return list(pool.run(fn, payload, timeout=a.timeout))
     except WorkerError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        print(f"xdit-compile: {a.cmd} failed: " + " | ".join(lines[:1] + lines[-1:]), file=sys.stderr)
+        print(
+            f"xdit-compile: {a.cmd} failed: " + " | ".join(lines[:1] + lines[-1:]), file=sys.stderr
+        )
         return None
     finally:
         pool.close()
@@ -148,8 +180,15 @@ def _launch(fn: Any, payload: Any, plan: Any, a: argparse.Namespace) -> list[Any
 
 def _cmd_run(a: argparse.Namespace) -> int:
     plan = _plan(a)
-    job = {"model": a.model, "plan": _plan_kwargs(a),
-           "size": a.size, "uneven": a.uneven, "iters": a.iters, "warmup": a.warmup, "config": _config(a)}
+    job = {
+        "model": a.model,
+        "plan": _plan_kwargs(a),
+        "size": a.size,
+        "uneven": a.uneven,
+        "iters": a.iters,
+        "warmup": a.warmup,
+        "config": _config(a),
+    }
     from xdit_compile.models import get_entry
 
     entry = get_entry(a.model)  # unknown names fail here, before any worker starts
@@ -174,23 +213,41 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     plan = _plan(a)
     if plan.auto and not a.nproc and "WORLD_SIZE" not in os.environ:
-        print("xdit-compile generate: --auto needs --nproc N (the plan is chosen for N processes)",
-              file=sys.stderr)
+        print(
+            "xdit-compile generate: --auto needs --nproc N (the plan is chosen for N processes)",
+            file=sys.stderr,
+        )
         return 2
     check_model(a.model)  # a bad path fails here, before any worker starts
     for name, config in transformer_configs(a.model):
         plan.check_model(config, f"{a.model}'s {name}")
     opts = GenerateOptions(
-        model=a.model, prompt=a.prompt, plan=_plan_kwargs(a),
-        negative_prompt=a.negative_prompt, steps=a.steps, height=a.height, width=a.width,
-        frames=a.frames, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype,
-        output=a.output, compare_serial=a.compare_serial, warmup=a.warmup,
-        resolution_binning=a.resolution_binning, parallel_vae=a.parallel_vae, loras=_loras(a.lora),
-        lora_weights={k: float(v) for k, v in _pairs(a.lora_weight, "--lora-weight", "NAME=WEIGHT").items()},
+        model=a.model,
+        prompt=a.prompt,
+        plan=_plan_kwargs(a),
+        negative_prompt=a.negative_prompt,
+        steps=a.steps,
+        height=a.height,
+        width=a.width,
+        frames=a.frames,
+        guidance_scale=a.guidance_scale,
+        seed=a.seed,
+        dtype=a.dtype,
+        output=a.output,
+        compare_serial=a.compare_serial,
+        warmup=a.warmup,
+        resolution_binning=a.resolution_binning,
+        parallel_vae=a.parallel_vae,
+        loras=_loras(a.lora),
+        lora_weights={
+            k: float(v) for k, v in _pairs(a.lora_weight, "--lora-weight", "NAME=WEIGHT").items()
+        },
     )
     unknown = set(opts.lora_weights) - set(opts.loras)
     if unknown:
-        raise ValueError(f"--lora-weight names adapters that no --lora loads: {', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"--lora-weight names adapters that no --lora loads: {', '.join(sorted(unknown))}"
+        )
     results = _launch(generate_job, opts, plan, a)
     if results is None:
         return 1
@@ -207,15 +264,19 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         print(f"  first call (capture + compile + run): {r0.first_call_s:.3f} s")
     steps = r0.step_s
     if steps:
-        print(f"  parallel: {r0.total_s:.3f} s total, {len(steps)} steps, "
-              f"{1e3 * sum(steps) / len(steps):.1f} ms/step (mean)")
+        print(
+            f"  parallel: {r0.total_s:.3f} s total, {len(steps)} steps, "
+            f"{1e3 * sum(steps) / len(steps):.1f} ms/step (mean)"
+        )
     else:
         print(f"  parallel: {r0.total_s:.3f} s total")
     if r0.serial_total_s is not None:
         sst = r0.serial_step_s
         per = f", {1e3 * sum(sst) / len(sst):.1f} ms/step" if sst else ""
-        print(f"  serial  : {r0.serial_total_s:.3f} s total{per}; speedup {r0.serial_total_s / r0.total_s:.2f}x; "
-              f"max relative difference {r0.rel_error:.2e} (expected below {r0.tolerance:.0e} in {a.dtype})")
+        print(
+            f"  serial  : {r0.serial_total_s:.3f} s total{per}; speedup {r0.serial_total_s / r0.total_s:.2f}x; "
+            f"max relative difference {r0.rel_error:.2e} (expected below {r0.tolerance:.0e} in {a.dtype})"
+        )
     print(f"  rank 0 sent {r0.bytes_sent:,} bytes")
     for path in r0.saved:
         print(f"  wrote {path}")
@@ -245,11 +306,25 @@ def serve_options(a: argparse.Namespace) -> Any:
     """The ``ServeOptions`` of parsed ``serve`` arguments (``ray_serve.serve_args`` is the inverse)."""
     from xdit_compile.serve.options import ServeOptions
 
-    return ServeOptions(model=a.model, plan=_plan_kwargs(a), host=a.host, port=a.port, dtype=a.dtype,
-                        parallel_vae=a.parallel_vae, sizes=list(a.sizes), default_steps=a.steps,
-                        max_steps=a.max_steps, max_n=a.max_n, max_batch=a.max_batch, max_queue=a.max_queue,
-                        max_prompt_chars=a.max_prompt_chars, timeout_s=a.request_timeout,
-                        max_start_failures=a.max_start_failures, warmup=not a.no_warmup, loras=_loras(a.lora))
+    return ServeOptions(
+        model=a.model,
+        plan=_plan_kwargs(a),
+        host=a.host,
+        port=a.port,
+        dtype=a.dtype,
+        parallel_vae=a.parallel_vae,
+        sizes=list(a.sizes),
+        default_steps=a.steps,
+        max_steps=a.max_steps,
+        max_n=a.max_n,
+        max_batch=a.max_batch,
+        max_queue=a.max_queue,
+        max_prompt_chars=a.max_prompt_chars,
+        timeout_s=a.request_timeout,
+        max_start_failures=a.max_start_failures,
+        warmup=not a.no_warmup,
+        loras=_loras(a.lora),
+    )
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -267,8 +342,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001  (an ApiError: a CLI error here)
             raise ValueError(f"--sizes: {e}") from None
     opts = serve_options(a)
-    print(f"xdit-compile serve: {a.model}, {plan}, http://{a.host}:{a.port} (POST /admin/shutdown from "
-          f"this machine stops it)", flush=True)
+    print(
+        f"xdit-compile serve: {a.model}, {plan}, http://{a.host}:{a.port} (POST /admin/shutdown from "
+        f"this machine stops it)",
+        flush=True,
+    )
     if a.replicas > 1:
         return _serve_ray(opts, a.nproc or plan.world_size, a)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun: every rank serves its part
@@ -297,8 +375,11 @@ def _serve_ray(opts: Any, world: int, a: argparse.Namespace) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS"))
     serve.start(http_options={"host": a.host, "port": a.port})
     serve.run(deployment(opts, world, num_replicas=a.replicas, threads=a.threads), route_prefix="/")
-    print(f"xdit-compile serve: {a.replicas} replicas of {world} ranks behind http://{a.host}:{a.port} "
-          "(Ctrl-C stops them)", flush=True)
+    print(
+        f"xdit-compile serve: {a.replicas} replicas of {world} ranks behind http://{a.host}:{a.port} "
+        "(Ctrl-C stops them)",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)
@@ -316,8 +397,17 @@ def _cmd_client(a: argparse.Namespace) -> int:
     from xdit_compile.serve.client import ClientError, generate_images
 
     try:
-        res = generate_images(a.url, a.prompt, n=a.n, size=a.size, steps=a.steps, seed=a.seed,
-                              guidance_scale=a.guidance_scale, negative_prompt=a.negative_prompt, timeout=a.timeout)
+        res = generate_images(
+            a.url,
+            a.prompt,
+            n=a.n,
+            size=a.size,
+            steps=a.steps,
+            seed=a.seed,
+            guidance_scale=a.guidance_scale,
+            negative_prompt=a.negative_prompt,
+            timeout=a.timeout,
+        )
     except (ClientError, OSError) as e:  # OSError: no service at --url
         print(f"xdit-compile client: {e}", file=sys.stderr)
         return 1
@@ -335,7 +425,10 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     from xdit_compile.analysis import cost, planner
 
     if a.calibrate:
-        print("calibrating this machine (matmul, attention, memory, dispatch, gloo link) ...", flush=True)
+        print(
+            "calibrating this machine (matmul, attention, memory, dispatch, gloo link) ...",
+            flush=True,
+        )
         hw = cost.calibrate(threads=a.threads)
         if a.save_profile:
             with open(a.save_profile, "w") as f:
@@ -347,18 +440,27 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     if gpus < 1 or a.nodes < 1 or gpus % a.nodes:
         raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {a.nodes}")
     steps = a.steps or planner.zoo_steps(a.model)
-    load = planner.zoo_workload(a.model, height=a.height, width=a.width, frames=a.frames, size=a.size)
-    ranked = planner.rank_plans(load, gpus, hw, steps=steps, nodes=a.nodes, approximate=not a.exact,
-                                compile=a.compile)
+    load = planner.zoo_workload(
+        a.model, height=a.height, width=a.width, frames=a.frames, size=a.size
+    )
+    ranked = planner.rank_plans(
+        load, gpus, hw, steps=steps, nodes=a.nodes, approximate=not a.exact, compile=a.compile
+    )
     serial = planner.rank_plans(load, 1, hw, steps=steps, compile=a.compile)[0].prediction
     best = next((c for c in ranked if c.prediction is not None), None)
-    print(f"{load.name}: {gpus} x {hw.name} ({hw.description}), {a.nodes} node(s), {steps} steps, "
-          f"compile={a.compile}")
+    print(
+        f"{load.name}: {gpus} x {hw.name} ({hw.description}), {a.nodes} node(s), {steps} steps, "
+        f"compile={a.compile}"
+    )
     if serial is not None:
-        print(f"  one GPU: {serial.total:.2f} s ({serial.step * 1e3:.1f} ms/step, "
-              f"{serial.flops / 1e12:.1f} TFLOP per call)")
-    print("  predicted latency per request (transformer only), fastest first; per-axis columns are "
-          "exposed communication ms per step:")
+        print(
+            f"  one GPU: {serial.total:.2f} s ({serial.step * 1e3:.1f} ms/step, "
+            f"{serial.flops / 1e12:.1f} TFLOP per call)"
+        )
+    print(
+        "  predicted latency per request (transformer only), fastest first; per-axis columns are "
+        "exposed communication ms per step:"
+    )
     print("\n".join("  " + ln for ln in planner.format_table(ranked, limit=a.top).splitlines()))
     if best is None:
         print("  no valid plan")
@@ -371,10 +473,24 @@ def _cmd_plan(a: argparse.Namespace) -> int:
         print(f"  best exact plan: {exact.plan} ({exact.prediction.total:.2f} s)")  # type: ignore[union-attr]
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": load.name, "gpus": gpus, "nodes": a.nodes, "hardware": hw.as_dict(), "steps": steps,
-                       "serial": serial.as_dict() if serial else None,
-                       "plans": [c.prediction.as_dict() if c.prediction else {"plan": str(c.plan), "invalid": c.invalid}
-                                 for c in ranked]}, f, indent=1)
+            json.dump(
+                {
+                    "model": load.name,
+                    "gpus": gpus,
+                    "nodes": a.nodes,
+                    "hardware": hw.as_dict(),
+                    "steps": steps,
+                    "serial": serial.as_dict() if serial else None,
+                    "plans": [
+                        c.prediction.as_dict()
+                        if c.prediction
+                        else {"plan": str(c.plan), "invalid": c.invalid}
+                        for c in ranked
+                    ],
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 
@@ -385,11 +501,17 @@ def _print_demo() -> None:
     from xdit_compile.models import demo
 
     state = "trained" if demo.demo_path().is_dir() else "not trained yet"
-    print(f"\ngenerate --model demo: a PixArt-Sigma pipeline trained here on Noto Color Emoji ({state}, "
-          f"{demo.demo_path()}), 64x64 pixels. Prompts: 'a[n] [small] SUBJECT [on the left|on the right] "
-          f"[BACKGROUND]', e.g. '{demo.caption(demo.SUBJECTS[0], 'in the snow')}'.")
+    print(
+        f"\ngenerate --model demo: a PixArt-Sigma pipeline trained here on Noto Color Emoji ({state}, "
+        f"{demo.demo_path()}), 64x64 pixels. Prompts: 'a[n] [small] SUBJECT [on the left|on the right] "
+        f"[BACKGROUND]', e.g. '{demo.caption(demo.SUBJECTS[0], 'in the snow')}'."
+    )
     subjects = ", ".join(demo.subject_name(s) for s in demo.SUBJECTS)
-    print(textwrap.fill(f"  subjects ({len(demo.SUBJECTS)}): {subjects}", 100, subsequent_indent="    "))
+    print(
+        textwrap.fill(
+            f"  subjects ({len(demo.SUBJECTS)}): {subjects}", 100, subsequent_indent="    "
+        )
+    )
     print("  backgrounds: " + ", ".join(b for b in demo.BACKGROUNDS if b) + " (none: white)")
 
 
@@ -408,12 +530,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     r.add_argument("--iters", type=int, default=3)
     r.add_argument("--warmup", type=int, default=1)
-    r.add_argument("--timeout", type=float, default=1800.0, help="seconds before workers are stopped")
+    r.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds before workers are stopped"
+    )
     r.add_argument("--json", default=None, help="write per-rank results to this file")
-    g = sub.add_parser("generate", help="run a whole pipeline in parallel and write the image/video")
-    g.add_argument("--model", required=True,
-                   help="a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline name")
-    g.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (data parallel cuts a list)")
+    g = sub.add_parser(
+        "generate", help="run a whole pipeline in parallel and write the image/video"
+    )
+    g.add_argument(
+        "--model",
+        required=True,
+        help="a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline name",
+    )
+    g.add_argument(
+        "--prompt", required=True, nargs="+", help="one or more prompts (data parallel cuts a list)"
+    )
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
     g.add_argument("--height", type=int, default=None)
@@ -422,79 +553,158 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    g.add_argument("--resolution-binning", action="store_true",
-                   help="let PixArt/HunyuanDiT pipelines snap the size to their resolution bins")
+    g.add_argument(
+        "--resolution-binning",
+        action="store_true",
+        help="let PixArt/HunyuanDiT pipelines snap the size to their resolution bins",
+    )
     for axis in ("ulysses", "ring", "cfg", "dp"):
         g.add_argument(f"--{axis}", type=int, default=1)
     _displaced_args(g)
     g.add_argument("--compile", choices=["eager", "inductor"], default=None)
-    g.add_argument("--parallel-vae", action="store_true",
-                   help="also cut the VAE's rows (decoder and encoder) over every process (1/N of its activations each)")
-    g.add_argument("--auto", action="store_true",
-                   help="let the cost model choose the degrees for --nproc processes (exact plans)")
-    g.add_argument("--hardware", default=None,
-                   help="with --auto: the hardware profile (default: this machine's device)")
+    g.add_argument(
+        "--parallel-vae",
+        action="store_true",
+        help="also cut the VAE's rows (decoder and encoder) over every process (1/N of its activations each)",
+    )
+    g.add_argument(
+        "--auto",
+        action="store_true",
+        help="let the cost model choose the degrees for --nproc processes (exact plans)",
+    )
+    g.add_argument(
+        "--hardware",
+        default=None,
+        help="with --auto: the hardware profile (default: this machine's device)",
+    )
     g.add_argument("--output", default=None, help="image .png, or video .mp4 / frame directory")
-    g.add_argument("--compare-serial", action="store_true", help="also time the plain pipeline on rank 0")
-    g.add_argument("--lora", action="append", metavar="NAME=PATH",
-                   help="load a LoRA adapter (a directory or file written by save_lora_weights); repeatable")
-    g.add_argument("--lora-weight", action="append", metavar="NAME=WEIGHT",
-                   help="use only these adapters, at these weights (default: every --lora at 1.0); repeatable")
+    g.add_argument(
+        "--compare-serial", action="store_true", help="also time the plain pipeline on rank 0"
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
+        help="load a LoRA adapter (a directory or file written by save_lora_weights); repeatable",
+    )
+    g.add_argument(
+        "--lora-weight",
+        action="append",
+        metavar="NAME=WEIGHT",
+        help="use only these adapters, at these weights (default: every --lora at 1.0); repeatable",
+    )
     g.add_argument("--warmup", type=int, default=1, help="untimed calls first (the first compiles)")
     g.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    g.add_argument("--timeout", type=float, default=1800.0, help="seconds before workers are stopped")
+    g.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds before workers are stopped"
+    )
     c = sub.add_parser("plan", help="rank every plan for N GPUs by the cost model (no GPUs needed)")
-    c.add_argument("--model", required=True, help="zoo model name (published full-size config, no weights)")
+    c.add_argument(
+        "--model", required=True, help="zoo model name (published full-size config, no weights)"
+    )
     c.add_argument("--gpus", type=int, required=True, help="GPUs in all (see --per-node)")
     c.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over")
     c.add_argument("--per-node", action="store_true", help="--gpus counts the GPUs of one node")
-    c.add_argument("--hardware", default="h100-sxm",
-                   help="h100-sxm, h200-sxm, a100-sxm, l40-pcie, rtx-4090, cpu, or a calibrated JSON profile")
-    c.add_argument("--calibrate", action="store_true", help="measure this machine and use it as the hardware")
-    c.add_argument("--save-profile", default=None, help="with --calibrate: write the profile (JSON) here")
+    c.add_argument(
+        "--hardware",
+        default="h100-sxm",
+        help="h100-sxm, h200-sxm, a100-sxm, l40-pcie, rtx-4090, cpu, or a calibrated JSON profile",
+    )
+    c.add_argument(
+        "--calibrate", action="store_true", help="measure this machine and use it as the hardware"
+    )
+    c.add_argument(
+        "--save-profile", default=None, help="with --calibrate: write the profile (JSON) here"
+    )
     c.add_argument("--threads", type=int, default=1, help="with --calibrate: CPU threads per rank")
-    c.add_argument("--size", choices=["tiny", "full"], default="full", help="the zoo config (default: published)")
-    c.add_argument("--height", type=int, default=None, help="pixels (default: the zoo's input at --size)")
+    c.add_argument(
+        "--size",
+        choices=["tiny", "full"],
+        default="full",
+        help="the zoo config (default: published)",
+    )
+    c.add_argument(
+        "--height", type=int, default=None, help="pixels (default: the zoo's input at --size)"
+    )
     c.add_argument("--width", type=int, default=None)
     c.add_argument("--frames", type=int, default=None, help="video frames")
-    c.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    c.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the pipeline's)"
+    )
     c.add_argument("--compile", choices=["eager", "inductor"], default=None)
-    c.add_argument("--exact", action="store_true", help="only exact plans (no PipeFusion / DistriFusion)")
+    c.add_argument(
+        "--exact", action="store_true", help="only exact plans (no PipeFusion / DistriFusion)"
+    )
     c.add_argument("--top", type=int, default=15, help="rows to print")
     c.add_argument("--json", default=None, help="write every prediction to this file")
-    v = sub.add_parser("serve", help="an HTTP service (OpenAI-style images API) over one parallel process group")
-    v.add_argument("--model", required=True,
-                   help="a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline name")
+    v = sub.add_parser(
+        "serve", help="an HTTP service (OpenAI-style images API) over one parallel process group"
+    )
+    v.add_argument(
+        "--model",
+        required=True,
+        help="a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline name",
+    )
     for axis in ("ulysses", "ring", "cfg", "dp"):
         v.add_argument(f"--{axis}", type=int, default=1)
     _displaced_args(v)
     v.add_argument("--compile", choices=["eager", "inductor"], default=None)
-    v.add_argument("--parallel-vae", action="store_true",
-                   help="also cut the VAE's rows (decoder and encoder) over every process (1/N of its activations each)")
+    v.add_argument(
+        "--parallel-vae",
+        action="store_true",
+        help="also cut the VAE's rows (decoder and encoder) over every process (1/N of its activations each)",
+    )
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    v.add_argument("--sizes", nargs="+", default=[],
-                   help="sizes WxH a request may ask for (the first is the default; each compiled at start)")
+    v.add_argument(
+        "--sizes",
+        nargs="+",
+        default=[],
+        help="sizes WxH a request may ask for (the first is the default; each compiled at start)",
+    )
     v.add_argument("--steps", type=int, default=None, help="default denoising steps")
     v.add_argument("--max-steps", type=int, default=100)
     v.add_argument("--max-n", type=int, default=4, help="images per request")
-    v.add_argument("--max-batch", type=int, default=4, help="images per pipeline call (same-signature requests)")
+    v.add_argument(
+        "--max-batch",
+        type=int,
+        default=4,
+        help="images per pipeline call (same-signature requests)",
+    )
     v.add_argument("--max-queue", type=int, default=16, help="queued requests before 429")
     v.add_argument("--max-prompt-chars", type=int, default=2000)
-    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (queue + run)")
-    v.add_argument("--no-warmup", action="store_true", help="do not compile the served sizes at start")
-    v.add_argument("--lora", action="append", metavar="NAME=PATH",
-                   help="load a LoRA adapter a request may ask for by name (\"lora\": {NAME: weight}); repeatable")
-    v.add_argument("--max-start-failures", type=int, default=3,
-                   help="consecutive failed starts of the process group before the command gives up")
+    v.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds per request (queue + run)"
+    )
+    v.add_argument(
+        "--no-warmup", action="store_true", help="do not compile the served sizes at start"
+    )
+    v.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
+        help='load a LoRA adapter a request may ask for by name ("lora": {NAME: weight}); repeatable',
+    )
+    v.add_argument(
+        "--max-start-failures",
+        type=int,
+        default=3,
+        help="consecutive failed starts of the process group before the command gives up",
+    )
     v.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
     v.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    v.add_argument("--replicas", type=int, default=1,
-                   help="replicas of the whole process group behind one endpoint (Ray Serve, local Ray cluster "
-                        "or RAY_ADDRESS)")
-    k = sub.add_parser("client", help="ask a running `xdit-compile serve` for images and write them")
+    v.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="replicas of the whole process group behind one endpoint (Ray Serve, local Ray cluster "
+        "or RAY_ADDRESS)",
+    )
+    k = sub.add_parser(
+        "client", help="ask a running `xdit-compile serve` for images and write them"
+    )
     k.add_argument("--url", default="http://127.0.0.1:8000")
     k.add_argument("--prompt", required=True)
     k.add_argument("--n", type=int, default=1)
@@ -503,7 +713,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=None)
     k.add_argument("--guidance-scale", type=float, default=None)
     k.add_argument("--negative-prompt", default=None)
-    k.add_argument("--output", default="image.png", help="PNG path (several images: _0, _1 ... suffixes)")
+    k.add_argument(
+        "--output", default="image.png", help="PNG path (several images: _0, _1 ... suffixes)"
+    )
     k.add_argument("--timeout", type=float, default=600.0)
     sub.add_parser("models", help="list zoo models")
     return p
@@ -514,7 +726,9 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch pytree deprecation noise
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         if args.cmd == "models":
             from xdit_compile.models import get_entry, list_models
@@ -523,8 +737,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n:<14} {get_entry(n).description}")
             _print_demo()
             return 0
-        cmds = {"explain": _cmd_explain, "run": _cmd_run, "generate": _cmd_generate, "plan": _cmd_plan,
-                "serve": _cmd_serve, "client": _cmd_client}
+        cmds = {
+            "explain": _cmd_explain,
+            "run": _cmd_run,
+            "generate": _cmd_generate,
+            "plan": _cmd_plan,
+            "serve": _cmd_serve,
+            "client": _cmd_client,
+        }
         return cmds[args.cmd](args)
     except (ValueError, KeyError, TypeError) as e:
         print(f"xdit-compile: error: {e}", file=sys.stderr)

@@ -50,7 +50,9 @@ class CaptureError(RuntimeError):
     def __init__(self, model: str, attempts: list[CaptureAttempt], hint: str) -> None:
         self.model, self.attempts, self.hint = model, list(attempts), hint
         lines = [f"  {a}\n    at {a.location}" for a in self.attempts]
-        super().__init__(f"could not capture {model} as one graph:\n" + "\n".join(lines) + "\n" + hint)
+        super().__init__(
+            f"could not capture {model} as one graph:\n" + "\n".join(lines) + "\n" + hint
+        )
 
     @property
     def reason(self) -> str:
@@ -102,7 +104,9 @@ def _data_as_detach() -> Iterator[None]:
         del torch.Tensor.data
 
 
-def _snapshot(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]:
+def _snapshot(
+    model: torch.nn.Module,
+) -> list[tuple[torch.nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]:
     return [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters)) for m in model.modules()]
 
 
@@ -130,7 +134,9 @@ def _restore(snap: list[Any]) -> None:
         m._parameters.update(params)
 
 
-def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], strict: bool) -> fx.GraphModule:
+def _export(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], strict: bool
+) -> fx.GraphModule:
     with torch.no_grad(), _data_as_detach():
         ep = torch.export.export(model, args, kwargs, strict=strict)
         ep = ep.run_decompositions({})
@@ -139,7 +145,9 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     return gm
 
 
-def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
+def capture(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> fx.GraphModule:
     """Export ``model(*args, **kwargs)``; returns a GraphModule taking the same arguments.
 
     A forward that stores tensors on its modules (``self.pos = table`` or ``register_buffer`` for
@@ -169,7 +177,9 @@ def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                 _restore(snap)
             if changed:
                 stored = changed
-                raise RuntimeError(f"the forward stores tensors on the model: {', '.join(changed[:5])}")
+                raise RuntimeError(
+                    f"the forward stores tensors on the model: {', '.join(changed[:5])}"
+                )
             if attempt != "non-strict":
                 how = "with strict export" if attempt == "strict" else attempt
                 logger.info("captured %s %s", type(model).__name__, how)
@@ -178,7 +188,10 @@ def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             data_dependent = data_dependent or _data_dependent(e)
             errors.append(CaptureAttempt(attempt, type(e).__name__, _summary(e), _user_frame(e)))
             logger.debug("%s export failed", attempt, exc_info=True)
-    hint = ("The forward stores tensors on the model (" + ", ".join(stored[:5]) + ") on every call: "
-            "compute them in __init__ (register a buffer there), or pass them as inputs."
-            if stored else "Remove data-dependent Python control flow at that line, or report the op.")
+    hint = (
+        "The forward stores tensors on the model (" + ", ".join(stored[:5]) + ") on every call: "
+        "compute them in __init__ (register a buffer there), or pass them as inputs."
+        if stored
+        else "Remove data-dependent Python control flow at that line, or report the op."
+    )
     raise CaptureError(type(model).__name__, errors, hint)

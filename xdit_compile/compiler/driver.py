@@ -36,7 +36,9 @@ class PassError(RuntimeError):
     def __init__(self, name: str, ran_before: list[str], cause: BaseException) -> None:
         self.pass_name, self.ran_before, self.cause = name, list(ran_before), cause
         ran = ", ".join(ran_before) or "none"
-        super().__init__(f"xdit_compile pass '{name}' failed (passes run before it: {ran}): {cause}")
+        super().__init__(
+            f"xdit_compile pass '{name}' failed (passes run before it: {ran}): {cause}"
+        )
 
 
 class PassValueError(PassError, ValueError):
@@ -59,8 +61,12 @@ def _op_name(target: object) -> str:
 
 
 def run_passes(
-    gm: fx.GraphModule, passes: Sequence[Pass | tuple[str, PassFn]], ctx: PassContext, *,
-    verify: bool = True, keep_graphs: bool = True,
+    gm: fx.GraphModule,
+    passes: Sequence[Pass | tuple[str, PassFn]],
+    ctx: PassContext,
+    *,
+    verify: bool = True,
+    keep_graphs: bool = True,
 ) -> fx.GraphModule:
     """Run ``passes`` in order on ``gm``; returns the final GraphModule.
 
@@ -79,19 +85,33 @@ def run_passes(
         ctx.graphs["capture"] = gm.print_readable(print_output=False)
     done: list[str] = []
     for spec in specs:
-        gm, res, before_n, before_ops, dt = _run_one(gm, spec, ctx, done, debug and (mode != "final" or spec.name == last))
-        ctx.stats.append(PassStat(spec.name, res.modified, before_n, len(gm.graph.nodes), before_ops,
-                                  op_histogram(gm), dt))
+        gm, res, before_n, before_ops, dt = _run_one(
+            gm, spec, ctx, done, debug and (mode != "final" or spec.name == last)
+        )
+        ctx.stats.append(
+            PassStat(
+                spec.name,
+                res.modified,
+                before_n,
+                len(gm.graph.nodes),
+                before_ops,
+                op_histogram(gm),
+                dt,
+            )
+        )
         if keep_graphs:
             ctx.graphs[spec.name] = _readable(gm)
         if res.modified:
-            logger.info("pass %s: %d -> %d nodes (%.2fs)", spec.name, before_n, len(gm.graph.nodes), dt)
+            logger.info(
+                "pass %s: %d -> %d nodes (%.2fs)", spec.name, before_n, len(gm.graph.nodes), dt
+            )
         done.append(spec.name)
     return gm
 
 
-def _run_one(gm: fx.GraphModule, spec: Pass, ctx: PassContext, done: list[str],
-             verify: bool) -> tuple[fx.GraphModule, PassResult, int, dict[str, int], float]:
+def _run_one(
+    gm: fx.GraphModule, spec: Pass, ctx: PassContext, done: list[str], verify: bool
+) -> tuple[fx.GraphModule, PassResult, int, dict[str, int], float]:
     before_n, before_ops = len(gm.graph.nodes), op_histogram(gm)
     old = set(gm.graph.nodes)
     t0 = time.perf_counter()

@@ -29,15 +29,22 @@ def build_passes(plan: Plan, part: Literal["all", "common", "patch"] = "all") ->
     """The ordered pass list for ``plan`` (``plan.disable_passes`` removes optional ones)."""
     passes: list[Pass] = []
     if part in ("all", "common"):
-        passes += [Pass("canonicalize", canonicalize_graph_pass), Pass("annotate", annotate_graph_pass)]
+        passes += [
+            Pass("canonicalize", canonicalize_graph_pass),
+            Pass("annotate", annotate_graph_pass),
+        ]
         for axis in ("cfg", "dp"):  # batch rounds first: the sequence round sees local batches
             if plan.degrees()[axis] > 1:
                 passes += batch_round(axis, propagate_sharding_pass, lower_collectives_pass)
     if part == "patch":
         passes += patch_round(seed_inputs_pass, propagate_sharding_pass, lower_collectives_pass)
         if plan.sp_degree > 1:
-            passes += patch_sequence_round(seed_inputs_pass, propagate_sharding_pass,
-                                           rewrite_attention_pass, lower_collectives_pass)
+            passes += patch_sequence_round(
+                seed_inputs_pass,
+                propagate_sharding_pass,
+                rewrite_attention_pass,
+                lower_collectives_pass,
+            )
     if part == "all":
         passes += [
             Pass("seed", seed_inputs_pass),

@@ -39,7 +39,14 @@ from xdit_compile.runtime.mesh import ParallelMesh
 from xdit_compile.runtime.pipefusion import PatchProgram, PipeRunner, Variant
 from xdit_compile.runtime.schedule import grid, pipefusion_schedule, speedup_bound
 
-__all__ = ["PipeFusionBuild", "PipeInfo", "compile_pipefusion", "parameter_bytes", "release_parameters", "stage_cut"]
+__all__ = [
+    "PipeFusionBuild",
+    "PipeInfo",
+    "compile_pipefusion",
+    "parameter_bytes",
+    "release_parameters",
+    "stage_cut",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +73,25 @@ class PipeInfo:
         return speedup_bound(self.stages, self.patches)
 
     def summary(self) -> list[str]:
-        out = [f"  PipeFusion: {self.stages} stages x {self.patches} patches (this rank: stage {self.stage}); "
-               f"best speedup N*M/(M+N-1) = {self.bound:.2f}"]
+        out = [
+            f"  PipeFusion: {self.stages} stages x {self.patches} patches (this rank: stage {self.stage}); "
+            f"best speedup N*M/(M+N-1) = {self.bound:.2f}"
+        ]
         seed = self.patch_seed
-        out.append(f"    patches: input '{seed.input}' dim {seed.dim} in units of {seed.patch}: "
-                   f"{list(seed.split)}")
+        out.append(
+            f"    patches: input '{seed.input}' dim {seed.dim} in units of {seed.patch}: "
+            f"{list(seed.split)}"
+        )
         for s in range(self.stages):
             blocks = self.cut.stage_blocks(s)
-            out.append(f"    stage {s}: {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]}), "
-                       f"{self.stage_param_bytes[s]:,} parameter bytes")
+            out.append(
+                f"    stage {s}: {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]}), "
+                f"{self.stage_param_bytes[s]:,} parameter bytes"
+            )
         total = sum(b.nbytes for b in self.buffers)
-        out.append(f"    displaced K/V buffers on this rank: {len(self.buffers)} layers, {total:,} bytes per CFG branch")
+        out.append(
+            f"    displaced K/V buffers on this rank: {len(self.buffers)} layers, {total:,} bytes per CFG branch"
+        )
         for b in self.buffers:
             out.append(f"      {b.layer:<40} K/V {list(b.shape)}  {b.nbytes:,} B")
         out.append(f"    sends to the next stage per step: {self.sends_per_step:,} bytes")
@@ -92,15 +107,21 @@ def stage_cut(gm: fx.GraphModule, plan: Plan) -> StageCut:
     blocks = block_order(gm)
     n = plan.pipefusion
     if not blocks:
-        raise ValueError("PipeFusion cuts a model on its blocks (numbered submodules such as "
-                         "transformer_blocks.0), and this model has none")
+        raise ValueError(
+            "PipeFusion cuts a model on its blocks (numbered submodules such as "
+            "transformer_blocks.0), and this model has none"
+        )
     if n > len(blocks):
-        raise ValueError(f"Plan(pipefusion={n}): more stages than the model's {len(blocks)} blocks; "
-                         f"use pipefusion <= {len(blocks)}")
+        raise ValueError(
+            f"Plan(pipefusion={n}): more stages than the model's {len(blocks)} blocks; "
+            f"use pipefusion <= {len(blocks)}"
+        )
     if plan.stage_blocks:
         if sum(plan.stage_blocks) != len(blocks):
-            raise ValueError(f"Plan.stage_blocks={plan.stage_blocks} sums to {sum(plan.stage_blocks)}, "
-                             f"but the model has {len(blocks)} blocks")
+            raise ValueError(
+                f"Plan.stage_blocks={plan.stage_blocks} sums to {sum(plan.stage_blocks)}, "
+                f"but the model has {len(blocks)} blocks"
+            )
         return StageCut(tuple(blocks), tuple(plan.stage_blocks))
     flops = block_flops(gm)
     return StageCut(tuple(blocks), balance([flops[b] for b in blocks], n))
@@ -108,9 +129,17 @@ def stage_cut(gm: fx.GraphModule, plan: Plan) -> StageCut:
 
 def _child(ctx: PassContext, m: int, j: int) -> PassContext:
     """Patch ``j`` of ``m``'s context: what the common passes recorded, copied."""
-    return replace(ctx, virtual={"patch": (m, j)}, breaks=list(ctx.breaks), collectives=list(ctx.collectives),
-                   stats=list(ctx.stats), graphs=dict(ctx.graphs), batch_seeds=dict(ctx.batch_seeds),
-                   patch_outputs=dict(ctx.patch_outputs), axis="sp")
+    return replace(
+        ctx,
+        virtual={"patch": (m, j)},
+        breaks=list(ctx.breaks),
+        collectives=list(ctx.collectives),
+        stats=list(ctx.stats),
+        graphs=dict(ctx.graphs),
+        batch_seeds=dict(ctx.batch_seeds),
+        patch_outputs=dict(ctx.patch_outputs),
+        axis="sp",
+    )
 
 
 def _program(piece: Piece, ctx: PassContext) -> PatchProgram:
@@ -139,8 +168,15 @@ def _outputs(g: fx.GraphModule, ctx: PassContext) -> tuple[list[Shard | None], l
     return outs, shapes
 
 
-def _variant(base: fx.GraphModule, ctx: PassContext, passes: list[Pass], cut: StageCut,
-             stage: int, m: int, verify: bool) -> tuple[Variant, list[fx.GraphModule], PassContext]:
+def _variant(
+    base: fx.GraphModule,
+    ctx: PassContext,
+    passes: list[Pass],
+    cut: StageCut,
+    stage: int,
+    m: int,
+    verify: bool,
+) -> tuple[Variant, list[fx.GraphModule], PassContext]:
     programs, graphs, names, first_ctx = [], [], [], None
     for j in range(m):
         cj = _child(ctx, m, j)
@@ -170,9 +206,17 @@ class PipeFusionBuild:
     info: PipeInfo
 
 
-def compile_pipefusion(gm: fx.GraphModule, ctx: PassContext, common: list[Pass], patch_passes: list[Pass],
-                       cut: StageCut | None, mesh: ParallelMesh | None, state: DisplacedState, *,
-                       verify: bool = True) -> PipeFusionBuild:
+def compile_pipefusion(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    common: list[Pass],
+    patch_passes: list[Pass],
+    cut: StageCut | None,
+    mesh: ParallelMesh | None,
+    state: DisplacedState,
+    *,
+    verify: bool = True,
+) -> PipeFusionBuild:
     """Compile ``gm`` for ``ctx.plan``'s PipeFusion."""
     plan = ctx.plan
     in_spec, out_spec = getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)
@@ -196,28 +240,54 @@ def _step_collectives(main: Variant, info: PipeInfo) -> list[CollectiveSite]:
         for op, axis, calls, nbytes in prog.comm + prog.inner:
             tot = sites.setdefault((op, axis), [0, 0])
             tot[0], tot[1] = tot[0] + calls, tot[1] + nbytes
-    out = [CollectiveSite(f"patches:{op}", op, axis, c, b, "inside the stage", graph_level=True)
-           for (op, axis), (c, b) in sites.items()]
+    out = [
+        CollectiveSite(f"patches:{op}", op, axis, c, b, "inside the stage", graph_level=True)
+        for (op, axis), (c, b) in sites.items()
+    ]
     n = info.stages
     if info.stage < n - 1:
         calls = sum(len(p.gm.graph.output_node().args[0]) for p in main.programs)  # type: ignore[arg-type]
-        out.append(CollectiveSite("stage_output", "send", "pipefusion", calls, info.sends_per_step,
-                                  "patch activations to the next stage", graph_level=True))
+        out.append(
+            CollectiveSite(
+                "stage_output",
+                "send",
+                "pipefusion",
+                calls,
+                info.sends_per_step,
+                "patch activations to the next stage",
+                graph_level=True,
+            )
+        )
     elif n > 1:
-        nbytes = sum(int(sd[0].numel()) * sd[1].itemsize for sd in main.out_shapes if sd is not None)
+        nbytes = sum(
+            int(sd[0].numel()) * sd[1].itemsize for sd in main.out_shapes if sd is not None
+        )
         calls = sum(1 for sd in main.out_shapes if sd is not None)
-        out.append(CollectiveSite("output", "broadcast", "pipefusion", calls, nbytes * (n - 1),
-                                  "output to every stage", graph_level=True))
+        out.append(
+            CollectiveSite(
+                "output",
+                "broadcast",
+                "pipefusion",
+                calls,
+                nbytes * (n - 1),
+                "output to every stage",
+                graph_level=True,
+            )
+        )
     return out
 
 
-def _info(g: fx.GraphModule, ctx: PassContext, cut: StageCut, stage: int, main: Variant) -> PipeInfo:
+def _info(
+    g: fx.GraphModule, ctx: PassContext, cut: StageCut, stage: int, main: Variant
+) -> PipeInfo:
     n, m = cut.stages, main.patches
     params = []
     for s in range(n):
         piece = extract_piece(g, cut, s)
         params.append(sum(t.numel() * t.element_size() for t in _tensors(piece.gm)))
-    buffers = [b for node in main.programs[0].gm.graph.nodes if (b := displaced_buffer(node)) is not None]
+    buffers = [
+        b for node in main.programs[0].gm.graph.nodes if (b := displaced_buffer(node)) is not None
+    ]
     sends = 0
     if stage < n - 1:
         for prog in main.programs:
@@ -225,8 +295,18 @@ def _info(g: fx.GraphModule, ctx: PassContext, cut: StageCut, stage: int, main: 
                 val = a.meta.get("val") if isinstance(a, fx.Node) else None
                 sends += val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
     assert ctx.patch_seed is not None  # the patch round's seed pass always cuts
-    return PipeInfo(n, m, stage, cut, params, ctx.patch_seed, buffers, sends,
-                    grid(pipefusion_schedule(n, m)), grid(pipefusion_schedule(n, 1)))
+    return PipeInfo(
+        n,
+        m,
+        stage,
+        cut,
+        params,
+        ctx.patch_seed,
+        buffers,
+        sends,
+        grid(pipefusion_schedule(n, m)),
+        grid(pipefusion_schedule(n, 1)),
+    )
 
 
 def _tensors(gm: torch.nn.Module) -> list[torch.Tensor]:
@@ -254,7 +334,11 @@ def release_parameters(model: torch.nn.Module, keep: list[torch.nn.Module]) -> i
     used = {t.untyped_storage().data_ptr() for mod in keep for t in _tensors(mod)}
     freed = 0
     for p in model.parameters():
-        if p.untyped_storage().data_ptr() not in used and p.numel() > 1 and p.stride() != (0,) * p.dim():
+        if (
+            p.untyped_storage().data_ptr() not in used
+            and p.numel() > 1
+            and p.stride() != (0,) * p.dim()
+        ):
             freed += p.numel() * p.element_size()
             p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
     return freed

@@ -95,15 +95,23 @@ class Program:
     def empty_outputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Uninitialized outputs of the call's shapes, dtypes and structure, without running it
         (CFG call pairing: the placeholders of the branch another rank computes)."""
-        device = next((x.device for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)), None)
+        device = next(
+            (x.device for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)),
+            None,
+        )
         leaves = pytree.tree_leaves(self.graph.graph.output_node().args[0])
         if self.out_shapes is not None:
-            outs = [torch.empty(sd[0], dtype=sd[1], device=device) if sd is not None else n
-                    for n, sd in zip(leaves, self.out_shapes, strict=True)]
+            outs = [
+                torch.empty(sd[0], dtype=sd[1], device=device) if sd is not None else n
+                for n, sd in zip(leaves, self.out_shapes, strict=True)
+            ]
         else:
-            outs = [torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device)
-                    if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor) else n
-                    for n in leaves]
+            outs = [
+                torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device)
+                if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
+                else n
+                for n in leaves
+            ]
         spec = getattr(self.graph, "_out_spec", None)
         return pytree.tree_unflatten(outs, spec) if spec is not None else tuple(outs)
 
@@ -112,23 +120,37 @@ class Program:
         return sum(c.bytes_per_forward for c in self.collectives)
 
     def __str__(self) -> str:
-        lines = [f"Program({self.plan}, rank {self.mesh.rank}): {len(self.trace)} passes, "
-                 f"{len(self.breaks)} sharding breaks, {len(self.collectives)} collective sites "
-                 f"({self.bytes_per_forward:,} bytes per forward)"]
+        lines = [
+            f"Program({self.plan}, rank {self.mesh.rank}): {len(self.trace)} passes, "
+            f"{len(self.breaks)} sharding breaks, {len(self.collectives)} collective sites "
+            f"({self.bytes_per_forward:,} bytes per forward)"
+        ]
         if self.seed is not None:
-            lines.append(f"  seed: '{self.seed.input}' dim {self.seed.dim} in units of {self.seed.patch}: "
-                         f"{self.seed.split}")
-        lines += [f"  {axis} batch: {s.inputs} split {s.split}" for axis, s in self.batch_seeds.items()]
-        lines += [f"  pass {p.name:<24} {'changed' if p.modified else 'no-op'} {p.nodes_before} -> {p.nodes_after}"
-                  for p in self.trace]
+            lines.append(
+                f"  seed: '{self.seed.input}' dim {self.seed.dim} in units of {self.seed.patch}: "
+                f"{self.seed.split}"
+            )
+        lines += [
+            f"  {axis} batch: {s.inputs} split {s.split}" for axis, s in self.batch_seeds.items()
+        ]
+        lines += [
+            f"  pass {p.name:<24} {'changed' if p.modified else 'no-op'} {p.nodes_before} -> {p.nodes_after}"
+            for p in self.trace
+        ]
         if self.pipefusion is not None:
             lines += self.pipefusion.summary()
         return "\n".join(lines)
 
 
 def compile(  # noqa: A001  (the design's name: compile a graph into a Program)
-    graph: fx.GraphModule, plan: Plan, mesh: ParallelMesh | MeshInfo, facts: Facts | None = None, *,
-    state: DisplacedState | None = None, stage_cut: StageCut | None = None, verify: bool = True,
+    graph: fx.GraphModule,
+    plan: Plan,
+    mesh: ParallelMesh | MeshInfo,
+    facts: Facts | None = None,
+    *,
+    state: DisplacedState | None = None,
+    stage_cut: StageCut | None = None,
+    verify: bool = True,
     keep_graphs: bool = True,
 ) -> Program:
     """Compile a captured ``graph`` (rewritten in place) for ``plan`` on this rank of ``mesh``.
@@ -140,8 +162,11 @@ def compile(  # noqa: A001  (the design's name: compile a graph into a Program)
     ``verify=False`` skips ``XDIT_DEBUG``'s shape verifier and ``keep_graphs=False`` the printed
     graphs (the planner's programs never run)."""
     info = mesh.info if isinstance(mesh, ParallelMesh) else mesh
-    groups = {axis: mesh.group_name(axis) for axis in ("sp", "cfg", "dp")
-              if isinstance(mesh, ParallelMesh) and info.degree(axis) > 1}
+    groups = {
+        axis: mesh.group_name(axis)
+        for axis in ("sp", "cfg", "dp")
+        if isinstance(mesh, ParallelMesh) and info.degree(axis) > 1
+    }
     if plan.distrifusion > 1 and "shard_text_rows" not in plan.disable_passes:
         # Every rank computes all text rows from its own view (fresh text K/V, no gathers).
         plan = replace(plan, disable_passes=(*plan.disable_passes, "shard_text_rows"))
@@ -159,24 +184,51 @@ def compile(  # noqa: A001  (the design's name: compile a graph into a Program)
         runner = torch.compile(gm, backend="inductor", dynamic=False)
     logger.info("compiled for a new input signature (%d sharding breaks)", len(ctx.breaks))
     displaced = [b for n in gm.graph.nodes if (b := displaced_buffer(n)) is not None]
-    return _program(ctx, gm, runner, counted=[c for c in ctx.collectives if c.graph_level],
-                    displaced=displaced)
+    return _program(
+        ctx, gm, runner, counted=[c for c in ctx.collectives if c.graph_level], displaced=displaced
+    )
 
 
-def _program(ctx: PassContext, gm: fx.GraphModule, runner: Callable[..., Any], **extra: Any) -> Program:
+def _program(
+    ctx: PassContext, gm: fx.GraphModule, runner: Callable[..., Any], **extra: Any
+) -> Program:
     assert ctx.serial_flops is not None  # the driver counts them before the first pass
-    return Program(plan=ctx.plan, mesh=ctx.mesh, graph=gm, runner=runner, trace=list(ctx.stats),
-                   graphs=dict(ctx.graphs), seed=ctx.seed, batch_seeds=dict(ctx.batch_seeds),
-                   breaks=list(ctx.breaks), collectives=list(ctx.collectives), serial_flops=ctx.serial_flops,
-                   text_heads_localized=ctx.text_heads_localized, **extra)
+    return Program(
+        plan=ctx.plan,
+        mesh=ctx.mesh,
+        graph=gm,
+        runner=runner,
+        trace=list(ctx.stats),
+        graphs=dict(ctx.graphs),
+        seed=ctx.seed,
+        batch_seeds=dict(ctx.batch_seeds),
+        breaks=list(ctx.breaks),
+        collectives=list(ctx.collectives),
+        serial_flops=ctx.serial_flops,
+        text_heads_localized=ctx.text_heads_localized,
+        **extra,
+    )
 
 
-def _pipefusion_program(graph: fx.GraphModule, ctx: PassContext, mesh: ParallelMesh | MeshInfo,
-                        state: DisplacedState, cut: StageCut | None, verify: bool) -> Program:
+def _pipefusion_program(
+    graph: fx.GraphModule,
+    ctx: PassContext,
+    mesh: ParallelMesh | MeshInfo,
+    state: DisplacedState,
+    cut: StageCut | None,
+    verify: bool,
+) -> Program:
     plan = ctx.plan
-    built = compile_pipefusion(graph, ctx, build_passes(plan, "common"), build_passes(plan, "patch"), cut,
-                               mesh if isinstance(mesh, ParallelMesh) and mesh.mesh is not None else None,
-                               state, verify=verify)
+    built = compile_pipefusion(
+        graph,
+        ctx,
+        build_passes(plan, "common"),
+        build_passes(plan, "patch"),
+        cut,
+        mesh if isinstance(mesh, ParallelMesh) and mesh.mesh is not None else None,
+        state,
+        verify=verify,
+    )
     runner = built.runner
     pieces = [p.gm for p in runner.main.programs]
     if plan.compile == "inductor":
@@ -185,6 +237,14 @@ def _pipefusion_program(graph: fx.GraphModule, ctx: PassContext, mesh: ParallelM
                 prog.gm = torch.compile(prog.gm, backend="inductor", dynamic=False)  # type: ignore[assignment]
     kept: list[torch.nn.Module] = [p.gm for v in runner.variants.values() for p in v.programs]
     kept += [v.prologue for v in runner.variants.values()]
-    return _program(built.ctx, built.graph, runner, counted=[], out_shapes=runner.main.out_shapes,
-                    pipefusion=built.info, pieces=pieces, kept=kept,
-                    stage_cut=built.cut)
+    return _program(
+        built.ctx,
+        built.graph,
+        runner,
+        counted=[],
+        out_shapes=runner.main.out_shapes,
+        pipefusion=built.info,
+        pieces=pieces,
+        kept=kept,
+        stage_cut=built.cut,
+    )

@@ -79,7 +79,9 @@ class Probe:
     def symbols(self) -> list[sympy.Symbol]:
         return [s for b in self.bindings for s in b]
 
-    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    def __call__(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[str, int], ...]:
         """``((symbol, value), ...)`` for these inputs, sorted by symbol name."""
         flat = fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec)
         with torch.no_grad():
@@ -109,8 +111,10 @@ def find_data_dependence(gm: fx.GraphModule) -> Probe | None:
         if n.op == "placeholder" or n in needed:
             env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(tuple(env[b] for b in binders))
-    bindings = [{s: path for s, path in b.meta["unbacked_bindings"].items() if isinstance(s, sympy.Symbol)}
-                for b in binders]
+    bindings = [
+        {s: path for s, path in b.meta["unbacked_bindings"].items() if isinstance(s, sympy.Symbol)}
+        for b in binders
+    ]
     probe_gm = fx.GraphModule(gm, graph)
     return Probe(probe_gm, gm._in_spec, [b.name for b in binders], bindings)
 
@@ -120,8 +124,10 @@ def _concrete(val: Any, subs: dict[sympy.Symbol, int]) -> Any:
         expr = val.node.expr.xreplace({k: sympy.Integer(v) for k, v in subs.items()})
         if expr.free_symbols:
             raise ValueError(f"size {val.node.expr} still symbolic after specialization ({expr})")
-        return bool(expr) if isinstance(val, torch.SymBool) else (
-            float(expr) if isinstance(val, torch.SymFloat) else int(expr)
+        return (
+            bool(expr)
+            if isinstance(val, torch.SymBool)
+            else (float(expr) if isinstance(val, torch.SymFloat) else int(expr))
         )
     return val
 
@@ -137,25 +143,34 @@ def specialize_graph(
     static: dict[fx.Node, list[int]] = {}
     for n in list(graph.nodes):
         val = n.meta.get("val")
-        if n.name in probe.binders and isinstance(val, torch.SymInt | torch.SymBool | torch.SymFloat):
+        if n.name in probe.binders and isinstance(
+            val, torch.SymInt | torch.SymBool | torch.SymFloat
+        ):
             # A scalar (``.item()``): its uses get the probed value; the key holds it, so a call
             # with another value compiles again.
             n.replace_all_uses_with(_concrete(val, subs))  # type: ignore[arg-type]
             graph.erase_node(n)
         elif n.name in probe.binders:
-            shape = [int(_concrete(d, subs)) for d in (val.shape if isinstance(val, torch.Tensor) else [])]
+            shape = [
+                int(_concrete(d, subs))
+                for d in (val.shape if isinstance(val, torch.Tensor) else [])
+            ]
             if isinstance(val, torch.Tensor):
                 with graph.inserting_after(n):
                     check = graph.call_function(torch.ops.xdit.specialized.default, (n, shape))
                 n.replace_all_uses_with(check, delete_user_cb=lambda u, c=check: u is not c)
-                check.meta.update({k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")})
+                check.meta.update(
+                    {k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")}
+                )
                 static[n] = shape
         elif isinstance(val, torch.SymInt | torch.SymBool | torch.SymFloat):
             n.replace_all_uses_with(_concrete(val, subs))  # type: ignore[arg-type]
             graph.erase_node(n)
         elif n.op == "call_function" and n.target is torch.ops.aten._assert_scalar.default:
             if n.args[0] is False:
-                raise ValueError(f"runtime assertion fails for the probed sizes {values}: {n.args[1]}")
+                raise ValueError(
+                    f"runtime assertion fails for the probed sizes {values}: {n.args[1]}"
+                )
             graph.erase_node(n)
     fake_run(gm, example, static=static, write=True)
     gm.recompile()

@@ -34,19 +34,55 @@ from torch.nn.modules import module as _nn_module
 
 from xdit_compile.compiler.watch import version, watch_module
 
-__all__ = ["Fingerprint", "Snapshot", "StateNow", "StateTracker", "StateWatch", "diffusers_hooks", "fingerprint"]
+__all__ = [
+    "Fingerprint",
+    "Snapshot",
+    "StateNow",
+    "StateTracker",
+    "StateWatch",
+    "diffusers_hooks",
+    "fingerprint",
+]
 
 #: Standard ``nn.Module`` attributes a forward under ``no_grad`` never reads: backward and
 #: state-dict hooks, and the flags kept beside the forward-hook dicts (same keys as those).
-IRRELEVANT = frozenset({
-    "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook", "_state_dict_hooks",
-    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-    "_non_persistent_buffers_set", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_forward_pre_hooks_with_kwargs",
-})
-_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
-          torch.layout, torch.memory_format, range, slice, type, types.FunctionType,
-          types.BuiltinFunctionType, types.MethodType, types.ModuleType, enum.Enum)
+IRRELEVANT = frozenset(
+    {
+        "_backward_pre_hooks",
+        "_backward_hooks",
+        "_is_full_backward_hook",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+        "_non_persistent_buffers_set",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks_with_kwargs",
+    }
+)
+_ATOMS = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    torch.dtype,
+    torch.device,
+    torch.Size,
+    torch.layout,
+    torch.memory_format,
+    range,
+    slice,
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.ModuleType,
+    enum.Enum,
+)
 _CONTAINERS = (dict, list, tuple, set, frozenset)
 #: How deep plain objects are followed (module -> processor -> its settings).
 _DEPTH = 3
@@ -97,14 +133,19 @@ class _Collect:
         if isinstance(v, torch.Tensor):
             self.tensors.append(v)
             exact = type(v) in (torch.Tensor, torch.nn.Parameter) and v.numel() > 1
-            return v if exact else _Same(v)  # ``==`` of 1-element or subclass tensors answers by value
+            return (
+                v if exact else _Same(v)
+            )  # ``==`` of 1-element or subclass tensors answers by value
         if isinstance(v, (*_ATOMS, torch.nn.Module)):
             return v
         if isinstance(v, dict):
             return {k: self.copy(x, depth + 1) for k, x in v.items()}
         if isinstance(v, list | tuple):
-            return type(v)(self.copy(x, depth + 1) for x in v) if type(v) in (list, tuple) else \
-                [self.copy(x, depth + 1) for x in v]
+            return (
+                type(v)(self.copy(x, depth + 1) for x in v)
+                if type(v) in (list, tuple)
+                else [self.copy(x, depth + 1) for x in v]
+            )
         if isinstance(v, set | frozenset):
             return set(v)
         if _plain_object(v) and depth < _DEPTH and id(v) not in self._seen:
@@ -137,8 +178,11 @@ class Snapshot:
         getters, snap = [], []
         for d in dicts:
             keys = [k for k, v in d.items() if not _ignored(k, v)]
-            getter = operator.itemgetter(*keys) if len(keys) > 1 else (
-                (lambda d, k=keys[0]: (d[k],)) if keys else (lambda d: ()))
+            getter = (
+                operator.itemgetter(*keys)
+                if len(keys) > 1
+                else ((lambda d, k=keys[0]: (d[k],)) if keys else (lambda d: ()))
+            )
             getters.append(getter)
             snap.append(tuple(col.copy(v) for v in getter(d)))
         objects, object_snap = [], []
@@ -148,18 +192,29 @@ class Snapshot:
             objects.append(obj)
             object_snap.append({k: col.copy(v, depth + 1) for k, v in vars(obj).items()})
             i += 1
-        return cls(dicts, list(map(len, dicts)), getters, snap, objects, object_snap,
-                   col.tensors, list(map(_data_ptr, col.tensors)), _global_state())
+        return cls(
+            dicts,
+            list(map(len, dicts)),
+            getters,
+            snap,
+            objects,
+            object_snap,
+            col.tensors,
+            list(map(_data_ptr, col.tensors)),
+            _global_state(),
+        )
 
     def matches(self) -> bool:
         """Whether the live tree still has this state (every comparison puts the snapshot
         first, so tensors compare by identity, containers by value)."""
         try:
-            return (list(map(len, self.dicts)) == self.lens
-                    and self.snap == list(map(_call, self.getters, self.dicts))
-                    and self.object_snap == list(map(vars, self.objects))
-                    and list(map(_data_ptr, self.tensors)) == self.ptrs
-                    and _global_state() == self.glob)
+            return (
+                list(map(len, self.dicts)) == self.lens
+                and self.snap == list(map(_call, self.getters, self.dicts))
+                and self.object_snap == list(map(vars, self.objects))
+                and list(map(_data_ptr, self.tensors)) == self.ptrs
+                and _global_state() == self.glob
+            )
         except (RuntimeError, TypeError, ValueError):  # a replaced tensor's ``==``: it changed
             return False
 
@@ -189,10 +244,12 @@ class StateWatch:
         """Unchanged since the snapshot, as far as the counter and the per-call comparisons see."""
         s = self.snapshot
         try:
-            return (version() == self.version
-                    and s.object_snap == list(map(vars, s.objects))
-                    and self.left_snap == [vars(o)[k] for o, k in self.left]
-                    and _global_state() == s.glob)
+            return (
+                version() == self.version
+                and s.object_snap == list(map(vars, s.objects))
+                and self.left_snap == [vars(o)[k] for o, k in self.left]
+                and _global_state() == s.glob
+            )
         except (RuntimeError, TypeError, ValueError):
             return False
 
@@ -229,7 +286,9 @@ def _global_state() -> tuple[Any, ...]:
     every module's ``__call__``)."""
     cpu = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     cuda = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) if _CUDA else ()
-    hooks = tuple(tuple(d) for d in (_nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks))
+    hooks = tuple(
+        tuple(d) for d in (_nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks)
+    )
     return cpu, cuda, hooks
 
 
@@ -251,13 +310,20 @@ def _freeze(v: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -> Any:
     if isinstance(v, dict):
         return ("dict", tuple((_freeze(k), _freeze(x, depth + 1, seen)) for k, x in v.items()))
     if isinstance(v, list | tuple):  # versioned or not: the same contents are the same state
-        return ("list" if isinstance(v, list) else "tuple", tuple(_freeze(x, depth + 1, seen) for x in v))
+        return (
+            "list" if isinstance(v, list) else "tuple",
+            tuple(_freeze(x, depth + 1, seen) for x in v),
+        )
     if isinstance(v, set | frozenset):
         return ("set", frozenset(_freeze(x, depth + 1, seen) for x in v))
     if _plain_object(v) and depth < _DEPTH and id(v) not in seen:
         inner = seen | {id(v)}
-        return ("object", id(v), type(v).__qualname__,
-                tuple((k, _freeze(x, depth + 1, inner)) for k, x in vars(v).items()))
+        return (
+            "object",
+            id(v),
+            type(v).__qualname__,
+            tuple((k, _freeze(x, depth + 1, inner)) for k, x in vars(v).items()),
+        )
     return ("object", id(v))
 
 
@@ -281,12 +347,23 @@ class Fingerprint:
             a, b = theirs.get(path), mine.get(path)
             if a == b:
                 continue
-            what = "module added" if a is None else "module removed" if b is None else _what(dict(a), dict(b))
+            what = (
+                "module added"
+                if a is None
+                else "module removed"
+                if b is None
+                else _what(dict(a), dict(b))
+            )
             by_what.setdefault(what, []).append(path or "<root>")
         out = []
         for what, paths in list(by_what.items())[:limit]:
-            where = paths[0] if len(paths) == 1 else (
-                f"{len(paths)} modules: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}")
+            where = (
+                paths[0]
+                if len(paths) == 1
+                else (
+                    f"{len(paths)} modules: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
+                )
+            )
             out.append(f"{what} ({where})")
         if len(by_what) > limit:
             out.append(f"and {len(by_what) - limit} more kinds of change")
@@ -315,7 +392,12 @@ def _what(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def _short(v: Any) -> str:
     if isinstance(v, tuple) and v and v[0] == "dict":
-        return "{" + ", ".join(f"{_short(k)}: {_short(x)}" for k, x in v[1][:4]) + ("..." if len(v[1]) > 4 else "") + "}"
+        return (
+            "{"
+            + ", ".join(f"{_short(k)}: {_short(x)}" for k, x in v[1][:4])
+            + ("..." if len(v[1]) > 4 else "")
+            + "}"
+        )
     if isinstance(v, tuple) and v and v[0] in ("list", "tuple"):
         return "[" + ", ".join(_short(x) for x in v[1][:4]) + "]"
     if isinstance(v, tuple) and v and v[0] == "tensor":
@@ -331,8 +413,7 @@ def fingerprint(root: torch.nn.Module) -> Fingerprint:
     entries, tensors = [], []
     for name, m in _modules(root):
         d = vars(m)
-        entries.append((name, tuple(
-            (k, _freeze(v)) for k, v in d.items() if not _ignored(k, v))))
+        entries.append((name, tuple((k, _freeze(v)) for k, v in d.items() if not _ignored(k, v))))
         for k in ("_parameters", "_buffers"):
             tensors += [t for t in d[k].values() if isinstance(t, torch.Tensor)]
     entries.append(("<global>", (("state", _freeze(_global_state())),)))
@@ -401,7 +482,8 @@ class StateTracker:
             raise ValueError(
                 f"{type(self.model).__name__} carries diffusers hooks ({'; '.join(hooks[:3])}): they decide "
                 f"in Python at every call, which a compiled graph cannot; remove them (e.g. "
-                f"model.disable_cache()) before calling the parallel model")
+                f"model.disable_cache()) before calling the parallel model"
+            )
         if fp not in self.states:
             self.states[fp] = max(self.states.values(), default=-1) + 1
         elif self.states[fp] != self.current:

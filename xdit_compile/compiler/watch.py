@@ -38,8 +38,15 @@ _COUNT = [0]
 #: Containers of ``nn.Module`` changed only through its methods (which watched classes wrap).
 TORCH_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules"})
 #: Forward-hook dicts: registration goes through the module, removal through the handle.
-HOOK_DICTS = frozenset({"_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                        "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"})
+HOOK_DICTS = frozenset(
+    {
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks_with_kwargs",
+    }
+)
 
 
 def version() -> int:
@@ -54,7 +61,9 @@ def _bump() -> None:
 def _mutator(base: type, name: str) -> Any:
     method = getattr(base, name)
 
-    @functools.wraps(method)  # the signature too: torch inspects register_buffer's for ``persistent``
+    @functools.wraps(
+        method
+    )  # the signature too: torch inspects register_buffer's for ``persistent``
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         _COUNT[0] += 1
         return method(self, *args, **kwargs)
@@ -68,16 +77,63 @@ def _versioned_type(name: str, base: type, names: tuple[str, ...]) -> type:
     return type(name, (base,), ns)
 
 
-_DICT_MUTATORS = ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault")
+_DICT_MUTATORS = (
+    "__setitem__",
+    "__delitem__",
+    "__ior__",
+    "pop",
+    "popitem",
+    "clear",
+    "update",
+    "setdefault",
+)
 VersionedDict = _versioned_type("VersionedDict", dict, _DICT_MUTATORS)
-VersionedOrderedDict = _versioned_type("VersionedOrderedDict", OrderedDict, (*_DICT_MUTATORS, "move_to_end"))
-VersionedList = _versioned_type("VersionedList", list, ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend",
-                                       "insert", "pop", "remove", "clear", "sort", "reverse"))
-VersionedSet = _versioned_type("VersionedSet", set, ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
-                                     "intersection_update", "symmetric_difference_update", "__ior__", "__iand__",
-                                     "__isub__", "__ixor__"))
-_VERSIONED: dict[type, type] = {dict: VersionedDict, OrderedDict: VersionedOrderedDict, list: VersionedList,
-                                 set: VersionedSet}
+VersionedOrderedDict = _versioned_type(
+    "VersionedOrderedDict", OrderedDict, (*_DICT_MUTATORS, "move_to_end")
+)
+VersionedList = _versioned_type(
+    "VersionedList",
+    list,
+    (
+        "__setitem__",
+        "__delitem__",
+        "__iadd__",
+        "__imul__",
+        "append",
+        "extend",
+        "insert",
+        "pop",
+        "remove",
+        "clear",
+        "sort",
+        "reverse",
+    ),
+)
+VersionedSet = _versioned_type(
+    "VersionedSet",
+    set,
+    (
+        "add",
+        "discard",
+        "remove",
+        "pop",
+        "clear",
+        "update",
+        "difference_update",
+        "intersection_update",
+        "symmetric_difference_update",
+        "__ior__",
+        "__iand__",
+        "__isub__",
+        "__ixor__",
+    ),
+)
+_VERSIONED: dict[type, type] = {
+    dict: VersionedDict,
+    OrderedDict: VersionedOrderedDict,
+    list: VersionedList,
+    set: VersionedSet,
+}
 
 
 def _versioned(v: Any) -> Any:
@@ -92,8 +148,17 @@ def _versioned(v: Any) -> Any:
     return v
 
 
-_MODULE_MUTATORS = ("__setattr__", "__delattr__", "register_parameter", "register_buffer", "register_module",
-                    "add_module", "register_forward_hook", "register_forward_pre_hook", "_apply")
+_MODULE_MUTATORS = (
+    "__setattr__",
+    "__delattr__",
+    "register_parameter",
+    "register_buffer",
+    "register_module",
+    "add_module",
+    "register_forward_hook",
+    "register_forward_pre_hook",
+    "_apply",
+)
 _WATCHED: dict[type, type] = {}
 
 
@@ -127,8 +192,14 @@ def _watched_class(cls: type) -> type:
         return cls
     if cls not in _WATCHED:
         ns: dict[str, Any] = {n: _mutator(cls, n) for n in _MODULE_MUTATORS}
-        ns.update(_xdit_watched=True, __module__=cls.__module__, __qualname__=cls.__qualname__,
-                  __doc__=cls.__doc__, __reduce_ex__=_reduce_as(cls), __class__=_class_as(cls))
+        ns.update(
+            _xdit_watched=True,
+            __module__=cls.__module__,
+            __qualname__=cls.__qualname__,
+            __doc__=cls.__doc__,
+            __reduce_ex__=_reduce_as(cls),
+            __class__=_class_as(cls),
+        )
         _WATCHED[cls] = type(cls.__name__, (cls,), ns)
     return _WATCHED[cls]
 

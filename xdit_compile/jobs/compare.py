@@ -109,7 +109,9 @@ def compare_zoo_model(
             return pm(**kwargs)
         # Displaced K/V: every call is a new denoising step (fresh input tensors; a call with the
         # previous call's latent tensor would be its CFG branch). The first is the warmup step.
-        return pm(**pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, kwargs))
+        return pm(
+            **pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, kwargs)
+        )
 
     for _ in range(warmup):
         call()
@@ -125,10 +127,14 @@ def compare_zoo_model(
         serial_ms=serial_ms,
         parallel_ms=parallel_ms,
         bytes_per_forward=per_fwd,
-        comm={k: {"calls": v["calls"] // iters, "bytes": v["bytes"] // iters}
-              for k, v in stats.as_dict().items()},
+        comm={
+            k: {"calls": v["calls"] // iters, "bytes": v["bytes"] // iters}
+            for k, v in stats.as_dict().items()
+        },
         breaks=[f"{b.op} at {b.source}: {b.reason}" for b in _breaks(pm, entry)],
-        seed={k: v for k, v in (entry.seed.as_dict() if entry.seed else {}).items() if k != "shape"} if entry is not None else {},
+        seed={k: v for k, v in (entry.seed.as_dict() if entry.seed else {}).items() if k != "shape"}
+        if entry is not None
+        else {},
         flops_share=_flops_share(pm),
         regions=len(pm.all_regions()) if pm.regions is not None else 0,
         region_error=pm.region_error,

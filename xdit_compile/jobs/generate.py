@@ -26,15 +26,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEMO", "GenerateOptions", "GenerateResult", "TOLERANCE", "check_model", "generate_job", "load_pipeline",
-           "model_path", "output_array", "run_timed", "save_output", "step_callback", "to_uint8",
-           "transformer_configs"]
+__all__ = [
+    "DEMO",
+    "GenerateOptions",
+    "GenerateResult",
+    "TOLERANCE",
+    "check_model",
+    "generate_job",
+    "load_pipeline",
+    "model_path",
+    "output_array",
+    "run_timed",
+    "save_output",
+    "step_callback",
+    "to_uint8",
+    "transformer_configs",
+]
 
 DEMO = "demo"
 """``--model demo``: the trained emoji pipeline (:func:`xdit_compile.models.demo.demo_path`)."""
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 #: Largest max-abs relative difference between the parallel and the plain pipeline's images
 #: expected per dtype: fp32 reorders sums only; in half precision each reordered matmul or
@@ -43,6 +62,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 #: log-sum-exp merge rounds differently): 4.9e-2 in bf16, 8.3e-3 in fp16, about half the bounds;
 #: Ulysses and CFG parallel leave each row's arithmetic as it is (0 difference in bf16 there).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.02}
+
 
 @dataclass
 class GenerateOptions:
@@ -112,16 +132,22 @@ def check_model(model: str) -> None:
     from xdit_compile.models.pipelines import list_pipelines
 
     if model == DEMO and not os.path.isdir(model_path(model)):
-        raise ValueError(f"the demo pipeline is missing ({model_path(model)}); train it with "
-                         f"`python -m xdit_compile.models.train_demo`")
+        raise ValueError(
+            f"the demo pipeline is missing ({model_path(model)}); train it with "
+            f"`python -m xdit_compile.models.train_demo`"
+        )
     model = model_path(model)
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
-            raise ValueError(f"{model} is a directory without model_index.json: not a saved diffusers pipeline")
+            raise ValueError(
+                f"{model} is a directory without model_index.json: not a saved diffusers pipeline"
+            )
         return
     if model not in list_pipelines():
-        raise ValueError(f"--model {model!r}: no such directory, and neither {DEMO!r} nor a tiny "
-                         f"pipeline name ({', '.join(list_pipelines())})")
+        raise ValueError(
+            f"--model {model!r}: no such directory, and neither {DEMO!r} nor a tiny "
+            f"pipeline name ({', '.join(list_pipelines())})"
+        )
 
 
 def transformer_configs(model: str) -> list[tuple[str, dict[str, Any]]]:
@@ -165,7 +191,9 @@ def load_loras(pipe: Any, loras: dict[str, str]) -> None:
     if not loras:
         return
     if not hasattr(pipe, "load_lora_weights"):
-        raise ValueError(f"--lora: {type(pipe).__name__} cannot load LoRA weights (no load_lora_weights)")
+        raise ValueError(
+            f"--lora: {type(pipe).__name__} cannot load LoRA weights (no load_lora_weights)"
+        )
     for name, path in loras.items():
         pipe.load_lora_weights(path, adapter_name=name)
     pipe.disable_lora()
@@ -184,21 +212,46 @@ def use_adapters(pipe: Any, weights: dict[str, float]) -> None:
 
 
 def _call_kwargs(pipe: Any, o: GenerateOptions, defaults: dict[str, Any]) -> dict[str, Any]:
-    return pipeline_call(pipe, defaults, o.prompt if len(o.prompt) > 1 else o.prompt[0], steps=o.steps,
-                         height=o.height, width=o.width, frames=o.frames, guidance_scale=o.guidance_scale,
-                         negative_prompt=o.negative_prompt, resolution_binning=o.resolution_binning)
+    return pipeline_call(
+        pipe,
+        defaults,
+        o.prompt if len(o.prompt) > 1 else o.prompt[0],
+        steps=o.steps,
+        height=o.height,
+        width=o.width,
+        frames=o.frames,
+        guidance_scale=o.guidance_scale,
+        negative_prompt=o.negative_prompt,
+        resolution_binning=o.resolution_binning,
+    )
 
 
-def pipeline_call(pipe: Any, defaults: dict[str, Any], prompt: str | list[str], *, steps: int | None = None,
-                  height: int | None = None, width: int | None = None, frames: int | None = None,
-                  guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
-                  resolution_binning: bool = False, **extra: Any) -> dict[str, Any]:
+def pipeline_call(
+    pipe: Any,
+    defaults: dict[str, Any],
+    prompt: str | list[str],
+    *,
+    steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    guidance_scale: float | None = None,
+    negative_prompt: str | list[str] | None = None,
+    resolution_binning: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
     """The keyword arguments of one pipeline call (``generate`` and ``serve``): ``defaults``
     updated by the values given (None: the default's or the pipeline's own), NumPy output,
     restricted to what ``pipe.__call__`` takes. ``extra`` (e.g. ``generator``) is passed as is."""
     kw = dict(defaults)
-    given = {"num_inference_steps": steps, "height": height, "width": width, "num_frames": frames,
-             "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
+    given = {
+        "num_inference_steps": steps,
+        "height": height,
+        "width": width,
+        "num_frames": frames,
+        "guidance_scale": guidance_scale,
+        "negative_prompt": negative_prompt,
+    }
     kw.update({k: v for k, v in given.items() if v is not None})
     kw.setdefault("use_resolution_binning", resolution_binning)
     if not _caption_cleaning():  # what PixArt pipelines fall back to, with a warning per rank
@@ -236,9 +289,11 @@ def step_callback(pipe: Any, fn: Any) -> dict[str, Any]:
     it has neither."""
     params = inspect.signature(pipe.__call__).parameters
     if "callback_on_step_end" in params:
+
         def on_step(p: Any, i: int, t: Any, cb: dict[str, Any]) -> dict[str, Any]:
             fn()
             return cb
+
         return {"callback_on_step_end": on_step}
     if "callback" in params and "callback_steps" in params:
         return {"callback": lambda i, t, latents: fn(), "callback_steps": 1}
@@ -321,8 +376,9 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
     load_loras(pipe, o.loras)
     use_adapters(pipe, o.lora_weights or dict.fromkeys(o.loras, 1.0))
     kw = _call_kwargs(pipe, o, defaults)
-    result = GenerateResult(rank=rank, shape=[], total_s=0.0, tolerance=TOLERANCE[dtype],
-                            call=_shown_call(pipe, kw))
+    result = GenerateResult(
+        rank=rank, shape=[], total_s=0.0, tolerance=TOLERANCE[dtype], call=_shown_call(pipe, kw)
+    )
     serial = None
     if o.compare_serial:  # the plain pipeline, on rank 0 alone
         if rank == 0:
@@ -348,7 +404,9 @@ def generate_job(o: GenerateOptions) -> GenerateResult:
     if not np.isfinite(arr).all():
         raise RuntimeError("the parallel pipeline produced non-finite values")
     if serial is not None:
-        result.rel_error = float(np.abs(arr - serial).max() / max(float(np.abs(serial).max()), 1e-30))
+        result.rel_error = float(
+            np.abs(arr - serial).max() / max(float(np.abs(serial).max()), 1e-30)
+        )
     if rank == 0 and o.output:
         result.saved = save_output(arr, o.output)
     return result

@@ -30,8 +30,13 @@ class ClientError(RuntimeError):
         self.status, self.message, self.retry_after = status, message, retry_after
 
 
-def wait_ready(url: str, *, timeout: float = 300.0, alive: Callable[[], bool] = lambda: True,
-               interval: float = 0.3) -> float:
+def wait_ready(
+    url: str,
+    *,
+    timeout: float = 300.0,
+    alive: Callable[[], bool] = lambda: True,
+    interval: float = 0.3,
+) -> float:
     """Wait until ``GET {url}/health`` answers 200 (the group is up and warmed); returns the
     seconds waited. ``alive()`` (e.g. a ``Popen.poll() is None`` check of the service process)
     is asked between polls: RuntimeError when it says the service is gone, TimeoutError after
@@ -61,23 +66,41 @@ class ImageResult:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def generate_images(url: str, prompt: str, *, n: int = 1, size: str | None = None, steps: int | None = None,
-                    seed: int | None = None, guidance_scale: float | None = None,
-                    negative_prompt: str | None = None, timeout: float = 600.0, retries_on_429: int = 0,
-                    ) -> ImageResult:
+def generate_images(
+    url: str,
+    prompt: str,
+    *,
+    n: int = 1,
+    size: str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
+    timeout: float = 600.0,
+    retries_on_429: int = 0,
+) -> ImageResult:
     """``POST {url}/v1/images/generations``; with ``retries_on_429``, a full queue is retried after
     the ``Retry-After`` the service sends."""
     body: dict[str, Any] = {"prompt": prompt, "n": n, "response_format": "b64_json"}
-    for k, v in (("size", size), ("steps", steps), ("seed", seed), ("guidance_scale", guidance_scale),
-                 ("negative_prompt", negative_prompt)):
+    for k, v in (
+        ("size", size),
+        ("steps", steps),
+        ("seed", seed),
+        ("guidance_scale", guidance_scale),
+        ("negative_prompt", negative_prompt),
+    ):
         if v is not None:
             body[k] = v
     data = json.dumps(body).encode()
     t0 = time.monotonic()
     tries = 0
     while True:
-        req = urllib.request.Request(url.rstrip("/") + "/v1/images/generations", data=data, method="POST",
-                                     headers={"content-type": "application/json"})
+        req = urllib.request.Request(
+            url.rstrip("/") + "/v1/images/generations",
+            data=data,
+            method="POST",
+            headers={"content-type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 out = json.loads(r.read())
@@ -96,5 +119,10 @@ def generate_images(url: str, prompt: str, *, n: int = 1, size: str | None = Non
                 continue
             raise err from None
     images = [base64.b64decode(d["b64_json"]) for d in out["data"]]
-    return ImageResult(images=images, seed=int(out.get("seed", -1)), seconds=time.monotonic() - t0, retries=tries,
-                       raw={k: v for k, v in out.items() if k != "data"})
+    return ImageResult(
+        images=images,
+        seed=int(out.get("seed", -1)),
+        seconds=time.monotonic() - t0,
+        retries=tries,
+        raw={k: v for k, v in out.items() if k != "data"},
+    )

@@ -40,11 +40,38 @@ _DROP = {"host", "content-length", "connection", "transfer-encoding", "keep-aliv
 def serve_args(opts: ServeOptions, world: int, threads: int = 1) -> list[str]:
     """The ``xdit-compile serve`` command line of one replica's group (its port included)."""
     p = opts.plan
-    args = [sys.executable, "-m", "xdit_compile.cli", "serve", "--model", opts.model, "--host", "127.0.0.1",
-            "--port", str(opts.port), "--nproc", str(world), "--threads", str(threads), "--dtype", opts.dtype,
-            "--max-steps", str(opts.max_steps), "--max-n", str(opts.max_n), "--max-batch", str(opts.max_batch),
-            "--max-queue", str(opts.max_queue), "--max-prompt-chars", str(opts.max_prompt_chars),
-            "--request-timeout", str(opts.timeout_s), "--max-start-failures", str(opts.max_start_failures)]
+    args = [
+        sys.executable,
+        "-m",
+        "xdit_compile.cli",
+        "serve",
+        "--model",
+        opts.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(opts.port),
+        "--nproc",
+        str(world),
+        "--threads",
+        str(threads),
+        "--dtype",
+        opts.dtype,
+        "--max-steps",
+        str(opts.max_steps),
+        "--max-n",
+        str(opts.max_n),
+        "--max-batch",
+        str(opts.max_batch),
+        "--max-queue",
+        str(opts.max_queue),
+        "--max-prompt-chars",
+        str(opts.max_prompt_chars),
+        "--request-timeout",
+        str(opts.timeout_s),
+        "--max-start-failures",
+        str(opts.max_start_failures),
+    ]
     for axis in ("ulysses", "ring", "cfg", "dp", "pipefusion", "distrifusion"):
         if p.get(axis, 1) != 1:
             args += [f"--{axis}", str(p[axis])]
@@ -69,8 +96,15 @@ def serve_args(opts: ServeOptions, world: int, threads: int = 1) -> list[str]:
     return args
 
 
-def deployment(opts: ServeOptions, world: int, *, num_replicas: int = 1, threads: int = 1,
-               ray_actor_options: dict[str, Any] | None = None, start_timeout_s: float = 600.0) -> Any:
+def deployment(
+    opts: ServeOptions,
+    world: int,
+    *,
+    num_replicas: int = 1,
+    threads: int = 1,
+    ray_actor_options: dict[str, Any] | None = None,
+    start_timeout_s: float = 600.0,
+) -> Any:
     """A Ray Serve application: ``num_replicas`` replicas, each a process group of ``world``
     ranks serving ``opts`` (its ``port`` and ``host`` are chosen per replica)."""
     from fastapi import FastAPI, Request, Response
@@ -79,7 +113,9 @@ def deployment(opts: ServeOptions, world: int, *, num_replicas: int = 1, threads
     app = FastAPI(title="xdit_compile (Ray Serve)")
     options = asdict(opts)
 
-    @serve.deployment(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 0})
+    @serve.deployment(
+        num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 0}
+    )
     @serve.ingress(app)
     class XditReplica:
         def __init__(self) -> None:
@@ -88,20 +124,33 @@ def deployment(opts: ServeOptions, world: int, *, num_replicas: int = 1, threads
             o = ServeOptions(**{**options, "port": free_port(), "host": "127.0.0.1"})
             self.url = f"http://127.0.0.1:{o.port}"
             self.replica = f"{os.uname().nodename}:{os.getpid()}"  # this replica's actor process
-            self.proc = subprocess.Popen(serve_args(o, world, threads), stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            self.proc = subprocess.Popen(
+                serve_args(o, world, threads),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=dict(os.environ, PYTHONWARNINGS="ignore"),
+            )
             try:
-                wait_ready(self.url, timeout=start_timeout_s, alive=lambda: self.proc.poll() is None)
+                wait_ready(
+                    self.url, timeout=start_timeout_s, alive=lambda: self.proc.poll() is None
+                )
             except RuntimeError:
-                raise RuntimeError(f"the replica's group exited with code {self.proc.returncode}") from None
+                raise RuntimeError(
+                    f"the replica's group exited with code {self.proc.returncode}"
+                ) from None
             except TimeoutError:
                 raise RuntimeError("the replica's group did not become healthy") from None
 
-        def _forward(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
-                     ) -> tuple[int, dict[str, str], bytes]:
+        def _forward(
+            self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+        ) -> tuple[int, dict[str, str], bytes]:
             url = f"{self.url}/{path}" + (f"?{query}" if query else "")
-            req = urllib.request.Request(url, data=body or None, method=method,
-                                         headers={k: v for k, v in headers.items() if k.lower() not in _DROP})
+            req = urllib.request.Request(
+                url,
+                data=body or None,
+                method=method,
+                headers={k: v for k, v in headers.items() if k.lower() not in _DROP},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=3600) as r:
                     return r.status, dict(r.headers), r.read()
@@ -113,11 +162,22 @@ def deployment(opts: ServeOptions, world: int, *, num_replicas: int = 1, threads
             import asyncio
 
             if path == "admin/shutdown":
-                return Response(status_code=403, content=b'{"error": {"message": "stop replicas with serve.shutdown()"}}',
-                                media_type="application/json")
+                return Response(
+                    status_code=403,
+                    content=b'{"error": {"message": "stop replicas with serve.shutdown()"}}',
+                    media_type="application/json",
+                )
             status, headers, data = await asyncio.to_thread(
-                self._forward, request.method, path, request.url.query, dict(request.headers), await request.body())
-            keep = {k: v for k, v in headers.items() if k.lower() in ("content-type", "retry-after")}
+                self._forward,
+                request.method,
+                path,
+                request.url.query,
+                dict(request.headers),
+                await request.body(),
+            )
+            keep = {
+                k: v for k, v in headers.items() if k.lower() in ("content-type", "retry-after")
+            }
             keep["x-xdit-replica"] = str(self.replica)
             return Response(content=data, status_code=status, headers=keep)
 
@@ -125,8 +185,10 @@ def deployment(opts: ServeOptions, world: int, *, num_replicas: int = 1, threads
             proc = getattr(self, "proc", None)
             if proc is not None and proc.poll() is None:
                 try:
-                    urllib.request.urlopen(urllib.request.Request(self.url + "/admin/shutdown", method="POST"),
-                                           timeout=10)
+                    urllib.request.urlopen(
+                        urllib.request.Request(self.url + "/admin/shutdown", method="POST"),
+                        timeout=10,
+                    )
                     proc.wait(30)
                 except (OSError, subprocess.TimeoutExpired):
                     proc.kill()

@@ -46,16 +46,28 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="xdit-parent-watch").start()
 
 
-def _worker(rank: int, world: int, port: int, path: list[str], inbox: Any, outbox: Any,
-            parent: int | None = None) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    path: list[str],
+    inbox: Any,
+    outbox: Any,
+    parent: int | None = None,
+) -> None:
     sys.path[:] = path
     if parent is not None:
         _exit_with_parent(parent)
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch pytree deprecation noise
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     import torch
     import torch.distributed as dist
 
@@ -86,14 +98,27 @@ class WorkerPool:
         self._out = ctx.Queue()
         self._ins = [ctx.Queue() for _ in range(self.world_size)]
         self._procs = [
-            ctx.Process(target=_worker, args=(r, self.world_size, port, list(sys.path), self._ins[r], self._out,
-                                              os.getpid()), daemon=True)
+            ctx.Process(
+                target=_worker,
+                args=(
+                    r,
+                    self.world_size,
+                    port,
+                    list(sys.path),
+                    self._ins[r],
+                    self._out,
+                    os.getpid(),
+                ),
+                daemon=True,
+            )
             for r in range(self.world_size)
         ]
         for p in self._procs:
             p.start()
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0, **kwargs: Any) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0, **kwargs: Any
+    ) -> list[Any]:
         if not self._procs:
             self._start()
         for q in self._ins:
@@ -125,7 +150,11 @@ class WorkerPool:
         return [results[r] for r in range(self.world_size)]
 
     def _dead(self) -> str:
-        codes = [f"rank {i}: exit code {p.exitcode}" for i, p in enumerate(self._procs) if not p.is_alive()]
+        codes = [
+            f"rank {i}: exit code {p.exitcode}"
+            for i, p in enumerate(self._procs)
+            if not p.is_alive()
+        ]
         return f" (worker process died: {', '.join(codes)})" if codes else ""
 
     def close(self, force: bool = False) -> None:
@@ -141,7 +170,9 @@ class WorkerPool:
         self._procs = []
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any
+) -> list[Any]:
     """Run ``fn`` once in a fresh pool of ``world_size`` workers; returns per-rank results."""
     pool = WorkerPool(world_size)
     try:

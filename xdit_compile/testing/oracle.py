@@ -40,7 +40,7 @@ class _Hook(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             names = ("query", "key", "value")
-            qkv = list(args[:3]) + [kwargs.pop(n) for n in names[len(args[:3]):]]
+            qkv = list(args[:3]) + [kwargs.pop(n) for n in names[len(args[:3]) :]]
             return self.fn(*qkv, *args[3:], **kwargs)
         return func(*args, **kwargs)
 
@@ -56,9 +56,16 @@ class DisplacedOracle(torch.nn.Module):
     CFG branch of the same step, with buffers of its own.
     """
 
-    def __init__(self, model: torch.nn.Module, method: str, layout: Callable[[dict[str, Any]], Any], *,
-                 text: int | Callable[[dict[str, Any]], int] = 0, text_first: bool = True,
-                 warmup_steps: int = 1) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: str,
+        layout: Callable[[dict[str, Any]], Any],
+        *,
+        text: int | Callable[[dict[str, Any]], int] = 0,
+        text_first: bool = True,
+        warmup_steps: int = 1,
+    ) -> None:
         super().__init__()
         if method not in ("pipefusion", "distrifusion"):
             raise ValueError(f"method must be 'pipefusion' or 'distrifusion', got {method!r}")
@@ -122,7 +129,9 @@ class DisplacedOracle(torch.nn.Module):
 
     def _displaced(self, kwargs: dict[str, Any]) -> Any:
         out: Any = None
-        self._next = {i: [k.clone(), v.clone()] for i, (k, v) in self.kv.items() if i[0] == self.branch}
+        self._next = {
+            i: [k.clone(), v.clone()] for i, (k, v) in self.kv.items() if i[0] == self.branch
+        }
         got: Any = None
         for j in range(len(self.patches)):
             got = self._pass(j, kwargs)
@@ -162,7 +171,9 @@ class DisplacedOracle(torch.nn.Module):
             return self.model(**kwargs)
 
 
-def grid_layout(patch: int | tuple[int, ...], n: int, frames_dim: bool = False) -> Callable[[dict[str, Any]], Any]:
+def grid_layout(
+    patch: int | tuple[int, ...], n: int, frames_dim: bool = False
+) -> Callable[[dict[str, Any]], Any]:
     """``layout`` for latents cut along their outermost token-grid dim into ``n`` pieces of
     whole patch units, as evenly as they go (first pieces larger), the way the compiler seeds:
     rows of ``[B, C, H, W]`` images (``patch``: the patch size), frames of ``[B, C, F, H, W]``
@@ -178,7 +189,12 @@ def grid_layout(patch: int | tuple[int, ...], n: int, frames_dim: bool = False) 
         else:
             t, h, w = patch if isinstance(patch, tuple) else (1, patch, patch)
             assert frames_dim, "videos: frames_dim=True (cut along frames)"
-            units, per_unit, dim, unit = x.shape[2] // t, (x.shape[3] // h) * (x.shape[4] // w), 2, t
+            units, per_unit, dim, unit = (
+                x.shape[2] // t,
+                (x.shape[3] // h) * (x.shape[4] // w),
+                2,
+                t,
+            )
         rows, rem = divmod(units, n)
         offs = [0]
         for i in range(n):
@@ -207,4 +223,6 @@ def _tensors(out: Any) -> list[torch.Tensor]:
         return [out]
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
-    return [t for t in (out if isinstance(out, tuple | list) else (out,)) if isinstance(t, torch.Tensor)]
+    return [
+        t for t in (out if isinstance(out, tuple | list) else (out,)) if isinstance(t, torch.Tensor)
+    ]
