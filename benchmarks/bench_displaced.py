@@ -13,8 +13,8 @@ processes x 1 torch thread. For each model:
   (the slower rank);
   bytes per rank per step from the runtime counter over the same steps;
 * parameter bytes each rank holds (measured: distinct storages after other stages were freed);
-* accuracy: the oracle (:mod:`xdit_compile.testing.oracle`, one process) runs the trajectory with the
-  same method, and the parallel outputs are compared with it and with serial, per warmup count.
+* accuracy: the oracle (:mod:`xdit_compile.testing.oracle`, one process) runs the trajectory with
+  the same method, and the parallel outputs are compared with it and with serial, per warmup count.
 
 PipeFusion's best speedup over one rank is N*M/(M+N-1) (the pipeline fills and drains in every
 call); efficiency = measured speedup / that bound. Writes ``benchmarks/results/displaced.json``
@@ -51,7 +51,10 @@ MODELS: dict[str, dict[str, Any]] = {
         "inputs": {"height": 64, "width": 64, "text_len": 120},
         "text": (0, True),
         "patch": 2,
-        "desc": "hidden 512 (8x64), 8 blocks, 1024 image tokens (32x32), 120 text tokens (cross-attention)",
+        "desc": (
+            "hidden 512 (8x64), 8 blocks, 1024 image tokens (32x32), 120 text tokens "
+            "(cross-attention)"
+        ),
     },
     "flux-dev": {
         "config": {
@@ -66,7 +69,9 @@ MODELS: dict[str, dict[str, Any]] = {
         "inputs": {"height": 64, "width": 64, "text_len": 128},
         "text": (128, True),
         "patch": 1,
-        "desc": "hidden 512 (4x128), 2 double + 4 single blocks, 1024 image + 128 text tokens (joint)",
+        "desc": (
+            "hidden 512 (4x128), 2 double + 4 single blocks, 1024 image + 128 text tokens (joint)"
+        ),
     },
 }
 QUICK: dict[str, dict[str, Any]] = {
@@ -260,7 +265,9 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += [
             f"## {name}: {spec['desc']}",
             "",
-            "| method | warmup steps | ms per step | speedup | bound N*M/(M+N-1) | efficiency | bytes/step rank 0 | bytes/step rank 1 | parameter bytes rank 0 / rank 1 | error vs oracle | difference from serial, per step |",
+            "| method | warmup steps | ms per step | speedup | bound N*M/(M+N-1) | efficiency | "
+            "bytes/step rank 0 | bytes/step rank 1 | parameter bytes rank 0 / rank 1 | "
+            "error vs oracle | difference from serial, per step |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label, plan in METHODS:
@@ -279,32 +286,32 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 err = f"{r0['oracle_err']:.1e}" if "oracle_err" in r0 else "-"
                 diff = ", ".join(f"{d:.1e}" for d in r0.get("serial_diff", [])) or "-"
                 lines.append(
-                    f"| {label} | {warmup if 'fusion' in label else '-'} | {ms:.1f} | {speed:.2f}x | "
-                    f"{f'{bound:.2f}' if bound else '-'} | {eff} | {b0:,} | "
+                    f"| {label} | {warmup if 'fusion' in label else '-'} | {ms:.1f} | {speed:.2f}x "
+                    f"| {f'{bound:.2f}' if bound else '-'} | {eff} | {b0:,} | "
                     f"{b1 if isinstance(b1, str) else f'{b1:,}'} | {params} | {err} | {diff} |"
                 )
         lines.append("")
     lines += [
         "PipeFusion's efficiency is its speedup over serial divided by the bound N*M/(M+N-1). The "
-        "bound assumes two ranks compute as fast together as one alone; the row 'serial, both ranks "
-        "at once' measures what this machine gives: each rank's serial step when both run at the "
-        "same time. The more patches overlap on the two ranks (larger M), the more of that "
+        "bound assumes two ranks compute as fast together as one alone; the row 'serial, both "
+        "ranks at once' measures what this machine gives: each rank's serial step when both run "
+        "at the same time. The more patches overlap on the two ranks (larger M), the more of that "
         "slowdown PipeFusion pays, while its fill and drain shrink.",
         "",
         "## Method",
         "",
-        f"fp32, CPU ({meta['cpu']}, {meta['cores']} cores), torch {meta['torch']}; 2 gloo processes x 1 "
-        f"thread. The inputs of the {meta['steps']} steps come from one Euler trajectory of the plain model, "
-        f"the same for every method. Each method runs the trajectory as {meta['requests'] + 1} requests; "
-        f"all but the first (which compiles) are timed: median ms over their steps after the warmup "
-        f"steps, the slower rank. Bytes: sent by "
-        f"each rank per step (runtime counter). Parameter bytes: distinct storages each rank holds "
-        f"after compiling (PipeFusion frees the other stage's parameters). Error vs oracle: max "
-        f"relative difference over all steps from the single-process displaced-K/V reference; "
-        f"difference from serial: per step (warmup steps are exact). Serial and Ulysses are exact.",
+        f"fp32, CPU ({meta['cpu']}, {meta['cores']} cores), torch {meta['torch']}; 2 gloo "
+        f"processes x 1 thread. The inputs of the {meta['steps']} steps come from one Euler "
+        "trajectory of the plain model, the same for every method. Each method runs the "
+        f"trajectory as {meta['requests'] + 1} requests; all but the first (which compiles) are "
+        "timed: median ms over their steps after the warmup steps, the slower rank. Bytes: sent "
+        "by each rank per step (runtime counter). Parameter bytes: distinct storages each rank "
+        "holds after compiling (PipeFusion frees the other stage's parameters). Error vs oracle: "
+        "max relative difference over all steps from the single-process displaced-K/V reference; "
+        "difference from serial: per step (warmup steps are exact). Serial and Ulysses are exact.",
         "",
-        f"This 2-core machine is shared: the load average was {meta['load_average'][0]:.0f} at the end "
-        f"of this run, so single timings move by 10-20%; compare rows of one table, not runs.",
+        f"This 2-core machine is shared: the load average was {meta['load_average'][0]:.0f} at the "
+        "end of this run, so single timings move by 10-20%; compare rows of one table, not runs.",
     ]
     return "\n".join(lines) + "\n"
 

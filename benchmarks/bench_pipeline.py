@@ -47,7 +47,9 @@ SPECS: dict[str, dict[str, Any]] = {
             "ffn_dim": 1024,
         },
         "call": {"height": 128, "width": 128, "num_frames": 13},
-        "desc": "hidden 512 (8x64), 2 blocks, 1024 video tokens (4x16x16), CFG as two calls per step",
+        "desc": (
+            "hidden 512 (8x64), 2 blocks, 1024 video tokens (4x16x16), CFG as two calls per step"
+        ),
     },
 }
 PLANS = [("serial", {}), ("cfg=2", {"cfg": 2}), ("ulysses=2", {"ulysses": 2})]
@@ -139,7 +141,8 @@ def main() -> None:
     lines = [
         "# Pipeline denoising step latency: serial vs cfg=2 vs ulysses=2 (2 processes)",
         "",
-        "| model | config | plan | ms per step (median) | vs serial | bytes/rank per call | rel error vs serial |",
+        "| model | config | plan | ms per step (median) | vs serial | bytes/rank per call | "
+        "rel error vs serial |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -155,15 +158,15 @@ def main() -> None:
         "",
         "## Method",
         "",
-        f"fp32, CPU ({meta['cpu']}, {meta['cores']} cores), torch {meta['torch']}; 2 gloo processes x 1 "
-        f"thread; serial = the plain pipeline on rank 0 alone (rank 1 waits at a barrier). Each "
-        f"configuration: one warm-up call (capture and compile), then {args.calls} calls of "
-        f"{args.steps} steps; step times from the pipeline's step callback, the first step of each "
-        f"call left out (it includes text encoding), median over the rest, slower rank. Under "
-        f"cfg=2 Wan's call pairs were learned in the warm-up call (its first step runs both calls "
-        f"on both ranks), so every timed step is paired. The VAE decode is not in the step times. Text encoders and VAEs are the tiny ones "
-        f"(they run whole on every rank). Rel error: max |image - serial image| / max |serial "
-        f"image| after decoding.",
+        f"fp32, CPU ({meta['cpu']}, {meta['cores']} cores), torch {meta['torch']}; 2 gloo "
+        "processes x 1 thread; serial = the plain pipeline on rank 0 alone (rank 1 waits at a "
+        f"barrier). Each configuration: one warm-up call (capture and compile), then {args.calls} "
+        f"calls of {args.steps} steps; step times from the pipeline's step callback, the first "
+        "step of each call left out (it includes text encoding), median over the rest, slower "
+        "rank. Under cfg=2 Wan's call pairs were learned in the warm-up call (its first step runs "
+        "both calls on both ranks), so every timed step is paired. The VAE decode is not in the "
+        "step times. Text encoders and VAEs are the tiny ones (they run whole on every rank). Rel "
+        "error: max |image - serial image| / max |serial image| after decoding.",
         "",
         "This shared 2-core machine moves timings by about 5% between runs.",
     ]

@@ -95,7 +95,8 @@ def main() -> None:
     for r in rows:
         lines.append(
             f"| {r['plan']} | {r['serial_ms']} | {r['parallel_ms']} | {r['latency_ratio']} | "
-            f"{r['bytes_per_rank_per_forward'][0]:,} | {r['rel_error']:.2e} | {len(r['sharding_breaks'])} |"
+            f"{r['bytes_per_rank_per_forward'][0]:,} | {r['rel_error']:.2e} | "
+            f"{len(r['sharding_breaks'])} |"
         )
     (OUT / "sp_pixart_sigma.md").write_text("\n".join(lines) + "\n")
 

@@ -724,13 +724,13 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "## Caveats",
         "",
-        '- Compiled rows (`--compile`): xdit_compile with `compile="inductor"` (its rewritten graph '
-        "through inductor, the attention ops opaque), diffusers with `torch.compile(model)` after "
-        "`enable_parallelism` (dynamo traces its CP hooks and functional collectives). They run in "
-        "the same interleaved rounds as the eager rows; their ratio is against the compiled "
-        "diffusers row of the same method. Compiled diffusers' bytes are not counted (the counting "
-        "wrappers would be traced into its graph): its collectives are those of its eager row. A "
-        "compile that fails is recorded as the row's error.",
+        '- Compiled rows (`--compile`): xdit_compile with `compile="inductor"` (its rewritten '
+        "graph through inductor, the attention ops opaque), diffusers with `torch.compile(model)` "
+        "after `enable_parallelism` (dynamo traces its CP hooks and functional collectives). They "
+        "run in the same interleaved rounds as the eager rows; their ratio is against the "
+        "compiled diffusers row of the same method. Compiled diffusers' bytes are not counted "
+        "(the counting wrappers would be traced into its graph): its collectives are those of its "
+        "eager row. A compile that fails is recorded as the row's error.",
         "- diffusers CP on CPU: `torch.accelerator.device_count` is patched to return 1 while "
         "`enable_parallelism` runs (it computes `rank % device_count()`, a division by zero on a "
         "CPU-only build); the attention backend is `native` (of the backends registered for "

@@ -4,8 +4,8 @@
    pipeline uses CFG) every plan of 2 ranks is run for real (``compare_zoo_model``: median of
    ``--iters`` forwards after a warmup, serial timed alone on rank 0).
 2. Right after each row's timing, the same two processes calibrate the machine
-   (``xdit_compile.analysis.cost.measure_group``: matmul, attention, memory, op dispatch alone and with
-   both ranks at once, the gloo all-to-all), and the cost model predicts the row from the
+   (``xdit_compile.analysis.cost.measure_group``: matmul, attention, memory, op dispatch alone and
+   with both ranks at once, the gloo all-to-all), and the cost model predicts the row from the
    planner's accounting of the same model and inputs under that profile.
 3. Writes ``results/cost_vs_measured_cpu.{json,md}`` and ``cost_vs_measured_cpu.png`` (measured
    and predicted per plan, the serial time as a line).
@@ -136,7 +136,10 @@ def main() -> int:
     ap.add_argument(
         "--predict-only",
         action="store_true",
-        help="keep the measurements and profiles of results/cost_vs_measured_cpu.json, redo the predictions",
+        help=(
+            "keep the measurements and profiles of results/cost_vs_measured_cpu.json, redo the "
+            "predictions"
+        ),
     )
     a = ap.parse_args()
     if a.predict_only:
@@ -179,9 +182,10 @@ def main() -> int:
                     else float("nan")
                 )
                 print(
-                    f"{name:<13} {row['plan']:<55} measured {row['measured_ms']:8.1f} ms  predicted "
-                    f"{row['predicted_ms']:8.1f} ms ({err:+.0f}%)  serial {row['serial_ms']:8.1f} / "
-                    f"{row['serial_predicted_ms']:8.1f} ms  [{_rates(hw)}]",
+                    f"{name:<13} {row['plan']:<55} measured {row['measured_ms']:8.1f} ms  "
+                    f"predicted {row['predicted_ms']:8.1f} ms ({err:+.0f}%)  serial "
+                    f"{row['serial_ms']:8.1f} / {row['serial_predicted_ms']:8.1f} ms  "
+                    f"[{_rates(hw)}]",
                     flush=True,
                 )
     finally:
@@ -199,9 +203,10 @@ def main() -> int:
 def _rates(hw: Any) -> str:
     sh = hw.shared or {}
     return (
-        f"mm {hw.matmul / 1e9:.0f}/{sh.get('matmul', 0) / 1e9:.0f} GFLOP/s, attn {hw.attention / 1e9:.0f}/"
-        f"{sh.get('attention', 0) / 1e9:.0f}, mem {hw.memory / 1e9:.0f}/{sh.get('memory', 0) / 1e9:.0f} GB/s, "
-        f"op {hw.op_overhead * 1e6:.1f} us, link {hw.levels[0][1].bandwidth / 1e9:.2f} GB/s + "
+        f"mm {hw.matmul / 1e9:.0f}/{sh.get('matmul', 0) / 1e9:.0f} GFLOP/s, attn "
+        f"{hw.attention / 1e9:.0f}/{sh.get('attention', 0) / 1e9:.0f}, mem "
+        f"{hw.memory / 1e9:.0f}/{sh.get('memory', 0) / 1e9:.0f} GB/s, op "
+        f"{hw.op_overhead * 1e6:.1f} us, link {hw.levels[0][1].bandwidth / 1e9:.2f} GB/s + "
         f"{hw.levels[0][1].latency * 1e6:.0f} us"
     )
 
@@ -251,19 +256,21 @@ def _markdown(res: dict[str, Any]) -> str:
     out = [
         "# Cost model vs measured latency on this CPU (2 gloo processes x 1 thread)",
         "",
-        "Script: `benchmarks/cost_vs_measured_cpu.py` "
-        f"(median of {res.get('iters', '?')} forwards after a warmup; serial timed alone on rank 0). "
+        f"Script: `benchmarks/cost_vs_measured_cpu.py` (median of {res.get('iters', '?')} forwards "
+        "after a warmup; serial timed alone on rank 0). "
         + (
             f"Every row predicted with the fixed profile `{res['fixed_profile']}`."
             if res.get("fixed_profile")
-            else "Each row is predicted with a profile measured by `xdit_compile.analysis.cost.measure_group()` in the same two "
-            "processes right after that row's timing (this shared machine's speed drifts by tens of percent "
-            "within minutes; medians of micro-benchmarks, never the model's own forwards). Across the rows: "
-            f"matmul {span(lambda h: h['matmul'], 1e9)} GFLOP/s alone and "
-            f"{span(lambda h: h['shared']['matmul'], 1e9)} per rank with both ranks computing, attention "
-            f"{span(lambda h: h['attention'], 1e9)} / {span(lambda h: h['shared']['attention'], 1e9)} GFLOP/s, "
-            f"memory {span(lambda h: h['memory'], 1e9)} / {span(lambda h: h['shared']['memory'], 1e9)} GB/s, "
-            f"{span(lambda h: h['op_overhead'], 1e-6)} us per op, gloo all-to-all "
+            else "Each row is predicted with a profile measured by "
+            "`xdit_compile.analysis.cost.measure_group()` in the same two processes right after "
+            "that row's timing (this shared machine's speed drifts by tens of percent within "
+            "minutes; medians of micro-benchmarks, never the model's own forwards). Across the "
+            f"rows: matmul {span(lambda h: h['matmul'], 1e9)} GFLOP/s alone and "
+            f"{span(lambda h: h['shared']['matmul'], 1e9)} per rank with both ranks computing, "
+            f"attention {span(lambda h: h['attention'], 1e9)} / "
+            f"{span(lambda h: h['shared']['attention'], 1e9)} GFLOP/s, memory "
+            f"{span(lambda h: h['memory'], 1e9)} / {span(lambda h: h['shared']['memory'], 1e9)} "
+            f"GB/s, {span(lambda h: h['op_overhead'], 1e-6)} us per op, gloo all-to-all "
             f"{span(lambda h: h['levels'][0][1]['bandwidth'], 1e9)} GB/s + "
             f"{span(lambda h: h['levels'][0][1]['latency'], 1e-6)} us per call."
         ),
@@ -291,10 +298,9 @@ def _markdown(res: dict[str, Any]) -> str:
         )
     out += [
         "",
-        f"Mean absolute error over {len(errs)} parallel plans: **{100 * sum(errs) / max(len(errs), 1):.0f}%** "
-        f"(max {100 * max(errs, default=0):.0f}%); serial: "
-        + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in serr.items())
-        + ".",
+        f"Mean absolute error over {len(errs)} parallel plans: "
+        f"**{100 * sum(errs) / max(len(errs), 1):.0f}%** (max {100 * max(errs, default=0):.0f}%); "
+        "serial: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in serr.items()) + ".",
         "",
     ]
     return "\n".join(out)

@@ -118,11 +118,12 @@ def _markdown(rows: list[dict[str, Any]], seconds: float) -> str:
     lines = [
         "# Coverage: every zoo and coverage model at ulysses=2, ring=2, ulysses=2 x ring=2",
         "",
-        f"`python benchmarks/coverage.py` (torch {torch.__version__}, gloo on CPU, tiny configs, fp32, "
-        f"{seconds:.0f} s for the last run; `--merge` reruns some models). Exact: relative error < {EXACT}. Share: this rank's estimated share of the "
-        f"forward's FLOPs (1/N is perfectly parallel). Parallel: exact and share <= {PARALLEL}. Breaks: "
-        "sharding breaks (inputs gathered, exact, slower) by op. Coverage entries (`models/zoo_more.py`) "
-        "are classes the project was not tuned on.",
+        f"`python benchmarks/coverage.py` (torch {torch.__version__}, gloo on CPU, tiny configs, "
+        f"fp32, {seconds:.0f} s for the last run; `--merge` reruns some models). Exact: relative "
+        f"error < {EXACT}. Share: this rank's estimated share of the forward's FLOPs (1/N is "
+        f"perfectly parallel). Parallel: exact and share <= {PARALLEL}. Breaks: sharding breaks "
+        "(inputs gathered, exact, slower) by op. Coverage entries (`models/zoo_more.py`) are "
+        "classes the project was not tuned on.",
         "",
     ]
     plans = [p[0] for p in PLANS]

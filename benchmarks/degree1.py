@@ -243,10 +243,13 @@ def capture_times(models: list[str]) -> list[dict[str, Any]]:
 def _markdown(res: dict[str, Any]) -> str:
     a = res["args"]
     lines = [
-        f"# Degree 1: xdit_compile vs the eager diffusers model ({a['device']}, {a['size']}, {a['dtype']})",
+        f"# Degree 1: xdit_compile vs the eager diffusers model ({a['device']}, {a['size']}, "
+        f"{a['dtype']})",
         "",
-        f"`python benchmarks/degree1.py {' '.join(res['argv'])}`; {res['machine']}; torch {res['torch']}.",
-        f"Median of {a['iters']} forwards after {a['warmup']} warmup rounds, the runs taking turns.",
+        f"`python benchmarks/degree1.py {' '.join(res['argv'])}`; {res['machine']}; torch "
+        f"{res['torch']}.",
+        f"Median of {a['iters']} forwards after {a['warmup']} warmup rounds, the runs taking "
+        "turns.",
         "",
         "| model | run | median ms | vs eager | first call s | peak GiB | max rel diff |",
         "|---|---|---|---|---|---|---|",
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "argv": sys.argv[1:] if argv is None else argv,
         "args": vars(a),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ""),
         "torch": torch.__version__,
         "models": [],

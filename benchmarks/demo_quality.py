@@ -227,9 +227,9 @@ def main() -> None:
         "# Demo pipeline quality (`benchmarks/demo_quality.py`)",
         "",
         f"{len(prompts)} subjects x {len(seeds)} seeds = {len(serial)} images of the plain prompt "
-        f'("{prompts[0]}") at the pipeline\'s defaults (20 steps, guidance 4.5, 64x64). Retrieval: the '
-        f"nearest of the {len(prompts)} reference renderings under the {result['distance']}; chance "
-        f"{1 / len(prompts):.3f}.",
+        f'("{prompts[0]}") at the pipeline\'s defaults (20 steps, guidance 4.5, 64x64). Retrieval: '
+        f"the nearest of the {len(prompts)} reference renderings under the "
+        f"{result['distance']}; chance {1 / len(prompts):.3f}.",
         "",
         "| pipeline | retrieval accuracy |",
         "|---|---|",
@@ -242,7 +242,8 @@ def main() -> None:
         "| method | ranks | PSNR vs serial (dB) | retrieval accuracy | seconds |",
         "|---|---|---|---|---|",
         *[
-            f"| {r['method']} | {r['ranks']} | {r['psnr_db']:.1f} | {r['accuracy']:.3f} | {r['seconds']:.0f} |"
+            f"| {r['method']} | {r['ranks']} | {r['psnr_db']:.1f} | {r['accuracy']:.3f} | "
+            f"{r['seconds']:.0f} |"
             for r in rows
         ],
         "",

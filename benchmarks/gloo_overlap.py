@@ -108,8 +108,8 @@ def main() -> int:
     md = [
         "# Async all-to-all vs compute on this machine (2 gloo processes x 1 thread)",
         "",
-        "Script: `benchmarks/gloo_overlap.py`. Median of "
-        f"{a.iters} interleaved runs each, slower rank; each rank sends {a.mb / 2:g} MB per all-to-all.",
+        f"Script: `benchmarks/gloo_overlap.py`. Median of {a.iters} interleaved runs each, slower "
+        f"rank; each rank sends {a.mb / 2:g} MB per all-to-all.",
         "",
         "| case | ms |",
         "|---|---|",

@@ -250,29 +250,33 @@ def _markdown(res: dict[str, Any]) -> str:
     out = [
         "# Load test of `xdit-compile serve` (loopback, bounded)",
         "",
-        f"`benchmarks/load_test.py`: {s['model']}, `{s['plan']}` on {s['processes']} gloo processes (this 2-core "
-        f"CPU), {s['requests_per_level']} requests per level of {s['steps']} steps, closed-loop clients, 429 "
-        f"retried after `Retry-After`, queue limit {s['max_queue']}. Every answer is checked against its "
-        f"(prompt, seed) pair's image made alone ({s['pairs']} pairs): a different image is *mixed up*, an "
-        "error or no answer is *lost*.",
+        f"`benchmarks/load_test.py`: {s['model']}, `{s['plan']}` on {s['processes']} gloo "
+        f"processes (this 2-core CPU), {s['requests_per_level']} requests per level of "
+        f"{s['steps']} steps, closed-loop clients, 429 retried after `Retry-After`, queue limit "
+        f"{s['max_queue']}. Every answer is checked against its (prompt, seed) pair's image made "
+        f"alone ({s['pairs']} pairs): a different image is *mixed up*, an error or no answer is "
+        "*lost*.",
         "",
-        "| run | concurrency | answered | throughput req/s | p50 s | p99 s | lost | mixed up | 429 answers |",
+        "| run | concurrency | answered | throughput req/s | p50 s | p99 s | lost | mixed up | "
+        "429 answers |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, run in res["runs"].items():
         for r in run["levels"]:
             out.append(
-                f"| {label} | {r['concurrency']} | {r['ok']}/{r['sent']} | {r['throughput_rps']:.2f} | "
-                f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['lost']} | {r['mixed_up']} | {r['rejected_429']} |"
+                f"| {label} | {r['concurrency']} | {r['ok']}/{r['sent']} | "
+                f"{r['throughput_rps']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['lost']} | "
+                f"{r['mixed_up']} | {r['rejected_429']} |"
             )
     rec = res.get("recovery")
     if rec:
         out += [
             "",
-            f"Killed worker (rank 1, SIGKILL) during a request: the request in flight got HTTP "
-            f"{rec.get('in_flight_status')} ({rec.get('in_flight_message')}); `/health` was ok again after "
-            f"{rec['healthy_after_s']:.1f} s and the next image was served {rec['first_image_after_s']:.1f} s "
-            "after the kill (the group is restarted: pipeline reloaded, parallelized and warmed up).",
+            "Killed worker (rank 1, SIGKILL) during a request: the request in flight got HTTP "
+            f"{rec.get('in_flight_status')} ({rec.get('in_flight_message')}); `/health` was ok "
+            f"again after {rec['healthy_after_s']:.1f} s and the next image was served "
+            f"{rec['first_image_after_s']:.1f} s after the kill (the group is restarted: pipeline "
+            "reloaded, parallelized and warmed up).",
         ]
     return "\n".join(out) + "\n"
 

@@ -167,32 +167,34 @@ def write(static: list[dict[str, Any]], measured: list[dict[str, Any]], pixels: 
         "# Parallel VAE (`parallelize_vae`, `--parallel-vae`)",
         "",
         "`benchmarks/parallel_vae.py`: the full-size AutoencoderKL (Flux/SD3 shape: blocks "
-        "(128, 256, 512, 512), 16 latent channels, random weights), the decoder's latent rows and the "
-        "encoder's image rows cut over the ranks (`Plan(ring=N)`).",
+        "(128, 256, 512, 512), 16 latent channels, random weights), the decoder's latent rows "
+        "and the encoder's image rows cut over the ranks (`Plan(ring=N)`).",
         "",
         "## Per rank, from `explain` (static, no GPU needed)",
         "",
-        "Peak activation bytes: graph values alive at once on one rank (the attention's own buffers "
-        "and the weights, 198 MB fp32, not counted).",
+        "Peak activation bytes: graph values alive at once on one rank (the attention's own "
+        "buffers and the weights, 198 MB fp32, not counted).",
         "",
-        "| part | image | ranks | peak activations MB / rank | vs 1 rank | GFLOPs / rank | sent MB / rank | breaks |",
+        "| part | image | ranks | peak activations MB / rank | vs 1 rank | GFLOPs / rank | "
+        "sent MB / rank | breaks |",
         "|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["part"], r["pixels"]): r["peak_activation_bytes"] for r in static if r["ranks"] == 1}
     for r in static:
         lines.append(
-            f"| {r['part']} | {r['pixels']}x{r['pixels']} | {r['ranks']} | {_mb(r['peak_activation_bytes'])} | "
+            f"| {r['part']} | {r['pixels']}x{r['pixels']} | {r['ranks']} | "
+            f"{_mb(r['peak_activation_bytes'])} | "
             f"{r['peak_activation_bytes'] / base[(r['part'], r['pixels'])]:.2f} | "
-            f"{r['flops_per_rank'] / 1e9:,.0f} | "
-            f"{r['bytes_sent'] / 2**20:,.1f} | {r['breaks']} |"
+            f"{r['flops_per_rank'] / 1e9:,.0f} | {r['bytes_sent'] / 2**20:,.1f} | {r['breaks']} |"
         )
     if measured:
         lines += [
             "",
             f"## Measured on this CPU ({pixels}x{pixels}, fp32, 1 torch thread per process, gloo)",
             "",
-            "Second decode call (the first captures). Peak RSS growth: how far each process's resident-memory "
-            "high-water mark rose above its resident memory before the decode (weights excluded).",
+            "Second decode call (the first captures). Peak RSS growth: how far each process's "
+            "resident-memory high-water mark rose above its resident memory before the decode "
+            "(weights excluded).",
             "",
             "| run | seconds | peak RSS growth MB per process | max rel. difference vs serial |",
             "|---|---|---|---|",

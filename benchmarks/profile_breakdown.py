@@ -177,10 +177,11 @@ def _markdown(res: dict[str, Any], iters: int) -> str:
     out = [
         "# Where the time goes: Flux mid-size, ulysses=2, 2 gloo processes x 1 thread",
         "",
-        f"`benchmarks/profile_breakdown.py`: torch profiler, self CPU time per op category, ms per forward "
-        f"(mean of {iters} forwards after 2 warmup forwards; barriers excluded). Communication is gloo's "
-        "transfer and the wait for the peer together. diffusers' attention wrappers (Python) count as "
-        "other ops; Ring's send/recv run while its local block attends.",
+        "`benchmarks/profile_breakdown.py`: torch profiler, self CPU time per op category, ms per "
+        f"forward (mean of {iters} forwards after 2 warmup forwards; barriers excluded). "
+        "Communication is gloo's transfer and the wait for the peer together. diffusers' "
+        "attention wrappers (Python) count as other ops; Ring's send/recv run while its local "
+        "block attends.",
         "",
         "| variant | rank | wall ms | " + " | ".join(cats) + " | all-to-all calls |",
         "|---|---|---|" + "---|" * len(cats) + "---|",

@@ -84,22 +84,26 @@ def main() -> None:
     lines = [
         "# Sharding breaks per zoo model (static, rank 0's view)",
         "",
-        "Full size = published config with every block stack cut to 2 layers, and full-size inputs.",
+        "Full size = published config with every block stack cut to 2 layers, and full-size "
+        "inputs.",
         "",
-        "| model | size | input | plan | split (seed dim) | breaks | collectives per forward | bytes/rank |",
+        "| model | size | input | plan | split (seed dim) | breaks | collectives per forward | "
+        "bytes/rank |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         inp = "uneven" if r["uneven"] else "default"
         if "refused" in r:
             lines.append(
-                f"| {r['model']} | {r['size']} | {inp} | {r['plan']} | - | refused: {r['refused'][-120:]} | - | - |"
+                f"| {r['model']} | {r['size']} | {inp} | {r['plan']} | - | refused: "
+                f"{r['refused'][-120:]} | - | - |"
             )
             continue
         comm = ", ".join(f"{k} x{v}" for k, v in r["comm"].items())
         brk = len(r["breaks"]) if not r["breaks"] else "<br>".join(r["breaks"])
         lines.append(
-            f"| {r['model']} | {r['size']} | {inp} | {r['plan']} | {r['split']} | {brk} | {comm} | {r['bytes_rank0']:,} |"
+            f"| {r['model']} | {r['size']} | {inp} | {r['plan']} | {r['split']} | {brk} | {comm} | "
+            f"{r['bytes_rank0']:,} |"
         )
     (OUT / "sharding_breaks.md").write_text("\n".join(lines) + "\n")
 

@@ -1,15 +1,15 @@
 """Cost of the per-call model-state check at full size, against the forward it guards.
 
 Every call of a parallel module first checks that the model's Python-side state (LoRA adapters,
-processors, hooks, parameter objects, train/eval: :mod:`xdit_compile.compiler.state`) is the one its graphs
-were compiled for. This measures that per-call check (:meth:`StateWatch.quick`: the mutation
+processors, hooks, parameter objects, train/eval: :mod:`xdit_compile.compiler.state`) is the one its
+graphs were compiled for. This measures that per-call check (:meth:`StateWatch.quick`: the mutation
 counter of :mod:`xdit_compile.compiler.watch`, the processors' settings, the global state), the full
 snapshot comparison that backs it where the counter moved and at every new request
-(:meth:`StateWatch.matches`), and the fingerprint taken when the state did change, on full-size configs built on the
-meta device (the module tree and parameter objects of the real model, no weights), plain and with
-two PEFT LoRA adapters (rank 16) on every attention projection, and compares it with the forward:
-the cost model's predicted H200 forward (bf16, the fastest exact plan at 1 and at 8 GPUs) at the
-model's published resolution.
+(:meth:`StateWatch.matches`), and the fingerprint taken when the state did change, on full-size
+configs built on the meta device (the module tree and parameter objects of the real model, no
+weights), plain and with two PEFT LoRA adapters (rank 16) on every attention projection, and
+compares it with the forward: the cost model's predicted H200 forward (bf16, the fastest exact plan
+at 1 and at 8 GPUs) at the model's published resolution.
 
     python benchmarks/state_check.py [--models flux-dev,...] [--calls 2000]
 """
@@ -141,15 +141,16 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# The per-call model-state check at full size",
         "",
-        f"`python benchmarks/state_check.py` (torch {torch.__version__}, this machine's CPU, one thread of "
-        "Python). Per call: median of 5 runs of `StateWatch.quick()`, the check every call makes. Full: "
-        "`StateWatch.matches()`, the whole snapshot compared with the live tree (only where the mutation counter "
-        "moved, and at each new request). Fingerprint: the hashable state taken when it did change. Forward: the "
-        "cost model's H200 prediction for one transformer call (bf16, fastest exact plan) at the published "
-        "resolution. LoRA: two PEFT adapters (r=16) on every attention projection, both active.",
+        f"`python benchmarks/state_check.py` (torch {torch.__version__}, this machine's CPU, one "
+        "thread of Python). Per call: median of 5 runs of `StateWatch.quick()`, the check every "
+        "call makes. Full: `StateWatch.matches()`, the whole snapshot compared with the live tree "
+        "(only where the mutation counter moved, and at each new request). Fingerprint: the "
+        "hashable state taken when it did change. Forward: the cost model's H200 prediction for "
+        "one transformer call (bf16, fastest exact plan) at the published resolution. LoRA: two "
+        "PEFT adapters (r=16) on every attention projection, both active.",
         "",
-        "| model | LoRA | modules | per call (µs) | share of forward, 1 GPU | share, 8 GPUs | full (ms) "
-        "| fingerprint (ms) | forward 1 / 8 GPUs (ms) |",
+        "| model | LoRA | modules | per call (µs) | share of forward, 1 GPU | share, 8 GPUs | "
+        "full (ms) | fingerprint (ms) | forward 1 / 8 GPUs (ms) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -207,8 +207,9 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- rel error = max|out - ref| / max|ref|, worst rank; pass: < {TOL:g} and every rank's "
         "output shape equal to the serial shape (an output padded to a divisible size fails).",
         "- local tokens: the latent tokens each rank holds (seed split of the outermost "
-        "token-grid dim in whole patches, times the tokens per unit); text tokens are "
-        "whole on every rank at the input; joint attention returns them cut evenly over the ranks and the Q/K/V projections gather them back (text K/V are never sent).",
+        "token-grid dim in whole patches, times the tokens per unit); text tokens are whole on "
+        "every rank at the input; joint attention returns them cut evenly over the ranks and the "
+        "Q/K/V projections gather them back (text K/V are never sent).",
         "- bytes/rank: bytes sent by rank 0 per forward (every rank's in the JSON).",
         "",
         "## Results",

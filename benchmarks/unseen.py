@@ -159,8 +159,8 @@ def main() -> None:
             rows.append(row)
             err = "-" if row["rel_error"] is None else f"{row['rel_error']:.1e}"
             print(
-                f"{stem:52s} {label:10s} {row['outcome']:8s} err {err:>8s} breaks {row['n_breaks']} "
-                f"{row['capture'][:90]}",
+                f"{stem:52s} {label:10s} {row['outcome']:8s} err {err:>8s} breaks "
+                f"{row['n_breaks']} {row['capture'][:90]}",
                 flush=True,
             )
     pool.close()
@@ -182,20 +182,21 @@ def _markdown(rows: list[dict[str, Any]], seconds: float) -> str:
     lines = [
         "# Unseen models: diffusers' own test configs at ulysses=2 and ring=2",
         "",
-        f"`python benchmarks/unseen.py --diffusers-src PATH` (diffusers {diffusers.__version__}, torch "
-        f"{torch.__version__}, gloo on CPU, 2 processes, fp32, {seconds:.0f} s for the last run). Each row "
-        "is the first tester config of one `tests/models/transformers` file of diffusers. Exact: relative "
-        f"error < {EXACT}. Parallel: exact and this rank's FLOPs share <= {PARALLEL}. Refused: the plan "
-        "was rejected with a message. WRONG: a result above the tolerance.",
+        f"`python benchmarks/unseen.py --diffusers-src PATH` (diffusers {diffusers.__version__}, "
+        f"torch {torch.__version__}, gloo on CPU, 2 processes, fp32, {seconds:.0f} s for the last "
+        "run). Each row is the first tester config of one `tests/models/transformers` file of "
+        f"diffusers. Exact: relative error < {EXACT}. Parallel: exact and this rank's FLOPs share "
+        f"<= {PARALLEL}. Refused: the plan was rejected with a message. WRONG: a result above the "
+        "tolerance.",
         "",
     ]
     for label, _ in PLANS:
         sub = [r for r in rows if r["plan"] == label]
         c = Counter(r["outcome"] for r in sub)
         lines.append(
-            f"- **{label}**: {c['parallel'] + c['exact']}/{len(sub)} exact, {c['parallel']}/{len(sub)} "
-            f"exact and parallel, {c['refused']} refused, {c['failed']} failed, "
-            f"**{c['WRONG']} wrong**"
+            f"- **{label}**: {c['parallel'] + c['exact']}/{len(sub)} exact, "
+            f"{c['parallel']}/{len(sub)} exact and parallel, {c['refused']} refused, {c['failed']} "
+            f"failed, **{c['WRONG']} wrong**"
         )
     lines += [
         "",
@@ -207,8 +208,8 @@ def _markdown(rows: list[dict[str, Any]], seconds: float) -> str:
         share = "-" if r["share"] is None else f"{r['share']:.2f}"
         brk = "; ".join(r["breaks"]) if r["breaks"] else "0"
         lines.append(
-            f"| {r['file'].removeprefix('test_models_')} | {r['cls']} | {r['plan']} | {r['outcome']} | "
-            f"{err} | {share} | {brk} | {r['capture']} |"
+            f"| {r['file'].removeprefix('test_models_')} | {r['cls']} | {r['plan']} | "
+            f"{r['outcome']} | {err} | {share} | {brk} | {r['capture']} |"
         )
     return "\n".join(lines) + "\n"
 

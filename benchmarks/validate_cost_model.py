@@ -108,13 +108,14 @@ TABLES: list[dict[str, Any]] = [
 
 #: What a row's prediction says about xdit_compile itself (the published numbers are xDiT's).
 NOTES = {
-    "mochi": "The miss is the compiler's, and the model predicts it: Mochi's attention processor loops over "
-    "the batch (`for idx in range(batch_size)`, one sample's valid text tokens at a time), and the "
-    "CFG batch round cannot cut a per-sample loop, so under `cfg=2` its attention is gathered and "
-    "computed whole on both ranks (14 all-gathers per call; `explain` lists them as sharding breaks). "
-    "`cfg=2` is then predicted 1.2x, not xDiT's 2x with its hand-written Mochi adapter.",
-    "flux-dev": "Ring is slower than Ulysses here because of what it moves in memory, counted from our runtime: "
-    "it merges its partial outputs in fp32, r times per layer.",
+    "mochi": "The miss is the compiler's, and the model predicts it: Mochi's attention processor "
+    "loops over the batch (`for idx in range(batch_size)`, one sample's valid text tokens at a "
+    "time), and the CFG batch round cannot cut a per-sample loop, so under `cfg=2` its attention "
+    "is gathered and computed whole on both ranks (14 all-gathers per call; `explain` lists them "
+    "as sharding breaks). `cfg=2` is then predicted 1.2x, not xDiT's 2x with its hand-written "
+    "Mochi adapter.",
+    "flux-dev": "Ring is slower than Ulysses here because of what it moves in memory, counted "
+    "from our runtime: it merges its partial outputs in fp32, r times per layer.",
 }
 
 
@@ -214,9 +215,9 @@ def markdown(res: dict[str, Any]) -> str:
     out = [
         "# Cost model vs published latencies",
         "",
-        "Predicted by `xdit_compile.analysis.cost` from the datasheet profiles (nothing fitted to these numbers); "
-        "published numbers are end to end, the prediction covers the transformer calls only. "
-        "Script: `benchmarks/validate_cost_model.py`.",
+        "Predicted by `xdit_compile.analysis.cost` from the datasheet profiles (nothing fitted to "
+        "these numbers); published numbers are end to end, the prediction covers the transformer "
+        "calls only. Script: `benchmarks/validate_cost_model.py`.",
         "",
     ]
     matches = 0
@@ -241,14 +242,15 @@ def markdown(res: dict[str, Any]) -> str:
         ok = r["best_matches"]
         matches += ok
         out.append(
-            f"Best of every valid exact plan on {r['gpus']} GPUs: predicted **{r['predicted_best']}**, "
-            f"published {r['published_best']}: **{'match' if ok else 'miss'}**."
+            f"Best of every valid exact plan on {r['gpus']} GPUs: predicted "
+            f"**{r['predicted_best']}**, published {r['published_best']}: "
+            f"**{'match' if ok else 'miss'}**."
         )
         if "also" in r:
             a = r["also"]
             out.append(
-                f"On {a['gpus']} GPUs: predicted {a['predicted_best']}, published {a['published_best']}: "
-                f"{'match' if a['matches'] else 'miss'}."
+                f"On {a['gpus']} GPUs: predicted {a['predicted_best']}, published "
+                f"{a['published_best']}: {'match' if a['matches'] else 'miss'}."
             )
         out.append("")
         out.append(

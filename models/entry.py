@@ -66,7 +66,8 @@ class ZooEntry:
     row_patch: int | None = None
     check_config: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
     group: str = "zoo"
-    """``"zoo"``: verified by the test suite; ``"coverage"``: measured by ``benchmarks/coverage.py``."""
+    """``"zoo"``: verified by the test suite; ``"coverage"``: measured by
+    ``benchmarks/coverage.py``."""
     uneven_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per size, config overrides that ``build_model(..., uneven=True)`` applies (for models
     whose uneven input needs another config, e.g. Latte's frame count is its video_length)."""

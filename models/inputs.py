@@ -1,9 +1,9 @@
 """Deterministic example inputs for the zoo's diffusers transformers.
 
 Each builder takes the model (to read its config: channels, patch size, text dims), an
-:class:`InputSpec` with the requested shapes, and a CPU :class:`torch.Generator`. Every random tensor
-is drawn on the CPU from that generator and then moved to the model's device and dtype, so the same
-seed gives the same inputs on every process and device. The kwargs mirror what the matching
+:class:`InputSpec` with the requested shapes, and a CPU :class:`torch.Generator`. Every random
+tensor is drawn on the CPU from that generator and then moved to the model's device and dtype, so
+the same seed gives the same inputs on every process and device. The kwargs mirror what the matching
 diffusers pipeline passes to the transformer, always with ``return_dict=False``.
 
 Heights and widths are latent pixels (the transformer's sample H/W), not image pixels.
@@ -129,7 +129,8 @@ def pixart_inputs(model: torch.nn.Module, spec: InputSpec, gen: torch.Generator)
     """PixArt-alpha/sigma: latents, T5 embeddings with a padded mask, integer timestep.
 
     With ``use_additional_conditions`` (PixArt-alpha 1024-MS) ``added_cond_kwargs`` carries the
-    image-pixel resolution ``[B, 2]`` and aspect ratio ``[B, 1]`` as PixArtAlphaPipeline builds them.
+    image-pixel resolution ``[B, 2]`` and aspect ratio ``[B, 1]`` as PixArtAlphaPipeline builds
+    them.
     """
     cfg = _cfg(model)
     _check_image(spec, cfg.patch_size, "PixArtTransformer2DModel")
@@ -172,8 +173,9 @@ def hunyuan_dit_inputs(
     """HunyuanDiT: latents, CLIP/BERT + T5 embeddings and masks, size/style conditions, 2D RoPE.
 
     Text lengths come from the config (``text_len``, ``text_len_t5``); the rotary tables are built
-    exactly as ``HunyuanDiTPipeline.__call__`` does, with diffusers' ``get_resize_crop_region_for_grid``
-    and ``get_2d_rotary_pos_embed`` (float32 ``(cos, sin)``, each ``[tokens, head_dim]``).
+    exactly as ``HunyuanDiTPipeline.__call__`` does, with diffusers'
+    ``get_resize_crop_region_for_grid`` and ``get_2d_rotary_pos_embed`` (float32 ``(cos, sin)``,
+    each ``[tokens, head_dim]``).
     """
     from diffusers.models.embeddings import get_2d_rotary_pos_embed
     from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import (
@@ -222,7 +224,8 @@ def latte_inputs(model: torch.nn.Module, spec: InputSpec, gen: torch.Generator) 
     frames = spec.frames
     if frames is None or frames not in (1, cfg.video_length):
         raise ValueError(
-            f"{name}: frames must be 1 or the config's video_length {cfg.video_length}, got {frames}"
+            f"{name}: frames must be 1 or the config's video_length {cfg.video_length}, got "
+            f"{frames}"
         )
     p = cfg.patch_size
     if spec.height % p or spec.width % p:

@@ -182,7 +182,10 @@ _WORDS: tuple[str, ...] = (
 _T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 # CLIP: byte-level BPE with an end-of-word suffix; bos/eos at the end of the vocabulary.
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
 
 
 def _t5_vocab(words: tuple[str, ...] = _WORDS) -> list[tuple[str, float]]:

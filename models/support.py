@@ -111,7 +111,8 @@ def support_table(coverage: Path | str = COVERAGE_JSON) -> str:
     lines += [
         "",
         "✓: the parallel output matches serial (relative error below 1e-4 in fp32) and no rank",
-        "computes more than 0.85 of the forward's FLOPs, tiny config; breaks: ops whose inputs were",
+        "computes more than 0.85 of the forward's FLOPs, tiny config; breaks: "
+        "ops whose inputs were",
         "gathered (exact, slower); regions: captured in pieces. From",
         "[`benchmarks/results/coverage.json`](benchmarks/results/coverage.json)",
         "(`python benchmarks/coverage.py`); regenerate this table with",

@@ -1,7 +1,7 @@
 """canonicalize_graph_pass: shrink the op set the sharding rules must know.
 
-- drops export's input guards and runtime metadata checks (``_assert_tensor_metadata``, ``_assert_scalar``, ...), which
-  would compare local shapes against global ones after sharding;
+- drops export's input guards and runtime metadata checks (``_assert_tensor_metadata``,
+  ``_assert_scalar``, ...), which would compare local shapes against global ones after sharding;
 - turns single-operand einsums that only reorder axes (``"nhwpqc->nchpwq"``) into ``permute``;
 - puts a ``placed_like(out, q)`` marker after flex attention's output, so that the head cut it
   computes in goes back to its queries' cut right there (not later, through the projections);

@@ -2,10 +2,11 @@
 
 A pass is ``fn(gm, ctx) -> PassResult``. :class:`PassContext` holds the pass's inputs (the plan,
 the mesh as data, the :class:`Facts` about the model, the axis this pass works on, set by the
-driver from the pass list) and what passes record for the :class:`~xdit_compile.compiler.program.Program`
-(sharding breaks, collective sites, the seed choices, the patch outputs, the pass trace). Every
-field is typed; there is no free-form bag. This module sits below the driver and the passes
-(both import it), so neither imports the other for these types.
+driver from the pass list) and what passes record for the
+:class:`~xdit_compile.compiler.program.Program` (sharding breaks, collective sites, the seed
+choices, the patch outputs, the pass trace). Every field is typed; there is no free-form bag. This
+module sits below the driver and the passes (both import it), so neither imports the other for these
+types.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Facts:
     """The config's ``in_channels``: tells ``[B,C,F,H,W]`` from ``[B,F,C,H,W]`` when seeding."""
     state_key: str = ""
     """The displaced-K/V state the program's attention ops read and write (PipeFusion and
-    DistriFusion plans: the parallel module's :class:`~xdit_compile.runtime.displaced.DisplacedState`)."""
+    DistriFusion plans: the parallel module's
+    :class:`~xdit_compile.runtime.displaced.DisplacedState`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ shard of a time-multiplexed axis: the sharding engine that cuts the sequence ove
 over patches too, one graph per patch (``ctx.virtual["patch"] = (M, j)`` gives patch ``j``'s
 graph). The round is::
 
-    seed_patch -> propagate_patch -> rewrite_patch_attention -> lower_patch -> mark_step_level -> restage
+    seed_patch -> propagate_patch -> rewrite_patch_attention -> lower_patch
+        -> mark_step_level -> restage
 
 - the latent input is seeded along the same token-grid dim and in the same whole patch units as
   the sequence seed (uneven sizes allowed);
@@ -21,7 +22,9 @@ graph). The round is::
   pipeline computes them once per step instead of once per patch.
 
 Before::   %o = scaled_dot_product_attention(%q, %k, %v)                    # S(2/4)
-After::    %o = xdit.pipefusion_attention(%q, %k, %v, None, None, 'kv0', 'scaled_dot_product_attention', [16, 16, 16, 16], 1, 0, 0, False)
+After::    %o = xdit.pipefusion_attention(%q, %k, %v, None, None, 'kv0',
+                                          'scaled_dot_product_attention', [16, 16, 16, 16],
+                                          1, 0, 0, False)
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ there are at least as many frames (in patches) as ranks, else ``H``, ``S`` of pa
 ``[B,S,C]`` and ``L`` of a 1-D sequence ``[B,C,L]``. Where the config's channel count does not
 tell the layout, or the token dims have too few rows (several images side by side in a 6-D
 latent), every other dim but the batch is tried by propagation on a copy of the graph, and the
-cut that leaves this rank the smallest share of the forward's FLOPs wins. Pieces are whole multiples of the patch size, the largest product of
-convolution strides on a path from the input (a DiT's patch embedding; a VAE encoder's
-downsamplings), so every strided convolution keeps the shard. Uneven sizes are split as evenly
-as whole patches allow. Nothing else is seeded:
-position tables and masks are computed replicated and sliced where they meet sharded data.
+cut that leaves this rank the smallest share of the forward's FLOPs wins. Pieces are whole multiples
+of the patch size, the largest product of convolution strides on a path from the input (a DiT's
+patch embedding; a VAE encoder's downsamplings), so every strided convolution keeps the shard.
+Uneven sizes are split as evenly as whole patches allow. Nothing else is seeded: position tables and
+masks are computed replicated and sliced where they meet sharded data.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def _token_dims(shape: tuple[int, ...], channels: int | None) -> tuple[list[int]
         if _ambiguous_video(shape, channels):
             return [2, 1, 3, 4], True  # [B, C, F, H, W] or [B, F, C, H, W]: trial decides
         return [2, 3, 4], False
-    # more dims (several latent frames or images side by side): every dim but the batch and the channels
+    # more dims (several latent frames or images side by side): every dim but the batch and the
+    # channels
     return [d for d in range(1, nd) if channels is None or shape[d] != channels], True
 
 

@@ -1,4 +1,5 @@
-"""Mesh, counted collectives, parallel attention, schedules; imported as ``xdit_compile.runtime``."""
+"""Mesh, counted collectives, parallel attention, schedules; imported as
+``xdit_compile.runtime``."""
 
 if (
     __name__ == "runtime"

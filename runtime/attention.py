@@ -1,8 +1,9 @@
 """Exact sequence-parallel attention ops: Ulysses, Ring and USP (both), as ``torch.library`` ops.
 
 Layout: q, k, v are ``[..., H, head + S_local + tail, D]``: optional replicated rows (text)
-and this rank's contiguous slice of the sharded sequence; ``split`` lists every sequence-parallel rank's slice length (ring-major,
-ulysses-minor, so a Ulysses group holds one contiguous block). Uneven splits are exact.
+and this rank's contiguous slice of the sharded sequence; ``split`` lists every sequence-parallel
+rank's slice length (ring-major, ulysses-minor, so a Ulysses group holds one contiguous block).
+Uneven splits are exact.
 
 - Ulysses: one all-to-all over the ``ulysses`` axis trades the sequence split of Q, K and V
   (packed together) for a head split, so each rank attends over its Ulysses group's whole block
@@ -57,9 +58,9 @@ def head_groups(heads: int, u: int) -> tuple[int, ...]:
 
 
 def ulysses_degree(heads: int, u: int) -> int:
-    """The Ulysses degree attention with ``heads`` heads runs at on a ``u``-rank ulysses axis: ``u``,
-    or, where there are fewer heads than ranks, the largest divisor of ``u`` not above ``heads``
-    (the rest of the axis joins the ring)."""
+    """The Ulysses degree attention with ``heads`` heads runs at on a ``u``-rank ulysses axis:
+    ``u``, or, where there are fewer heads than ranks, the largest divisor of ``u`` not above
+    ``heads`` (the rest of the axis joins the ring)."""
     return u if heads >= u else max(d for d in range(1, heads + 1) if u % d == 0)
 
 
@@ -119,7 +120,8 @@ def _ulysses_in_fused(
 
 
 def _ulysses_out(x: torch.Tensor, rows: list[int], ux: _Ulysses, h: int) -> torch.Tensor:
-    """[..., H_me, sum(rows), D] head shard -> [..., H, s_me, D] sequence shard (``h``: all heads)."""
+    """[..., H_me, sum(rows), D] head shard -> [..., H, s_me, D] sequence shard (``h``: all
+    heads)."""
     n = len(rows)
     *lead, hm, _, d = x.shape
     hs, lead_n, s_me = head_groups(h, n), math.prod(lead), rows[ux.me]

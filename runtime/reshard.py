@@ -104,7 +104,8 @@ def gather_text_finish(
     group_name: str,
     text_rank: int,
 ) -> torch.Tensor:
-    """The second half of :func:`gather_text`: waits for ``g`` and joins the text to ``x``'s body."""
+    """The second half of :func:`gather_text`: waits for ``g`` and joins the text to ``x``'s
+    body."""
     h, t = _text_rows(head, tail, n, text_rank)
     hp, body, tp = _three(x, dim, h, t)
     hs, ts = even_split(head, n), even_split(tail, n)

@@ -6,10 +6,10 @@ DiT-shaped samples below (joint text+image rows, attention, patch embeddings). E
 captured with the real capture path (``torch.export``), every tensor input is given every placement
 a rule may meet (sharded on each dim, even and uneven, a joint dim with replicated text head/tail
 rows, evenly cut text rows), and the whole pass pipeline (propagation, attention rewrite, lowering
-to collectives) compiles the graph for each rank of a simulated mesh. ``RankRun`` then executes every
-rank's graph on its local pieces (all-gathers fed from the other ranks' pieces) and compares every
-node with its rank's piece of the global value: a rule that treats a cross-token op as local, or
-rewrites an integer argument that is not a size, gives a wrong piece and fails here.
+to collectives) compiles the graph for each rank of a simulated mesh. ``RankRun`` then executes
+every rank's graph on its local pieces (all-gathers fed from the other ranks' pieces) and compares
+every node with its rank's piece of the global value: a rule that treats a cross-token op as local,
+or rewrites an integer argument that is not a size, gives a wrong piece and fails here.
 
 A rule may always refuse (a sharding break): the inputs are gathered and the result stays exact,
 which is checked the same way. ``python tests/conformance.py`` prints the per-op table.
@@ -660,8 +660,8 @@ def main() -> None:
         n_cases += cases
         n_fail += len(fails)
         print(
-            f"{name:32s} samples {sum(1 for r in results if r.cases):3d}  cases {cases:4d}  kept {kept:4d}  "
-            f"failures {len(fails)}"
+            f"{name:32s} samples {sum(1 for r in results if r.cases):3d}  cases {cases:4d}  kept "
+            f"{kept:4d}  failures {len(fails)}"
         )
         for f in fails[:5]:
             print("    FAIL", f)

@@ -1,4 +1,5 @@
-"""Graph harness shared by ``test_rules_*.py`` and ``test_passes.py``: compile and run without ranks.
+"""Graph harness shared by ``test_rules_*.py`` and ``test_passes.py``: compile and run without
+ranks.
 
 No process group is needed. A captured graph is compiled for one rank of a mesh given as data
 (``MeshInfo.of``) with the real pass pipeline, and the rewritten graph of each rank is executed in

@@ -58,7 +58,8 @@ def test_world_size_mismatch_in_workers(pools):
 @pytest.mark.dist
 @pytest.mark.parametrize("plan", [Plan(ring=2), Plan(ulysses=2)], ids=["ring2", "ulysses2"])
 def test_heads_ulysses_does_not_divide_run_exact(pools, plan):
-    """3 heads over 2 Ulysses ranks: uneven head groups (2 + 1), no refusal (tests/test_heads.py)."""
+    """3 heads over 2 Ulysses ranks: uneven head groups (2 + 1), no refusal
+    (tests/test_heads.py)."""
     (r0, r1) = pools(2).run(
         compare_zoo_model,
         "pixart-sigma",

@@ -169,7 +169,8 @@ def _inputs(name: str) -> tuple[nn.Module, dict[str, Any]]:
     if name == "side_by_side":
         return SideBySide(), {"hidden_states": torch.randn(1, 4, 4, 1, 2, 2, generator=g)}
     if name == "pose_after_first_frame":
-        # one pixel per frame: the frames are the dim to cut (5 frames: 3 + 2, then 2 + 2 after the first)
+        # one pixel per frame: the frames are the dim to cut (5 frames: 3 + 2, then 2 + 2 after the
+        # first)
         return PoseAfterFirstFrame(), {
             "hidden_states": torch.randn(1, 4, 5, 1, 1, generator=g),
             "pose_hidden_states": torch.randn(1, 4, 4, 1, 1, generator=g),

@@ -628,7 +628,8 @@ def test_run_passes_names_the_failing_pass(
 
 
 def test_run_passes_sets_each_pass_axis(lin_gm: fx.GraphModule) -> None:
-    """The pass list says which mesh axis each pass works on; the driver sets it (passes never do)."""
+    """The pass list says which mesh axis each pass works on; the driver sets it (passes never
+    do)."""
     seen: list[str] = []
 
     def record(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -177,7 +177,8 @@ class _Boom(torch.nn.Module):
 
 
 def test_a_rule_that_fails_gathers_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rule tripping on a form nobody foresaw is a reported break (gathered, exact), not a crash."""
+    """A rule tripping on a form nobody foresaw is a reported break (gathered, exact), not a
+    crash."""
 
     def broken(node: fx.Node, rc: RuleCtx) -> Any:
         raise IndexError("unforeseen form")

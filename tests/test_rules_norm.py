@@ -52,7 +52,7 @@ def test_norm_over_the_sharded_dim_breaks() -> None:
         assert one(gm, aten.layer_norm.default).meta["xdit_placement"] == R
 
 
-# --------------------------------------------------------------------------- group norm (VAE decoder)
+# ------------------------------------------------------------------ group norm (VAE decoder)
 @pytest.mark.parametrize("split", [(4, 4), (5, 3), (8, 0)])
 def test_group_norm_over_sharded_rows_combines_statistics(split: tuple[int, int]) -> None:
     """A VAE's GroupNorm over rows cut across the ranks: each rank sends only its per-group

@@ -1,4 +1,5 @@
-"""Placements and the reshard helpers the rules rewrite with: shard normalization, even splits, slicing and gathering shards.
+"""Placements and the reshard helpers the rules rewrite with: shard normalization, even splits,
+slicing and gathering shards.
 
 Harness (capture, compile per rank, run against the reference): ``tests/rules_harness.py``.
 """

@@ -1,8 +1,9 @@
 """The top-level folders (``kernels/ models/ passes/ runtime/``) never shadow installed packages.
 
 ``python -m`` and ``python -c`` put the repository root first on ``sys.path``; transformers then
-imports the PyPI package ``kernels`` and must get it, not this repository's folder. Each case runs in
-a fresh interpreter started in the repository root with the root explicitly first on ``sys.path``.
+imports the PyPI package ``kernels`` and must get it, not this repository's folder. Each case runs
+in a fresh interpreter started in the repository root with the root explicitly first on
+``sys.path``.
 """
 
 from __future__ import annotations

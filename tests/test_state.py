@@ -7,8 +7,9 @@ change. Every change is first shown to matter (the serial output moves by more t
 a stale graph fails. Tolerance: 1e-5 relative in fp32 (the same arithmetic in other summation
 orders, ~1e-7).
 
-The per-call check itself (:mod:`xdit_compile.compiler.state`, :mod:`xdit_compile.compiler.watch`) is tested without
-processes: it must see each change, and must not move for a forward or a parallel call.
+The per-call check itself (:mod:`xdit_compile.compiler.state`, :mod:`xdit_compile.compiler.watch`)
+is tested without processes: it must see each change, and must not move for a forward or a parallel
+call.
 """
 
 from __future__ import annotations

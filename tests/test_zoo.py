@@ -308,7 +308,8 @@ _EXPORT_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name,uneven", _EXPORT_CASES)
 def test_tiny_export(name: str, uneven: bool, caplog: pytest.LogCaptureFixture) -> None:
-    """``xdit_compile.compiler.capture`` (non-strict export, strict fallback) gives an exact graph."""
+    """``xdit_compile.compiler.capture`` (non-strict export, strict fallback) gives an exact
+    graph."""
     model = build_model(name, uneven=uneven)
     inputs = example_inputs(name, model, uneven=uneven)
     with caplog.at_level(logging.INFO, logger="xdit_compile.compiler.capture"):

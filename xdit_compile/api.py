@@ -85,8 +85,9 @@ class ParallelModule(torch.nn.Module):
     ``set_adapters``...), and class checks see the model's class (``isinstance(pm,
     ModelMixin)``, ``issubclass(pm.__class__, ...)``: diffusers' pipeline-level LoRA calls), while
     ``type(pm)`` is ``ParallelModule``. Every call checks the model's Python-side state (LoRA
-    adapters, processors, hooks, replaced parameters, train/eval; :mod:`xdit_compile.compiler.state`): a
-    compiled graph runs only for the state it was captured in.
+    adapters, processors, hooks, replaced parameters, train/eval;
+    :mod:`xdit_compile.compiler.state`): a compiled graph runs only for the state it was captured
+    in.
     """
 
     _xdit_opaque = True  # state watches of enclosing trees do not descend into this module
@@ -101,7 +102,8 @@ class ParallelModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.plan = plan
-        """The plan (for ``Plan(auto=True)``: the one the cost model chose, after the first call)."""
+        """The plan (for ``Plan(auto=True)``: the one the cost model chose, after the first
+        call)."""
         self.mesh: ParallelMesh = mesh  # type: ignore[assignment]  # None only until auto chooses
         self.region = region
         """Set for a region of a model that could not be captured whole: its name in the model."""
@@ -111,7 +113,8 @@ class ParallelModule(torch.nn.Module):
         self.region_error: str = ""
         """Why this module runs in regions (or, for a region, eagerly): the capture error."""
         self.eager = False
-        """A region that runs eagerly on every rank: no latent input to cut (embeddings, routers)."""
+        """A region that runs eagerly on every rank: no latent input to cut (embeddings,
+        routers)."""
         self.eager_flops = 0
         self._cache: dict[tuple[Any, ...], Program] = {}
         self._tracker = StateTracker(model)
@@ -163,8 +166,8 @@ class ParallelModule(torch.nn.Module):
 
     def _choose_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """``Plan(auto=True)``: rank 0 asks the cost model for the fastest exact plan at these
-        inputs and the world size (:func:`xdit_compile.analysis.planner.auto`), every rank receives it
-        (one broadcast), and the mesh is built for it. Runs once, at the first call."""
+        inputs and the world size (:func:`xdit_compile.analysis.planner.auto`), every rank receives
+        it (one broadcast), and the mesh is built for it. Runs once, at the first call."""
         if not self.plan.auto:
             return
         world = dist.get_world_size()
@@ -431,8 +434,8 @@ class ParallelModule(torch.nn.Module):
 
 
 class _PairRunner:
-    """What :class:`~xdit_compile.runtime.cfg_pairs.CfgPairs` calls: run one call, or give the shapes
-    of its outputs (placeholders) without running it."""
+    """What :class:`~xdit_compile.runtime.cfg_pairs.CfgPairs` calls: run one call, or give the
+    shapes of its outputs (placeholders) without running it."""
 
     def __init__(self, pm: ParallelModule, plan: Plan) -> None:
         self.pm, self.plan = pm, plan
@@ -468,9 +471,9 @@ def _check_same_parameters(model: torch.nn.Module) -> None:
         shown = ", ".join(sorted(bad)[:10])
         raise ValueError(
             f"parameters differ between ranks ({len(bad)}): {shown}. Build or load the model "
-            f"identically on every rank (e.g. torch.manual_seed before construction), or pass "
-            f"broadcast_weights=True to parallelize to use rank 0's weights everywhere (some models "
-            f"create parameters with torch.empty, so equal seeds do not give equal weights)"
+            "identically on every rank (e.g. torch.manual_seed before construction), or pass "
+            "broadcast_weights=True to parallelize to use rank 0's weights everywhere (some "
+            "models create parameters with torch.empty, so equal seeds do not give equal weights)"
         )
 
 

@@ -73,7 +73,8 @@ def parallelize_vae(vae: Any, plan: Plan, *, broadcast_weights: bool = False) ->
     """Replace ``vae.decoder`` and ``vae.encoder`` by their :func:`~xdit_compile.parallelize` d
     versions (in place; returns ``vae``). The rows of the latent (decoder) or image (encoder)
     are the sequence the plan cuts (``ring`` and ``ulysses`` axes; a one-head attention runs as
-    Ring over both axes: the mid-block attention has one head). Both capture lazily, at their first call.
+    Ring over both axes: the mid-block attention has one head). Both capture lazily, at their first
+    call.
 
     Decoders and encoders that keep per-call state between calls (the causal video VAEs'
     feature caches, passed as list arguments) are refused: a captured graph cannot carry that
@@ -101,8 +102,8 @@ def parallelize_vae(vae: Any, plan: Plan, *, broadcast_weights: bool = False) ->
         ]
         if stateful:
             raise ValueError(
-                f"{type(vae).__name__}.{name} keeps state between calls ({', '.join(stateful)}): it "
-                f"cannot be captured as one graph; run the VAE whole (vae=False)"
+                f"{type(vae).__name__}.{name} keeps state between calls ({', '.join(stateful)}): "
+                "it cannot be captured as one graph; run the VAE whole (vae=False)"
             )
     for name, module in parts.items():
         if not isinstance(module, ParallelModule):

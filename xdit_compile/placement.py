@@ -137,8 +137,8 @@ Placement = Replicate | Shard | Partial
 
 
 def even_split(n: int, parts: int, unit: int = 1) -> tuple[int, ...]:
-    """Cut ``n`` units of size ``unit`` into ``parts`` contiguous pieces, sizes differing by at most one unit
-    (``torch.tensor_split`` order: the first pieces get the extra unit)."""
+    """Cut ``n`` units of size ``unit`` into ``parts`` contiguous pieces, sizes differing by at most
+    one unit (``torch.tensor_split`` order: the first pieces get the extra unit)."""
     rows, rem = divmod(n, parts)
     return tuple((rows + (1 if i < rem else 0)) * unit for i in range(parts))
 

@@ -87,8 +87,8 @@ class Plan:
     """PipeFusion patches per step (M); default: ``pipefusion``. ``patches > 1`` with
     ``pipefusion=1`` runs the displaced-K/V patch schedule on one rank (a reference)."""
     warmup_steps: int = 1
-    """Steps of each request (``pipe()`` call or ``pm.reset()``) that PipeFusion and DistriFusion run
-    with fresh K/V everywhere (exact), filling the displaced-K/V buffers."""
+    """Steps of each request (``pipe()`` call or ``pm.reset()``) that PipeFusion and DistriFusion
+    run with fresh K/V everywhere (exact), filling the displaced-K/V buffers."""
     stage_blocks: tuple[int, ...] = ()
     """PipeFusion: blocks per stage, in order (e.g. ``(10, 18)``); default: balanced by FLOPs."""
     seed: str | None = None
@@ -102,12 +102,13 @@ class Plan:
     compile: str | None = None
     """Backend for the rewritten graph: None/"eager" (GraphModule) or "inductor" (torch.compile)."""
     auto: bool = False
-    """Choose the degrees with the cost model at the first call (:func:`xdit_compile.auto_plan` on that call's
-    inputs and the process group's world size), exact methods only; leave every degree at 1.
-    The plan chosen for the first input signature serves every later one."""
+    """Choose the degrees with the cost model at the first call (:func:`xdit_compile.auto_plan` on
+    that call's inputs and the process group's world size), exact methods only; leave every degree
+    at 1. The plan chosen for the first input signature serves every later one."""
     hardware: str | None = None
-    """``auto``: the hardware profile to predict for (a name of ``xdit_compile.analysis.cost.HARDWARE`` or
-    a calibrated JSON file); default: the local device's profile (:func:`xdit_compile.analysis.cost.detect`)."""
+    """``auto``: the hardware profile to predict for (a name of
+    ``xdit_compile.analysis.cost.HARDWARE`` or a calibrated JSON file); default: the local
+    device's profile (:func:`xdit_compile.analysis.cost.detect`)."""
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     """Names of optional passes or rewrites to skip: "canonicalize"; "rewrite_attention" (keep
     gathers + plain SDPA); "shard_text_rows" (keep joint attention's text rows replicated on
@@ -190,13 +191,14 @@ class Plan:
             or any(not isinstance(b, int) or b < 1 for b in self.stage_blocks)
         ):
             raise ValueError(
-                f"Plan.stage_blocks={self.stage_blocks}: give one block count >= 1 per "
-                f"pipefusion stage ({self.pipefusion} numbers), or leave it empty to balance by FLOPs"
+                f"Plan.stage_blocks={self.stage_blocks}: give one block count >= 1 per pipefusion "
+                f"stage ({self.pipefusion} numbers), or leave it empty to balance by FLOPs"
             )
         if self.distrifusion > 1 and self.sp_degree > 1:
             raise ValueError(
-                f"Plan(distrifusion={self.distrifusion}, ulysses={self.ulysses}, ring={self.ring}): "
-                f"DistriFusion takes the place of the sequence axes; use one of them"
+                f"Plan(distrifusion={self.distrifusion}, ulysses={self.ulysses}, "
+                f"ring={self.ring}): DistriFusion takes the place of the sequence axes; use one of "
+                "them"
             )
         if self.displaced_patches > 1 and self.ring > 1:
             raise ValueError(

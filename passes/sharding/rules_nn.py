@@ -159,7 +159,8 @@ def _group_norm(node: fx.Node, rc: RuleCtx) -> Decision:
 
 
 def conv_params(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
-    """(stride, padding, dilation, groups) of conv{1,2,3}d / convolution, as lists per spatial dim."""
+    """(stride, padding, dilation, groups) of conv{1,2,3}d / convolution, as lists per spatial
+    dim."""
     args = list(node.args)
     w = node.args[1]
     assert isinstance(w, fx.Node)

@@ -344,7 +344,8 @@ def _cat_sharded_dim(node: fx.Node, rc: RuleCtx, dim: int) -> Decision:
 @register_rule(*ops("pad_sequence"))
 def _pad_sequence(node: fx.Node, rc: RuleCtx) -> Decision:
     """``pad_sequence(items)`` of items of one length cut alike: a stack (no padding), each rank
-    stacks its pieces; items of different lengths pad past each one's end, which needs them whole."""
+    stacks its pieces; items of different lengths pad past each one's end, which needs them
+    whole."""
     items = [t for t in node.args[0] if isinstance(t, fx.Node)]  # type: ignore[union-attr]
     specs = {rc.spec(t) for t in items}
     shapes = {tuple(rc.shape(t)) for t in items}

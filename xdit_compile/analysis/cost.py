@@ -1,9 +1,10 @@
 """The cost model: predicted latency of a plan from its accounting and a hardware profile.
 
-A plan's accounting (:class:`Work`, built by :mod:`xdit_compile.analysis.planner` from the rewritten graph,
-the same numbers ``explain`` reports) says, for the busiest rank and one transformer call: matmul
-and attention FLOPs, the bytes that memory-bound ops move, how many ops are dispatched, and every
-collective (op, mesh axis, calls, bytes sent). A :class:`Hardware` profile turns them into time:
+A plan's accounting (:class:`Work`, built by :mod:`xdit_compile.analysis.planner` from the rewritten
+graph, the same numbers ``explain`` reports) says, for the busiest rank and one transformer call:
+matmul and attention FLOPs, the bytes that memory-bound ops move, how many ops are dispatched, and
+every collective (op, mesh axis, calls, bytes sent). A :class:`Hardware` profile turns them into
+time:
 
 - compute: matmul FLOPs / sustained matmul rate + attention FLOPs / sustained attention rate +
   memory-bound bytes / sustained memory bandwidth. Eager mode moves every pointwise op's inputs and
@@ -309,7 +310,8 @@ def detect(device: Any = None) -> str:
 
 @dataclass
 class Work:
-    """One transformer call on the busiest rank of a plan (see :mod:`xdit_compile.analysis.planner`)."""
+    """One transformer call on the busiest rank of a plan (see
+    :mod:`xdit_compile.analysis.planner`)."""
 
     matmul_flops: float = 0.0
     attention_flops: float = 0.0
@@ -457,7 +459,8 @@ def predict(
     calls_per_step: int = 1,
 ) -> Prediction:
     """Predicted latency of ``steps`` denoising steps under ``plan`` (``work``: one call on its
-    busiest rank; ``calls_per_step``: transformer calls per step, e.g. 2 for CFG run as two calls)."""
+    busiest rank; ``calls_per_step``: transformer calls per step, e.g. 2 for CFG run as two
+    calls)."""
     hw = get_hardware(hardware)
     world = plan.world_size
     if hw.shared and world > 1:  # ranks on one CPU slow each other down: their measured rates
@@ -636,7 +639,10 @@ def _profile(
     return replace(
         base,
         name="calibrated",
-        description=f"measured on this machine ({'cuda' if cuda else 'cpu'}, {threads} thread(s) per rank, {dtype})",
+        description=(
+            f"measured on this machine ({'cuda' if cuda else 'cpu'}, {threads} thread(s) per rank, "
+            f"{dtype})"
+        ),
         matmul=solo["matmul"],
         attention=solo["attention"],
         memory=solo["memory"],

@@ -69,7 +69,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-#: Collective starts of the ``overlap_collectives`` pass (their finishes copy like the gathers they were).
+#: Collective starts of the ``overlap_collectives`` pass (their finishes copy like the gathers they
+#: were).
 _STARTS = {start for start, *_ in SPLIT.values()}
 
 

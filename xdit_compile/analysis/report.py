@@ -2,8 +2,8 @@
 
 The report covers the plan and mesh, the seed, the passes (node and op counts before/after),
 every collective (axis, op, calls and bytes per rank per forward), sharding breaks with their
-source lines, parameter bytes, peak activation bytes and estimated FLOPs per rank, and the rewritten graph with a
-placement per node.
+source lines, parameter bytes, peak activation bytes and estimated FLOPs per rank, and the rewritten
+graph with a placement per node.
 """
 
 from __future__ import annotations
@@ -76,14 +76,15 @@ class Report:
         if self.seed:
             out.append(
                 f"  seed: input '{self.seed['input']}' {list(self.seed['shape'])} split on dim "
-                f"{self.seed['dim']} in multiples of {self.seed['patch']}: {list(self.seed['split'])}"
+                f"{self.seed['dim']} in multiples of {self.seed['patch']}: "
+                f"{list(self.seed['split'])}"
             )
         out.append("  passes:")
         for p in self.passes:
             delta = _op_delta(p.ops_before, p.ops_after)
             out.append(
-                f"    {p.name:<20} {'changed' if p.modified else 'no-op  '} nodes {p.nodes_before} -> "
-                f"{p.nodes_after}  {delta}".rstrip()
+                f"    {p.name:<20} {'changed' if p.modified else 'no-op  '} "
+                f"nodes {p.nodes_before} -> {p.nodes_after}  {delta}".rstrip()
             )
         out.append(
             f"  collectives per forward (rank {self.rank}): {self.bytes_per_forward:,} bytes sent"
@@ -92,7 +93,8 @@ class Report:
             out.append(f"    {op:<12} over {axis:<8} {calls:>4} calls  {nbytes:>14,} bytes")
         for c in self.collectives:
             out.append(
-                f"      {c.node:<36} {c.op:<11} {c.axis:<8} x{c.calls:<3} {c.bytes_per_forward:>12,} B  ({c.what})"
+                f"      {c.node:<36} {c.op:<11} {c.axis:<8} x{c.calls:<3} "
+                f"{c.bytes_per_forward:>12,} B  ({c.what})"
             )
         out.append(f"  sharding breaks: {len(self.breaks)}")
         for b in self.breaks:
@@ -115,17 +117,19 @@ class Report:
         if self.displaced:
             total = sum(b.nbytes for b in self.displaced)
             out.append(
-                f"  DistriFusion displaced K/V buffers: {len(self.displaced)} layers, {total:,} bytes per CFG branch"
+                f"  DistriFusion displaced K/V buffers: {len(self.displaced)} layers, {total:,} "
+                "bytes per CFG branch"
             )
             for b in self.displaced:
                 out.append(f"      {b.layer:<40} K/V {list(b.shape)}  {b.nbytes:,} B")
         out.append(
-            f"  parameters held by this rank: {self.param_bytes:,} bytes (distinct storages, measured)"
+            f"  parameters held by this rank: {self.param_bytes:,} bytes (distinct storages, "
+            "measured)"
         )
         if self.activation_bytes:
             out.append(
-                f"  peak activation bytes on this rank: {self.activation_bytes:,} (graph values alive at "
-                f"once, static; not counting buffers inside attention and collectives)"
+                f"  peak activation bytes on this rank: {self.activation_bytes:,} (graph values "
+                "alive at once, static; not counting buffers inside attention and collectives)"
             )
         ratio = self.flops / self.serial_flops if self.serial_flops else 1.0
         out.append(f"  estimated FLOPs per rank: {self.flops:,} ({ratio:.2f} of serial)")

@@ -274,8 +274,9 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         sst = r0.serial_step_s
         per = f", {1e3 * sum(sst) / len(sst):.1f} ms/step" if sst else ""
         print(
-            f"  serial  : {r0.serial_total_s:.3f} s total{per}; speedup {r0.serial_total_s / r0.total_s:.2f}x; "
-            f"max relative difference {r0.rel_error:.2e} (expected below {r0.tolerance:.0e} in {a.dtype})"
+            f"  serial  : {r0.serial_total_s:.3f} s total{per}; speedup "
+            f"{r0.serial_total_s / r0.total_s:.2f}x; max relative difference {r0.rel_error:.2e} "
+            f"(expected below {r0.tolerance:.0e} in {a.dtype})"
         )
     print(f"  rank 0 sent {r0.bytes_sent:,} bytes")
     for path in r0.saved:
@@ -303,7 +304,8 @@ def _loras(values: list[str] | None) -> dict[str, str]:
 
 
 def serve_options(a: argparse.Namespace) -> Any:
-    """The ``ServeOptions`` of parsed ``serve`` arguments (``ray_serve.serve_args`` is the inverse)."""
+    """The ``ServeOptions`` of parsed ``serve`` arguments (``ray_serve.serve_args`` is the
+    inverse)."""
     from xdit_compile.serve.options import ServeOptions
 
     return ServeOptions(
@@ -343,8 +345,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             raise ValueError(f"--sizes: {e}") from None
     opts = serve_options(a)
     print(
-        f"xdit-compile serve: {a.model}, {plan}, http://{a.host}:{a.port} (POST /admin/shutdown from "
-        f"this machine stops it)",
+        f"xdit-compile serve: {a.model}, {plan}, http://{a.host}:{a.port} (POST /admin/shutdown "
+        "from this machine stops it)",
         flush=True,
     )
     if a.replicas > 1:
@@ -376,8 +378,8 @@ def _serve_ray(opts: Any, world: int, a: argparse.Namespace) -> int:
     serve.start(http_options={"host": a.host, "port": a.port})
     serve.run(deployment(opts, world, num_replicas=a.replicas, threads=a.threads), route_prefix="/")
     print(
-        f"xdit-compile serve: {a.replicas} replicas of {world} ranks behind http://{a.host}:{a.port} "
-        "(Ctrl-C stops them)",
+        f"xdit-compile serve: {a.replicas} replicas of {world} ranks behind "
+        f"http://{a.host}:{a.port} (Ctrl-C stops them)",
         flush=True,
     )
     try:
@@ -502,9 +504,9 @@ def _print_demo() -> None:
 
     state = "trained" if demo.demo_path().is_dir() else "not trained yet"
     print(
-        f"\ngenerate --model demo: a PixArt-Sigma pipeline trained here on Noto Color Emoji ({state}, "
-        f"{demo.demo_path()}), 64x64 pixels. Prompts: 'a[n] [small] SUBJECT [on the left|on the right] "
-        f"[BACKGROUND]', e.g. '{demo.caption(demo.SUBJECTS[0], 'in the snow')}'."
+        "\ngenerate --model demo: a PixArt-Sigma pipeline trained here on Noto Color Emoji "
+        f"({state}, {demo.demo_path()}), 64x64 pixels. Prompts: 'a[n] [small] SUBJECT [on the "
+        f"left|on the right] [BACKGROUND]', e.g. '{demo.caption(demo.SUBJECTS[0], 'in the snow')}'."
     )
     subjects = ", ".join(demo.subject_name(s) for s in demo.SUBJECTS)
     print(
@@ -540,7 +542,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         required=True,
-        help="a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline name",
+        help=(
+            "a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline "
+            "name"
+        ),
     )
     g.add_argument(
         "--prompt", required=True, nargs="+", help="one or more prompts (data parallel cuts a list)"
@@ -565,7 +570,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--parallel-vae",
         action="store_true",
-        help="also cut the VAE's rows (decoder and encoder) over every process (1/N of its activations each)",
+        help=(
+            "also cut the VAE's rows (decoder and encoder) over every process (1/N of its "
+            "activations each)"
+        ),
     )
     g.add_argument(
         "--auto",
@@ -644,7 +652,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--model",
         required=True,
-        help="a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline name",
+        help=(
+            "a saved pipeline directory, 'demo' (the trained emoji pipeline), or a tiny pipeline "
+            "name"
+        ),
     )
     for axis in ("ulysses", "ring", "cfg", "dp"):
         v.add_argument(f"--{axis}", type=int, default=1)
@@ -653,7 +664,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--parallel-vae",
         action="store_true",
-        help="also cut the VAE's rows (decoder and encoder) over every process (1/N of its activations each)",
+        help=(
+            "also cut the VAE's rows (decoder and encoder) over every process (1/N of its "
+            "activations each)"
+        ),
     )
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
@@ -685,7 +699,9 @@ def _parser() -> argparse.ArgumentParser:
         "--lora",
         action="append",
         metavar="NAME=PATH",
-        help='load a LoRA adapter a request may ask for by name ("lora": {NAME: weight}); repeatable',
+        help=(
+            'load a LoRA adapter a request may ask for by name ("lora": {NAME: weight}); repeatable'
+        ),
     )
     v.add_argument(
         "--max-start-failures",
@@ -699,8 +715,8 @@ def _parser() -> argparse.ArgumentParser:
         "--replicas",
         type=int,
         default=1,
-        help="replicas of the whole process group behind one endpoint (Ray Serve, local Ray cluster "
-        "or RAY_ADDRESS)",
+        help="replicas of the whole process group behind one endpoint (Ray Serve, local Ray "
+        "cluster or RAY_ADDRESS)",
     )
     k = sub.add_parser(
         "client", help="ask a running `xdit-compile serve` for images and write them"

@@ -1,4 +1,5 @@
-"""The ordered pass list a plan compiles with (STYLE: built explicitly from the plan; no global order).
+"""The ordered pass list a plan compiles with (STYLE: built explicitly from the plan; no global
+order).
 
 ``Plan.disable_passes`` removes optional passes by name. PipeFusion compiles in two parts:
 "common" (canonicalize, annotate and the batch rounds, run once) and "patch" (the patch round

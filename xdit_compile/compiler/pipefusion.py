@@ -74,8 +74,8 @@ class PipeInfo:
 
     def summary(self) -> list[str]:
         out = [
-            f"  PipeFusion: {self.stages} stages x {self.patches} patches (this rank: stage {self.stage}); "
-            f"best speedup N*M/(M+N-1) = {self.bound:.2f}"
+            f"  PipeFusion: {self.stages} stages x {self.patches} patches (this rank: stage "
+            f"{self.stage}); best speedup N*M/(M+N-1) = {self.bound:.2f}"
         ]
         seed = self.patch_seed
         out.append(
@@ -90,7 +90,8 @@ class PipeInfo:
             )
         total = sum(b.nbytes for b in self.buffers)
         out.append(
-            f"    displaced K/V buffers on this rank: {len(self.buffers)} layers, {total:,} bytes per CFG branch"
+            f"    displaced K/V buffers on this rank: {len(self.buffers)} layers, {total:,} bytes "
+            "per CFG branch"
         )
         for b in self.buffers:
             out.append(f"      {b.layer:<40} K/V {list(b.shape)}  {b.nbytes:,} B")

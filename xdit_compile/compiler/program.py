@@ -48,7 +48,8 @@ OutShape = tuple[torch.Size, torch.dtype] | None
 
 @dataclass(kw_only=True, eq=False)
 class Program:
-    """One input signature's compiled program for one rank: what runs and what the rewrite decided."""
+    """One input signature's compiled program for one rank: what runs and what the rewrite
+    decided."""
 
     plan: Plan
     """The plan compiled (with what compiling implies, e.g. DistriFusion's whole text rows)."""
@@ -73,7 +74,8 @@ class Program:
     """The serial model's FLOPs at this input (before any cut)."""
     text_heads_localized: int = 0
     out_shapes: list[OutShape] | None = None
-    """Whole output shapes and dtypes per output leaf when ``graph`` computes a piece (PipeFusion)."""
+    """Whole output shapes and dtypes per output leaf when ``graph`` computes a piece
+    (PipeFusion)."""
     pipefusion: PipeInfo | None = None
     pieces: list[fx.GraphModule] = field(default_factory=list)
     """PipeFusion: this rank's stage of every patch of a step (what it runs per step)."""
@@ -134,7 +136,8 @@ class Program:
             f"  {axis} batch: {s.inputs} split {s.split}" for axis, s in self.batch_seeds.items()
         ]
         lines += [
-            f"  pass {p.name:<24} {'changed' if p.modified else 'no-op'} {p.nodes_before} -> {p.nodes_after}"
+            f"  pass {p.name:<24} {'changed' if p.modified else 'no-op'} {p.nodes_before} -> "
+            f"{p.nodes_after}"
             for p in self.trace
         ]
         if self.pipefusion is not None:

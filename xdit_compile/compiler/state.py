@@ -361,7 +361,8 @@ class Fingerprint:
                 paths[0]
                 if len(paths) == 1
                 else (
-                    f"{len(paths)} modules: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
+                    f"{len(paths)} modules: "
+                    f"{', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
                 )
             )
             out.append(f"{what} ({where})")
@@ -480,9 +481,9 @@ class StateTracker:
         hooks = diffusers_hooks(self.model)
         if hooks:
             raise ValueError(
-                f"{type(self.model).__name__} carries diffusers hooks ({'; '.join(hooks[:3])}): they decide "
-                f"in Python at every call, which a compiled graph cannot; remove them (e.g. "
-                f"model.disable_cache()) before calling the parallel model"
+                f"{type(self.model).__name__} carries diffusers hooks ({'; '.join(hooks[:3])}): "
+                "they decide in Python at every call, which a compiled graph cannot; remove them "
+                "(e.g. model.disable_cache()) before calling the parallel model"
             )
         if fp not in self.states:
             self.states[fp] = max(self.states.values(), default=-1) + 1

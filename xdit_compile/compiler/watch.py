@@ -17,9 +17,10 @@ compares one integer (and the few plain objects modules hold, like attention pro
   are; the snapshot compares them at every call instead.
 
 ``isinstance``, the class name and ``obj.__class__`` are unchanged (only ``type(obj)`` shows the
-subclass); pickling and ``copy.deepcopy`` give instances of the original classes. Writes that bypass Python attribute assignment (``vars(m)[k] = v``,
-``object.__setattr__``) are not seen here; the full snapshot comparison at every new request
-(:meth:`~xdit_compile.api.ParallelModule.reset`) and after any move of the counter catches them.
+subclass); pickling and ``copy.deepcopy`` give instances of the original classes. Writes that bypass
+Python attribute assignment (``vars(m)[k] = v``, ``object.__setattr__``) are not seen here; the full
+snapshot comparison at every new request (:meth:`~xdit_compile.api.ParallelModule.reset`) and after
+any move of the counter catches them.
 """
 
 from __future__ import annotations

@@ -84,9 +84,11 @@ class GenerateOptions:
     warmup: int = 1
     """Untimed calls first (the first one captures and compiles the transformer)."""
     parallel_vae: bool = False
-    """Cut the VAE's rows (decoder and encoder) over every rank too (``parallelize_pipeline(vae=True)``)."""
+    """Cut the VAE's rows (decoder and encoder) over every rank too
+    (``parallelize_pipeline(vae=True)``)."""
     loras: dict[str, str] = field(default_factory=dict)
-    """LoRA adapters to load (name -> what ``pipe.load_lora_weights`` takes: a directory or file)."""
+    """LoRA adapters to load (name -> what ``pipe.load_lora_weights`` takes: a directory or
+    file)."""
     lora_weights: dict[str, float] = field(default_factory=dict)
     """The adapters the call uses, with their weights (empty: every loaded adapter at 1.0)."""
 
@@ -307,7 +309,8 @@ def output_array(out: Any) -> np.ndarray:
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Pixels in [0, 1] as 8-bit values (what every written PNG, video frame and served image holds)."""
+    """Pixels in [0, 1] as 8-bit values (what every written PNG, video frame and served image
+    holds)."""
     return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
 
 

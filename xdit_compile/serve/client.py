@@ -4,8 +4,8 @@ The service speaks the OpenAI images API, so the ``openai`` package works too::
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
-    img = client.images.generate(prompt="a fox face in the snow", size="64x64", response_format="b64_json",
-                                 extra_body={"steps": 20, "seed": 3})
+    img = client.images.generate(prompt="a fox face in the snow", size="64x64",
+                                 response_format="b64_json", extra_body={"steps": 20, "seed": 3})
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ ranks on its own.
 
     ray.init()
     serve.start(http_options={"host": "0.0.0.0", "port": 8000})
-    serve.run(deployment(ServeOptions(model="demo", plan={"cfg": 2}), world=2, num_replicas=4), route_prefix="/")
+    serve.run(deployment(ServeOptions(model="demo", plan={"cfg": 2}), world=2, num_replicas=4),
+              route_prefix="/")
 
 Or ``xdit-compile serve --replicas 4 ...``. Video jobs live in the replica that made them, so
 ``GET /v1/videos/{id}`` needs a single replica (or a client that keeps to one).

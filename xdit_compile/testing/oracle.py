@@ -52,8 +52,9 @@ class DisplacedOracle(torch.nn.Module):
     ``layout(kwargs)`` gives, for a call's inputs, the token indices (into the body sequence) of
     each patch and ``out_index(j, out)``: patch ``j``'s rows of an output tensor, as an index usable
     for reading and writing. ``text``: text tokens in joint attention (0: none) and whether they
-    come first (``text`` may be a function of the call's inputs). A call whose ``hidden_states`` is the very tensor of the previous call is the next
-    CFG branch of the same step, with buffers of its own.
+    come first (``text`` may be a function of the call's inputs). A call whose ``hidden_states`` is
+    the very tensor of the previous call is the next CFG branch of the same step, with buffers of
+    its own.
     """
 
     def __init__(
