@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from xdit_compile.analysis import planner
+from xdit_compile.analysis import accounting
 from xdit_compile.compiler.capture import capture
 from xdit_compile.models import build_model, example_inputs
 from xdit_compile.passes import ops
@@ -170,7 +170,7 @@ def test_planner_classification_agrees_with_flops(pixart_graph) -> None:
     """Every op the planner charges as matmul or attention work has FLOPs, and no other op has."""
     kinds: dict[str, set[str]] = {}
     for node in pixart_graph.graph.nodes:
-        kind, flops = planner._kind(node), node_flops(node)
+        kind, flops = accounting._kind(node), node_flops(node)
         kinds.setdefault(kind, set()).add(str(ops.packet(node.target)))
         assert (kind in ("matmul", "attention")) == (flops > 0), (node.format_node(), kind, flops)
         assert (kind == "matmul") == ops.is_matmul(node)

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from xdit_compile.analysis.accounting import estimate_flops
-from xdit_compile.analysis.planner import peak_activation_bytes
+from xdit_compile.analysis.accounting import estimate_flops, peak_activation_bytes
 from xdit_compile.compiler.pipefusion import PipeInfo, parameter_bytes
 from xdit_compile.compiler.program import Program
 from xdit_compile.passes.context import CollectiveSite, PassStat, ShardingBreak
@@ -51,7 +50,7 @@ class Report:
     region_error: str = ""
     activation_bytes: int = 0
     """Peak bytes of the rewritten graph's values alive at once on this rank (static liveness,
-    :func:`xdit_compile.analysis.planner.peak_activation_bytes`)."""
+    :func:`xdit_compile.analysis.accounting.peak_activation_bytes`)."""
     state_changes: list[str] = field(default_factory=list)
     """What changed in the model's Python-side state (LoRA adapters, processors, hooks, replaced
     parameters...) each time it changed after the first call; the calls after each recompiled,

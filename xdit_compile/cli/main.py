@@ -521,11 +521,27 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdit-compile", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _explain_parser(sub)
+    _run_parser(sub)
+    _generate_parser(sub)
+    _plan_parser(sub)
+    _serve_parser(sub)
+    _client_parser(sub)
+    sub.add_parser("models", help="list zoo models")
+    return p
+
+
+def _explain_parser(sub: Any) -> None:
+    """``explain``: a plan's rewrite in one process."""
     e = sub.add_parser("explain", help="print what a plan rewrites (no workers needed)")
     _plan_args(e)
     e.add_argument("--rank", type=int, default=0, help="which rank's view to print")
     e.add_argument("--no-graph", dest="graph", action="store_false", help="summary only")
     e.add_argument("--graph-after", default=None, help="also print the graph after this pass")
+
+
+def _run_parser(sub: Any) -> None:
+    """``run``: serial against parallel on worker processes."""
     r = sub.add_parser("run", help="serial vs parallel: latency, bytes, difference")
     _plan_args(r)
     r.add_argument("--nproc", type=int, default=None, help="worker processes (default: plan size)")
@@ -536,6 +552,10 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=1800.0, help="seconds before workers are stopped"
     )
     r.add_argument("--json", default=None, help="write per-rank results to this file")
+
+
+def _generate_parser(sub: Any) -> None:
+    """``generate``: a whole pipeline."""
     g = sub.add_parser(
         "generate", help="run a whole pipeline in parallel and write the image/video"
     )
@@ -607,6 +627,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--timeout", type=float, default=1800.0, help="seconds before workers are stopped"
     )
+
+
+def _plan_parser(sub: Any) -> None:
+    """``plan``: every plan ranked by the cost model."""
     c = sub.add_parser("plan", help="rank every plan for N GPUs by the cost model (no GPUs needed)")
     c.add_argument(
         "--model", required=True, help="zoo model name (published full-size config, no weights)"
@@ -646,6 +670,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--top", type=int, default=15, help="rows to print")
     c.add_argument("--json", default=None, help="write every prediction to this file")
+
+
+def _serve_parser(sub: Any) -> None:
+    """``serve``: the HTTP service."""
     v = sub.add_parser(
         "serve", help="an HTTP service (OpenAI-style images API) over one parallel process group"
     )
@@ -718,6 +746,10 @@ def _parser() -> argparse.ArgumentParser:
         help="replicas of the whole process group behind one endpoint (Ray Serve, local Ray "
         "cluster or RAY_ADDRESS)",
     )
+
+
+def _client_parser(sub: Any) -> None:
+    """``client``: requests to a running service."""
     k = sub.add_parser(
         "client", help="ask a running `xdit-compile serve` for images and write them"
     )
@@ -733,8 +765,6 @@ def _parser() -> argparse.ArgumentParser:
         "--output", default="image.png", help="PNG path (several images: _0, _1 ... suffixes)"
     )
     k.add_argument("--timeout", type=float, default=600.0)
-    sub.add_parser("models", help="list zoo models")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
