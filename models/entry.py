@@ -81,6 +81,10 @@ class ZooEntry:
     models do not)."""
     steps: int = 50
     """The pipeline's default denoising steps."""
+    pipefusion_refused: str = ""
+    """What PipeFusion's refusal of this model names (an op that mixes patches), or "" where
+    ``pipefusion=2`` compiles with no sharding break (checked by tests/test_displaced_zoo.py for
+    the ``"zoo"`` group)."""
 
     def config(self, size: str = "tiny") -> dict[str, Any]:
         """A fresh copy of the constructor kwargs of ``size`` (``"tiny"`` or ``"full"``)."""

@@ -3,10 +3,11 @@
 Rows are the diffusers classes of the zoo (``list_models(coverage=True)``, registry order; zoo
 names of one class share a row), with what each entry records itself (its names, image or
 video, its group: ``"zoo"`` entries are verified by the test suite, ``"coverage"`` entries
-measured by ``benchmarks/coverage.py``). The zoo does not record per-method results, so the
-method columns come from ``benchmarks/results/coverage.json`` (written by
-``benchmarks/coverage.py``): one column per plan it ran, a cell per class saying whether every
-name of the class matched serial and was really parallel. Nothing here names a model.
+measured by ``benchmarks/coverage.py``). The sequence-parallel columns come from
+``benchmarks/results/coverage.json`` (written by ``benchmarks/coverage.py``): one column per plan
+it ran, a cell per class saying whether every name of the class matched serial and was really
+parallel. The PipeFusion column is the entries' own record (``ZooEntry.pipefusion_refused``,
+which ``tests/test_displaced_zoo.py`` checks). Nothing here names a model.
 
     python -m xdit_compile.models.support            # print the table
     python -m xdit_compile.models.support --write    # rewrite the README's table region
@@ -84,6 +85,14 @@ def _capture(rows: Iterable[dict[str, Any]]) -> str:
     return f"{max(regions)} regions" if regions else "whole graph"
 
 
+def _pipefusion(entries: list[Any]) -> str:
+    """What the zoo records of PipeFusion on the class (the test suite checks ``"zoo"`` entries)."""
+    if any(e.group != "zoo" for e in entries):
+        return "not checked"
+    refused = [e.pipefusion_refused for e in entries if e.pipefusion_refused]
+    return f"refused ({refused[0]})" if refused else "compiles, 0 breaks"
+
+
 def support_table(coverage: Path | str = COVERAGE_JSON) -> str:
     """The markdown table of diffusers class x method, and a line saying how to read it."""
     results: list[dict[str, Any]] = json.loads(Path(coverage).read_text())
@@ -91,7 +100,15 @@ def support_table(coverage: Path | str = COVERAGE_JSON) -> str:
     classes: dict[str, list[str]] = {}
     for name in list_models(coverage=True):
         classes.setdefault(get_entry(name).cls_name, []).append(name)
-    head = ["diffusers class", "zoo names", "input", *map(_header, plans), "capture", "checked by"]
+    head = [
+        "diffusers class",
+        "zoo names",
+        "input",
+        *map(_header, plans),
+        "PipeFusion `pipefusion=2`",
+        "capture",
+        "checked by",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cls, names in classes.items():
         entries = [get_entry(n) for n in names]
@@ -104,6 +121,7 @@ def support_table(coverage: Path | str = COVERAGE_JSON) -> str:
             ", ".join(f"`{n}`" for n in names),
             video,
             *cells,
+            _pipefusion(entries),
             _capture(mine),
             groups,
         ]
@@ -116,7 +134,9 @@ def support_table(coverage: Path | str = COVERAGE_JSON) -> str:
         "gathered (exact, slower); regions: captured in pieces. From",
         "[`benchmarks/results/coverage.json`](benchmarks/results/coverage.json)",
         "(`python benchmarks/coverage.py`); regenerate this table with",
-        "`python -m xdit_compile.models.support --write`.",
+        "`python -m xdit_compile.models.support --write`. PipeFusion (approximate: displaced K/V):",
+        "what the zoo records and `tests/test_displaced_zoo.py` checks (refused: the op that mixes",
+        "patches); numerics against the displaced-K/V oracle in `tests/test_displaced.py`.",
     ]
     return "\n".join(lines)
 

@@ -198,6 +198,7 @@ _ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="sana",
+        pipefusion_refused="partial sum",
         vae_spatial=32,
         cls_name="SanaTransformer2DModel",
         description=(

@@ -275,6 +275,7 @@ JOINT_ENTRIES: tuple[ZooEntry, ...] = (
     ),
     ZooEntry(
         name="mochi",
+        pipefusion_refused="aten.index.Tensor",
         steps=64,
         vae_temporal=6,
         cls_name="MochiTransformer3DModel",

@@ -9,12 +9,12 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import xdit_compile as xc
-from xdit_compile.models import build_model, example_inputs, list_models
+from xdit_compile.models import build_model, example_inputs, get_entry, list_models
 
-#: Models PipeFusion cannot cut into patches, and the op the refusal names: Sana's linear
-#: attention sums over all tokens (a partial sum across patches); Mochi picks its valid text
-#: tokens with an index on text rows that only the first patch holds.
-PIPEFUSION_REFUSED = {"sana": "partial sum", "mochi": "aten.index.Tensor"}
+#: The zoo records which models PipeFusion cannot cut into patches, and the op the refusal names
+#: (``ZooEntry.pipefusion_refused``): Sana's linear attention sums over all tokens (a partial sum
+#: across patches); Mochi picks its valid text tokens with an index on text rows that only the
+#: first patch holds. This test checks every entry's record (the README's table shows them).
 #: Sana has no softmax attention (linear attention: exact partial sums), so nothing is displaced.
 NO_SOFTMAX_ATTENTION = {"sana"}
 
@@ -34,7 +34,7 @@ def test_zoo_compiles_or_is_refused(fake_pg, name, plan):
     model = build_model(name, "tiny")
     kwargs = example_inputs(name, model)
     pm = xc.parallelize(model, plan)
-    refused = PIPEFUSION_REFUSED.get(name) if plan.pipefusion > 1 else None
+    refused = get_entry(name).pipefusion_refused if plan.pipefusion > 1 else None
     if refused:
         with pytest.raises(
             ValueError, match=f"PipeFusion cannot cut this model into patches: .*{refused}"
